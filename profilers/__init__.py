@@ -1,0 +1,15 @@
+"""Layer sensitivity profilers: the layer graph, calibration data, and Profile objects.
+
+    graph = build_layer_graph(model, example_batch)
+    calib = Calibration(batches)
+    prof = profile(model, calib, graph, choices=[Choice(2), Choice(4), Choice(8)], profiler="hessian")
+"""
+from .calibration import Calibration, model_hash
+from .graph import LayerGraph, LayerInfo, build_layer_graph
+from .profile import Profile, merge
+from .registry import PROFILERS, profile, register_profiler
+
+__all__ = [
+    "Calibration", "LayerGraph", "LayerInfo", "PROFILERS", "Profile",
+    "build_layer_graph", "merge", "model_hash", "profile", "register_profiler",
+]
