@@ -1,0 +1,30 @@
+"""Exact memory model of a quantized weight: packed code bytes + scale bytes + zero-point bytes."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .choice import QuantSpec
+from .packing import packed_nbytes
+
+SCALE_ITEMSIZE = {name: torch.empty(0, dtype=getattr(torch, name)).element_size() for name in ("float16", "bfloat16", "float32")}
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """[out, in] of a weight shape; conv shapes [out, in, *kernel] flatten to [out, in*prod(kernel)]."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) < 2 or any(d <= 0 for d in dims):
+        raise ValueError(f"shape={tuple(shape)} is not a weight shape; expected [out, in] or [out, in, *kernel] with positive sizes")
+    return dims[0], math.prod(dims[1:])
+
+
+def weight_nbytes(shape: Sequence[int], spec: QuantSpec) -> int:
+    """Bytes stored for a weight of `shape` ([out, in]; HF Conv1D weights must be given transposed) under `spec`."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec={spec!r} must be a QuantSpec")
+    out, inp = matrix_shape(shape)
+    n_scales = out * spec.n_groups(inp)
+    zero_bytes = 0 if spec.symmetric else n_scales
+    return packed_nbytes(out * inp, spec.bits) + n_scales * SCALE_ITEMSIZE[spec.scale_dtype] + zero_bytes

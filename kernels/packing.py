@@ -1,0 +1,61 @@
+"""Dense bit packing of integer codes: n codes of b bits take exactly ceil(n*b/8) bytes.
+
+Code i occupies bits [i*b, (i+1)*b) of the little-endian bitstream (least significant bit first), so
+a tensor is one continuous stream with no per-row padding. Both directions work on blocks of 8 codes
+(= b bytes) with int64 shifts, vectorized over the whole tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .choice import SUPPORTED_BITS
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes of `numel` codes of `bits` bits packed densely."""
+    return -(-numel * bits // 8)
+
+
+def _check(bits: int) -> None:
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; choose from {SUPPORTED_BITS}")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 `codes` (any shape, values < 2**bits) into a 1-D uint8 tensor of ceil(n*bits/8) bytes."""
+    _check(bits)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes.dtype={codes.dtype} is not supported; pack_bits wants torch.uint8")
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    if bits == 8:
+        return flat.clone()
+    n_blocks = -(-n // 8)
+    block = torch.zeros(n_blocks * 8, dtype=torch.int64, device=flat.device)
+    block[:n] = flat
+    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
+    words = (block.view(-1, 8) << shifts).sum(dim=1)
+    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
+    out = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return out[: packed_nbytes(n, bits)].clone()
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `numel` codes of the stream, as a 1-D uint8 tensor."""
+    _check(bits)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed.dtype={packed.dtype} is not supported; unpack_bits wants torch.uint8")
+    flat = packed.reshape(-1)
+    need = packed_nbytes(numel, bits)
+    if flat.numel() < need:
+        raise ValueError(f"packed has {flat.numel()} bytes but numel={numel} codes of {bits} bits need {need}")
+    if bits == 8:
+        return flat[:numel].clone()
+    n_blocks = -(-numel // 8)
+    buf = torch.zeros(n_blocks * bits, dtype=torch.int64, device=flat.device)
+    buf[:need] = flat[:need]
+    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
+    words = (buf.view(-1, bits) << byte_shifts).sum(dim=1)
+    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
+    codes = ((words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)
+    return codes[:numel].clone()
