@@ -1,0 +1,109 @@
+"""GPU layout of a quantized weight: codes split into bit planes, packed along the input dim, N-contiguous.
+
+A b-bit code is stored as one or two bit planes of widths (1, 2, 4, 8): 2 = 2, 3 = 2+1, 4 = 4, 5 = 4+1,
+6 = 4+2, 8 = 8. `per = 32 // width(plane 0)` consecutive input columns share one word of every plane:
+plane 0 words are int32, plane 1 words have per * width(plane 1) bits (int16 for 3 and 6, int8 for 5).
+Each plane is a tensor [Kp // per, N] (Kp = in_features padded to a multiple of 32), so a tile of output
+columns is one coalesced wide load along N, and a word unpacks with one shift and one mask per code:
+code of column k = r * per + i is (plane0[r] >> i*w0) & m0 | ((plane1[r] >> i*w1) & m1) << w0.
+Scales (and float zero points) are stored transposed, [n_groups, N], in their stored dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .choice import QuantSpec
+from .quantizer import QuantizedTensor
+
+PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+K_ALIGN = 32
+_WORD_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+
+
+@dataclass
+class GpuPackedWeight:
+    """A quantized [out, in] weight in the GPU layout (see module docstring)."""
+
+    planes: tuple[torch.Tensor, ...]
+    scales: torch.Tensor           # [n_groups, N], stored scale dtype
+    zeros: torch.Tensor | None     # [n_groups, N] zero points in the scale dtype (asymmetric) or None (zero = 2^(b-1))
+    shape: tuple[int, int]         # (out_features N, in_features K)
+    spec: QuantSpec
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return PLANES[self.spec.bits]
+
+    @property
+    def per(self) -> int:
+        """Input columns per word."""
+        return 32 // self.widths[0]
+
+    @property
+    def group(self) -> int:
+        """Group width in input columns (per-channel: the whole padded row)."""
+        k = self.shape[1]
+        return self.spec.group_width(k) if self.spec.group_size is not None else self.planes[0].shape[0] * self.per
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.planes, self.scales)) + (
+            0 if self.zeros is None else self.zeros.numel() * self.zeros.element_size())
+
+    def to(self, device: torch.device | str) -> "GpuPackedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return GpuPackedWeight(tuple(p.to(device) for p in self.planes), move(self.scales), move(self.zeros),
+                               self.shape, self.spec)
+
+    def codes(self) -> torch.Tensor:
+        """uint8 codes [N, K] (torch reference of the kernels' unpack)."""
+        n, k = self.shape
+        widths, per = self.widths, self.per
+        codes = torch.zeros(self.planes[0].shape[0], per, n, dtype=torch.int32, device=self.planes[0].device)
+        offset = 0
+        for plane, w in zip(self.planes, widths):
+            shifts = (torch.arange(per, device=plane.device, dtype=torch.int32) * w).view(1, per, 1)
+            codes |= ((plane.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << w) - 1)) << offset
+            offset += w
+        return codes.reshape(-1, n)[:k].t().to(torch.uint8)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float weight [N, K] (torch reference)."""
+        n, k = self.shape
+        gid = torch.arange(k, device=self.scales.device) // self.spec.group_width(k)
+        zero = float(1 << (self.bits - 1)) if self.zeros is None else self.zeros[gid].t()
+        return ((self.codes().float() - zero) * self.scales[gid].t().float()).to(dtype)
+
+
+def _pack_plane(codes: torch.Tensor, width: int, per: int) -> torch.Tensor:
+    """codes [Kp, N] int64 of `width` bits -> words [Kp // per, N] of per * width bits."""
+    kp, n = codes.shape
+    shifts = (torch.arange(per, device=codes.device, dtype=torch.int64) * width).view(1, per, 1)
+    words = (codes.view(kp // per, per, n) << shifts).sum(dim=1)
+    word_bits = per * width
+    words = torch.where(words >= (1 << (word_bits - 1)), words - (1 << word_bits), words)  # two's complement
+    return words.to(_WORD_DTYPE[word_bits]).contiguous()
+
+
+def repack_for_gpu(qt: QuantizedTensor, device: torch.device | str | None = None) -> GpuPackedWeight:
+    """The canonical QuantizedTensor (dense bitstream, scales [out, n_groups]) in the GPU layout."""
+    n, k = qt.shape
+    codes = qt.codes().to(torch.int64)
+    kp = -(-k // K_ALIGN) * K_ALIGN
+    codes_t = torch.zeros(kp, n, dtype=torch.int64, device=codes.device)
+    codes_t[:k] = codes.t()
+    widths = PLANES[qt.spec.bits]
+    per = 32 // widths[0]
+    planes, offset = [], 0
+    for w in widths:
+        planes.append(_pack_plane((codes_t >> offset) & ((1 << w) - 1), w, per))
+        offset += w
+    zeros = None if qt.zeros is None else qt.zeros.t().to(qt.scales.dtype).contiguous()
+    gw = GpuPackedWeight(tuple(planes), qt.scales.t().contiguous(), zeros, (n, k), qt.spec)
+    return gw if device is None else gw.to(device)
