@@ -1,0 +1,90 @@
+"""Registry of matmul backends for quantized linear layers.
+
+A backend says which (spec, [out, in] shape, device, activation dtype) it can run, and computes
+x2d [M, in] @ W^T -> [M, out] from a quantized layer's buffers. A backend may keep the packed codes in
+its own layout (same byte count as the dense packing): `to_layout` converts dense codes into it,
+`from_layout` back, so saved state dicts always hold the dense, portable packing.
+New backends (e.g. GPU ones) plug in with `register_backend(Backend(...))`; the dispatch picks the
+supporting backend of highest priority.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .choice import QuantSpec
+
+DENSE = "dense"
+
+
+class QuantizedWeightLike(Protocol):
+    """What a backend reads from a quantized layer."""
+
+    qweight: torch.Tensor            # uint8 1-D, packed codes in the layer's current `layout`
+    scales: torch.Tensor             # [out, n_groups] in spec.scale_dtype
+    zeros: torch.Tensor | None       # [out, n_groups] uint8 (asymmetric) or None
+    spec: QuantSpec
+    matrix_shape: tuple[int, int]    # (out, in)
+    layout: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run x @ W^T for a quantized weight."""
+
+    name: str
+    supports: Callable[[QuantSpec, tuple[int, int], torch.device, torch.dtype], bool]
+    linear: Callable[[torch.Tensor, QuantizedWeightLike], torch.Tensor]
+    priority: int = 0
+    layout: str = DENSE
+    to_layout: Callable[[torch.Tensor, QuantSpec, tuple[int, int]], torch.Tensor] | None = None
+    from_layout: Callable[[torch.Tensor, QuantSpec, tuple[int, int]], torch.Tensor] | None = None
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) a backend under its name; a custom layout needs both converters."""
+    if backend.layout != DENSE and (backend.to_layout is None or backend.from_layout is None):
+        raise ValueError(f"backend {backend.name!r} has layout {backend.layout!r} but no to_layout/from_layout")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def select_backend(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Backend:
+    """The supporting backend of highest priority (ties: first registered)."""
+    found = [b for b in BACKENDS.values() if b.supports(spec, shape, device, dtype)]
+    if not found:
+        raise RuntimeError(f"no backend supports {spec} for shape {shape} on {device} with {dtype}; registered: {list(BACKENDS)}")
+    return max(found, key=lambda b: b.priority)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered under `name`, with a clear error otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not registered; choose from {tuple(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def layout_backend(layout: str) -> Backend | None:
+    """The backend owning a non-dense layout (None for the dense one)."""
+    if layout == DENSE:
+        return None
+    for b in BACKENDS.values():
+        if b.layout == layout:
+            return b
+    raise ValueError(f"layout={layout!r} has no registered backend; layouts: {sorted({b.layout for b in BACKENDS.values()})}")
+
+
+def convert_layout(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, int], src: str, dst: str) -> torch.Tensor:
+    """Packed codes in layout `src` -> layout `dst` (through the dense packing)."""
+    if src == dst:
+        return qweight
+    owner = layout_backend(src)
+    dense = qweight if owner is None else owner.from_layout(qweight, spec, shape)
+    target = layout_backend(dst)
+    return dense if target is None else target.to_layout(dense, spec, shape)

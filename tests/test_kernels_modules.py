@@ -1,0 +1,182 @@
+"""Quantized modules: every CPU backend vs a float64 reference, dispatch/fallback, bytes, save/load."""
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from kernels import (BACKENDS, QuantizedConv, QuantizedLinear, QuantSpec, quantize_module, quantized_module_from_config,
+                     weight_nbytes)
+from kernels.cpu_backends import int4_group
+
+
+def reference(q: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """float64 dequantized weight @ float64 x (+ bias)."""
+    y = x.double() @ q.quantized_tensor().dequantize(torch.float64).t()
+    return y if q.bias is None else y + q.bias.double()
+
+
+def fresh_linear(out: int, inp: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(inp, out, bias=bias)
+
+
+def run_twice(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward twice (the first call may switch the codes to the backend's layout); both must agree."""
+    y = q(x)
+    assert torch.equal(q(x), y) and torch.isfinite(y).all()
+    return y
+
+
+# (spec, shape [out, in], backend the dispatch must pick on CPU for float32 inputs)
+CASES = [
+    (QuantSpec(8, None), (48, 200), "cpu_int8"),
+    (QuantSpec(8, None), (7, 33), "cpu_int8"),          # int8 op has no shape constraint
+    (QuantSpec(4, 128), (64, 384), "cpu_int4"),
+    (QuantSpec(4, 32), (32, 96), "cpu_int4"),
+    (QuantSpec(4, 64, symmetric=False), (48, 256), "cpu_int4"),
+    (QuantSpec(4, None), (16, 256), "cpu_int4"),         # per-channel with K in (32..256): one group of K
+    (QuantSpec(4, 128), (64, 300), "dequant"),           # K not a multiple of the group
+    (QuantSpec(4, 128), (40, 256), "dequant"),           # N not a multiple of 16
+    (QuantSpec(4, 16), (32, 64), "dequant"),             # group 16 not allowed by the int4 op
+    (QuantSpec(4, None), (32, 384), "dequant"),          # per-channel K=384 is no allowed group
+    (QuantSpec(8, 64), (32, 200), "dequant"),            # grouped 8-bit: int8 op is per-channel only
+    (QuantSpec(8, None, symmetric=False), (32, 64), "dequant"),
+    (QuantSpec(3, 64), (33, 131), "dequant"),
+    (QuantSpec(2, None), (5, 17), "dequant"),
+    (QuantSpec(5, 32, symmetric=False), (16, 70), "dequant"),
+    (QuantSpec(6, 128, scale_dtype="bfloat16"), (24, 129), "dequant"),
+]
+
+
+@pytest.mark.parametrize("spec,shape,backend", CASES, ids=lambda c: str(c) if not isinstance(c, QuantSpec) else f"w{c.bits}g{c.group_size}{'s' if c.symmetric else 'a'}")
+@pytest.mark.parametrize("rows", [(1,), (37,), (3, 5)])
+def test_backend_matches_float64_reference(spec, shape, backend, rows):
+    q = quantize_module(fresh_linear(*shape, seed=shape[0] + shape[1]), spec)
+    x = torch.randn(*rows, shape[1])
+    y = run_twice(q, x)
+    assert q.backend == backend and y.shape == (*rows, shape[0]) and y.dtype == torch.float32
+    ref = reference(q, x)
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("spec,shape", [(QuantSpec(8, None), (32, 96)), (QuantSpec(4, 32), (32, 96))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_paths_in_half_precision(spec, shape, dtype):
+    q = quantize_module(fresh_linear(*shape), spec)
+    x = torch.randn(9, shape[1])
+    y = q(x.to(dtype))
+    assert q.backend in ("cpu_int8", "cpu_int4") and y.dtype == dtype
+    ref = reference(q, x.to(dtype))
+    assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_forcing_each_backend_agrees_with_dequant():
+    lin = fresh_linear(64, 256)
+    x = torch.randn(4, 256)
+    for spec, name in [(QuantSpec(8, None), "cpu_int8"), (QuantSpec(4, 64), "cpu_int4")]:
+        fast = quantize_module(lin, spec)
+        slow = quantize_module(lin, spec, backend="dequant")
+        assert torch.allclose(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+        assert fast.backend == name and slow.backend == "dequant"
+    with pytest.raises(ValueError, match="backend='cpu_int4' does not support"):
+        quantize_module(lin, QuantSpec(3, 64), backend="cpu_int4")(x)
+    with pytest.raises(ValueError, match="backend='nope' is not registered"):
+        quantize_module(lin, QuantSpec(3, 64), backend="nope")
+
+
+def test_int4_contract_is_what_the_backend_assumes():
+    # torch 2.13: group in (32, 64, 128, 256), K % group == 0, N % 16 == 0, else the op raises
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert packed.dtype == torch.uint8 and packed.shape == (32, 32)  # same bytes as the dense packing
+    sz = torch.stack([torch.ones(2, 32), torch.zeros(2, 32)], -1)
+    y = torch._weight_int4pack_mm_for_cpu(torch.eye(64), packed, 32, sz)
+    assert torch.equal(y, (codes - 8).float().t())  # w = (q - 8) * scale + zero
+    with pytest.raises(RuntimeError, match="qGroupSize"):
+        torch._weight_int4pack_mm_for_cpu(torch.eye(64), packed, 16, torch.stack([torch.ones(4, 32), torch.zeros(4, 32)], -1))
+    with pytest.raises(RuntimeError, match="dividable by 16"):
+        torch._convert_weight_to_int4pack_for_cpu(codes[:8].contiguous(), 1)
+    assert int4_group(QuantSpec(4, None), 128) == 128 and int4_group(QuantSpec(4, 128), 300) is None
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, None), QuantSpec(4, 64), QuantSpec(4, 64, False), QuantSpec(3, 100), QuantSpec(5, None, False)], ids=str)
+def test_module_bytes_equal_weight_nbytes_before_and_after_forward(spec):
+    lin = fresh_linear(64, 320)
+    q = quantize_module(lin, spec)
+    assert q.weight_nbytes() == weight_nbytes((64, 320), spec)
+    assert not any(t.is_floating_point() and t.numel() >= 64 * 320 for t in q.buffers())  # no float weight copy
+    q(torch.randn(2, 320))  # switching to a backend layout keeps the byte count
+    assert q.weight_nbytes() == weight_nbytes((64, 320), spec)
+    assert len(list(q.parameters())) == 0
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, None), QuantSpec(4, 64, False), QuantSpec(6, 32)], ids=str)
+def test_state_dict_round_trips_bit_for_bit(spec, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    q = quantize_module(fresh_linear(64, 256), spec)
+    dense = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(3, 256)
+    y = q(x)  # moves codes into the backend layout
+    saved = q.state_dict()
+    assert saved.keys() == dense.keys() and all(torch.equal(saved[k], dense[k]) for k in dense)
+    save_file(saved, tmp_path / "q.safetensors")
+    rebuilt = quantized_module_from_config(q.config())
+    rebuilt.load_state_dict(load_file(tmp_path / "q.safetensors"))
+    assert torch.equal(rebuilt(x), y)
+    assert all(torch.equal(rebuilt.state_dict()[k], dense[k]) for k in dense)
+
+
+def test_quantized_conv_and_hf_conv1d_configs_round_trip():
+    torch.manual_seed(1)
+    for layer, x in [(nn.Conv2d(6, 8, 3, stride=2, padding=1, dilation=1, groups=2), torch.randn(2, 6, 9, 11)),
+                     (nn.Conv1d(4, 5, 3, padding=2, padding_mode="reflect"), torch.randn(2, 4, 13)),
+                     (Conv1D(12, 20), torch.randn(3, 20))]:
+        q = quantize_module(layer, QuantSpec(4, None, symmetric=False))
+        rebuilt = quantized_module_from_config(q.config())
+        rebuilt.load_state_dict(q.state_dict())
+        assert torch.equal(rebuilt(x), q(x))
+    with pytest.raises(ValueError, match="missing key 'spec'"):
+        quantized_module_from_config({"kind": "linear", "weight_shape": [2, 2], "bias": False})
+
+
+@pytest.mark.parametrize("make,x", [
+    (lambda: nn.Linear(96, 40), torch.randn(4, 7, 96)),
+    (lambda: Conv1D(40, 96), torch.randn(4, 7, 96)),
+    (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), torch.randn(2, 8, 15, 13)),
+    (lambda: nn.Conv2d(3, 12, (3, 5), padding="same", bias=False), torch.randn(2, 3, 10, 9)),
+    (lambda: nn.Conv1d(5, 7, 4, stride=1, dilation=2, padding_mode="circular", padding=3), torch.randn(2, 5, 21)),
+])
+def test_quantize_module_close_to_float_layer_at_8_bits(make, x):
+    torch.manual_seed(0)
+    layer = make()
+    q = quantize_module(layer, QuantSpec(8, None))
+    expected = layer(x).detach()
+    assert isinstance(q, QuantizedConv if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else QuantizedLinear)
+    got = q(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert torch.allclose(q.dequantized_weight(), layer.weight, atol=layer.weight.abs().max().item() / 100)
+
+
+def test_hf_conv1d_is_transposed_and_reported():
+    layer = Conv1D(48, 64)  # weight [in=64, out=48]
+    q = quantize_module(layer, QuantSpec(4, 32))
+    assert q.kind == "hf_conv1d" and (q.out_features, q.in_features) == (48, 64)
+    assert q.dequantized_weight().shape == layer.weight.shape
+    q(torch.randn(2, 64))
+    assert "kind=hf_conv1d" in repr(q) and "backend=cpu_int4" in repr(q)
+
+
+def test_bad_inputs_are_named():
+    q = quantize_module(nn.Linear(32, 16), QuantSpec(4, 32))
+    with pytest.raises(ValueError, match="in_features=32"):
+        q(torch.randn(2, 31))
+    with pytest.raises(TypeError, match="Embedding"):
+        quantize_module(nn.Embedding(4, 4), QuantSpec(4))
+    with pytest.raises(ValueError, match="backend='cpu_int8' is not supported for convolutions"):
+        quantize_module(nn.Conv2d(2, 2, 1), QuantSpec(8), backend="cpu_int8")
+
+
+def test_registry_lists_cpu_backends():
+    assert {"dequant", "cpu_int8", "cpu_int4"} <= set(BACKENDS)
