@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .choice import QuantSpec
+from .packing import pack_bits, unpack_bits
 from .quantizer import QuantizedTensor
 
 PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
@@ -77,7 +78,7 @@ class GpuPackedWeight:
         """Float weight [N, K] (torch reference)."""
         n, k = self.shape
         gid = torch.arange(k, device=self.scales.device) // self.spec.group_width(k)
-        zero = float(1 << (self.bits - 1)) if self.zeros is None else self.zeros[gid].t()
+        zero = float(1 << (self.bits - 1)) if self.zeros is None else self.zeros[gid].t().float()
         return ((self.codes().float() - zero) * self.scales[gid].t().float()).to(dtype)
 
 
@@ -91,19 +92,62 @@ def _pack_plane(codes: torch.Tensor, width: int, per: int) -> torch.Tensor:
     return words.to(_WORD_DTYPE[word_bits]).contiguous()
 
 
-def repack_for_gpu(qt: QuantizedTensor, device: torch.device | str | None = None) -> GpuPackedWeight:
-    """The canonical QuantizedTensor (dense bitstream, scales [out, n_groups]) in the GPU layout."""
-    n, k = qt.shape
-    codes = qt.codes().to(torch.int64)
+def _codes_to_planes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """uint8 codes [N, K] -> the bit planes [Kp // per, N]."""
+    n, k = codes.shape
     kp = -(-k // K_ALIGN) * K_ALIGN
     codes_t = torch.zeros(kp, n, dtype=torch.int64, device=codes.device)
     codes_t[:k] = codes.t()
-    widths = PLANES[qt.spec.bits]
+    widths = PLANES[bits]
     per = 32 // widths[0]
     planes, offset = [], 0
     for w in widths:
         planes.append(_pack_plane((codes_t >> offset) & ((1 << w) - 1), w, per))
         offset += w
+    return tuple(planes)
+
+
+def _plane_specs(bits: int, shape: tuple[int, int]) -> list[tuple[torch.dtype, int, int]]:
+    """(word dtype, rows, columns) of each plane of a [N, K] weight."""
+    n, k = shape
+    widths = PLANES[bits]
+    per = 32 // widths[0]
+    rows = -(-k // K_ALIGN) * K_ALIGN // per
+    return [(_WORD_DTYPE[per * w], rows, n) for w in widths]
+
+
+def layout_nbytes(bits: int, shape: tuple[int, int]) -> int:
+    """Bytes of the planes of a [N, K] weight (= the dense packing of [N, K padded to 32])."""
+    return sum(r * c * torch.empty(0, dtype=d).element_size() for d, r, c in _plane_specs(bits, shape))
+
+
+def planes_from_bytes(buf: torch.Tensor, bits: int, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Views of the planes stored back to back in a uint8 1-D buffer (no copy)."""
+    planes, offset = [], 0
+    for dtype, rows, cols in _plane_specs(bits, shape):
+        size = rows * cols * torch.empty(0, dtype=dtype).element_size()
+        planes.append(buf[offset:offset + size].view(dtype).view(rows, cols))
+        offset += size
+    return tuple(planes)
+
+
+def dense_to_gpu_bytes(dense: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense packed codes (pack_bits stream) -> the planes as one uint8 1-D buffer."""
+    n, k = shape
+    codes = unpack_bits(dense, spec.bits, n * k).view(n, k)
+    return torch.cat([p.reshape(-1).view(torch.uint8) for p in _codes_to_planes(codes, spec.bits)])
+
+
+def gpu_bytes_to_dense(buf: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `dense_to_gpu_bytes`."""
+    planes = planes_from_bytes(buf, spec.bits, shape)
+    gw = GpuPackedWeight(planes, torch.empty(0, 0), None, shape, spec)
+    return pack_bits(gw.codes().contiguous(), spec.bits)
+
+
+def repack_for_gpu(qt: QuantizedTensor, device: torch.device | str | None = None) -> GpuPackedWeight:
+    """The canonical QuantizedTensor (dense bitstream, scales [out, n_groups]) in the GPU layout."""
     zeros = None if qt.zeros is None else qt.zeros.t().to(qt.scales.dtype).contiguous()
-    gw = GpuPackedWeight(tuple(planes), qt.scales.t().contiguous(), zeros, (n, k), qt.spec)
+    gw = GpuPackedWeight(_codes_to_planes(qt.codes(), qt.spec.bits), qt.scales.t().contiguous(), zeros,
+                         qt.shape, qt.spec)
     return gw if device is None else gw.to(device)

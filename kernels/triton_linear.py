@@ -61,7 +61,7 @@ if HAVE_TRITON:
         return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _gemv_kernel(x, p0, p1, s, z, out, ws, N, K, KW, G, rows_per_split, stride_xm, stride_om,
+    def _gemv_kernel(x, p0, p1, s, z, out, ws, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
                      PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
                      HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -79,9 +79,9 @@ if HAVE_TRITON:
             xv = tl.load(x + m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
             part = tl.sum(tl.sum(xv[:, :, None] * w, axis=1), axis=0)
             g = (r0 * PER) // G
-            sc = tl.load(s + g * N + cols, mask=nmask, other=0.0).to(tl.float32)
+            sc = tl.load(s + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
             if HAS_Z:
-                zz = tl.load(z + g * N + cols, mask=nmask, other=0.0).to(tl.float32)
+                zz = tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
             else:
                 zz = ZERO
             acc += (part - zz * tl.sum(tl.sum(xv, axis=1), axis=0)) * sc
@@ -91,7 +91,7 @@ if HAVE_TRITON:
             tl.store(out + m * stride_om + cols, acc.to(out.dtype.element_ty), mask=nmask)
 
     @triton.jit
-    def _gemm_kernel(x, p0, p1, s, z, out, ws, M, N, K, KW, G, rows_per_split, stride_xm, stride_om,
+    def _gemm_kernel(x, p0, p1, s, z, out, ws, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
                      PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
                      HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BKW: tl.constexpr, GROUP_M: tl.constexpr):
@@ -115,14 +115,14 @@ if HAVE_TRITON:
             w = _unpack(p0, p1, rows, cols, (rows < KW)[:, None] & nmask[None, :], N, PER, W0, W1)
             g = (r0 * PER) // G
             if HAS_Z:
-                zz = tl.load(z + g * N + cols, mask=nmask, other=0.0).to(tl.float32)
+                zz = tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
                 w = w - zz[None, None, :]
             else:
                 w = w - ZERO
             ks = r0 * PER + tl.arange(0, BKW * PER)
             xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
             wt = tl.reshape(w, (BKW * PER, BN)).to(xt.dtype)
-            sc = tl.load(s + g * N + cols, mask=nmask, other=0.0).to(tl.float32)
+            sc = tl.load(s + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
             acc += tl.dot(xt, wt) * sc[None, :]
         omask = (rm[:, None] < M) & nmask[None, :]
         if ATOMIC:
@@ -131,7 +131,7 @@ if HAVE_TRITON:
             tl.store(out + rm[:, None] * stride_om + cols[None, :], acc.to(out.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+    def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, stride_sg, stride_sn, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
                         ZERO: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
         rows = tl.program_id(0) * BKW + tl.arange(0, BKW)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -140,7 +140,7 @@ if HAVE_TRITON:
         ks = rows[:, None] * PER + tl.arange(0, PER)[None, :]
         g = ks // G
         mask = (ks < K)[:, :, None] & nmask[None, None, :]
-        offs = g[:, :, None] * N + cols[None, None, :]
+        offs = g[:, :, None] * stride_sg + cols[None, None, :] * stride_sn
         if HAS_Z:
             w = w - tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -190,7 +190,10 @@ def _args(gw: GpuPackedWeight):
     widths = gw.widths
     p1 = gw.planes[1] if len(widths) > 1 else gw.planes[0]
     z = gw.zeros if gw.zeros is not None else gw.scales
-    return dict(p0=gw.planes[0], p1=p1, s=gw.scales, z=z), dict(
+    if gw.zeros is not None and gw.zeros.stride() != gw.scales.stride():
+        raise ValueError("scales and zeros must have the same strides")
+    return dict(p0=gw.planes[0], p1=p1, s=gw.scales, z=z, stride_sg=gw.scales.stride(0),
+                stride_sn=gw.scales.stride(1)), dict(
         PER=gw.per, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0,
         ZERO=float(1 << (gw.bits - 1)), HAS_Z=gw.zeros is not None)
 
@@ -203,8 +206,7 @@ def dequantize(gw: GpuPackedWeight, dtype: torch.dtype) -> torch.Tensor:
     tensors, consts = _args(gw)
     bkw = max(1, 64 // gw.per)
     grid = (triton.cdiv(kw, bkw), triton.cdiv(n, 128))
-    _dequant_kernel[grid](tensors["p0"], tensors["p1"], tensors["s"], tensors["z"], out, n, k, kw, gw.group,
-                          BN=128, BKW=bkw, **consts)
+    _dequant_kernel[grid](out=out, N=n, K=k, KW=kw, G=gw.group, BN=128, BKW=bkw, **tensors, **consts)
     return out
 
 

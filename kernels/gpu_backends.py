@@ -1,0 +1,152 @@
+"""CUDA backends: our Triton kernels in the registry of `kernels.backends`, and the library anchors.
+
+- "triton" (registered, layout "gpu_planes"): fused b-bit kernels for decode; for prefill, the fused GEMM
+  or dequantize + cuBLAS, whichever `DISPATCH` (filled from a measured LatencyTable) says is faster,
+  else `PREFILL_DEQUANT_MIN_M`.
+- `gpu_candidates(qt, dtype)`: every way this device can run one quantized weight, by name, for the latency
+  table and the benchmark: "triton_fused", "triton_dequant_cublas", "tinygemm_int4" (torch's
+  _weight_int4pack_mm, bf16, 4-bit, groups 32..256) and "gemlite" (2/4/8-bit, when importable).
+  A candidate that cannot run is left out with its reason in `skipped`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+
+from . import triton_linear as tlin
+from .backends import Backend, QuantizedWeightLike, register_backend
+from .choice import QuantSpec
+from .gpu_layout import GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense, planes_from_bytes, repack_for_gpu
+from .quantizer import QuantizedTensor
+
+GPU_LAYOUT = "gpu_planes"
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+PREFILL_DEQUANT_MIN_M = 256
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+# (N, K, bits, tokens) -> "triton_fused" | "triton_dequant_cublas", from LatencyTable.dispatch
+DISPATCH: dict[tuple[int, int, int, int], str] = {}
+
+
+def install_dispatch(table_dispatch: dict[tuple[int, int, int, int], str]) -> None:
+    """Use measured winners between our two paths (other names in the table are ignored here)."""
+    DISPATCH.update({k: v for k, v in table_dispatch.items() if v in ("triton_fused", "triton_dequant_cublas")})
+
+
+def _pick(m: int, gw: GpuPackedWeight) -> str:
+    n, k = gw.shape
+    near = [key for key in DISPATCH if key[:3] == (n, k, gw.bits)]
+    if near:
+        best = min(near, key=lambda key: abs(key[3] - m))
+        return DISPATCH[best]
+    return "triton_dequant_cublas" if m >= PREFILL_DEQUANT_MIN_M else "triton_fused"
+
+
+def gpu_weight(qw: QuantizedWeightLike) -> GpuPackedWeight:
+    """Views of a "gpu_planes" layer's buffers as a GpuPackedWeight (no copy; scales read transposed)."""
+    zeros = None if qw.zeros is None else qw.zeros.t()
+    return GpuPackedWeight(planes_from_bytes(qw.qweight, qw.spec.bits, qw.matrix_shape), qw.scales.t(), zeros,
+                           qw.matrix_shape, qw.spec)
+
+
+def run_gpu_weight(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
+    """x [M, K] @ W^T by the path `_pick` chooses for M."""
+    if _pick(x.shape[0], gw) == "triton_dequant_cublas":
+        return tlin.dequant_matmul(x, gw)
+    return tlin.linear(x, gw)
+
+
+def _triton_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and tlin.HAVE_TRITON and dtype in ACT_DTYPES
+
+
+def _triton_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
+    return run_gpu_weight(x, gpu_weight(qw))
+
+
+TRITON = register_backend(Backend("triton", _triton_supports, _triton_linear, priority=20, layout=GPU_LAYOUT,
+                                  to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense))
+
+
+def tinygemm_reason(spec: QuantSpec, shape: tuple[int, int]) -> str | None:
+    """Why torch._weight_int4pack_mm cannot run this weight (None: it can)."""
+    n, k = shape
+    group = k if spec.group_size is None else spec.group_size
+    if spec.bits != 4:
+        return "tinygemm is 4-bit only"
+    if group not in TINYGEMM_GROUPS or k % group:
+        return f"tinygemm needs a group in {TINYGEMM_GROUPS} dividing K (group {group}, K {k})"
+    if k % 64 or n % 8:
+        return f"tinygemm needs K % 64 == 0 and N % 8 == 0 (N {n}, K {k})"
+    return None
+
+
+def _tinygemm(qt: QuantizedTensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    n, k = qt.shape
+    codes = qt.codes().to("cuda").to(torch.int32)
+    packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    wq = torch._convert_weight_to_int4pack(packed_u8, 8)
+    scale = qt.scales.float().to("cuda")
+    zero = torch.zeros_like(scale) if qt.zeros is None else (8.0 - qt.zeros.float().to("cuda")) * scale
+    sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    group = k if qt.spec.group_size is None else qt.spec.group_size
+    return lambda x: torch._weight_int4pack_mm(x, wq, group, sz)
+
+
+def gemlite_reason(spec: QuantSpec, shape: tuple[int, int]) -> str | None:
+    """Why gemlite's A16Wn kernels cannot run this weight (None: they can)."""
+    try:
+        import gemlite  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"gemlite is not importable ({type(e).__name__}: {e})"
+    n, k = shape
+    group = k if spec.group_size is None else spec.group_size
+    if spec.bits not in (2, 4, 8):
+        return "gemlite has 8/4/2/1-bit weights only"
+    if k % group or k % 128:
+        return f"gemlite needs the group to divide K and K % 128 == 0 (group {group}, K {k})"
+    return None
+
+
+def _gemlite(qt: QuantizedTensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    from gemlite.helper import A16Wn
+    n, k = qt.shape
+    group = k if qt.spec.group_size is None else qt.spec.group_size
+    zeros = torch.full_like(qt.scales, float(1 << (qt.spec.bits - 1)), dtype=torch.float32) if qt.zeros is None \
+        else qt.zeros.float()
+    layer = A16Wn(device="cuda:0", dtype=dtype).from_weights(
+        qt.codes().to("cuda"), qt.scales.to("cuda", dtype), zeros.to("cuda", dtype), qt.spec.bits, group)
+    return layer.forward
+
+
+def gpu_candidates(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[dict[str, Callable], dict[str, str]]:
+    """(name -> fn(x [M, K]) -> [M, N]) for every path that can run `qt` on CUDA, and name -> reason skipped."""
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"dtype={dtype} is not supported on CUDA; use float16 or bfloat16")
+    fns: dict[str, Callable] = {}
+    skipped: dict[str, str] = {}
+    gw = repack_for_gpu(qt, "cuda")
+    fns["triton_fused"] = lambda x: tlin.linear(x, gw)
+    fns["triton_dequant_cublas"] = lambda x: tlin.dequant_matmul(x, gw)
+    reason = tinygemm_reason(qt.spec, qt.shape) or (None if dtype == torch.bfloat16 else "tinygemm is bfloat16 only")
+    if reason is None:
+        fns["tinygemm_int4"] = _tinygemm(qt)
+    else:
+        skipped["tinygemm_int4"] = reason
+    reason = gemlite_reason(qt.spec, qt.shape)
+    if reason is None:
+        try:
+            fns["gemlite"] = _gemlite(qt, dtype)
+        except Exception as e:  # noqa: BLE001 - a library failing to build is reported, not fatal
+            skipped["gemlite"] = f"gemlite failed to build the layer: {type(e).__name__}: {e}"
+    else:
+        skipped["gemlite"] = reason
+    return fns, skipped
+
+
+def module_view(qt: QuantizedTensor, device: str = "cuda") -> SimpleNamespace:
+    """A QuantizedWeightLike of `qt` in the "gpu_planes" layout (for tests and the latency table)."""
+    return SimpleNamespace(qweight=dense_to_gpu_bytes(qt.packed, qt.spec, qt.shape).to(device),
+                           scales=qt.scales.to(device), zeros=None if qt.zeros is None else qt.zeros.to(device),
+                           spec=qt.spec, matrix_shape=qt.shape, layout=GPU_LAYOUT)

@@ -1,0 +1,35 @@
+"""The GPU bit-plane layout (runs on the CPU): exact round trips with the canonical packing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import QuantSpec, quantize
+from kernels.backends import convert_layout
+from kernels.gpu_layout import PLANES, dense_to_gpu_bytes, gpu_bytes_to_dense, layout_nbytes, repack_for_gpu
+
+
+@pytest.mark.parametrize("bits", sorted(PLANES))
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("n,k,group", [(37, 203, 32), (16, 64, None), (5, 300, 128), (64, 256, 64)])
+def test_repack_round_trip(bits: int, symmetric: bool, n: int, k: int, group: int | None) -> None:
+    gen = torch.Generator().manual_seed(bits * 7 + n)
+    qt = quantize(torch.randn(n, k, generator=gen), QuantSpec(bits, group, symmetric), clip_search=False)
+    gw = repack_for_gpu(qt)
+    assert torch.equal(gw.codes(), qt.codes())
+    assert torch.equal(gw.dequantize(), qt.dequantize())
+    buf = dense_to_gpu_bytes(qt.packed, qt.spec, qt.shape)
+    assert buf.dtype == torch.uint8 and buf.numel() == layout_nbytes(bits, qt.shape)
+    assert torch.equal(gpu_bytes_to_dense(buf, qt.spec, qt.shape), qt.packed)
+
+
+def test_layout_bytes_equal_dense_bytes_for_aligned_k() -> None:
+    for bits in PLANES:
+        assert layout_nbytes(bits, (48, 4096)) == 48 * 4096 * bits // 8
+
+
+def test_registered_layout_converts_through_registry() -> None:
+    import kernels.gpu_backends  # noqa: F401 - registers the "triton" backend and its layout
+    qt = quantize(torch.randn(24, 96), QuantSpec(3, 32), clip_search=False)
+    buf = convert_layout(qt.packed, qt.spec, qt.shape, "dense", "gpu_planes")
+    assert torch.equal(convert_layout(buf, qt.spec, qt.shape, "gpu_planes", "dense"), qt.packed)
