@@ -13,3 +13,5 @@ __all__ = [
     "Calibration", "LayerGraph", "LayerInfo", "PROFILERS", "Profile",
     "build_layer_graph", "merge", "model_hash", "profile", "register_profiler",
 ]
+
+from . import hessian  # noqa: E402,F401  (registers the profilers)
