@@ -1,9 +1,9 @@
 """Dense bit packing of integer codes: n codes of b bits take exactly ceil(n*b/8) bytes.
 
 Code i occupies bits [i*b, (i+1)*b) of the little-endian bitstream (least significant bit first), so
-a tensor is one continuous stream with no per-row padding. Both directions work on blocks of 8 codes
-(= b bytes) with int64 shifts, vectorized over the whole tensor; 2 and 4 bits (which divide a byte)
-take a faster uint8-only path giving the same stream.
+a tensor is one continuous stream with no per-row padding. 3, 5 and 6 bits work on blocks of 8 codes
+(= b bytes), one column of the block at a time (8 vectorized steps, no per-element loop); 2 and 4 bits,
+which divide a byte, work on bytes directly.
 """
 from __future__ import annotations
 
@@ -40,14 +40,16 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for j in range(1, per):
             out |= cols[:, j] << (j * bits)
         return out
-    n_blocks = -(-n // 8)
-    block = torch.zeros(n_blocks * 8, dtype=torch.int64, device=flat.device)
+    block = torch.zeros(-(-n // 8) * 8, dtype=torch.int16, device=flat.device)
     block[:n] = flat
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    words = (block.view(-1, 8) << shifts).sum(dim=1)
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    out = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return out[: packed_nbytes(n, bits)].clone()
+    block = block.view(-1, 8)
+    out = torch.zeros(block.shape[0], bits, dtype=torch.int16, device=flat.device)
+    for j in range(8):  # code j of each block starts at bit j*bits: byte `lo`, bit `off`
+        lo, off = divmod(j * bits, 8)
+        out[:, lo] |= (block[:, j] << off) & 0xFF
+        if off + bits > 8:
+            out[:, lo + 1] |= block[:, j] >> (8 - off)
+    return out.to(torch.uint8).view(-1)[: packed_nbytes(n, bits)].clone()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -61,16 +63,20 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         raise ValueError(f"packed has {flat.numel()} bytes but numel={numel} codes of {bits} bits need {need}")
     if bits == 8:
         return flat[:numel].clone()
+    mask = (1 << bits) - 1
     if bits in (2, 4):
-        per = 8 // bits
-        shifts = torch.arange(per, device=flat.device, dtype=torch.uint8) * bits
-        codes = (flat[:need].unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        shifts = torch.arange(8 // bits, device=flat.device, dtype=torch.uint8) * bits
+        codes = (flat[:need].unsqueeze(1) >> shifts) & mask
         return codes.reshape(-1)[:numel].clone()
     n_blocks = -(-numel // 8)
-    buf = torch.zeros(n_blocks * bits, dtype=torch.int64, device=flat.device)
+    buf = torch.zeros(n_blocks * bits, dtype=torch.int16, device=flat.device)
     buf[:need] = flat[:need]
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    words = (buf.view(-1, bits) << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    codes = ((words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)
-    return codes[:numel].clone()
+    block = buf.view(n_blocks, bits)
+    out = torch.empty(n_blocks, 8, dtype=torch.int16, device=flat.device)
+    for j in range(8):
+        lo, off = divmod(j * bits, 8)
+        code = block[:, lo] >> off
+        if off + bits > 8:
+            code |= block[:, lo + 1] << (8 - off)
+        out[:, j] = code & mask
+    return out.to(torch.uint8).view(-1)[:numel]

@@ -45,16 +45,20 @@ class QuantizedTensor:
         return dequantize_codes(self.codes(), self.scales, self.zeros, self.spec).to(dtype)
 
 
-def _expand(per_group: torch.Tensor, spec: QuantSpec, inp: int) -> torch.Tensor:
-    """[out, n_groups] -> [out, in] by repeating each group's value over its columns."""
-    return per_group.repeat_interleave(spec.group_width(inp), dim=1)[:, :inp]
-
-
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """float32 [out, in] from uint8 codes [out, in], scales and zero points [out, n_groups]."""
-    inp = codes.shape[1]
-    zero = float(1 << (spec.bits - 1)) if zeros is None else _expand(zeros, spec, inp).float()
-    return (codes.float() - zero) * _expand(scales, spec, inp).float()
+    """float32 [out, in] from uint8 codes [out, in], scales and zero points [out, n_groups]: (q - z) * s."""
+    out, inp = codes.shape
+    width = spec.group_width(inp)
+    full = inp // width
+    w = codes.float()
+    scale = scales.float().unsqueeze(-1)
+    zero = float(1 << (spec.bits - 1)) if zeros is None else zeros.float().unsqueeze(-1)
+    head = w[:, :full * width].unflatten(1, (full, width))
+    head.sub_(zero if zeros is None else zero[:, :full]).mul_(scale[:, :full])
+    if full * width < inp:  # short last group
+        tail = w[:, full * width:]
+        tail.sub_(zero if zeros is None else zero[:, full]).mul_(scale[:, full])
+    return w
 
 
 def _stored(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
