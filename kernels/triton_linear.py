@@ -60,7 +60,7 @@ if HAVE_TRITON:
             u = u | (((b[:, None, :] >> (shifts * W1)) & ((1 << W1) - 1)) << W0)
         return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["K", "KW", "G", "rows_per_split"])
     def _gemv_kernel(x, p0, p1, s, z, out, ws, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
                      PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
                      HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
@@ -90,7 +90,7 @@ if HAVE_TRITON:
         else:
             tl.store(out + m * stride_om + cols, acc.to(out.dtype.element_ty), mask=nmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split"])
     def _gemm_kernel(x, p0, p1, s, z, out, ws, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
                      PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
                      HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -130,7 +130,7 @@ if HAVE_TRITON:
         else:
             tl.store(out + rm[:, None] * stride_om + cols[None, :], acc.to(out.dtype.element_ty), mask=omask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["K", "KW", "G"])
     def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, stride_sg, stride_sn, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
                         ZERO: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
         rows = tl.program_id(0) * BKW + tl.arange(0, BKW)
