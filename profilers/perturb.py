@@ -90,4 +90,4 @@ def check_finite_grads(grads: Sequence[torch.Tensor | None], names: Sequence[str
 
 def check_finite_loss(loss: torch.Tensor, batch: int) -> None:
     if not torch.isfinite(loss).all():
-        raise ValueError(f"loss is {float(loss)} on calibration batch {batch}")
+        raise ValueError(f"loss is {loss.detach().item()} on calibration batch {batch}")
