@@ -1,0 +1,103 @@
+"""Method "convex" (BAQ closed form): continuous bits by water-filling, rounded, repaired, with a lower bound.
+
+Per tie group g, fit cost(b) ~ a_g + s_g * 2^(-2 b) (s_g >= 0) and each budgeted resource ~ u_gk + v_gk * b
+to the allowed choices by least squares, then shift a_g and u_gk down so the fits never exceed the true
+values at any allowed choice. The continuous problem over b_g in [min bits, max bits] then relaxes the discrete
+one, so its optimum (the Lagrange dual, evaluated exactly for every multiplier) is a valid lower bound.
+For each multiplier the per-group minimiser is closed form (equal marginal loss):
+b_g = clip(-0.5 * log2(w_g / (2 ln2 s_g)), lo_g, hi_g), w_g = sum_k lambda_k v_gk.
+One budget: brentq on lambda (water-filling); several: L-BFGS-B on the concave dual.
+Rounding: each group takes its cheapest allowed choice with bits >= b_g, then greedy repair restores
+feasibility and greedy fill spends leftover slack. Pair terms are not modelled; the bound adds their minima.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import brentq, minimize
+
+from solvers.greedy import descend, fill
+from solvers.problem import Problem
+from solvers.registry import MethodResult, register_solver
+
+LN2 = np.log(2.0)
+
+
+def _fit(red, bits: np.ndarray, names: list[str]):
+    """Per-group fitted (a, s), (u, v) [G, K], bit range (lo, hi) and whether the group has a free bit choice."""
+    G = len(red.groups)
+    a, s, lo, hi = np.zeros(G), np.zeros(G), np.zeros(G), np.zeros(G)
+    u, v = np.zeros((G, len(names))), np.zeros((G, len(names)))
+    for g in range(G):
+        opts = np.flatnonzero(red.allowed[g])
+        b, cost = bits[g, opts], red.cost[g, opts]
+        lo[g], hi[g] = b.min(), b.max()
+        e = 2.0 ** (-2.0 * b)
+        if hi[g] > lo[g]:
+            A = np.stack([np.ones_like(e), e], axis=1)
+            s[g] = max(0.0, np.linalg.lstsq(A, cost, rcond=None)[0][1])
+        a[g] = np.min(cost - s[g] * e)
+        for k, name in enumerate(names):
+            t = red.tables[name][g, opts]
+            if hi[g] > lo[g]:
+                v[g, k] = np.polyfit(b, t, 1)[0]
+            u[g, k] = np.min(t - v[g, k] * b)
+    return a, s, u, v, lo, hi
+
+
+def _argmin_bits(s: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """argmin over b in [lo, hi] of s 2^(-2b) + w b, elementwise (s >= 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = -0.5 * np.log2(w / (2.0 * LN2 * s))
+    b = np.where((w > 0) & (s > 0), b, np.where(w > 0, lo, hi))
+    return np.clip(b, lo, hi)
+
+
+@register_solver("convex")
+def solve_convex(problem: Problem, budgets: dict[str, float]) -> MethodResult:
+    """Heuristic plan with a proven lower bound (status "feasible"; Solution.gap is rounded vs bound)."""
+    if problem.bits is None:
+        raise ValueError("method 'convex' needs the bits table (weight bits per layer and choice)")
+    red = problem.reduced
+    bits = np.zeros(red.cost.shape)
+    np.add.at(bits, red.group_of, problem.bits)
+    bits /= np.bincount(red.group_of)[:, None]
+    names = list(budgets)
+    a, s, u, v, lo, hi = _fit(red, bits, names)
+    scale = np.array([max(abs(budgets[n]), 1e-12) for n in names])
+    u, v = u / scale, v / scale
+    caps = np.array([budgets[n] for n in names]) / scale
+    cscale = max(float(s.sum()), 1e-30)
+    s_n = s / cscale
+
+    def bits_at(lam: np.ndarray) -> np.ndarray:
+        return _argmin_bits(s_n, v @ lam, lo, hi)
+
+    def dual(lam: np.ndarray) -> tuple[float, np.ndarray]:
+        b = bits_at(lam)
+        resid = (u + v * b[:, None]).sum(axis=0) - caps
+        return float((s_n * 2.0 ** (-2.0 * b) + (v @ lam) * b).sum() + lam @ (u.sum(axis=0) - caps)), resid
+
+    lam = np.zeros(len(names))
+    if len(names) == 1 and dual(lam)[1][0] > 0:
+        hi_lam = 1.0
+        while dual(np.array([hi_lam]))[1][0] > 0 and hi_lam < 1e12:
+            hi_lam *= 2.0
+        lam = np.array([brentq(lambda x: dual(np.array([x]))[1][0], 0.0, hi_lam, xtol=1e-14, rtol=1e-12)])
+    elif len(names) > 1:
+        res = minimize(lambda x: tuple(-t for t in dual(x)), np.zeros(len(names)), jac=True,
+                       method="L-BFGS-B", bounds=[(0, None)] * len(names))
+        lam = res.x
+    bound = dual(lam)[0] * cscale + a.sum()
+    bound += sum(float(np.min(d[np.ix_(red.allowed[g], red.allowed[h])])) for (g, h), d in red.pairs.items())
+
+    b_cont = bits_at(lam)
+    above = red.allowed & (bits >= b_cont[:, None] - 1e-9)
+    key = np.where(above, bits, np.inf)
+    ceil_bits = key.min(axis=1)
+    start = np.argmin(np.where(above & (bits == ceil_bits[:, None]), red.cost, np.inf), axis=1)
+    cur = descend(red, budgets, start)
+    if cur is None:
+        return MethodResult(None, "failed")
+    cur = fill(red, budgets, cur)
+    return MethodResult(red.expand(cur), "feasible", bound, {"continuous_bits": b_cont[red.group_of].tolist(),
+                                                             "multipliers": dict(zip(names, lam.tolist()))})
