@@ -185,11 +185,11 @@ class _RuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs) if func is not F.scaled_dot_product_attention else None
-        if not self.enabled:
-            return out if out is not None else func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention:
+        if self.enabled and func is F.scaled_dot_product_attention:
             return attention(*args, **kwargs, mode=self.attention_mode)
+        out = func(*args, **kwargs)
+        if not self.enabled:
+            return out
         if func in _PRODUCTS:
             operands = args[1:] if func is torch.einsum else args[:2]
             if func is torch.einsum and len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -233,7 +233,7 @@ class LRPRules:
     def __enter__(self) -> "LRPRules":
         for name, module in self.model.named_modules():
             kind = rule_kind(module)
-            if kind != "container":
+            if kind not in ("container", "passthrough") or name in self.watch:
                 self._handles.append(module.register_forward_hook(self._hook(name, kind), with_kwargs=True))
         self._mode.__enter__()
         return self

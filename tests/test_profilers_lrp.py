@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
 
 import profilers.lrp  # noqa: F401  (registers "lrp")
 from kernels import Choice, fake_quantize
@@ -78,7 +79,7 @@ def test_relevance_is_conserved_through_mlp_and_cnn(float64, make, shape):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_relevance_is_conserved_through_gpt2_and_bert(float64, impl):
+def test_relevance_is_conserved_through_gpt2_bert_and_llama(float64, impl):
     torch.manual_seed(1)
     emb = torch.randn(2, 8, 32)
     gpt2 = randomize_vectors(tiny_gpt2(impl))
@@ -89,6 +90,15 @@ def test_relevance_is_conserved_through_gpt2_and_bert(float64, impl):
     sources = biases(bert) + [bert.bert.embeddings.position_embeddings.weight, bert.bert.embeddings.token_type_embeddings.weight]
     mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
     r_out, r_in = conservation(bert, emb, sources, attention_mask=mask, embeds=True)
+    assert r_in == pytest.approx(r_out, rel=1e-8)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=16, attn_implementation=impl)
+    llama = LlamaForCausalLM(cfg)  # RMSNorm, SiLU-gated MLP, rotary embeddings, grouped-query attention
+    with torch.no_grad():
+        for p in llama.parameters():
+            if p.dim() == 1:
+                p.normal_(1, 0.2)
+    r_out, r_in = conservation(llama, emb, [], embeds=True)
     assert r_in == pytest.approx(r_out, rel=1e-8)
 
 
