@@ -30,7 +30,7 @@ def build_model(problem: Problem, budgets: dict[str, float], pair_form: str = "m
     """The PuLP model over tie groups; returns it with x[g][c]."""
     red = problem.reduced
     lp = pulp.LpProblem("bitalloc", pulp.LpMinimize)
-    x = {g: {int(c): pulp.LpVariable(f"x{g}_{c}", cat=pulp.LpBinary) for c in np.flatnonzero(red.allowed[g])}
+    x = {g: {int(c): lp.add_variable(f"x{g}_{c}", 0, 1, pulp.LpBinary) for c in np.flatnonzero(red.allowed[g])}
          for g in range(len(red.groups))}
     terms = []
     if with_objective:
@@ -50,7 +50,7 @@ def build_model(problem: Problem, budgets: dict[str, float], pair_form: str = "m
 
 def _pair_terms(lp: pulp.LpProblem, xg: dict, xh: dict, d: np.ndarray, g: int, h: int, form: str) -> list:
     if form == "marginal":
-        y = {(a, b): pulp.LpVariable(f"y{g}_{h}_{a}_{b}", lowBound=0) for a in xg for b in xh}
+        y = {(a, b): lp.add_variable(f"y{g}_{h}_{a}_{b}", 0) for a in xg for b in xh}
         for a, va in xg.items():
             lp += pulp.LpConstraint(_expr([(y[a, b], 1.0) for b in xh] + [(va, -1.0)]), pulp.LpConstraintEQ, None, 0)
         for b, vb in xh.items():
@@ -61,7 +61,7 @@ def _pair_terms(lp: pulp.LpProblem, xg: dict, xh: dict, d: np.ndarray, g: int, h
         for b, vb in xh.items():
             if d[a, b] == 0:
                 continue
-            y = pulp.LpVariable(f"y{g}_{h}_{a}_{b}", lowBound=0, upBound=1)
+            y = lp.add_variable(f"y{g}_{h}_{a}_{b}", 0, 1)
             if d[a, b] > 0:
                 lp += pulp.LpConstraint(_expr([(y, 1.0), (va, -1.0), (vb, -1.0)]), pulp.LpConstraintGE, None, -1)
             else:
@@ -110,7 +110,7 @@ def solve_ilp(problem: Problem, budgets: dict[str, float], backend: str = "highs
     t_build = time.perf_counter() - t0
     status, bound = _run(lp, backend, time_limit, threads, msg)
     info = {"backend": backend, "pair_form": pair_form, "build_s": t_build,
-            "n_variables": len(lp.variables()), "n_constraints": len(lp.constraints)}
+            "n_variables": lp.numVariables(), "n_constraints": lp.numConstraints()}
     if status in ("infeasible", "failed"):
         return MethodResult(None, status, info=info)
     gindex = np.array([max(xs, key=lambda c: xs[c].varValue or 0.0) for xs in x.values()])
