@@ -1,0 +1,20 @@
+"""bitalloc's service layer: budgets, allocation, plans, applying a plan and saving the quantized model.
+
+    from allocator import Budget, allocate, load_quantized, save_quantized
+    plan = allocate(model, calib_batches, Budget(avg_bits=4.0), bits=(2, 3, 4, 8))
+    plan.save("plan.json")
+    qmodel = plan.apply(model)
+    save_quantized(qmodel, "out/")
+"""
+
+from .api import ProfiledModel, allocate, build_problem, profile_model, solve_profiled, uniform_plan
+from .budget import Budget
+from .evaluate import evaluate
+from .plan import LayerPlan, ModelIdentity, Plan, PlanError
+from .quantize import apply, load_quantized, quantized_bytes, save_quantized
+
+__all__ = [
+    "Budget", "LayerPlan", "ModelIdentity", "Plan", "PlanError", "ProfiledModel", "allocate", "apply",
+    "build_problem", "evaluate", "load_quantized", "profile_model", "quantized_bytes", "save_quantized",
+    "solve_profiled", "uniform_plan",
+]

@@ -1,0 +1,245 @@
+"""The allocation verbs: profile a model, turn the profile into a Problem, solve it, return a Plan."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch.nn as nn
+
+from kernels import SUPPORTED_BITS, Choice, weight_nbytes
+from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
+from solvers import InfeasibleError, Problem, Solution, solve
+
+from .budget import MIB, Budget
+from .io import atomic_write_json, read_json
+from .model import model_identity, quantized_layer_bias_bytes, storage_bytes
+from .plan import LayerPlan, ModelIdentity, Plan
+
+log = logging.getLogger("bitalloc")
+
+FLOAT_ACT_BITS = 16
+
+
+@dataclass
+class ProfiledModel:
+    """Everything needed to solve again under other budgets without the model: layer graph, profile,
+    the bytes of the model's unquantized rest, and the model's identity. Saved by ``bitalloc profile``."""
+
+    graph: LayerGraph
+    profile: Profile
+    fixed_bytes: int
+    model: ModelIdentity
+
+    def to_dict(self) -> dict:
+        return {"kind": "bitalloc.profiled_model", "model": asdict(self.model), "fixed_bytes": self.fixed_bytes,
+                "graph": self.graph.to_dict(), "profile": self.profile.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProfiledModel:
+        if data.get("kind") != "bitalloc.profiled_model":
+            raise ValueError("not a bitalloc profile file (its 'kind' is not 'bitalloc.profiled_model'); write one with `bitalloc profile`")
+        return cls(LayerGraph.from_dict(data["graph"]), Profile.from_dict(data["profile"]), int(data["fixed_bytes"]),
+                   ModelIdentity(**data["model"]))
+
+    def save(self, path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> ProfiledModel:
+        return cls.from_dict(read_json(path, "profile"))
+
+
+def parse_choices(bits: Iterable[int] | None, choices: Iterable[Choice | str] | None) -> list[Choice]:
+    """Candidate choices from plain weight bits, or from Choice objects / labels."""
+    if choices is not None:
+        out = [c if isinstance(c, Choice) else Choice.parse(c) for c in choices]
+    else:
+        bits = tuple(bits or ())
+        bad = [b for b in bits if b not in SUPPORTED_BITS]
+        if bad:
+            raise ValueError(f"bits={bad} not supported; choose from {SUPPORTED_BITS}")
+        out = [Choice(int(b)) for b in sorted(set(bits))]
+    if not out:
+        raise ValueError("give at least one candidate in bits= or choices=")
+    return out
+
+
+def profile_model(
+    model: nn.Module,
+    calib: Calibration | Sequence,
+    choices: Sequence[Choice],
+    profiler: str = "hessian",
+    cache_dir: str | None = None,
+    **settings,
+) -> ProfiledModel:
+    """Build the layer graph and profile every quantizable layer at every choice."""
+    calib = calib if isinstance(calib, Calibration) else Calibration(calib)
+    graph = build_layer_graph(model, calib[0])
+    log.info("layer graph: %d quantizable layers, %d skipped", len(graph), len(graph.skipped))
+    prof = profile(model, calib, graph, choices, profiler=profiler, cache_dir=cache_dir, **settings)
+    fixed = storage_bytes(model, exclude=set(graph.names)) + quantized_layer_bias_bytes(model, graph.names)
+    return ProfiledModel(graph, prof, fixed, model_identity(model))
+
+
+def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, ties: Sequence[Sequence[str]] = ()) -> Problem:
+    """The solver's table: cost from the profile; bytes, bits and BOPs from the exact memory model."""
+    graph, prof = profiled.graph, profiled.profile
+    if list(prof.layers) != graph.names:
+        raise ValueError("the profile's layers do not match the layer graph (was it made for another model?)")
+    choices = [Choice.parse(label) for label in prof.choices]
+    memory = np.zeros((len(graph), len(choices)))
+    bits = np.zeros_like(memory)
+    bops = np.zeros_like(memory)
+    for i, layer in enumerate(graph.layers):
+        for j, choice in enumerate(choices):
+            spec = choice.spec_for(layer.kind, layer.in_features)
+            memory[i, j] = weight_nbytes((layer.out_features, layer.in_features), spec)
+            bits[i, j] = choice.wbits
+            bops[i, j] = layer.macs * choice.wbits * (choice.abits or FLOAT_ACT_BITS)
+    return Problem(
+        layers=graph.names,
+        choices=list(prof.choices),
+        cost=np.asarray(prof.cost, dtype=float),
+        memory=memory,
+        bits=bits,
+        bops=bops,
+        params=np.array([layer.params for layer in graph.layers], dtype=float),
+        pairs={tuple(k): np.asarray(v) for k, v in prof.pairs.items()},
+        pins=dict(pins or {}),
+        ties=[tuple(t) for t in ties],
+    )
+
+
+def solver_budgets(budget: Budget, fixed_bytes: int) -> dict[str, float]:
+    """Translate a user Budget into the solver's per-layer budgets (memory minus the unquantized rest)."""
+    out: dict[str, float] = {}
+    if budget.memory_mb is not None:
+        out["memory"] = budget.memory_bytes - fixed_bytes
+    if budget.avg_bits is not None:
+        out["avg_bits"] = budget.avg_bits
+    if budget.bops is not None:
+        out["bops"] = budget.bops
+    if budget.latency_ms is not None:
+        out["latency"] = budget.latency_ms
+    return out
+
+
+def solve_profiled(
+    profiled: ProfiledModel,
+    budget: Budget,
+    method: str = "ilp",
+    pins: dict[str, str] | None = None,
+    ties: Sequence[Sequence[str]] = (),
+    **solver_options,
+) -> Plan:
+    """Solve a profiled model under ``budget`` and return the Plan."""
+    problem = build_problem(profiled, pins=pins, ties=ties)
+    budgets = solver_budgets(budget, profiled.fixed_bytes)
+    if budgets.get("memory", 1) <= 0:
+        smallest = profiled.fixed_bytes + problem.memory.min(axis=1).sum()
+        raise InfeasibleError(
+            f"memory budget {budget.memory_mb:g} MiB is below the model's unquantized rest alone "
+            f"({profiled.fixed_bytes / MIB:.4f} MiB); the smallest achievable is {smallest / MIB:.4f} MiB",
+            smallest={"memory_mb": smallest / MIB},
+        )
+    try:
+        solution = solve(problem, method=method, **budgets, **solver_options)
+    except InfeasibleError as e:
+        raise _in_user_units(e, profiled.fixed_bytes) from None
+    log.info("%s", solution.summary())
+    return plan_from_solution(profiled, problem, solution, budget)
+
+
+def _in_user_units(error: InfeasibleError, fixed_bytes: int) -> InfeasibleError:
+    """Restate a solver's infeasibility in the Budget's units (whole-model MiB instead of layer bytes)."""
+    smallest = dict(error.smallest)
+    if "memory" in smallest:
+        smallest["memory_mb"] = (smallest.pop("memory") + fixed_bytes) / MIB
+    parts = [f"{k} >= {v:.6g}" for k, v in smallest.items()]
+    return InfeasibleError(f"no plan meets the budget; smallest achievable: {', '.join(parts)} ({error})", smallest=smallest)
+
+
+def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solution, budget: Budget) -> Plan:
+    """Turn a solver Solution into a Plan with exact specs, bytes and predictions."""
+    graph, prof = profiled.graph, profiled.profile
+    layers = []
+    for i, layer in enumerate(graph.layers):
+        j = int(solution.index[i])
+        choice = Choice.parse(prof.choices[j])
+        spec = choice.spec_for(layer.kind, layer.in_features)
+        layers.append(LayerPlan(
+            name=layer.name, kind=layer.kind, weight_shape=tuple(layer.weight_shape), choice=choice.label,
+            bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, params=layer.params,
+            bytes=int(problem.memory[i, j]), cost=float(prof.cost[i, j]), abits=choice.abits, scale_dtype=spec.scale_dtype,
+        ))
+    layer_bytes = sum(layer.bytes for layer in layers)
+    n = sum(layer.params for layer in layers)
+    predicted = {
+        "layer_bytes": layer_bytes,
+        "total_bytes": layer_bytes + profiled.fixed_bytes,
+        "fixed_bytes": profiled.fixed_bytes,
+        "avg_bits": sum(layer.bits * layer.params for layer in layers) / n,
+        "cost": float(solution.objective),
+        "bops": float(sum(problem.bops[i, int(solution.index[i])] for i in range(len(layers)))),
+    }
+    return Plan(
+        model=profiled.model,
+        layers=layers,
+        budget=budget,
+        predicted=predicted,
+        profiler={"name": prof.profiler, "settings": prof.settings, "elapsed_s": prof.elapsed_s},
+        solver={"method": solution.method, "status": solution.status, "objective": float(solution.objective),
+                "binding": list(solution.binding), "slack": {k: float(v) for k, v in solution.slack.items()},
+                "solve_time_s": float(solution.solve_time_s)},
+        skipped=dict(graph.skipped),
+    )
+
+
+def uniform_plan(profiled: ProfiledModel, choice: Choice | str) -> Plan:
+    """The plan that puts every layer at the same choice (the baseline a mixed plan must beat)."""
+    label = choice.label if isinstance(choice, Choice) else Choice.parse(choice).label
+    problem = build_problem(profiled)
+    if label not in problem.choices:
+        raise ValueError(f"choice {label!r} was not profiled; profiled choices: {problem.choices}")
+    index = np.full(len(problem.layers), problem.choices.index(label))
+    solution = Solution.build(problem, index, {}, method="uniform", status="fixed", solve_time_s=0.0)
+    return plan_from_solution(profiled, problem, solution, Budget(avg_bits=float(Choice.parse(label).wbits)))
+
+
+def allocate(
+    model: nn.Module,
+    calib: Calibration | Sequence,
+    budget: Budget,
+    bits: Iterable[int] | None = (2, 3, 4, 8),
+    choices: Iterable[Choice | str] | None = None,
+    profiler: str = "hessian",
+    method: str = "ilp",
+    pins: dict[str, str] | None = None,
+    ties: Sequence[Sequence[str]] = (),
+    cache_dir: str | None = None,
+    profiler_settings: dict | None = None,
+    solver_options: dict | None = None,
+) -> Plan:
+    """Choose a bit width for every quantizable layer of ``model`` within ``budget``.
+
+    Example::
+
+        plan = allocate(model, calib_batches, Budget(avg_bits=4.0), bits=(2, 3, 4, 8))
+        plan.save("plan.json")
+        qmodel = plan.apply(model)
+
+    calib: batches as the model's forward takes them (tensor, tuple of tensors, or dict of keyword inputs,
+    optionally with "labels"). profiler: a name in ``profilers.PROFILERS``; method: a name in ``solvers.SOLVERS``.
+    """
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a Budget, e.g. Budget(avg_bits=4.0); got {type(budget).__name__}")
+    start = time.perf_counter()
+    profiled = profile_model(model, calib, parse_choices(bits, choices), profiler=profiler, cache_dir=cache_dir,
+                             **(profiler_settings or {}))
+    plan = solve_profiled(profiled, budget, method=method, pins=pins, ties=ties, **(solver_options or {}))
+    plan.solver["total_time_s"] = time.perf_counter() - start
+    return plan

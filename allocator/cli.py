@@ -1,0 +1,158 @@
+"""The ``bitalloc`` command line: run, profile, solve, pareto, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .budget import Budget
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budgets (give at least one)")
+    g.add_argument("--avg-bits", type=float, help="parameter-weighted average weight bits")
+    g.add_argument("--memory-mb", type=float, help="whole model's weights in MiB")
+    g.add_argument("--latency-ms", type=float, help="predicted latency from a latency table")
+    g.add_argument("--bops", type=float, help="bit operations per sample")
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    return Budget(memory_mb=args.memory_mb, avg_bits=args.avg_bits, latency_ms=args.latency_ms, bops=args.bops)
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits must be comma-separated integers like 2,3,4,8, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    p.add_argument("--calib", required=True, help="calibration batches: .pt (list of batches) or .txt (tokenized with the model's tokenizer)")
+    p.add_argument("--bits", type=_bits, default=(2, 3, 4, 8), help="candidate weight bits (default 2,3,4,8)")
+    p.add_argument("--choices", help="candidate choice labels instead of --bits, e.g. w4,w8gc,w4g64")
+    p.add_argument("--profiler", default="hessian", help="sensitivity profiler (default hessian)")
+    p.add_argument("--cache-dir", help="reuse profiles cached here")
+
+
+def _choices(args: argparse.Namespace):
+    from .api import parse_choices
+
+    return parse_choices(args.bits, args.choices.split(",") if args.choices else None)
+
+
+def _load(args: argparse.Namespace):
+    from .calib_files import load_calibration
+    from .model import load_model
+
+    model = load_model(args.model)
+    calib = load_calibration(args.calib, tokenizer_path=args.model)
+    return model, calib
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .api import profile_model, solve_profiled
+    from .quantize import quantized_bytes, save_quantized
+    from .report import print_plan_check
+
+    model, calib = _load(args)
+    profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir)
+    plan = solve_profiled(profiled, _budget(args), method=args.method)
+    out = Path(args.out)
+    qmodel = plan.apply(model)
+    save_quantized(qmodel, out)
+    print(plan.summary())
+    print_plan_check(plan, quantized_bytes(qmodel), out)
+    print(f"wrote {out / 'plan.json'} and the quantized model to {out}/")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from .api import profile_model
+
+    model, calib = _load(args)
+    profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir)
+    profiled.save(args.out)
+    print(f"profiled {len(profiled.graph)} layers x {len(profiled.profile.choices)} choices with "
+          f"{args.profiler} in {profiled.profile.elapsed_s:.1f} s; wrote {args.out}")
+
+
+def cmd_solve(args: argparse.Namespace) -> None:
+    from .api import ProfiledModel, solve_profiled
+
+    plan = solve_profiled(ProfiledModel.load(args.profile), _budget(args), method=args.method)
+    plan.save(args.out)
+    print(plan.summary())
+    print(f"wrote {args.out}")
+
+
+def cmd_pareto(args: argparse.Namespace) -> None:
+    from .frontier import frontier
+
+    frontier(args.profile, objective=args.objective, out=args.out, plot=args.plot)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitalloc", description="Mixed-precision bit allocation for PyTorch / Hugging Face models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="profile, solve and save a quantized model")
+    _add_model_args(p)
+    _add_budget_args(p)
+    p.add_argument("--method", default="ilp", help="solver method (default ilp)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("profile", help="profile layer sensitivities and save them for later solves")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("solve", help="solve a saved profile under budgets")
+    p.add_argument("--profile", required=True, help="profile JSON written by `bitalloc profile`")
+    _add_budget_args(p)
+    p.add_argument("--method", default="ilp", help="solver method (default ilp)")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("pareto", help="exact cost-vs-bytes frontier of a saved profile")
+    p.add_argument("--profile", required=True, help="profile JSON written by `bitalloc profile`")
+    p.add_argument("--objective", default="memory", choices=("memory", "bops"), help="quantity traded against cost")
+    p.add_argument("--plot", help="PNG to draw the frontier into")
+    p.add_argument("--out", required=True, help="frontier JSON to write")
+    p.set_defaults(func=cmd_pareto)
+
+    p = sub.add_parser("demo", help="train a small GPT-2 on shipped text, allocate bits, compare to uniform")
+    p.add_argument("--out", default="bitalloc-demo", help="output directory (default ./bitalloc-demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if getattr(args, "memory_mb", None) is None and args.command in ("run", "solve") and not any(
+        getattr(args, k) is not None for k in ("avg_bits", "latency_ms", "bops")
+    ):
+        print("bitalloc: error: give a budget: --avg-bits, --memory-mb, --latency-ms or --bops", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"bitalloc: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The Plan: one bit width (and quantization spec) per layer, saved as versioned JSON.
+
+A plan records what it was made for (the model's identity), what it promises (predicted bytes,
+average bits, cost), and how it was made (profiler, solver, settings, time). Loading validates it and
+says exactly what is wrong; ``plan.apply(model)`` emits the quantized model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from kernels import SUPPORTED_BITS, QuantSpec
+
+from .budget import Budget
+from .io import atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+SCHEMA_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that is malformed or does not match the model it is used with."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a plan belongs to: a name and a hash of its weights' names, shapes and values."""
+
+    name: str
+    hash: str
+    n_params: int
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one layer: its choice label and the exact quantization spec it implies."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    choice: str
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    params: int
+    bytes: int
+    cost: float
+    abits: int | None = None
+    scale_dtype: str = "float16"
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype)
+
+
+@dataclass
+class Plan:
+    """A complete allocation for one model. See ``docs/architecture.md`` for the data flow."""
+
+    model: ModelIdentity
+    layers: list[LayerPlan]
+    budget: Budget
+    predicted: dict[str, float]
+    profiler: dict
+    solver: dict
+    skipped: dict[str, str] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def bits(self) -> dict[str, int]:
+        """Layer name -> weight bits."""
+        return {layer.name: layer.bits for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "created": self.created,
+            "model": asdict(self.model),
+            "budget": self.budget.to_dict(),
+            "predicted": dict(self.predicted),
+            "profiler": self.profiler,
+            "solver": self.solver,
+            "layers": [{**asdict(layer), "weight_shape": list(layer.weight_shape)} for layer in self.layers],
+            "skipped": dict(self.skipped),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        """Build a plan from its JSON form, naming the first thing that is wrong."""
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version is {version!r}; this bitalloc reads schema_version {SCHEMA_VERSION}")
+        missing = [k for k in ("model", "budget", "predicted", "profiler", "solver", "layers") if k not in data]
+        if missing:
+            raise PlanError(f"plan is missing the keys {missing}")
+        try:
+            model = ModelIdentity(**data["model"])
+            budget = Budget.from_dict(data["budget"])
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"plan has a malformed model or budget entry: {e}") from None
+        layers = []
+        for i, entry in enumerate(data["layers"]):
+            try:
+                layer = LayerPlan(**{**entry, "weight_shape": tuple(entry["weight_shape"])})
+            except (TypeError, KeyError) as e:
+                raise PlanError(f"plan layer #{i} ({entry.get('name', '?')!r}) is malformed: {e}") from None
+            if layer.bits not in SUPPORTED_BITS:
+                raise PlanError(f"plan layer {layer.name!r} has bits={layer.bits}; supported bits are {SUPPORTED_BITS}")
+            try:
+                layer.spec
+            except ValueError as e:
+                raise PlanError(f"plan layer {layer.name!r} has an invalid quantization spec: {e}") from None
+            layers.append(layer)
+        names = [layer.name for layer in layers]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise PlanError(f"plan lists layers more than once: {dup}")
+        return cls(
+            model=model,
+            layers=layers,
+            budget=budget,
+            predicted=data["predicted"],
+            profiler=data["profiler"],
+            solver=data["solver"],
+            skipped=data.get("skipped", {}),
+            created=data.get("created", ""),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON, atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Plan:
+        """Read and validate a plan; with ``model``, also check that the plan belongs to it."""
+        plan = cls.from_dict(read_json(path, "plan"))
+        if model is not None:
+            plan.validate(model)
+        return plan
+
+    def validate(self, model: nn.Module, check_hash: bool = True) -> None:
+        """Raise PlanError unless every planned layer exists in ``model`` with the planned shape and kind."""
+        from .model import layer_kind, model_identity
+
+        modules = dict(model.named_modules())
+        for layer in self.layers:
+            module = modules.get(layer.name)
+            if module is None:
+                raise PlanError(f"plan layer {layer.name!r} does not exist in the model")
+            kind = layer_kind(module)
+            if kind != layer.kind:
+                raise PlanError(f"plan layer {layer.name!r} is a {layer.kind} in the plan but a {kind or type(module).__name__} in the model")
+            shape = tuple(module.weight.shape)
+            if shape != layer.weight_shape:
+                raise PlanError(f"plan layer {layer.name!r} has weight shape {layer.weight_shape} in the plan but {shape} in the model")
+        if check_hash:
+            identity = model_identity(model)
+            if identity.hash != self.model.hash:
+                raise PlanError(
+                    f"plan was made for model {self.model.name!r} (hash {self.model.hash[:12]}), but this model "
+                    f"{identity.name!r} hashes to {identity.hash[:12]}; pass check_hash=False to apply it anyway"
+                )
+
+    def apply(self, model: nn.Module, inplace: bool = False, check_hash: bool = True) -> nn.Module:
+        """Return the quantized model: every planned layer replaced by a packed quantized module."""
+        from .quantize import apply
+
+        return apply(model, self, inplace=inplace, check_hash=check_hash)
+
+    def summary(self) -> str:
+        """A one-screen description: budget, predictions and the bits of each layer."""
+        p = self.predicted
+        lines = [
+            f"plan for {self.model.name} ({len(self.layers)} layers; made by {self.profiler.get('name')} + {self.solver.get('method')})",
+            f"budget: {self.budget}",
+            f"predicted: {p.get('total_bytes', 0) / 2**20:.3f} MiB model, {p.get('layer_bytes', 0) / 2**20:.3f} MiB quantized layers, "
+            f"{p.get('avg_bits', float('nan')):.3f} avg bits, cost {p.get('cost', float('nan')):.4g}",
+        ]
+        width = max(len(layer.name) for layer in self.layers)
+        lines += [f"  {layer.name:<{width}}  {layer.choice:>8}  {layer.bytes:>10} B" for layer in self.layers]
+        if self.skipped:
+            lines.append(f"skipped ({len(self.skipped)}): " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
+        return "\n".join(lines)

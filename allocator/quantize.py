@@ -1,0 +1,129 @@
+"""Apply a plan to a model, and save / load the quantized model (safetensors + plan.json + config)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+from kernels import quantize_module, quantized_module_from_config
+
+from .io import atomic_write, atomic_write_json, read_json
+from .plan import Plan, PlanError
+
+PLAN_ATTR = "bitalloc_plan"
+WEIGHTS_FILE = "model.safetensors"
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "bitalloc.json"
+FORMAT_VERSION = 1
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply(model: nn.Module, plan: Plan, inplace: bool = False, check_hash: bool = True) -> nn.Module:
+    """Replace every planned layer of ``model`` by a quantized module holding its packed codes.
+
+    The float model is left untouched unless ``inplace=True``. The plan is validated first (layer names,
+    kinds, shapes and, unless ``check_hash=False``, the model's weights hash).
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an allocator.Plan, got {type(plan).__name__}")
+    plan.validate(model, check_hash=check_hash)
+    qmodel = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in plan.layers:
+            _set_submodule(qmodel, layer.name, quantize_module(qmodel.get_submodule(layer.name), layer.spec))
+    setattr(qmodel, PLAN_ATTR, plan)
+    return qmodel
+
+
+def quantized_bytes(qmodel: nn.Module) -> dict[str, int]:
+    """Measured bytes held by each quantized layer's weight buffers (codes + scales + zero points)."""
+    plan = _plan_of(qmodel)
+    return {layer.name: qmodel.get_submodule(layer.name).weight_nbytes() for layer in plan.layers}
+
+
+def _plan_of(qmodel: nn.Module) -> Plan:
+    plan = getattr(qmodel, PLAN_ATTR, None)
+    if plan is None:
+        raise ValueError("this model carries no bitalloc plan; quantize it with plan.apply(model) first")
+    return plan
+
+
+def save_quantized(qmodel: nn.Module, directory: str | os.PathLike) -> Path:
+    """Save a quantized model to ``directory``: model.safetensors (packed codes, scales, the float rest),
+    plan.json, bitalloc.json and, for Hugging Face models, config.json. Each file is written atomically."""
+    plan = _plan_of(qmodel)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_model(qmodel, tmp))
+    plan.save(directory / PLAN_FILE)
+    config = getattr(qmodel, "config", None)
+    if config is not None and hasattr(config, "to_json_file"):
+        config = copy.deepcopy(config)
+        config.architectures = config.architectures or [type(qmodel).__name__]
+        atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp))
+    atomic_write_json(directory / MANIFEST_FILE, {
+        "format_version": FORMAT_VERSION,
+        "model_class": f"{type(qmodel).__module__}.{type(qmodel).__qualname__}",
+        "huggingface": config is not None,
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "layers": {layer.name: qmodel.get_submodule(layer.name).config() for layer in plan.layers},
+    })
+    return directory
+
+
+def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a model saved by ``save_quantized``; outputs are bit-for-bit those of the saved model.
+
+    Hugging Face models are rebuilt from config.json; for any other model pass ``model``, an instance of the
+    same float architecture (its weights are replaced).
+    """
+    directory = Path(directory)
+    manifest = read_json(directory / MANIFEST_FILE, "bitalloc manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory} holds format_version {manifest.get('format_version')!r}; this bitalloc reads {FORMAT_VERSION}")
+    plan = Plan.load(directory / PLAN_FILE)
+    if model is None:
+        if not manifest.get("huggingface"):
+            raise ValueError(f"{directory} holds a {manifest.get('model_class')} (not a Hugging Face model): "
+                             "pass model=<an instance of that architecture> to load_quantized")
+        model = _hf_skeleton(directory, manifest.get("attn_implementation"))
+    else:
+        model = copy.deepcopy(model)
+    try:
+        plan.validate(model, check_hash=False)
+    except PlanError as e:
+        raise ValueError(f"the model given does not match the saved plan: {e}") from None
+    layers = manifest.get("layers", {})
+    for layer in plan.layers:
+        if layer.name not in layers:
+            raise ValueError(f"{directory / MANIFEST_FILE} lacks the quantized layer {layer.name!r} of the plan")
+        _set_submodule(model, layer.name, quantized_module_from_config(layers[layer.name]))
+    missing, unexpected = load_model(model, directory / WEIGHTS_FILE, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    setattr(model, PLAN_ATTR, plan)
+    return model.eval()
+
+
+def _hf_skeleton(directory: Path, attn_implementation: str | None) -> nn.Module:
+    """The float architecture named by config.json, with the attention implementation the model was saved with."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    architectures = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    if cls is None:
+        raise ValueError(f"config.json in {directory} names no known transformers architecture ({architectures})")
+    return cls(config).eval()
