@@ -85,7 +85,7 @@ def solve_convex(problem: Problem, budgets: dict[str, float]) -> MethodResult:
         lam = np.array([brentq(lambda x: dual(np.array([x]))[1][0], 0.0, hi_lam, xtol=1e-14, rtol=1e-12)])
     elif len(names) > 1:
         res = minimize(lambda x: tuple(-t for t in dual(x)), np.zeros(len(names)), jac=True,
-                       method="L-BFGS-B", bounds=[(0, None)] * len(names))
+                       method="L-BFGS-B", bounds=[(0, None)] * len(names), options={"maxiter": 200, "maxfun": 1000})
         lam = res.x
     bound = dual(lam)[0] * cscale + a.sum()
     bound += sum(float(np.min(d[np.ix_(red.allowed[g], red.allowed[h])])) for (g, h), d in red.pairs.items())
