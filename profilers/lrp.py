@@ -1,7 +1,8 @@
 """LRP relevance profiler (LRP-QViT): Omega_i(b) = share_i * ||Q_b(W_i) - W_i||^2 / ||W_i||^2.
 
 Relevance starts at the output -- the predicted class logit of every row (classification and
-language models) or the sum of the output (regression, hidden states) -- and is propagated
+language models; padding positions of an "attention_mask" left out) or the sum of the output
+(regression, hidden states) -- and is propagated
 back with the rules of `lrp_rules` (AttnLRP-style rules for transformers, epsilon/gamma for
 Linear/Conv). A layer's relevance is sum |R| over the elements of its *output* (the rules'
 x * grad there), summed over calibration batches and calls; its share is that over the sum of
@@ -35,21 +36,32 @@ from .registry import register_profiler, shard_batches, shard_layers
 TARGETS = ("predicted", "sum")
 
 
-def output_seed(out: Tensor, target: str) -> Tensor:
-    """The scalar whose gradient seeds relevance: R_out = out * d(seed)/d(out)."""
+def output_seed(out: Tensor, target: str, mask: Tensor | None = None) -> Tensor:
+    """The scalar whose gradient seeds relevance: R_out = out * d(seed)/d(out).
+
+    mask: an attention mask [batch, positions]; positions where it is 0 (padding) seed nothing
+    when the output has those leading dimensions (token-level outputs).
+    """
+    picked = out
     if target == "predicted" and out.dim() >= 2 and out.shape[-1] > 1:
-        return out.gather(-1, out.argmax(-1, keepdim=True)).sum()
-    return out.sum()
+        picked = out.gather(-1, out.argmax(-1, keepdim=True))
+    if mask is not None and picked.dim() > mask.dim() and picked.shape[:mask.dim()] == mask.shape:
+        mask = mask.to(device=picked.device, dtype=picked.dtype)
+        picked = picked * mask.reshape(*mask.shape, *[1] * (picked.dim() - mask.dim()))
+    return picked.sum()
 
 
 def output_relevance(outputs: dict[str, list[Tensor]], seed: Tensor, names: Sequence[str]) -> np.ndarray:
     """sum |y * d(seed)/dy| over every recorded output of each named layer (0 if never called)."""
     flat = [(i, t) for i, n in enumerate(names) for t in outputs.get(n, []) if t.requires_grad]
+    for i, t in flat:  # forward order: the first non-finite output is where NaN/Inf start
+        if not torch.isfinite(t).all():
+            raise ValueError(f"the output of layer {names[i]!r} contains NaN/Inf")
     rel = np.zeros(len(names))
     if not flat:
         return rel
     grads = torch.autograd.grad(seed, [t for _, t in flat], allow_unused=True)
-    for (i, t), g in zip(flat, grads):
+    for (i, t), g in reversed(list(zip(flat, grads))):  # backward order, likewise
         if g is not None:
             r = (t.detach() * g).double()
             if not torch.isfinite(r).all():
@@ -127,14 +139,16 @@ def lrp(
     fallback_modules: dict[str, str] = {}
     with grads_only(model, list(model.parameters())):
         for b in shard_batches(calib, shard):
+            inputs = calib.inputs(b)
+            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
             with LRPRules(model, epsilon=epsilon, gamma=gamma, attention=attention, watch=names) as rules:
-                seed = output_seed(calib.forward(model, b), target)
+                seed = output_seed(calib.forward(model, b), target, mask)
             rel = output_relevance(rules.outputs, seed, names)
             fallback_modules.update(rules.fallback)
             zero = rel == 0
             if zero.any():
                 with recording(model, [names[i] for i in np.flatnonzero(zero)]) as outputs:
-                    plain_seed = output_seed(calib.forward(model, b), target)
+                    plain_seed = output_seed(calib.forward(model, b), target, mask)
                 rel[zero] = output_relevance(outputs, plain_seed, [names[i] for i in np.flatnonzero(zero)])
                 fallback[zero] += 1
             relevance += rel

@@ -151,6 +151,36 @@ def test_lrp_profile_of_gpt2_scores_every_layer_without_fallback():
     assert prof.settings["fallback_modules"] == {} and not any(prof.scores["fallback_batches"])
 
 
+def test_padding_positions_seed_no_relevance():
+    model, _, graph = gpt2_calib()
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    other = ids.clone()
+    other[1, 5:] = (ids[1, 5:] + 1) % 64  # differs only where the mask is 0
+    scores = [profile(model, [{"input_ids": i, "attention_mask": mask}], graph, [4], profiler="lrp").scores["relevance"]
+              for i in (ids, other)]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6)
+
+
+def test_cnn_profile_scores_conv_layers():
+    torch.manual_seed(7)
+    net = cnn()
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    prof = profile(net, batches, build_layer_graph(net, batches[0]), [2, 8], profiler="lrp", gamma=0.25)
+    assert prof.layers == ["0", "3", "7"] and min(prof.scores["share"]) > 0
+    assert (prof.cost[:, 0] > 10 * prof.cost[:, 1]).all()
+
+
+def test_nan_or_inf_names_the_layer():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    batches = [torch.randn(2, 3)]
+    graph = build_layer_graph(net, batches[0])
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="output of layer '2' contains NaN/Inf"):
+        profile(net, batches, graph, [4], profiler="lrp")
+
+
 def test_cp_attention_scores_query_and_key_by_the_gradient_x_input_fallback():
     torch.manual_seed(5)
     model = tiny_bert()
