@@ -14,4 +14,4 @@ __all__ = [
     "build_layer_graph", "merge", "model_hash", "profile", "register_profiler",
 ]
 
-from . import hessian  # noqa: E402,F401  (registers the profilers)
+from . import eigen, fisher, gptq, hessian, interlayer, lrp, measured  # noqa: E402,F401  (register the profilers)

@@ -148,7 +148,8 @@ class Calibration:
             self._hash = h.hexdigest()
         return self._hash
 
-    def _has_labels(self, i: int) -> bool:
+    def has_labels(self, i: int) -> bool:
+        """Whether batch i carries labels (a "labels" key or a labels tensor)."""
         return self.labels is not None or (isinstance(self.batches[i], dict) and "labels" in self.batches[i])
 
     def inputs(self, i: int) -> Batch:
@@ -188,7 +189,7 @@ class Calibration:
         """
         b = self.batches[i]
         where = f"calibration batch {i}"
-        if self._has_labels(i):
+        if self.has_labels(i):
             if isinstance(b, dict) and self.labels is None:
                 if _accepts(model, "labels"):
                     out = call_model(model, b, where)

@@ -31,15 +31,18 @@ def probe_seed(seed: int, batch: int, round_: int) -> int:
     return ((seed * 1_000_003 + batch) * 1_000_003 + round_) % (2**63)
 
 
-def rademacher(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.randint(0, 2, shape, generator=gen).to(dtype).mul_(2).sub_(1)
+def rademacher(gen: torch.Generator, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """+-1 entries drawn on the CPU (the same on every device), in `like`'s dtype and device."""
+    return torch.randint(0, 2, shape, generator=gen).to(like.dtype).mul_(2).sub_(1).to(like.device)
 
 
-def hvp_chunk(grads: tuple[torch.Tensor, ...], params: list[torch.Tensor], probes: list[torch.Tensor]) -> list[torch.Tensor]:
-    """H @ v for a chunk of probes (probes[i] is [P, *params[i].shape]) from gradients taken
-    with create_graph=True, in one batched double backward."""
-    hv = torch.autograd.grad(grads, params, grad_outputs=probes, is_grads_batched=True, allow_unused=True)
-    return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, probes)]
+def hvp_chunk(grads: tuple[torch.Tensor, ...], params: list[torch.Tensor], probes: list[torch.Tensor],
+              wanted: list[int]) -> dict[int, torch.Tensor]:
+    """(H @ v)[i] for i in `wanted`, for a chunk of probes (probes[i] is [P, *params[i].shape])
+    from gradients taken with create_graph=True, in one batched double backward."""
+    hv = torch.autograd.grad(grads, [params[i] for i in wanted], grad_outputs=probes, is_grads_batched=True,
+                             allow_unused=True)
+    return {i: torch.zeros_like(probes[i]) if h is None else h for i, h in zip(wanted, hv)}
 
 
 def _stats(s: np.ndarray, ss: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +70,7 @@ def combine(shards: list[Profile]) -> Profile:
     """Exact merge of batch shards: probe sums, sums of squares and counts add up."""
     first = shards[0]
     total = {k: np.sum([s.scores[k] for s in shards], axis=0) for k in ("sum", "sumsq", "probes")}
-    qerr = np.array([first.scores[f"qerr_{c}"] for c in first.choices]).T
+    qerr = first.per_choice("qerr")
     prof = _finish(first.layers, first.choices, total["sum"], total["sumsq"], total["probes"], qerr,
                    np.asarray(first.scores["params"]), first.settings)
     prof.profiler, prof.model_hash, prof.calib_hash = first.profiler, first.model_hash, first.calib_hash
@@ -112,10 +115,10 @@ def hessian(
                 loss = calib.loss(model, b)
                 check_finite_loss(loss, b)
                 gen = torch.Generator().manual_seed(probe_seed(seed, b, r))
-                probes = [rademacher(gen, (batch_probes, *p.shape), p.dtype) for p in params]
+                probes = [rademacher(gen, (batch_probes, *p.shape), p) for p in params]
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 check_finite_grads(grads, names, b)
-                hv = hvp_chunk(grads, params, probes)
+                hv = hvp_chunk(grads, params, probes, [i for j, i in enumerate(target) if active[j]])
                 for j, i in enumerate(target):
                     if not active[j]:
                         continue

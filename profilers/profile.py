@@ -55,6 +55,11 @@ class Profile:
         """One score as {layer: value}."""
         return dict(zip(self.layers, self.scores[key]))
 
+    def per_choice(self, key: str) -> np.ndarray:
+        """Scores stored per choice as f"{key}_{label}" (e.g. "qerr_w4"), as an array [L, C]."""
+        cols = [self.scores[f"{key}_{c}"] for c in self.choices]
+        return np.array(cols, dtype=np.float64).T.reshape(len(self.layers), len(self.choices))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": list(self.layers),
