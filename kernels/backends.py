@@ -1,11 +1,12 @@
 """Registry of matmul backends for quantized linear layers.
 
-A backend says which (spec, [out, in] shape, device, activation dtype) it can run, and computes
+A backend says which (spec, [out, in] shape, device, activation dtype) it can run correctly
+(`supports`), where it is worth picking automatically (`fast`, default: wherever it runs), and computes
 x2d [M, in] @ W^T -> [M, out] from a quantized layer's buffers. A backend may keep the packed codes in
 its own layout (same byte count as the dense packing): `to_layout` converts dense codes into it,
 `from_layout` back, so saved state dicts always hold the dense, portable packing.
 New backends (e.g. GPU ones) plug in with `register_backend(Backend(...))`; the dispatch picks the
-supporting backend of highest priority.
+supporting, fast backend of highest priority; a layer can also force any supporting backend by name.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Backend:
     layout: str = DENSE
     to_layout: Callable[[torch.Tensor, QuantSpec, tuple[int, int]], torch.Tensor] | None = None
     from_layout: Callable[[torch.Tensor, QuantSpec, tuple[int, int]], torch.Tensor] | None = None
+    fast: Callable[[QuantSpec, tuple[int, int], torch.device, torch.dtype], bool] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -56,8 +58,9 @@ def register_backend(backend: Backend) -> Backend:
 
 
 def select_backend(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Backend:
-    """The supporting backend of highest priority (ties: first registered)."""
-    found = [b for b in BACKENDS.values() if b.supports(spec, shape, device, dtype)]
+    """The supporting (and fast, where it says) backend of highest priority (ties: first registered)."""
+    found = [b for b in BACKENDS.values()
+             if b.supports(spec, shape, device, dtype) and (b.fast is None or b.fast(spec, shape, device, dtype))]
     if not found:
         raise RuntimeError(f"no backend supports {spec} for shape {shape} on {device} with {dtype}; registered: {list(BACKENDS)}")
     return max(found, key=lambda b: b.priority)

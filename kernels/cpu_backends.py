@@ -1,7 +1,7 @@
 """CPU backends: torch's int8 and int4 weight-only matmuls where their contracts hold, else dequantize.
 
 - "cpu_int8": torch._weight_int8pack_mm(x [M,K] f32/bf16/f16, w int8 [N,K], scales [N] in x's dtype);
-  used for 8-bit symmetric per-channel weights. Our codes q in [0, 255] (zero 128) become int8 q - 128
+  used for 8-bit symmetric per-channel weights (bf16 activations: only K % 32 == 0, see below). Our codes q in [0, 255] (zero 128) become int8 q - 128
   = q XOR 0x80, so the stored layout is the same bytes reinterpreted.
 - "cpu_int4": torch._convert_weight_to_int4pack_for_cpu(int32 [N,K] codes 0..15, innerKTiles) -> uint8
   [N, K/2] (a permutation of the nibbles, same bytes as our dense packing) and
@@ -9,6 +9,11 @@
   dtype) computing w = (q - 8) * scale + zero. Contract (torch 2.13, checked by the tests): N % 16 == 0,
   group in (32, 64, 128, 256), K % group == 0. Asymmetric zero points map to zero = (8 - z) * scale.
 - "dequant": unpack + dequantize in the activation dtype + F.linear; runs everything, on any device.
+
+Both torch ops run any float activation dtype, but on x86 (AVX2 and AVX512) their vectorized kernels
+exist for bfloat16 only; float32/float16 go to a scalar loop that measured 30-60x slower than
+"dequant" here (docs/kernels_cpu.md). So they are picked automatically for bfloat16 activations only
+(`fast`), and can be forced by name for the others.
 """
 from __future__ import annotations
 
@@ -23,6 +28,10 @@ from .packing import pack_bits, unpack_bits
 from .quantizer import dequantize_codes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FAST_DTYPES = (torch.bfloat16,)  # activation dtypes with vectorized x86 kernels in both ops
+# the vectorized bf16 int8 kernel steps K by whole vectors with no tail: K=33 or 100 segfaults on AVX2
+# (8 lanes); 32 covers AVX2/AVX512 vector widths
+INT8_BF16_K_MULTIPLE = 32
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_N_MULTIPLE = 16
 INT4_ROW_BLOCK = 64  # rows the CPU int4 kernels tile N by (a multiple of their 16/32/64-row tiles)
@@ -40,8 +49,13 @@ def _dequant_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
 
 
 def _int8_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    k_ok = dtype != torch.bfloat16 or shape[1] % INT8_BF16_K_MULTIPLE == 0
     return (device.type == "cpu" and dtype in FLOAT_DTYPES and spec.bits == 8 and spec.symmetric
-            and spec.group_size is None and hasattr(torch, "_weight_int8pack_mm"))
+            and spec.group_size is None and k_ok and hasattr(torch, "_weight_int8pack_mm"))
+
+
+def _bf16_only(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in FAST_DTYPES
 
 
 def _int8_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
@@ -138,6 +152,6 @@ def _int4_from_layout(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, 
 
 DEQUANT = register_backend(Backend("dequant", lambda spec, shape, device, dtype: dtype.is_floating_point, _dequant_linear, priority=0))
 CPU_INT8 = register_backend(Backend("cpu_int8", _int8_supports, _int8_linear, priority=10, layout="int8_signed",
-                                    to_layout=_flip_sign_bit, from_layout=_flip_sign_bit))
+                                    to_layout=_flip_sign_bit, from_layout=_flip_sign_bit, fast=_bf16_only))
 CPU_INT4 = register_backend(Backend("cpu_int4", _int4_supports, _int4_linear, priority=10, layout="cpu_int4pack",
-                                    to_layout=_int4_to_layout, from_layout=_int4_from_layout))
+                                    to_layout=_int4_to_layout, from_layout=_int4_from_layout, fast=_bf16_only))

@@ -27,31 +27,34 @@ def run_twice(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-# (spec, shape [out, in], backend the dispatch must pick on CPU for float32 inputs)
+# (spec, shape [out, in], backend that runs it (forced, float32), backend the dispatch picks for bfloat16 inputs);
+# float32 inputs always get "dequant" by default
 CASES = [
-    (QuantSpec(8, None), (48, 200), "cpu_int8"),
-    (QuantSpec(8, None), (7, 33), "cpu_int8"),          # int8 op has no shape constraint
-    (QuantSpec(4, 128), (64, 384), "cpu_int4"),
-    (QuantSpec(4, 32), (32, 96), "cpu_int4"),
-    (QuantSpec(4, 64, symmetric=False), (48, 256), "cpu_int4"),
-    (QuantSpec(4, None), (16, 256), "cpu_int4"),         # per-channel with K in (32..256): one group of K
-    (QuantSpec(4, 128), (64, 300), "dequant"),           # K not a multiple of the group
-    (QuantSpec(4, 128), (40, 256), "dequant"),           # N not a multiple of 16
-    (QuantSpec(4, 16), (32, 64), "dequant"),             # group 16 not allowed by the int4 op
-    (QuantSpec(4, None), (32, 384), "dequant"),          # per-channel K=384 is no allowed group
-    (QuantSpec(8, 64), (32, 200), "dequant"),            # grouped 8-bit: int8 op is per-channel only
-    (QuantSpec(8, None, symmetric=False), (32, 64), "dequant"),
-    (QuantSpec(3, 64), (33, 131), "dequant"),
-    (QuantSpec(2, None), (5, 17), "dequant"),
-    (QuantSpec(5, 32, symmetric=False), (16, 70), "dequant"),
-    (QuantSpec(6, 128, scale_dtype="bfloat16"), (24, 129), "dequant"),
+    (QuantSpec(8, None), (48, 256), "cpu_int8", "cpu_int8"),
+    (QuantSpec(8, None), (7, 33), "cpu_int8", "dequant"),      # bf16 int8 kernel needs K % 32 == 0 (segfaults else)
+    (QuantSpec(8, None), (5, 200), "cpu_int8", "dequant"),
+    (QuantSpec(4, 128), (64, 384), "cpu_int4", "cpu_int4"),
+    (QuantSpec(4, 32), (32, 96), "cpu_int4", "cpu_int4"),
+    (QuantSpec(4, 64, symmetric=False), (48, 256), "cpu_int4", "cpu_int4"),
+    (QuantSpec(4, None), (16, 256), "cpu_int4", "cpu_int4"),   # per-channel with K in (32..256): one group of K
+    (QuantSpec(4, 128), (64, 300), "dequant", "dequant"),      # K not a multiple of the group
+    (QuantSpec(4, 128), (40, 256), "dequant", "dequant"),      # N not a multiple of 16
+    (QuantSpec(4, 16), (32, 64), "dequant", "dequant"),        # group 16 not allowed by the int4 op
+    (QuantSpec(4, None), (32, 384), "dequant", "dequant"),     # per-channel K=384 is no allowed group
+    (QuantSpec(8, 64), (32, 200), "dequant", "dequant"),       # grouped 8-bit: int8 op is per-channel only
+    (QuantSpec(8, None, symmetric=False), (32, 64), "dequant", "dequant"),
+    (QuantSpec(3, 64), (33, 131), "dequant", "dequant"),
+    (QuantSpec(2, None), (5, 17), "dequant", "dequant"),
+    (QuantSpec(5, 32, symmetric=False), (16, 70), "dequant", "dequant"),
+    (QuantSpec(6, 128, scale_dtype="bfloat16"), (24, 129), "dequant", "dequant"),
 ]
+CASE_IDS = [f"w{c[0].bits}g{c[0].group_size}{'s' if c[0].symmetric else 'a'}-{c[1][0]}x{c[1][1]}" for c in CASES]
 
 
-@pytest.mark.parametrize("spec,shape,backend", CASES, ids=lambda c: str(c) if not isinstance(c, QuantSpec) else f"w{c.bits}g{c.group_size}{'s' if c.symmetric else 'a'}")
+@pytest.mark.parametrize("spec,shape,backend,bf16_backend", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("rows", [(1,), (37,), (3, 5)])
-def test_backend_matches_float64_reference(spec, shape, backend, rows):
-    q = quantize_module(fresh_linear(*shape, seed=shape[0] + shape[1]), spec)
+def test_backend_matches_float64_reference(spec, shape, backend, bf16_backend, rows):
+    q = quantize_module(fresh_linear(*shape, seed=shape[0] + shape[1]), spec, backend=backend)
     x = torch.randn(*rows, shape[1])
     y = run_twice(q, x)
     assert q.backend == backend and y.shape == (*rows, shape[0]) and y.dtype == torch.float32
@@ -59,14 +62,26 @@ def test_backend_matches_float64_reference(spec, shape, backend, rows):
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("spec,shape", [(QuantSpec(8, None), (32, 96)), (QuantSpec(4, 32), (32, 96))])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fast_paths_in_half_precision(spec, shape, dtype):
+@pytest.mark.parametrize("spec,shape,backend,bf16_backend", CASES, ids=CASE_IDS)
+def test_dispatch_picks_fast_op_for_bf16_and_falls_back_elsewhere(spec, shape, backend, bf16_backend):
     q = quantize_module(fresh_linear(*shape), spec)
-    x = torch.randn(9, shape[1])
-    y = q(x.to(dtype))
-    assert q.backend in ("cpu_int8", "cpu_int4") and y.dtype == dtype
-    ref = reference(q, x.to(dtype))
+    x = torch.randn(7, shape[1])
+    y = q(x.bfloat16())
+    assert q.backend == bf16_backend and y.dtype == torch.bfloat16
+    ref = reference(q, x.bfloat16())
+    assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    q(x)
+    assert q.backend == "dequant"  # x86 int8/int4 ops have scalar-only float32 kernels
+
+
+@pytest.mark.parametrize("spec,shape,backend", [(QuantSpec(8, None), (32, 96), "cpu_int8"), (QuantSpec(4, 32), (32, 96), "cpu_int4")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_ops_in_half_precision(spec, shape, backend, dtype):
+    q = quantize_module(fresh_linear(*shape), spec, backend=backend)
+    x = torch.randn(9, shape[1], dtype=dtype)
+    y = q(x)
+    assert q.backend == backend and y.dtype == dtype
+    ref = reference(q, x)
     assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
@@ -74,7 +89,7 @@ def test_forcing_each_backend_agrees_with_dequant():
     lin = fresh_linear(64, 256)
     x = torch.randn(4, 256)
     for spec, name in [(QuantSpec(8, None), "cpu_int8"), (QuantSpec(4, 64), "cpu_int4")]:
-        fast = quantize_module(lin, spec)
+        fast = quantize_module(lin, spec, backend=name)
         slow = quantize_module(lin, spec, backend="dequant")
         assert torch.allclose(fast(x), slow(x), rtol=1e-5, atol=1e-5)
         assert fast.backend == name and slow.backend == "dequant"
@@ -164,7 +179,7 @@ def test_hf_conv1d_is_transposed_and_reported():
     q = quantize_module(layer, QuantSpec(4, 32))
     assert q.kind == "hf_conv1d" and (q.out_features, q.in_features) == (48, 64)
     assert q.dequantized_weight().shape == layer.weight.shape
-    q(torch.randn(2, 64))
+    q(torch.randn(2, 64, dtype=torch.bfloat16))
     assert "kind=hf_conv1d" in repr(q) and "backend=cpu_int4" in repr(q)
 
 
