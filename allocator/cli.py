@@ -29,6 +29,18 @@ def _bits(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--bits must be comma-separated integers like 2,3,4,8, got {text!r}") from None
 
 
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--profiler-setting takes KEY=VALUE, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
     p.add_argument("--calib", required=True, help="calibration batches: .pt (list of batches) or .txt (tokenized with the model's tokenizer)")
@@ -36,6 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--choices", help="candidate choice labels instead of --bits, e.g. w4,w8gc,w4g64")
     p.add_argument("--profiler", default="hessian", help="sensitivity profiler (default hessian)")
     p.add_argument("--cache-dir", help="reuse profiles cached here")
+    p.add_argument("--profiler-setting", action="append", default=[], metavar="KEY=VALUE", type=_setting,
+                   help="a profiler setting, e.g. max_probes=32 (repeatable)")
 
 
 def _choices(args: argparse.Namespace):
@@ -59,7 +73,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .report import print_plan_check
 
     model, calib = _load(args)
-    profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir)
+    profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir,
+                             **dict(args.profiler_setting))
     plan = solve_profiled(profiled, _budget(args), method=args.method)
     out = Path(args.out)
     qmodel = plan.apply(model)
@@ -73,7 +88,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from .api import profile_model
 
     model, calib = _load(args)
-    profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir)
+    profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir,
+                             **dict(args.profiler_setting))
     profiled.save(args.out)
     print(f"profiled {len(profiled.graph)} layers x {len(profiled.profile.choices)} choices with "
           f"{args.profiler} in {profiled.profile.elapsed_s:.1f} s; wrote {args.out}")

@@ -1,0 +1,150 @@
+"""The user's surface: allocate under a budget, save the plan, apply it, save and reload the quantized model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from allocator import Budget, Plan, PlanError, allocate, load_quantized, quantized_bytes, save_quantized
+from allocator.report import stored_layer_bytes
+from solvers import InfeasibleError
+
+FAST = {"max_probes": 16, "min_probes": 8, "batch_probes": 8}
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
+def batches(n: int = 3, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 96, (2, 16), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="module")
+def plan(model):
+    return allocate(model, batches(), Budget(avg_bits=4.0), bits=(2, 3, 4, 8), profiler_settings=FAST)
+
+
+def test_allocate_meets_the_budget_and_mixes_bits(plan, model):
+    assert plan.predicted["avg_bits"] <= 4.0 + 1e-9
+    assert len(plan.layers) == 8  # 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj); lm_head is tied
+    assert plan.skipped == {"lm_head": "weight tied to transformer.wte"}
+    assert {layer.bits for layer in plan.layers} <= {2, 3, 4, 8}
+    assert plan.profiler["name"] == "hessian" and plan.solver["method"] == "ilp"
+    assert plan.solver["status"] == "optimal"
+
+
+def test_plan_json_round_trip(plan, model, tmp_path):
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json", model=model)
+    assert again.to_dict() == plan.to_dict()
+
+
+def test_quantized_model_bytes_equal_the_prediction_in_memory_and_on_disk(plan, model, tmp_path):
+    qmodel = plan.apply(model)
+    in_memory = quantized_bytes(qmodel)
+    assert in_memory == {layer.name: layer.bytes for layer in plan.layers}
+    save_quantized(qmodel, tmp_path / "q")
+    on_disk = stored_layer_bytes(tmp_path / "q" / "model.safetensors", plan)
+    assert on_disk == in_memory
+    # no float copy of a quantized weight is stored
+    assert not any(k.endswith("c_attn.weight") for k in load_file(tmp_path / "q" / "model.safetensors"))
+
+
+def test_save_and_load_give_identical_outputs(plan, model, tmp_path):
+    qmodel = plan.apply(model)
+    save_quantized(qmodel, tmp_path / "q")
+    reloaded = load_quantized(tmp_path / "q")
+    ids = batches(1, seed=5)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(qmodel(ids).logits, reloaded(ids).logits)
+        assert not torch.equal(model(ids).logits, qmodel(ids).logits)
+
+
+def test_apply_leaves_the_float_model_alone(plan, model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan.apply(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_memory_budget_below_the_smallest_plan_says_the_smallest(model):
+    with pytest.raises(InfeasibleError, match=r"smallest achievable: memory_mb >= ") as err:
+        allocate(model, batches(), Budget(memory_mb=0.05), bits=(4, 8), profiler_settings=FAST)
+    smallest = err.value.smallest["memory_mb"]
+    plan = allocate(model, batches(), Budget(memory_mb=smallest * (1 + 1e-9)), bits=(4, 8), profiler_settings=FAST)
+    assert all(layer.bits == 4 for layer in plan.layers)
+
+
+def test_bits_outside_the_supported_set(model):
+    with pytest.raises(ValueError, match=r"bits=\[7\] not supported; choose from \(2, 3, 4, 5, 6, 8\)"):
+        allocate(model, batches(), Budget(avg_bits=4), bits=(4, 7))
+
+
+def test_budget_needs_a_limit_and_positive_values():
+    with pytest.raises(ValueError, match="at least one"):
+        Budget()
+    with pytest.raises(ValueError, match="Budget.avg_bits must be a positive finite number"):
+        Budget(avg_bits=float("nan"))
+
+
+def test_model_without_quantizable_layers():
+    model = torch.nn.Sequential(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        allocate(model, [torch.randn(2, 3)], Budget(avg_bits=4))
+
+
+def test_nan_in_calibration_is_named(model):
+    bad = batches()
+    bad[1] = {"input_ids": bad[1]["input_ids"], "attention_mask": torch.full((2, 16), float("nan"))}
+    with pytest.raises(ValueError, match=r"calibration batch 1, 'attention_mask': contains NaN"):
+        allocate(model, bad, Budget(avg_bits=4))
+
+
+def test_plan_for_another_model_is_rejected(plan):
+    with pytest.raises(PlanError, match="plan was made for model .* hashes to"):
+        plan.apply(tiny_gpt2(seed=1))
+
+
+def test_plan_validation_errors(plan, model, tmp_path):
+    good = plan.to_dict()
+    cases = {
+        "not valid JSON: Expecting": "{ not json",
+        "schema_version is 99": json.dumps({**good, "schema_version": 99}),
+        "has bits=7; supported bits are": json.dumps({**good, "layers": [{**good["layers"][0], "bits": 7}] + good["layers"][1:]}),
+        "'transformer.h.9.mlp.c_fc' does not exist in the model": json.dumps(
+            {**good, "layers": [{**good["layers"][0], "name": "transformer.h.9.mlp.c_fc"}]}),
+        "missing the keys \\['layers'\\]": json.dumps({k: v for k, v in good.items() if k != "layers"}),
+    }
+    for message, text in cases.items():
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises((PlanError, ValueError), match=message):
+            Plan.load(tmp_path / "bad.json", model=model)
+
+
+def test_plan_save_is_atomic(plan, tmp_path, monkeypatch):
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    before = path.read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", crash)
+    with pytest.raises(OSError):
+        plan.save(path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -1,0 +1,68 @@
+"""The command line as a user runs it: a model directory and a calibration file in, a plan and a model out."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from allocator import Plan, load_quantized
+from allocator.cli import main
+
+FAST = ["--bits", "2,4,8", "--profiler-setting", "max_probes=16", "--profiler-setting", "min_probes=8"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                       attn_implementation="eager"))
+    model.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": (ids := torch.randint(0, 96, (2, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
+    torch.save(calib, root / "calib.pt")
+    return root
+
+
+def test_run_writes_a_plan_and_a_loadable_quantized_model(files, capsys):
+    out = files / "out"
+    assert main(["run", "--model", str(files / "model"), "--calib", str(files / "calib.pt"), *FAST,
+                 "--avg-bits", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(match)" in printed
+    plan = Plan.load(out / "plan.json")
+    assert plan.predicted["avg_bits"] <= 4
+    qmodel = load_quantized(out)
+    assert torch.isfinite(qmodel(torch.randint(0, 96, (1, 8))).logits).all()
+
+
+def test_profile_once_then_solve_and_pareto_without_the_model(files, capsys):
+    prof = files / "profile.json"
+    assert main(["profile", "--model", str(files / "model"), "--calib", str(files / "calib.pt"), *FAST,
+                 "--out", str(prof)]) == 0
+    for budget in ("3", "6"):
+        assert main(["solve", "--profile", str(prof), "--avg-bits", budget, "--out", str(files / f"plan{budget}.json")]) == 0
+    low, high = Plan.load(files / "plan3.json"), Plan.load(files / "plan6.json")
+    assert low.predicted["avg_bits"] <= 3 < high.predicted["avg_bits"] <= 6
+    assert low.predicted["cost"] >= high.predicted["cost"]
+    assert main(["pareto", "--profile", str(prof), "--out", str(files / "frontier.json"), "--plot", str(files / "f.png")]) == 0
+    frontier = json.loads((files / "frontier.json").read_text())["points"]
+    sizes = [p["value"] for p in frontier]
+    assert sizes == sorted(sizes) and len(frontier) >= 3
+    assert (files / "f.png").stat().st_size > 1000
+
+
+def test_infeasible_budget_is_a_clear_error(files, capsys):
+    prof = files / "profile.json"
+    if not prof.exists():
+        main(["profile", "--model", str(files / "model"), "--calib", str(files / "calib.pt"), *FAST, "--out", str(prof)])
+    assert main(["solve", "--profile", str(prof), "--memory-mb", "0.01", "--out", str(files / "x.json")]) == 1
+    assert "smallest achievable is" in capsys.readouterr().err
+
+
+def test_missing_budget_and_missing_files(files, capsys):
+    assert main(["solve", "--profile", str(files / "profile.json"), "--out", "x.json"]) == 2
+    assert "give a budget" in capsys.readouterr().err
+    assert main(["solve", "--profile", str(files / "nope.json"), "--avg-bits", "4", "--out", "x.json"]) == 1
+    assert "does not exist" in capsys.readouterr().err
