@@ -10,7 +10,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 import profilers.lrp  # noqa: F401  (registers "lrp")
 from kernels import Choice, fake_quantize
-from profilers import Calibration, build_layer_graph, merge, profile
+from profilers import build_layer_graph, merge, profile
 from profilers.lrp import output_seed
 from profilers.lrp_rules import LRPRules
 
