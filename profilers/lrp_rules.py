@@ -137,8 +137,9 @@ def rule_kind(module: nn.Module) -> str | None:
 
 
 def _variable(t: Any) -> bool:
-    """A tensor relevance flows through: requires grad and is not a parameter."""
-    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
+    """A tensor relevance flows through: requires grad and is not a parameter (or a view of one)."""
+    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, nn.Parameter) \
+        and not isinstance(t._base, nn.Parameter)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,

@@ -206,6 +206,20 @@ def test_functional_products_and_gates_in_a_container():
     assert r_in.sum().item() == pytest.approx(r_out.sum().item(), abs=1e-8)
 
 
+def test_a_product_with_a_transposed_parameter_is_not_split():
+    class Tied(nn.Module):  # logits = h @ E^T, as tied output embeddings are often written
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Parameter(torch.randn(5, 3))
+
+        def forward(self, x):
+            return x @ self.emb.T
+
+    x = torch.randn(2, 3)
+    y, r_out, r_in, _ = relevance(Tied(), x)
+    assert r_in.sum().item() == pytest.approx(r_out.sum().item(), abs=1e-12)
+
+
 def test_module_without_a_rule_is_reported_and_passed_as_gradient_x_input():
     class Square(nn.Module):
         def forward(self, x):
