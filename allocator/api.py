@@ -11,6 +11,7 @@ import numpy as np
 import torch.nn as nn
 
 from kernels import SUPPORTED_BITS, Choice, weight_nbytes
+from kernels.latency import LatencyTable
 from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
 from solvers import InfeasibleError, Problem, Solution, solve
 
@@ -85,8 +86,11 @@ def profile_model(
     return ProfiledModel(graph, prof, fixed, model_identity(model))
 
 
-def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, ties: Sequence[Sequence[str]] = ()) -> Problem:
-    """The solver's table: cost from the profile; bytes, bits and BOPs from the exact memory model."""
+def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, ties: Sequence[Sequence[str]] = (),
+                  latency_table: LatencyTable | None = None, tokens: int = 1) -> Problem:
+    """The solver's table: cost from the profile; bytes, bits and BOPs from the exact memory model; latency
+    (ms per layer at ``tokens`` tokens) from a measured ``kernels.LatencyTable``, whose removed choices
+    (those the device cannot run) become unavailable."""
     graph, prof = profiled.graph, profiled.profile
     if list(prof.layers) != graph.names:
         raise ValueError("the profile's layers do not match the layer graph (was it made for another model?)")
@@ -94,12 +98,19 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
     memory = np.zeros((len(graph), len(choices)))
     bits = np.zeros_like(memory)
     bops = np.zeros_like(memory)
+    latency = None if latency_table is None else np.zeros_like(memory)
+    allowed = np.ones(memory.shape, dtype=bool)
     for i, layer in enumerate(graph.layers):
         for j, choice in enumerate(choices):
             spec = choice.spec_for(layer.kind, layer.in_features)
             memory[i, j] = weight_nbytes((layer.out_features, layer.in_features), spec)
             bits[i, j] = choice.wbits
             bops[i, j] = layer.macs * choice.wbits * (choice.abits or FLOAT_ACT_BITS)
+            if latency_table is not None:
+                if choice.label in latency_table.skipped:
+                    allowed[i, j] = False
+                    continue
+                latency[i, j] = latency_table.lookup((layer.out_features, layer.in_features), choice, tokens, layer.kind)
     return Problem(
         layers=graph.names,
         choices=list(prof.choices),
@@ -107,6 +118,8 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
         memory=memory,
         bits=bits,
         bops=bops,
+        latency=latency,
+        allowed=allowed,
         params=np.array([layer.params for layer in graph.layers], dtype=float),
         pairs={tuple(k): np.asarray(v) for k, v in prof.pairs.items()},
         pins=dict(pins or {}),
@@ -134,10 +147,16 @@ def solve_profiled(
     method: str = "ilp",
     pins: dict[str, str] | None = None,
     ties: Sequence[Sequence[str]] = (),
+    latency_table: LatencyTable | None = None,
+    tokens: int = 1,
     **solver_options,
 ) -> Plan:
-    """Solve a profiled model under ``budget`` and return the Plan."""
-    problem = build_problem(profiled, pins=pins, ties=ties)
+    """Solve a profiled model under ``budget`` and return the Plan. A latency budget needs ``latency_table``
+    (``kernels.latency.measure`` on the target device); it bounds the quantized layers' summed latency."""
+    if budget.latency_ms is not None and latency_table is None:
+        raise ValueError("a latency budget needs a latency table: pass latency_table=kernels.latency.measure(...) "
+                         "measured on the target device")
+    problem = build_problem(profiled, pins=pins, ties=ties, latency_table=latency_table, tokens=tokens)
     budgets = solver_budgets(budget, profiled.fixed_bytes)
     if budgets.get("memory", 1) <= 0:
         smallest = profiled.fixed_bytes + problem.memory.min(axis=1).sum()
@@ -186,6 +205,8 @@ def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solu
         "cost": float(solution.objective),
         "bops": float(sum(problem.bops[i, int(solution.index[i])] for i in range(len(layers)))),
     }
+    if problem.latency is not None:
+        predicted["latency_ms"] = float(sum(problem.latency[i, int(solution.index[i])] for i in range(len(layers))))
     return Plan(
         model=profiled.model,
         layers=layers,
@@ -223,6 +244,8 @@ def allocate(
     cache_dir: str | None = None,
     profiler_settings: dict | None = None,
     solver_options: dict | None = None,
+    latency_table: LatencyTable | None = None,
+    tokens: int = 1,
 ) -> Plan:
     """Choose a bit width for every quantizable layer of ``model`` within ``budget``.
 
@@ -240,6 +263,7 @@ def allocate(
     start = time.perf_counter()
     profiled = profile_model(model, calib, parse_choices(bits, choices), profiler=profiler, cache_dir=cache_dir,
                              **(profiler_settings or {}))
-    plan = solve_profiled(profiled, budget, method=method, pins=pins, ties=ties, **(solver_options or {}))
+    plan = solve_profiled(profiled, budget, method=method, pins=pins, ties=ties, latency_table=latency_table,
+                          tokens=tokens, **(solver_options or {}))
     plan.solver["total_time_s"] = time.perf_counter() - start
     return plan

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from allocator import Budget, Plan, PlanError, allocate, load_quantized, quantized_bytes, save_quantized
+from allocator import (Budget, Plan, PlanError, allocate, load_quantized, profile_model, quantized_bytes,
+                       save_quantized, solve_profiled)
+from kernels import Choice
 from allocator.report import stored_layer_bytes
 from solvers import InfeasibleError
 
@@ -148,3 +150,18 @@ def test_plan_save_is_atomic(plan, tmp_path, monkeypatch):
         plan.save(path)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_latency_budget_from_a_table_measured_on_this_device(model):
+    from kernels.latency import measure
+    from profilers import build_layer_graph
+
+    graph = build_layer_graph(model, batches(1)[0])
+    table = measure(graph, ["w2", "w4", "w8"], tokens=(1,), device="cpu", reps=3)
+    profiled = profile_model(model, batches(), [Choice(b) for b in (2, 4, 8)], **FAST)
+    fastest = sum(min(table.lookup((l.out_features, l.in_features), c, 1, l.kind) for c in ("w2", "w4", "w8"))
+                  for l in graph.layers)
+    plan = solve_profiled(profiled, Budget(latency_ms=fastest * 1.5), latency_table=table, tokens=1)
+    assert plan.predicted["latency_ms"] <= fastest * 1.5
+    with pytest.raises(ValueError, match="a latency budget needs a latency table"):
+        solve_profiled(profiled, Budget(latency_ms=1.0))
