@@ -76,6 +76,13 @@ class _QuantizedWeight(nn.Module):
             self.qweight = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, layout)
             self.layout = layout
 
+    def _apply(self, fn, recurse=True):
+        """Move/cast buffers as usual, except the scales, which only move: their dtype is part of the spec."""
+        scales = self.scales
+        super()._apply(lambda t: t if t is scales else fn(t), recurse)
+        self.scales = scales.to(fn(torch.empty(0, device=scales.device)).device)
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.layout != DENSE:

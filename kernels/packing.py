@@ -1,15 +1,23 @@
 """Dense bit packing of integer codes: n codes of b bits take exactly ceil(n*b/8) bytes.
 
 Code i occupies bits [i*b, (i+1)*b) of the little-endian bitstream (least significant bit first), so
-a tensor is one continuous stream with no per-row padding. 3, 5 and 6 bits work on blocks of 8 codes
-(= b bytes), one column of the block at a time (8 vectorized steps, no per-element loop); 2 and 4 bits,
-which divide a byte, work on bytes directly.
+a tensor is one continuous stream with no per-row padding. 2 and 4 bits reinterpret memory: a word of
+8 // b bytes (one code each) and the byte holding those codes are converted with shifts and masks, all
+contiguous elementwise ops (this relies on a little-endian host). 3, 5 and 6 bits work on blocks of
+8 codes = b bytes, one column of the block at a time (8 vectorized steps, no per-element loop).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
 from .choice import SUPPORTED_BITS
+
+if sys.byteorder != "little":
+    raise ImportError("kernels.packing reinterprets bytes as little-endian integers; this host is big-endian")
+
+_WORD = {2: torch.int32, 4: torch.int16}  # 8 // b codes of one byte <-> one word of 8 // b bytes
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -22,6 +30,13 @@ def _check(bits: int) -> None:
         raise ValueError(f"bits={bits!r} is not supported; choose from {SUPPORTED_BITS}")
 
 
+def _padded(flat: torch.Tensor, multiple: int) -> torch.Tensor:
+    """A fresh, zero-padded copy of `flat` whose length is a multiple of `multiple`."""
+    out = torch.zeros(-(-flat.numel() // multiple) * multiple, dtype=torch.uint8, device=flat.device)
+    out[: flat.numel()] = flat
+    return out
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 `codes` (any shape, values < 2**bits) into a 1-D uint8 tensor of ceil(n*bits/8) bytes."""
     _check(bits)
@@ -31,25 +46,22 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = flat.numel()
     if bits == 8:
         return flat.clone()
-    if bits in (2, 4):
+    mask = (1 << bits) - 1
+    if bits in _WORD:  # one byte per code in a word -> all codes of the word in one byte
         per = 8 // bits
-        padded = torch.zeros(-(-n // per) * per, dtype=torch.uint8, device=flat.device)
-        padded[:n] = flat
-        cols = padded.view(-1, per)
-        out = cols[:, 0].clone()
+        word = _padded(flat, per).view(_WORD[bits])
+        out = word & mask
         for j in range(1, per):
-            out |= cols[:, j] << (j * bits)
-        return out
-    block = torch.zeros(-(-n // 8) * 8, dtype=torch.int16, device=flat.device)
-    block[:n] = flat
-    block = block.view(-1, 8)
+            out |= (word >> (8 * j - bits * j)) & (mask << (bits * j))
+        return out.to(torch.uint8)
+    block = _padded(flat, 8).view(-1, 8).to(torch.int16)
     out = torch.zeros(block.shape[0], bits, dtype=torch.int16, device=flat.device)
-    for j in range(8):  # code j of each block starts at bit j*bits: byte `lo`, bit `off`
+    for j in range(8):  # code j of each block starts at bit j*b: byte `lo`, bit `off`
         lo, off = divmod(j * bits, 8)
         out[:, lo] |= (block[:, j] << off) & 0xFF
         if off + bits > 8:
             out[:, lo + 1] |= block[:, j] >> (8 - off)
-    return out.to(torch.uint8).view(-1)[: packed_nbytes(n, bits)].clone()
+    return out.to(torch.uint8).view(-1)[: packed_nbytes(n, bits)].clone()  # own storage of exactly that size
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -64,15 +76,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return flat[:numel].clone()
     mask = (1 << bits) - 1
-    if bits in (2, 4):
-        shifts = torch.arange(8 // bits, device=flat.device, dtype=torch.uint8) * bits
-        codes = (flat[:need].unsqueeze(1) >> shifts) & mask
-        return codes.reshape(-1)[:numel].clone()
-    n_blocks = -(-numel // 8)
-    buf = torch.zeros(n_blocks * bits, dtype=torch.int16, device=flat.device)
-    buf[:need] = flat[:need]
-    block = buf.view(n_blocks, bits)
-    out = torch.empty(n_blocks, 8, dtype=torch.int16, device=flat.device)
+    if bits in _WORD:  # each byte's codes spread into one byte each of a word
+        per = 8 // bits
+        byte = flat[:need].to(_WORD[bits])
+        word = byte & mask
+        for j in range(1, per):
+            word |= (byte & (mask << (bits * j))) << (8 * j - bits * j)
+        return word.view(torch.uint8)[:numel]
+    block = _padded(flat[:need], bits).view(-1, bits).to(torch.int16)
+    out = torch.empty(block.shape[0], 8, dtype=torch.int16, device=flat.device)
     for j in range(8):
         lo, off = divmod(j * bits, 8)
         code = block[:, lo] >> off

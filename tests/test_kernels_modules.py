@@ -183,6 +183,17 @@ def test_hf_conv1d_is_transposed_and_reported():
     assert "kind=hf_conv1d" in repr(q) and "backend=cpu_int4" in repr(q)
 
 
+def test_casting_the_model_keeps_scales_in_their_spec_dtype():
+    q = quantize_module(fresh_linear(32, 64), QuantSpec(4, 32, scale_dtype="float32"))
+    scales = q.scales.clone()
+    q.to(torch.bfloat16)
+    assert q.bias.dtype == torch.bfloat16 and torch.equal(q.scales, scales)
+    assert q.weight_nbytes() == weight_nbytes((32, 64), q.spec)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    ref = reference(q, x)
+    assert (q(x).double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
 def test_bad_inputs_are_named():
     q = quantize_module(nn.Linear(32, 16), QuantSpec(4, 32))
     with pytest.raises(ValueError, match="in_features=32"):

@@ -12,6 +12,7 @@ def test_round_trip_every_width_and_odd_sizes(bits, n):
     codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8, generator=g)
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-n * bits // 8) == packed_nbytes(n, bits)
+    assert packed.untyped_storage().nbytes() == packed.numel()  # no hidden padding kept alive
     assert torch.equal(unpack_bits(packed, bits, n), codes)
 
 
