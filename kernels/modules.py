@@ -89,7 +89,8 @@ class _QuantizedWeight(nn.Module):
             destination[prefix + "qweight"] = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, DENSE)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        self.layout = DENSE  # state dicts hold the dense packing, copied into qweight as is
+        if prefix + "qweight" in state_dict:
+            self.layout = DENSE  # state dicts hold the dense packing, copied into qweight as is
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def config(self) -> dict[str, Any]:
@@ -204,14 +205,23 @@ def quantize_module(module: nn.Module, spec: QuantSpec, clip_search: bool = True
     return q
 
 
-def quantized_module_from_config(config: dict[str, Any], device: torch.device | str | None = None) -> nn.Module:
-    """An empty quantized layer from `module.config()`; fill it with `load_state_dict`."""
+def quantized_module_from_config(config: dict[str, Any], device: torch.device | str | None = None,
+                                 backend: str | None = None) -> nn.Module:
+    """An empty quantized layer from `module.config()`; fill it with `load_state_dict`. `backend` forces one (linear only)."""
     try:
         kind, shape, spec = config["kind"], tuple(config["weight_shape"]), QuantSpec.from_dict(config["spec"])
         bias_dtype = getattr(torch, config.get("bias_dtype") or "float32")
         if kind in ("linear", "hf_conv1d"):
-            return QuantizedLinear(kind, shape, spec, config["bias"], bias_dtype, device=device)
+            return QuantizedLinear(kind, shape, spec, config["bias"], bias_dtype, backend=backend, device=device)
         return QuantizedConv(kind, shape, spec, config["bias"], bias_dtype, _tuplify(config["stride"]), _tuplify(config["padding"]),
                              _tuplify(config["dilation"]), config["groups"], config["padding_mode"], device=device)
     except KeyError as e:
         raise ValueError(f"config is missing key {e}; expected the dict of module.config()") from None
+
+
+def quantized_module_from_state(config: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                                device: torch.device | str | None = None, backend: str | None = None) -> nn.Module:
+    """Rebuild a saved quantized layer: `module.config()` (JSON) + its state dict (e.g. from safetensors)."""
+    module = quantized_module_from_config(config, device, backend)
+    module.load_state_dict(state_dict)
+    return module

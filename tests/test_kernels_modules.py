@@ -1,11 +1,13 @@
 """Quantized modules: every CPU backend vs a float64 reference, dispatch/fallback, bytes, save/load."""
+import json
+
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from kernels import (BACKENDS, QuantizedConv, QuantizedLinear, QuantSpec, quantize_module, quantized_module_from_config,
-                     weight_nbytes)
+                     quantized_module_from_state, weight_nbytes)
 from kernels.cpu_backends import int4_group
 
 
@@ -125,19 +127,22 @@ def test_module_bytes_equal_weight_nbytes_before_and_after_forward(spec):
     assert len(list(q.parameters())) == 0
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8, None), QuantSpec(4, 64, False), QuantSpec(6, 32)], ids=str)
-def test_state_dict_round_trips_bit_for_bit(spec, tmp_path):
+@pytest.mark.parametrize("spec,backend,out", [(QuantSpec(8, None), "cpu_int8", 64), (QuantSpec(4, 64, False), "cpu_int4", 80),
+                                              (QuantSpec(4, 32), "cpu_int4", 208), (QuantSpec(6, 32), None, 64)],
+                         ids=["int8", "int4-80rows", "int4-208rows", "w6"])
+def test_state_dict_round_trips_bit_for_bit(spec, backend, out, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    q = quantize_module(fresh_linear(64, 256), spec)
+    q = quantize_module(fresh_linear(out, 256), spec, backend=backend)
     dense = {k: v.clone() for k, v in q.state_dict().items()}
     x = torch.randn(3, 256)
     y = q(x)  # moves codes into the backend layout
+    assert q.layout != "dense" or backend is None
     saved = q.state_dict()
     assert saved.keys() == dense.keys() and all(torch.equal(saved[k], dense[k]) for k in dense)
     save_file(saved, tmp_path / "q.safetensors")
-    rebuilt = quantized_module_from_config(q.config())
-    rebuilt.load_state_dict(load_file(tmp_path / "q.safetensors"))
+    config = json.loads(json.dumps(q.config()))
+    rebuilt = quantized_module_from_state(config, load_file(tmp_path / "q.safetensors"), backend=backend)
     assert torch.equal(rebuilt(x), y)
     assert all(torch.equal(rebuilt.state_dict()[k], dense[k]) for k in dense)
 
