@@ -34,27 +34,19 @@ OURS = ("triton_fused", "triton_dequant_cublas")
 ANCHORS = ("tinygemm_int4", "gemlite")
 
 
-def sweep(m: int) -> list[tlin.Config]:
-    """Tile shapes tried for m rows (the default heuristic is always tried too)."""
+def sweep(m: int, gw) -> list[tlin.Config]:
+    """Tile shapes tried for m rows besides the default heuristic (split chosen by `split_for`)."""
+    def cfg(bm: int, bn: int, rows: int, warps: int, stages: int, waves: int = 4) -> tlin.Config:
+        bk = max(tlin._pow2_divisor(gw.group, rows * gw.per), 16)
+        n, kp = gw.shape[0], gw.planes[0].shape[0] * gw.per
+        split = 1 if m > 64 else tlin.split_for(-(-n // bn) * -(-m // bm), kp // bk, waves)
+        return tlin.Config(bm, bn, bk, split, warps, stages)
     if m == 1:
-        return [tlin.Config(1, bn, bk, s, w, 1) for bn, bk, s, w in
-                [(32, 128, 0, 4), (64, 128, 0, 4), (128, 128, 0, 4), (64, 128, 0, 8)]]
+        return [cfg(1, 256, 16, 2, 1), cfg(1, 512, 8, 4, 1), cfg(1, 1024, 8, 8, 1), cfg(1, 128, 16, 4, 1)]
     if m <= 64:
         bm = 16 if m <= 16 else 64
-        return [tlin.Config(bm, bn, 128, s, 4, st) for bn, s, st in [(32, 0, 3), (64, 0, 4), (128, 0, 3)]]
-    return [tlin.Config(bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in
-            [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]]
-
-
-def with_split(cfg: tlin.Config, m: int, gw) -> tlin.Config:
-    """split 0 in the sweep means: as many K-slices as make ~4 waves of programs."""
-    if cfg.split_k:
-        return cfg
-    n = gw.shape[0]
-    programs = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-    kw = gw.planes[0].shape[0] * gw.per
-    split = max(1, min(16, (4 * 132) // programs, kw // (4 * cfg.block_k)))
-    return tlin.Config(cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages)
+        return [cfg(bm, 128, 64 // gw.per, 4, 3, 2), cfg(bm, 64, 128 // gw.per, 4, 4, 4)]
+    return [cfg(256, 128, 64 // gw.per, 8, 2), cfg(128, 256, 64 // gw.per, 8, 2), cfg(64, 128, 64 // gw.per, 4, 3)]
 
 
 def copy_bandwidth(flush: torch.Tensor) -> float:
@@ -69,6 +61,38 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(y).all():
         return float("inf")
     return float((y.double() - ref).norm() / ref.norm())
+
+
+def activation_quantized(shapes, tokens, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
+    """w4gca8 / w8gca8 through torch._int_mm and torch._scaled_mm vs bf16, checked against float64."""
+    from kernels import Choice
+    from kernels import gpu_activation_quant as gaq
+    rows = []
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda", generator=gen)
+        w_bf16 = w.bfloat16()
+        for label in ("w4gca8", "w8gca8"):
+            choice = Choice.parse(label)
+            qt = quantize(w, choice.spec_for("linear", k), clip_search=False)
+            wdq = qt.dequantize(torch.float64)
+            fns, skipped = gaq.candidates(qt, choice, torch.bfloat16)
+            for m in tokens:
+                x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+                ref = x.double() @ wdq.t()
+                ms, errs = {}, dict(skipped)
+                for name, fn in fns.items():
+                    e = rel_err(fn(x), ref)
+                    if e > 8e-2:
+                        errs[name] = f"rel err {e:.2e}"
+                        continue
+                    ms[name] = time_cuda(fn, x, reps, flush, graph=m <= 64)
+                base = time_cuda(lambda x: F.linear(x, w_bf16), x, reps, flush, graph=m <= 64)
+                rows.append(dict(N=n, K=k, choice=label, tokens=m, bf16_ms=base, ms=ms, rejected=errs))
+                print(f"{n}x{k} {label} M={m}: bf16 {base * 1e3:.1f}us " +
+                      " ".join(f"{a} {b * 1e3:.1f}us" for a, b in ms.items()) + (f" rejected {errs}" if errs else ""),
+                      flush=True)
+            del qt, wdq, fns
+    return rows
 
 
 def main() -> None:
@@ -122,11 +146,10 @@ def main() -> None:
                     res[name] = time_cuda(fn, x, args.reps, flush, graph=m <= 64)
                 best_cfg = tlin.default_config(m, gw).label
                 if not args.no_sweep:
-                    for cfg in sweep(m):
-                        cfg = with_split(cfg, m, gw)
+                    for cfg in sweep(m, gw):
                         try:
                             tlin._check_config(cfg, gw)
-                            fn = lambda x, cfg=cfg: tlin.linear(x, gw, cfg)  # noqa: E731
+                            fn = lambda x, cfg=cfg, gw=gw: tlin.linear(x, gw, cfg)  # noqa: E731
                             if rel_err(fn(x), ref) > 2e-2:
                                 errs[f"cfg {cfg.label}"] = "wrong result"
                                 continue
@@ -157,9 +180,10 @@ def main() -> None:
                     print("   rejected:", json.dumps(errs)[:400], flush=True)
             del qt, wdq, fns, gw
             torch.cuda.empty_cache()
+    act_rows = activation_quantized(shapes, tokens, args.reps, flush, gen)
     meta = dict(device=dev, torch=torch.__version__, triton=tlin.triton.__version__, copy_bw_TBps=bw / 1e12,
                 reps=args.reps, seconds=time.time() - t_start)
-    (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, activation_quantized=act_rows), indent=1))
     lines = [f"Device: {dev}, torch {torch.__version__}, triton {meta['triton']}, copy bandwidth {bw / 1e12:.2f} TB/s "
              f"(read+write). bf16 activations, symmetric, group 128. Times in microseconds (median, L2 flushed).", "",
              "| N x K | bits | tokens | bf16 | ours (path) | x bf16 | best anchor | ours / anchor | bw @1 tok |",
@@ -171,6 +195,14 @@ def main() -> None:
         path = "fused" if r["best_ours"] == "triton_fused" else "deq+cuBLAS"
         lines.append(f"| {r['N']}x{r['K']} | {r['bits']} | {r['tokens']} | {r['bf16_ms'] * 1e3:.1f} | "
                      f"{r['best_ours_ms'] * 1e3:.1f} ({path}) | {r['speedup_vs_bf16']:.2f}x | {anc} | {va} | {bwf} |")
+    lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds:", "",
+              "| N x K | choice | tokens | bf16 | int8 _int_mm | fp8 _scaled_mm | best x bf16 |", "|---|---|---|---|---|---|---|"]
+    for r in act_rows:
+        got = [v for v in r["ms"].values()]
+        us = {name: f"{r['ms'][name] * 1e3:.1f}" if name in r["ms"] else "-" for name in ("int8_int_mm", "fp8_scaled_mm")}
+        best = f"{r['bf16_ms'] / min(got):.2f}x" if got else "-"
+        lines.append(f"| {r['N']}x{r['K']} | {r['choice']} | {r['tokens']} | {r['bf16_ms'] * 1e3:.1f} | "
+                     f"{us['int8_int_mm']} | {us['fp8_scaled_mm']} | {best} |")
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print(f"done in {time.time() - t_start:.0f} s")
 

@@ -264,4 +264,6 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 table.entries[entry_key(shape, choice, t, kind)] = LatencyEntry(ms[best], best, ms, rejected)
             if path is not None:
                 table.save(path)
+    if path is not None:
+        table.save(path)
     return table

@@ -1,11 +1,11 @@
 """Triton weight-only b-bit linear (b in 2, 3, 4, 5, 6, 8) on the bit-plane layout of `gpu_layout`.
 
-Three kernels share one unpack (a shift and a mask per code and plane, then the fp32 "magic number"
-conversion `bitcast(u | 0x4B000000) - 2^23` instead of an int-to-float instruction):
-- `_gemv_kernel`: one token row per program column, split-K over the grid, fp32 reduction in registers
-  (decode, M <= GEMV_MAX_M);
-- `_gemm_kernel`: tensor-core tl.dot on integer-valued operands, the group scale applied after each
-  K tile (M > GEMV_MAX_M; split-K for decode batches, plain tiles for prefill);
+The kernels unpack with a shift and a mask per code and plane, then the fp32 "magic number" conversion
+`bitcast(u | 0x4B000000) - (2^23 + zero)` (one FADD instead of an int-to-float and a subtract):
+- `_gemv_kernel`: one token row per program, split-K over the grid, fp32 FMAs reduced in registers
+  (decode, M <= GEMV_MAX_M); wide tiles along N keep each column's K-reduction inside one thread;
+- `_gemm_kernel`: tensor-core tl.dot on the dequantized tile (codes unpacked straight into a [BK, BN]
+  tile, each word read once per code from L1), M > GEMV_MAX_M; split-K for decode batches;
 - `_dequant_kernel`: the float weight [K, N] for the dequantize + cuBLAS path.
 Split-K partial sums go through an fp32 workspace with atomics. Group sizes that are not a multiple
 of 32 have no fused kernel: `linear` says so once and uses dequantize + matmul.
@@ -50,7 +50,7 @@ class Config:
 if HAVE_TRITON:
     @triton.jit
     def _unpack(p0, p1, rows, cols, mask, N, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
-        """Codes [BKW, PER, BN] as float32 of packed rows `rows` [BKW] and output columns `cols` [BN]."""
+        """Codes [BKW, PER, BN] + 2^23 as float32 (bit pattern 0x4B000000 | u) of packed rows `rows`, columns `cols`."""
         offs = rows[:, None] * N + cols[None, :]
         a = tl.load(p0 + offs, mask=mask, other=0)
         shifts = tl.arange(0, PER)[None, :, None]
@@ -58,7 +58,18 @@ if HAVE_TRITON:
         if W1 > 0:
             b = tl.load(p1 + offs, mask=mask, other=0).to(tl.int32)
             u = u | (((b[:, None, :] >> (shifts * W1)) & ((1 << W1) - 1)) << W0)
-        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return (u | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _unpack_2d(p0, p1, ks, cols, mask, N, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+        """Codes [BK, BN] + 2^23 as float32 of input columns `ks` (each word loaded once per code, from L1)."""
+        offs = (ks // PER)[:, None] * N + cols[None, :]
+        sub = (ks % PER)[:, None]
+        u = (tl.load(p0 + offs, mask=mask, other=0) >> (sub * W0)) & ((1 << W0) - 1)
+        if W1 > 0:
+            b = tl.load(p1 + offs, mask=mask, other=0).to(tl.int32)
+            u = u | (((b >> (sub * W1)) & ((1 << W1) - 1)) << W0)
+        return (u | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit(do_not_specialize=["K", "KW", "G", "rows_per_split"])
     def _gemv_kernel(x, p0, p1, s, z, out, ws, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
@@ -74,17 +85,27 @@ if HAVE_TRITON:
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
         for r0 in range(r_lo, r_hi, BKW):
             rows = r0 + tl.arange(0, BKW)
-            w = _unpack(p0, p1, rows, cols, (rows < KW)[:, None] & nmask[None, :], N, PER, W0, W1)
-            ks = rows[:, None] * PER + tl.arange(0, PER)[None, :]
-            xv = tl.load(x + m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(xv[:, :, None] * w, axis=1), axis=0)
+            mask = (rows < KW)[:, None] & nmask[None, :]
+            offs = rows[:, None] * N + cols[None, :]
+            a = tl.load(p0 + offs, mask=mask, other=0)
+            if W1 > 0:
+                b = tl.load(p1 + offs, mask=mask, other=0).to(tl.int32)
             g = (r0 * PER) // G
             sc = tl.load(s + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
             if HAS_Z:
-                zz = tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
+                bias = 8388608.0 + tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
             else:
-                zz = ZERO
-            acc += (part - zz * tl.sum(tl.sum(xv, axis=1), axis=0)) * sc
+                bias = tl.full([BN], 8388608.0 + ZERO, tl.float32)
+            part = tl.zeros([BKW, BN], dtype=tl.float32)
+            for i in tl.static_range(PER):
+                u = (a >> (i * W0)) & ((1 << W0) - 1)
+                if W1 > 0:
+                    u = u | (((b >> (i * W1)) & ((1 << W1) - 1)) << W0)
+                w = (u | 0x4B000000).to(tl.float32, bitcast=True) - bias[None, :]
+                ks = rows * PER + i
+                xi = tl.load(x + m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+                part += xi[:, None] * w
+            acc += tl.sum(part, axis=0) * sc
         if ATOMIC:
             tl.atomic_add(ws + m * N + cols, acc, mask=nmask, sem="relaxed")
         else:
@@ -111,19 +132,17 @@ if HAVE_TRITON:
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
         for r0 in range(r_lo, r_hi, BKW):
-            rows = r0 + tl.arange(0, BKW)
-            w = _unpack(p0, p1, rows, cols, (rows < KW)[:, None] & nmask[None, :], N, PER, W0, W1)
-            g = (r0 * PER) // G
-            if HAS_Z:
-                zz = tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
-                w = w - zz[None, None, :]
-            else:
-                w = w - ZERO
             ks = r0 * PER + tl.arange(0, BKW * PER)
-            xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
-            wt = tl.reshape(w, (BKW * PER, BN)).to(xt.dtype)
+            w = _unpack_2d(p0, p1, ks, cols, (ks < KW * PER)[:, None] & nmask[None, :], N, PER, W0, W1)
+            g = (r0 * PER) // G
             sc = tl.load(s + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
-            acc += tl.dot(xt, wt) * sc[None, :]
+            if HAS_Z:
+                bias = 8388608.0 + tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
+                w = w - bias[None, :]
+            else:
+                w = w - (8388608.0 + ZERO)
+            xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
+            acc = tl.dot(xt, (w * sc[None, :]).to(xt.dtype), acc)
         omask = (rm[:, None] < M) & nmask[None, :]
         if ATOMIC:
             tl.atomic_add(ws + rm[:, None] * N + cols[None, :], acc, mask=omask, sem="relaxed")
@@ -136,7 +155,7 @@ if HAVE_TRITON:
         rows = tl.program_id(0) * BKW + tl.arange(0, BKW)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         nmask = cols < N
-        w = _unpack(p0, p1, rows, cols, (rows < KW)[:, None] & nmask[None, :], N, PER, W0, W1)
+        w = _unpack(p0, p1, rows, cols, (rows < KW)[:, None] & nmask[None, :], N, PER, W0, W1) - 8388608.0
         ks = rows[:, None] * PER + tl.arange(0, PER)[None, :]
         g = ks // G
         mask = (ks < K)[:, :, None] & nmask[None, None, :]
@@ -167,17 +186,21 @@ def default_config(m: int, gw: GpuPackedWeight) -> Config:
     n, k = gw.shape
     kw = gw.planes[0].shape[0]
     if m <= GEMV_MAX_M:
-        bn, bk = 64, min(_pow2_divisor(gw.group, 256), 256)
-        programs = -(-n // bn)
-        split = max(1, min(16, (4 * 132) // max(1, programs), kw * gw.per // (4 * bk)))
+        bn, bk = 512, _pow2_divisor(gw.group, 16 * gw.per)
+        bk = max(bk, min(32, gw.group))
+        split = split_for(-(-n // bn), kw * gw.per // bk)
         return Config(1, bn, bk, split, 4, 1)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        bn, bk = 64, min(_pow2_divisor(gw.group, 128), 128)
-        programs = -(-n // bn) * -(-m // bm)
-        split = max(1, min(8, (2 * 132) // max(1, programs), kw * gw.per // (2 * bk)))
+        bn, bk = 64, _pow2_divisor(gw.group, 64)
+        split = split_for(-(-n // bn) * -(-m // bm), kw * gw.per // bk, waves=2)
         return Config(bm, bn, bk, split, 4, 3)
-    return Config(128, 128, min(_pow2_divisor(gw.group, 64), 64), 1, 8, 3)
+    return Config(128, 128, _pow2_divisor(gw.group, 64), 1, 8, 3)
+
+
+def split_for(programs: int, k_tiles: int, waves: int = 4, sms: int = 132) -> int:
+    """K-slices giving about `waves` programs per SM, at least one K tile per slice."""
+    return max(1, min(-(-waves * sms // programs), k_tiles))
 
 
 def _check_config(cfg: Config, gw: GpuPackedWeight) -> None:

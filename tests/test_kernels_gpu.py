@@ -24,8 +24,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BITS = (2, 3, 4, 5, 6, 8)
 # (N, K, group): odd sizes, short last groups, per-channel, groups of 32 and 64
 SHAPES = [(64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64)] if INTERPRET else [
-    (64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64), (4096, 4096, 128), (1000, 1030, 128),
-    (257, 2080, None), (512, 4104, 64), (96, 160, 100)]
+    (64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64), (1000, 1030, 128), (257, 2080, None),
+    (512, 4104, 64), (96, 160, 100)]
 TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
@@ -58,7 +58,7 @@ def test_linear_matches_float64(bits: int, symmetric: bool, dtype: torch.dtype) 
     if dtype == torch.float16 and (bits not in (3, 4, 8) or not symmetric):
         pytest.skip("float16 is checked on 3, 4 and 8 bits, symmetric (the unpack is dtype-independent)")
     gen = torch.Generator().manual_seed(1000 * bits + symmetric)
-    ms = (1, 5, 16, 70) if INTERPRET else (1, 2, 7, 16, 33, 64, 65, 512)
+    ms = (1, 5, 16, 70) if INTERPRET else (1, 7, 33, 64, 300)
     if INTERPRET and dtype == torch.bfloat16:
         ms = (1,)  # the interpreter mis-converts float32 -> bfloat16 dot operands (checked on triton 3.9)
     for n, k, group in SHAPES:
@@ -78,8 +78,9 @@ def test_every_config_family(bits: int) -> None:
     gen = torch.Generator().manual_seed(bits)
     n, k, group = (96, 512, 128) if INTERPRET else (1000, 4096, 128)
     qt, gw = _case(n, k, group, bits, True, torch.float16, gen)
-    configs = [tlin.Config(1, 32, 64, 3), tlin.Config(1, 64, 128, 1), tlin.Config(16, 32, 32, 4),
-               tlin.Config(16, 64, 64, 1), tlin.Config(64, 64, 128, 2)]
+    configs = [tlin.Config(1, 32, 64, 3), tlin.Config(1, 64, 128, 1), tlin.Config(1, 256, 32, 5, 2),
+               tlin.Config(1, 512, 128, 2), tlin.Config(16, 32, 32, 4), tlin.Config(16, 64, 64, 1),
+               tlin.Config(64, 64, 128, 2)]
     for cfg in configs:
         m = 1 if cfg.block_m == 1 else 9
         x = torch.randn(m, k, generator=gen).half().to(DEV)
