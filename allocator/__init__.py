@@ -10,11 +10,14 @@
 from .api import ProfiledModel, allocate, build_problem, profile_model, solve_profiled, uniform_plan
 from .budget import Budget
 from .evaluate import evaluate
+from .jobs import JobSpec, run_job
 from .plan import LayerPlan, ModelIdentity, Plan, PlanError
 from .quantize import apply, load_quantized, quantized_bytes, save_quantized
+from .submit import submit
+from .target import allocate_to_target
 
 __all__ = [
-    "Budget", "LayerPlan", "ModelIdentity", "Plan", "PlanError", "ProfiledModel", "allocate", "apply",
-    "build_problem", "evaluate", "load_quantized", "profile_model", "quantized_bytes", "save_quantized",
-    "solve_profiled", "uniform_plan",
+    "Budget", "JobSpec", "LayerPlan", "allocate_to_target", "ModelIdentity", "Plan", "PlanError", "ProfiledModel", "allocate", "apply",
+    "build_problem", "evaluate", "load_quantized", "profile_model", "quantized_bytes", "run_job", "save_quantized",
+    "solve_profiled", "submit", "uniform_plan",
 ]

@@ -260,6 +260,9 @@ def allocate(
     """
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a Budget, e.g. Budget(avg_bits=4.0); got {type(budget).__name__}")
+    if method == "bisect":
+        raise ValueError("method='bisect' searches for a quality target, not a budget: use "
+                         "allocator.allocate_to_target(model, calib, eval_batches, metric=..., tolerance=...)")
     start = time.perf_counter()
     profiled = profile_model(model, calib, parse_choices(bits, choices), profiler=profiler, cache_dir=cache_dir,
                              **(profiler_settings or {}))
