@@ -147,9 +147,10 @@ def lrp(
             fallback_modules.update(rules.fallback)
             zero = rel == 0
             if zero.any():
-                with recording(model, [names[i] for i in np.flatnonzero(zero)]) as outputs:
+                unscored = [names[i] for i in np.flatnonzero(zero)]
+                with recording(model, unscored) as outputs:
                     plain_seed = output_seed(calib.forward(model, b), target, mask)
-                rel[zero] = output_relevance(outputs, plain_seed, [names[i] for i in np.flatnonzero(zero)])
+                rel[zero] = output_relevance(outputs, plain_seed, unscored)
                 fallback[zero] += 1
             relevance += rel
     layers = [graph.layers[i] for i in rows]
