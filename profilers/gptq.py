@@ -74,7 +74,7 @@ def gptq(model: nn.Module, calib: Calibration, graph: LayerGraph, choices: list[
     for i, l in enumerate(layers):
         if l.name in hess:
             for j, d in enumerate(deltas[i]):
-                dm = d.double().t() if l.kind == "hf_conv1d" else d.double()
+                dm = (d.t() if l.kind == "hf_conv1d" else d).double().cpu()
                 err[i, j] = float(((dm @ hess[l.name]) * dm).sum())
         else:
             err[i] = conv_err[l.name]

@@ -11,8 +11,6 @@ Hugging Face models run with eager attention during profiling (sdpa has no doubl
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -94,7 +92,7 @@ def hessian(
     """Hutchinson trace per layer; see the module docstring.
 
     tol: relative standard error at which a layer stops; max_probes: cap on probes per layer
-    (rounded up to whole rounds over all calibration batches); min_probes: fewest probes
+    (rounded down to whole rounds over all calibration batches, at least one); min_probes: fewest probes
     before a layer may stop; batch_probes: probes per batched double backward.
     A batch shard runs to the cap (stopping is not additive), so its merge equals the
     unsharded run with tol=0.
@@ -104,7 +102,7 @@ def hessian(
     names = graph.names
     target = [names.index(l.name) for l in layers]
     params = layer_weights(model, graph.layers)
-    rounds = max(1, math.ceil(max_probes / (batch_probes * len(calib))))
+    rounds = max(1, max_probes // (batch_probes * len(calib)))
     adaptive = shard is None or "batches" not in shard
     L = len(layers)
     sums, sumsq, counts = np.zeros(L), np.zeros(L), np.zeros(L)
