@@ -1,4 +1,5 @@
-"""The ``bitalloc`` command line: run, profile, solve, pareto, demo."""
+"""The ``bitalloc`` command line: run (flags or a job spec), profile, solve, pareto, demo; submit, status,
+logs and stop for jobs on a Ray cluster."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def _setting(text: str) -> tuple[str, object]:
     return key, value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
-    p.add_argument("--calib", required=True, help="calibration batches: .pt (list of batches) or .txt (tokenized with the model's tokenizer)")
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="Hugging Face model directory or hub id")
+    p.add_argument("--calib", required=required, help="calibration batches: .pt (list of batches) or .txt (tokenized with the model's tokenizer)")
     p.add_argument("--bits", type=_bits, default=(2, 3, 4, 8), help="candidate weight bits (default 2,3,4,8)")
     p.add_argument("--choices", help="candidate choice labels instead of --bits, e.g. w4,w8gc,w4g64")
     p.add_argument("--profiler", default="hessian", help="sensitivity profiler (default hessian)")
@@ -68,6 +69,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    if args.spec is not None:
+        return cmd_run_job(args)
     from .api import profile_model, solve_profiled
     from .quantize import quantized_bytes, save_quantized
     from .report import print_plan_check
@@ -82,6 +85,48 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(plan.summary())
     print_plan_check(plan, quantized_bytes(qmodel), out)
     print(f"wrote {out / 'plan.json'} and the quantized model to {out}/")
+
+
+def cmd_run_job(args: argparse.Namespace) -> None:
+    from .jobs import run_job
+
+    plan = run_job(args.spec)
+    print(plan.summary())
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from .submit import submit
+
+    handle = submit(args.spec, address=args.address)
+    print(f"submitted job {handle.job_id}")
+    if args.wait:
+        plan = handle.result(timeout_s=args.timeout)
+        print(plan.summary())
+
+
+def _handle(args: argparse.Namespace):
+    from .submit import JobHandle
+
+    return JobHandle(args.job_id, address=args.address)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    status = _handle(args).status()
+    p = status["progress"]
+    line = f"{status['job_id']}: {status['status']}"
+    if p:
+        line += (f", stage {p['stage']}, shards {p['shards_done']}/{p['shards_total']} "
+                 f"({p['shards_reused']} reused), {p['layers']} layers, ETA {p['eta_s']:g} s")
+    print(line)
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    print(_handle(args).logs(), end="")
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    stopped = _handle(args).stop()
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -121,12 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="profile, solve and save a quantized model")
-    _add_model_args(p)
+    p = sub.add_parser("run", help="profile, solve and save a quantized model (from flags or a job spec)")
+    p.add_argument("spec", nargs="?", help="job spec (.yaml/.json) instead of the flags below")
+    _add_model_args(p, required=False)
     _add_budget_args(p)
     p.add_argument("--method", default="ilp", help="solver method (default ilp)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", help="output directory")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Jobs API)")
+    p.add_argument("spec", help="job spec (.yaml/.json)")
+    p.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--wait", action="store_true", help="wait for the plan and print it")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits (default 3600)")
+    p.set_defaults(func=cmd_submit)
+    for name, func, text in (("status", cmd_status, "a submitted job's state and progress"),
+                             ("logs", cmd_logs, "a submitted job's logs"), ("stop", cmd_stop, "stop a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS or http://127.0.0.1:8265)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("profile", help="profile layer sensitivities and save them for later solves")
     _add_model_args(p)
@@ -157,14 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if getattr(args, "memory_mb", None) is None and args.command in ("run", "solve") and not any(
+    if args.command == "run" and (args.spec is None) == (args.model is None):
+        print("bitalloc: error: run takes a job spec, or --model, --calib and --out (not both)", file=sys.stderr)
+        return 2
+    if args.command == "run" and args.spec is None and (args.calib is None or args.out is None):
+        print("bitalloc: error: run --model needs --calib and --out", file=sys.stderr)
+        return 2
+    if getattr(args, "spec", None) is None and getattr(args, "memory_mb", None) is None and args.command in ("run", "solve") and not any(
         getattr(args, k) is not None for k in ("avg_bits", "latency_ms", "bops")
     ):
         print("bitalloc: error: give a budget: --avg-bits, --memory-mb, --latency-ms or --bops", file=sys.stderr)
         return 2
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError, RuntimeError, TimeoutError) as e:
         print(f"bitalloc: error: {e}", file=sys.stderr)
         return 1
     return 0

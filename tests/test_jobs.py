@@ -1,0 +1,126 @@
+"""Job specs run in-process: validation before any work, the same plan as allocate(), shards kept in a store
+that a stopped job resumes from and a second job on the same model and data reuses."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from allocator import Budget, JobSpec, Plan, allocate, run_job
+from allocator.cli import main
+
+FAST = {"max_probes": 16, "min_probes": 8}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A 2-layer GPT-2 saved to disk, 3 calibration batches, and a job spec that allocates it."""
+    root = tmp_path_factory.mktemp("jobs")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                       attn_implementation="eager"))
+    model.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": (ids := torch.randint(0, 96, (1, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
+    torch.save(calib, root / "calib.pt")
+    spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
+            "budget": {"avg_bits": 4}, "out": "out", "store": "store"}
+    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine has 2 shared cores
+    yield root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """The plan of the plain in-process API on the same model, data and settings."""
+    model = GPT2LMHeadModel.from_pretrained(files / "model")
+    return allocate(model, torch.load(files / "calib.pt"), Budget(avg_bits=4), bits=(2, 4, 8), profiler_settings=FAST)
+
+
+def status(out):
+    return json.loads((out / "status.json").read_text())
+
+
+def test_a_job_spec_gives_the_plan_that_allocate_gives(files, reference):
+    plan = run_job(files / "job.yaml")
+    assert [l.choice for l in plan.layers] == [l.choice for l in reference.layers]
+    assert plan.predicted == pytest.approx(reference.predicted, rel=1e-12)
+    assert Plan.load(files / "out" / "plan.json").bits == plan.bits
+    assert status(files / "out") | {"elapsed_s": 0} == {
+        "stage": "done", "shards_done": 3, "shards_total": 3, "shards_computed": 3, "shards_reused": 0,
+        "layers": 8, "elapsed_s": 0, "eta_s": 0.0, "plan": str(files / "out" / "plan.json")}
+
+
+def test_a_second_job_on_the_same_model_and_data_reuses_the_stored_profile(files):
+    if not (files / "out" / "plan.json").exists():
+        run_job(files / "job.yaml")
+    spec = yaml.safe_load((files / "job.yaml").read_text()) | {"budget": {"avg_bits": 3}, "out": "out3"}
+    (files / "job3.json").write_text(json.dumps(spec))
+    plan = run_job(files / "job3.json")
+    assert plan.predicted["avg_bits"] <= 3
+    assert status(files / "out3")["shards_computed"] == 0 and status(files / "out3")["shards_reused"] == 3
+
+
+def test_a_stopped_job_resumes_and_recomputes_only_the_missing_shard(files):
+    first = run_job(files / "job.yaml")
+    shards = sorted((files / "store").glob("hessian-*.json"))
+    assert len(shards) == 3
+    shards[1].unlink()  # as if the job had been stopped before that shard finished
+    again = run_job(files / "job.yaml")
+    assert status(files / "out")["shards_computed"] == 1
+    assert [l.choice for l in again.layers] == [l.choice for l in first.layers]
+    assert again.predicted == first.predicted
+
+
+def test_layer_shards_give_the_same_plan(files, reference):
+    spec = yaml.safe_load((files / "job.yaml").read_text()) | {"shards": {"by": "layers", "count": 2},
+                                                                 "out": "out_layers", "store": "store_layers"}
+    plan = run_job(JobSpec.from_dict(spec, base_dir=files))
+    assert status(files / "out_layers")["shards_total"] == 2
+    assert [l.choice for l in plan.layers] == [l.choice for l in reference.layers]
+    assert plan.predicted == pytest.approx(reference.predicted, rel=1e-12)
+
+
+def test_bitalloc_run_takes_a_job_spec(files, capsys):
+    assert main(["run", str(files / "job.yaml")]) == 0
+    assert "avg" in capsys.readouterr().out
+    assert main(["run", str(files / "job.yaml"), "--model", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"modle": "x"}, r"unknown job spec keys \['modle'\]"),
+    ({"ray": {"workers": 2, "gpu": 1}}, r"unknown ray keys \['gpu'\]"),
+    ({"budget": {"avg_bits": 1}}, r"avg_bits=1 is impossible: the fewest bits among the candidates \['w2', 'w4', 'w8'\] is 2"),
+    ({"budget": {"avg_bits": -4}}, r"Budget.avg_bits must be a positive finite number"),
+    ({"budget": {"latency_ms": 1}}, r"latency_ms budget needs a latency table"),
+    ({"profiler": "nope"}, r"unknown profiler 'nope'"),
+    ({"solver": "nope"}, r"unknown solver 'nope'"),
+    ({"calib": "missing.pt"}, r"missing.pt.*does not exist"),
+    ({"shards": {"by": "rows"}}, r"shards.by must be 'batches' or 'layers'"),
+    ({"ray": {"workers": 0}}, r"ray.workers must be a positive integer"),
+])
+def test_bad_specs_are_rejected_before_anything_runs(files, change, message):
+    spec = yaml.safe_load((files / "job.yaml").read_text()) | change
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        JobSpec.from_dict(spec, base_dir=files)
+
+
+def test_an_impossible_memory_budget_is_rejected_before_profiling(files):
+    spec = yaml.safe_load((files / "job.yaml").read_text()) | {"budget": {"memory_mb": 0.01}, "store": "store_none"}
+    with pytest.raises(ValueError, match=r"memory_mb=0.01 is impossible: the smallest achievable .* is 0.0\d+ MiB"):
+        run_job(JobSpec.from_dict(spec, base_dir=files))
+    assert not (files / "store_none").exists()
+
+
+def test_spec_files_with_syntax_errors_name_the_file(files):
+    (files / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match=r"bad.yaml' is not valid YAML"):
+        JobSpec.load(files / "bad.yaml")
+    (files / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad.json' is not valid JSON"):
+        JobSpec.load(files / "bad.json")
