@@ -1,10 +1,10 @@
 """Dense bit packing of integer codes: n codes of b bits take exactly ceil(n*b/8) bytes.
 
 Code i occupies bits [i*b, (i+1)*b) of the little-endian bitstream (least significant bit first), so
-a tensor is one continuous stream with no per-row padding. 2 and 4 bits reinterpret memory: a word of
-8 // b bytes (one code each) and the byte holding those codes are converted with shifts and masks, all
-contiguous elementwise ops (this relies on a little-endian host). 3, 5 and 6 bits work on blocks of
-8 codes = b bytes, one column of the block at a time (8 vectorized steps, no per-element loop).
+a tensor is one continuous stream with no per-row padding. No per-element loops: 2 and 4 bits
+reinterpret a word of 8 // b bytes (one code each) against the byte holding those codes; unpacking 3, 5
+and 6 bits zero-extends each block of 8 codes (b bytes) to an int64 and spreads its fields to one byte
+each; packing those works on the 8 columns of the blocks. Shifts and masks only, on a little-endian host.
 """
 from __future__ import annotations
 
@@ -83,12 +83,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         for j in range(1, per):
             word |= (byte & (mask << (bits * j))) << (8 * j - bits * j)
         return word.view(torch.uint8)[:numel]
-    block = _padded(flat[:need], bits).view(-1, bits).to(torch.int16)
-    out = torch.empty(block.shape[0], 8, dtype=torch.int16, device=flat.device)
-    for j in range(8):
-        lo, off = divmod(j * bits, 8)
-        code = block[:, lo] >> off
-        if off + bits > 8:
-            code |= block[:, lo + 1] << (8 - off)
-        out[:, j] = code & mask
-    return out.to(torch.uint8).view(-1)[:numel]
+    n_blocks = -(-numel // 8)
+    words = torch.zeros(n_blocks, 8, dtype=torch.uint8, device=flat.device)  # each block of b bytes -> one int64
+    words[:, :bits] = _padded(flat[:need], bits).view(n_blocks, bits)
+    word = words.view(torch.int64).view(-1)
+    out = word & mask
+    for j in range(1, 8):
+        out |= ((word >> (bits * j)) & mask) << (8 * j)
+    return out.view(torch.uint8)[:numel]
