@@ -38,8 +38,9 @@ def test_layer_graph_like_input_and_errors(tmp_path) -> None:
             measure([(16, 16)], ["w4"], device="cuda")
 
 
-def test_activation_quantized_choice_removed_on_cpu() -> None:
-    table = measure([(32, 64)], ["w4", "w8gca8"], tokens=(1,), device="cpu", reps=1)
+def test_activation_quantized_choice_removed_on_cpu(tmp_path) -> None:
+    table = measure([(32, 64)], ["w4", "w8gca8"], tokens=(1,), device="cpu", reps=1, cache_dir=tmp_path)
     assert "w8gca8" in table.skipped and "CUDA" in table.skipped["w8gca8"]
+    assert LatencyTable.load(cache_path(tmp_path, "cpu")).skipped == table.skipped
     with pytest.raises(KeyError, match="removed"):
         table.lookup((32, 64), "w8gca8", 1)
