@@ -29,69 +29,77 @@ class _Pairs:
         return out
 
 
-def _violation(totals: np.ndarray, caps: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return (np.maximum(totals - caps, 0.0) / scale).sum(axis=-1)
+class _State:
+    """Current plan with per-move deltas kept up to date incrementally (only the moved row changes)."""
 
+    def __init__(self, red: Reduced, budgets: dict[str, float], cur: np.ndarray) -> None:
+        self.red, self.pairs, self.cur = red, _Pairs(red), cur.copy()
+        self.rows = np.arange(len(cur))
+        self.tabs = [red.tables[b] for b in budgets]
+        self.caps = list(budgets.values())
+        self.delta = [t - t[self.rows, self.cur][:, None] for t in self.tabs]
+        self.totals = [float(t[self.rows, self.cur].sum()) for t in self.tabs]
+        self._dc = None if len(self.pairs.g) else red.cost - red.cost[self.rows, self.cur][:, None]
 
-def _move_totals(tabs: np.ndarray, cur: np.ndarray, totals: np.ndarray) -> np.ndarray:
-    """[G, C, B] budget totals after switching group g to choice c."""
-    rows = np.arange(len(cur))
-    return totals + tabs - tabs[rows, cur][:, None, :]
+    def dcost(self) -> np.ndarray:
+        """[G, C] change of total cost (pair terms included) when group g switches to choice c."""
+        if self._dc is not None:
+            return self._dc
+        u = self.pairs.unary(self.red.cost, self.cur)
+        return u - u[self.rows, self.cur][:, None]
+
+    def move(self, g: int, c: int) -> None:
+        for k, t in enumerate(self.tabs):
+            self.totals[k] += self.delta[k][g, c]
+            self.delta[k][g] = t[g] - t[g, c]
+        if self._dc is not None:
+            self._dc[g] = self.red.cost[g] - self.red.cost[g, c]
+        self.cur[g] = c
 
 
 def descend(red: Reduced, budgets: dict[str, float], cur: np.ndarray) -> np.ndarray | None:
     """Lower choices greedily until all budgets hold; None when stuck."""
-    if not budgets:
-        return cur
-    pairs = _Pairs(red)
-    tabs = np.stack([red.tables[b] for b in budgets], axis=-1)
-    caps = np.array(list(budgets.values()))
-    scale = np.maximum(np.abs(caps), 1e-12)
-    tol = 1e-7 * np.maximum(1.0, np.abs(caps))
-    rows = np.arange(len(cur))
-    cur = cur.copy()
+    st = _State(red, budgets, cur)
+    caps = [c + 1e-7 * max(1.0, abs(c)) for c in st.caps]
+    scale = [max(abs(c), 1e-12) for c in st.caps]
     while True:
-        totals = tabs[rows, cur].sum(axis=0)
-        v = _violation(totals, caps + tol, scale)
+        v = sum(max(t - c, 0.0) / s for t, c, s in zip(st.totals, caps, scale))
         if v <= 0:
-            return cur
-        dv = _violation(_move_totals(tabs, cur, totals), caps + tol, scale) - v
-        u = pairs.unary(red.cost, cur)
-        dc = u - u[rows, cur][:, None]
+            return st.cur
+        dv = sum(np.maximum(t + d - c, 0.0) / s for t, d, c, s in zip(st.totals, st.delta, caps, scale)) - v
         gain = dv < -1e-12  # strict, so float noise cannot make two moves undo each other forever
-        ratio = np.where(red.allowed & gain, dc / np.where(gain, -dv, 1.0), np.inf)
+        ratio = np.where(red.allowed & gain, st.dcost() / np.where(gain, -dv, 1.0), np.inf)
         g, c = np.unravel_index(np.argmin(ratio), ratio.shape)
         if not np.isfinite(ratio[g, c]):
             return None
-        cur[g] = c
+        st.move(g, c)
 
 
 def fill(red: Reduced, budgets: dict[str, float], cur: np.ndarray) -> np.ndarray:
     """Apply the move that lowers cost most while all budgets keep holding, until none does."""
-    pairs = _Pairs(red)
-    names = list(budgets)
-    tabs = np.stack([red.tables[b] for b in names], axis=-1) if names else np.zeros(red.cost.shape + (0,))
-    rows = np.arange(len(cur))
-    cur = cur.copy()
+    st = _State(red, budgets, cur)
     while True:
-        totals = tabs[rows, cur].sum(axis=0)
         ok = red.allowed.copy()
-        for k, b in enumerate(names):
-            ok &= within(_move_totals(tabs[..., k:k + 1], cur, totals[k:k + 1])[..., 0], budgets[b])
-        u = pairs.unary(red.cost, cur)
-        dc = np.where(ok, u - u[rows, cur][:, None], np.inf)
+        for t, d, c in zip(st.totals, st.delta, st.caps):
+            ok &= within(t + d, c)
+        dc = np.where(ok, st.dcost(), np.inf)
         g, c = np.unravel_index(np.argmin(dc), dc.shape)
-        if not dc[g, c] < -1e-12 * max(1.0, abs(u[g, cur[g]])):
-            return cur
-        cur[g] = c
+        if not dc[g, c] < -1e-12 * max(1.0, abs(float(red.cost[g, st.cur[g]]))):
+            return st.cur
+        st.move(g, c)
+
+
+def greedy_plan(red: Reduced, budgets: dict[str, float]) -> np.ndarray | None:
+    """The greedy plan over tie groups (descend from the cheapest plan, then fill), or None when stuck."""
+    start = np.argmin(np.where(red.allowed, red.cost, np.inf), axis=1)
+    cur = descend(red, budgets, start)
+    return None if cur is None else fill(red, budgets, cur)
 
 
 @register_solver("greedy")
 def solve_greedy(problem: Problem, budgets: dict[str, float]) -> MethodResult:
     """Heuristic: feasible when it returns, no optimality claim (status "feasible")."""
-    red = problem.reduced
-    start = np.argmin(np.where(red.allowed, red.cost, np.inf), axis=1)
-    cur = descend(red, budgets, start)
-    if cur is None:
+    plan = greedy_plan(problem.reduced, budgets)
+    if plan is None:
         return MethodResult(None, "failed")
-    return MethodResult(red.expand(fill(red, budgets, cur)), "feasible")
+    return MethodResult(problem.reduced.expand(plan), "feasible")
