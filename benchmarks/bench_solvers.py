@@ -46,6 +46,20 @@ def synthetic(n_layers: int, seed: int, n_edges: int = 0) -> Problem:
                    bits=np.tile(BITS, (n_layers, 1)), params=params, pairs=pairs)
 
 
+def transformer(n_blocks: int, seed: int, d: int = 4096, ffn: int = 11008) -> Problem:
+    """A Llama-shaped stack: per block q, k, v, o (d x d) and gate, up (ffn x d), down (d x ffn)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(d, d)] * 4 + [(ffn, d), (ffn, d), (d, ffn)]
+    params = np.array([o * i for _ in range(n_blocks) for o, i in shapes], dtype=float)
+    n = len(params)
+    trace = 10 ** rng.uniform(-3, 0, n)
+    cost = (trace * params)[:, None] * 2.0 ** (-2 * BITS) * np.where(GROUP64, 0.7, 1.0)
+    memory = params[:, None] * BITS / 8 + 2 * params[:, None] / np.where(GROUP64, 64, 128)
+    names = [f"block{b}.{m}" for b in range(n_blocks) for m in ("q", "k", "v", "o", "gate", "up", "down")]
+    return Problem(layers=names, choices=LABELS, cost=cost, memory=memory, bits=np.tile(BITS, (n, 1)),
+                   params=params)
+
+
 def budget(p: Problem, quantity: str, r: float) -> float:
     """r of the way from the smallest to the largest total."""
     t = p.tables[quantity]

@@ -1,8 +1,7 @@
 """Method "convex" (BAQ closed form): continuous bits by water-filling, rounded, repaired, with a lower bound.
 
 Per tie group g, fit cost(b) ~ a_g + s_g * 2^(-2 b) (s_g >= 0) and each budgeted resource ~ u_gk + v_gk * b
-to the allowed choices by least squares, then shift a_g and u_gk down so the fits never exceed the true
-values at any allowed choice. The continuous problem over b_g in [min bits, max bits] then relaxes the discrete
+to the allowed choices as the tightest curves lying under every allowed choice's true value. The continuous problem over b_g in [min bits, max bits] then relaxes the discrete
 one, so its optimum (the Lagrange dual, evaluated exactly for every multiplier) is a valid lower bound.
 For each multiplier the per-group minimiser is closed form (equal marginal loss):
 b_g = clip(-0.5 * log2(w_g / (2 ln2 s_g)), lo_g, hi_g), w_g = sum_k lambda_k v_gk.
@@ -22,25 +21,34 @@ from solvers.registry import MethodResult, register_solver
 LN2 = np.log(2.0)
 
 
+def under_line(x: np.ndarray, y: np.ndarray, ok: np.ndarray, nonneg: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the line a + m x lying under every allowed point (x, y) with the largest sum over those points.
+
+    That LP's optimum passes through two of the points (or is flat), so the candidates are the slopes through
+    every pair plus 0; each candidate's intercept is lowered until the line is under all points.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = (y[:, :, None] - y[:, None, :]) / (x[:, :, None] - x[:, None, :])
+    pair_ok = ok[:, :, None] & ok[:, None, :] & np.isfinite(m) & ((m >= 0) if nonneg else True)
+    slopes = np.concatenate([np.where(pair_ok, m, 0.0).reshape(len(x), -1), np.zeros((len(x), 1))], axis=1)
+    resid = np.where(ok[:, None, :], y[:, None, :] - slopes[:, :, None] * x[:, None, :], np.inf)
+    a = resid.min(axis=2)
+    score = ok.sum(axis=1)[:, None] * a + slopes * np.where(ok, x, 0.0).sum(axis=1)[:, None]
+    best = np.argmax(score, axis=1)
+    rows = np.arange(len(x))
+    return a[rows, best], slopes[rows, best]
+
+
 def _fit(red, bits: np.ndarray, names: list[str]):
-    """Per-group fitted (a, s), (u, v) [G, K], bit range (lo, hi) and whether the group has a free bit choice."""
-    G = len(red.groups)
-    a, s, lo, hi = np.zeros(G), np.zeros(G), np.zeros(G), np.zeros(G)
-    u, v = np.zeros((G, len(names))), np.zeros((G, len(names)))
-    for g in range(G):
-        opts = np.flatnonzero(red.allowed[g])
-        b, cost = bits[g, opts], red.cost[g, opts]
-        lo[g], hi[g] = b.min(), b.max()
-        e = 2.0 ** (-2.0 * b)
-        if hi[g] > lo[g]:
-            A = np.stack([np.ones_like(e), e], axis=1)
-            s[g] = max(0.0, np.linalg.lstsq(A, cost, rcond=None)[0][1])
-        a[g] = np.min(cost - s[g] * e)
-        for k, name in enumerate(names):
-            t = red.tables[name][g, opts]
-            if hi[g] > lo[g]:
-                v[g, k] = np.polyfit(b, t, 1)[0]
-            u[g, k] = np.min(t - v[g, k] * b)
+    """Per group: cost ~ a + s 2^(-2b), resources ~ u + v b (all under the true values), bit range lo..hi."""
+    ok = red.allowed
+    a, s = under_line(2.0 ** (-2.0 * bits), red.cost, ok, nonneg=True)
+    u = np.zeros((len(ok), len(names)))
+    v = np.zeros((len(ok), len(names)))
+    for k, name in enumerate(names):
+        u[:, k], v[:, k] = under_line(bits, red.tables[name], ok, nonneg=False)
+    lo = np.where(ok, bits, np.inf).min(axis=1)
+    hi = np.where(ok, bits, -np.inf).max(axis=1)
     return a, s, u, v, lo, hi
 
 

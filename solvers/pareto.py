@@ -57,14 +57,16 @@ def pareto(problem: Problem, objective: str = "memory") -> list[ParetoPoint]:
     parents, picks = [], []
     for g in range(len(red.groups)):
         opts = np.flatnonzero(red.allowed[g])
-        cq = (q[:, None] + table[g, opts][None, :]).ravel()
-        cc = (c[:, None] + red.cost[g, opts][None, :]).ravel()
-        order = np.lexsort((cc, np.round(cq / q_eps)))
+        cq = (table[g, opts][:, None] + q[None, :]).ravel()  # C sorted runs: a stable sort merges them fast
+        cc = (red.cost[g, opts][:, None] + c[None, :]).ravel()
+        order = np.argsort(cq, kind="stable")
         cs = cc[order]
         prev_min = np.concatenate(([np.inf], np.minimum.accumulate(cs)[:-1]))
         keep = order[cs < prev_min - c_eps]
-        parents.append((keep // len(opts)).astype(np.int64))
-        picks.append(opts[keep % len(opts)].astype(np.int16))
+        # of kept points with equal resource (within q_eps) only the last, cheapest one is non-dominated
+        keep = keep[np.append(np.diff(cq[keep]) > q_eps, True)]
+        parents.append((keep % len(q)).astype(np.int32))
+        picks.append(opts[keep // len(q)].astype(np.int16))
         q, c = cq[keep], cc[keep]
     idx = np.arange(len(q))
     gidx = np.empty((len(q), len(red.groups)), dtype=np.int16)
