@@ -80,16 +80,22 @@ def _grouped(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     return w.view(out, n_groups, width), mask.view(1, n_groups, width)
 
 
-def _scale_zero(wg: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor | float, dtype: torch.dtype):
-    """Stored scales and zero points [out, n_groups] (float32) of grouped weights at clipping `ratio`."""
-    maxq = (1 << spec.bits) - 1
+def _group_range(wg: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (lo, hi) [out, n_groups] that ratio 1.0 maps onto the code range: (-max|w|, max|w|)
+    symmetric, (min(w, 0), max(w, 0)) asymmetric. Computed once; each clipping ratio scales it."""
     if spec.symmetric:
-        scale = _stored(wg.abs().amax(dim=-1) * ratio * (2.0 / maxq), dtype)
+        amax = wg.abs().amax(dim=-1)
+        return -amax, amax
+    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, ratio: float, dtype: torch.dtype):
+    """Stored scales and zero points [out, n_groups] (float32) at clipping `ratio`."""
+    maxq = (1 << spec.bits) - 1
+    scale = _stored((hi - lo) * (ratio / maxq), dtype)
+    if spec.symmetric:
         return scale, torch.full_like(scale, float(1 << (spec.bits - 1)))
-    hi = wg.amax(dim=-1).clamp(min=0) * ratio
-    lo = wg.amin(dim=-1).clamp(max=0) * ratio
-    scale = _stored((hi - lo) / maxq, dtype)
-    return scale, torch.round(-lo / scale).clamp(0, maxq)
+    return scale, torch.round(-lo * ratio / scale).clamp(0, maxq)
 
 
 def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -106,10 +112,11 @@ def _group_error(wg: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tenso
 
 def _search_rows(wg: torch.Tensor, mask: torch.Tensor | None, spec: QuantSpec, ratios, dtype: torch.dtype):
     """Per-group best clipping ratio (first one wins ties) -> its stored scales and zero points."""
-    scale, zero = _scale_zero(wg, spec, ratios[0], dtype)
+    lo, hi = _group_range(wg, spec)
+    scale, zero = _scale_zero(lo, hi, spec, ratios[0], dtype)
     best = _group_error(wg, mask, scale, zero, spec.bits)
     for r in ratios[1:]:
-        s_r, z_r = _scale_zero(wg, spec, r, dtype)
+        s_r, z_r = _scale_zero(lo, hi, spec, r, dtype)
         err = _group_error(wg, mask, s_r, z_r, spec.bits)
         better = err < best
         best = torch.where(better, err, best)
