@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import weakref
 from typing import Any, Iterable, Union
 
 import torch
@@ -116,7 +117,7 @@ class Calibration:
         self.distill = distill
         self._check_finite()
         self._hash: str | None = None
-        self._refs: dict[int, list[torch.Tensor]] = {}
+        self._refs: weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]] = weakref.WeakKeyDictionary()
 
     def _check_finite(self) -> None:
         for i, b in enumerate(self.batches):
@@ -173,11 +174,10 @@ class Calibration:
 
     def references(self, model: nn.Module) -> list[torch.Tensor]:
         """All reference outputs for `model` (computed now if not cached)."""
-        key = id(model)
-        if key not in self._refs:
+        if model not in self._refs:
             with torch.no_grad():
-                self._refs[key] = [self.forward(model, i).detach() for i in range(len(self))]
-        return self._refs[key]
+                self._refs[model] = [self.forward(model, i).detach() for i in range(len(self))]
+        return self._refs[model]
 
     def loss(self, model: nn.Module, i: int, reference: torch.Tensor | None = None) -> torch.Tensor:
         """The scalar loss on batch i.

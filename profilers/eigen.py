@@ -18,6 +18,7 @@ from kernels import Choice
 from .calibration import Calibration
 from .graph import LayerGraph
 from .perturb import check_finite_grads, check_finite_loss, eager_attention, grads_only, layer_weights, squared_errors, weight_deltas
+from .hessian import hvp_chunk
 from .profile import Profile
 from .registry import register_profiler, shard_layers
 
@@ -28,20 +29,19 @@ def block_hvps(model: nn.Module, calib: Calibration, params: list[torch.Tensor],
     idx = sorted(vecs)
     sel = [params[i] for i in idx]
     out = {i: torch.zeros_like(params[i]) for i in idx}
+    probes = []
+    for k, i in enumerate(idx):
+        p = torch.zeros((len(idx), *params[i].shape), dtype=params[i].dtype, device=params[i].device)
+        p[k] = vecs[i]
+        probes.append(p)
     for b in range(len(calib)):
         loss = calib.loss(model, b)
         check_finite_loss(loss, b)
-        grads = torch.autograd.grad(loss, sel, create_graph=True)
+        grads = torch.autograd.grad(loss, sel, create_graph=True, allow_unused=True)
         check_finite_grads(grads, [names[i] for i in idx], b)
-        probes = []
+        hv = hvp_chunk(grads, sel, probes, list(range(len(idx))))
         for k, i in enumerate(idx):
-            p = torch.zeros((len(idx), *params[i].shape), dtype=params[i].dtype, device=params[i].device)
-            p[k] = vecs[i]
-            probes.append(p)
-        hv = torch.autograd.grad(grads, sel, grad_outputs=probes, is_grads_batched=True, allow_unused=True)
-        for k, (i, h) in enumerate(zip(idx, hv)):
-            if h is not None:
-                out[i] += h[k].detach() / len(calib)
+            out[i] += hv[k][k].detach() / len(calib)
     return out
 
 

@@ -34,12 +34,16 @@ def rademacher(gen: torch.Generator, shape: tuple[int, ...], like: torch.Tensor)
     return torch.randint(0, 2, shape, generator=gen).to(like.dtype).mul_(2).sub_(1).to(like.device)
 
 
-def hvp_chunk(grads: tuple[torch.Tensor, ...], params: list[torch.Tensor], probes: list[torch.Tensor],
+def hvp_chunk(grads: tuple[torch.Tensor | None, ...], params: list[torch.Tensor], probes: list[torch.Tensor],
               wanted: list[int]) -> dict[int, torch.Tensor]:
     """(H @ v)[i] for i in `wanted`, for a chunk of probes (probes[i] is [P, *params[i].shape])
-    from gradients taken with create_graph=True, in one batched double backward."""
-    hv = torch.autograd.grad(grads, [params[i] for i in wanted], grad_outputs=probes, is_grads_batched=True,
-                             allow_unused=True)
+    from gradients taken with create_graph=True (None for weights the loss does not use),
+    in one batched double backward."""
+    live = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
+    hv: tuple[torch.Tensor | None, ...] = (None,) * len(wanted)
+    if live and wanted:
+        hv = torch.autograd.grad([grads[k] for k in live], [params[i] for i in wanted],
+                                 grad_outputs=[probes[k] for k in live], is_grads_batched=True, allow_unused=True)
     return {i: torch.zeros_like(probes[i]) if h is None else h for i, h in zip(wanted, hv)}
 
 
@@ -114,7 +118,7 @@ def hessian(
                 check_finite_loss(loss, b)
                 gen = torch.Generator().manual_seed(probe_seed(seed, b, r))
                 probes = [rademacher(gen, (batch_probes, *p.shape), p) for p in params]
-                grads = torch.autograd.grad(loss, params, create_graph=True)
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                 check_finite_grads(grads, names, b)
                 hv = hvp_chunk(grads, params, probes, [i for j, i in enumerate(target) if active[j]])
                 for j, i in enumerate(target):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from kernels import Choice, fake_quantize
 from profilers import Calibration, build_layer_graph, profile
@@ -86,3 +86,17 @@ def test_nan_gradient_names_the_layer():
     x = torch.randn(4, 6)
     with pytest.raises(ValueError, match=r"gradient of layer '0' contains NaN/Inf on calibration batch 0"):
         profile(net, Calibration([x], labels=[torch.randn(4, 3)]), build_layer_graph(net, x), [4])
+
+
+def test_bert_encoder_without_labels_gives_unused_pooler_zero_curvature():
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                vocab_size=50))
+    batches = [{"input_ids": torch.randint(0, 50, (2, 8))}]
+    graph = build_layer_graph(bert, batches[0])
+    for name in ("hessian", "eigen"):
+        prof = profile(bert, batches, graph, [4], profiler=name, max_probes=16) if name == "hessian" else \
+            profile(bert, batches, graph, [4], profiler=name, max_iter=5)
+        pooler = prof.layers.index("pooler.dense")  # last_hidden_state (MSE) does not use the pooler
+        assert prof.cost[pooler, 0] == 0
+        assert all(prof.cost[prof.layers.index(n), 0] > 0 for n in prof.layers if n.endswith(("value", "dense")) and n != "pooler.dense")
