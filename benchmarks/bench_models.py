@@ -128,7 +128,7 @@ def gpt_task(quick: bool) -> Task:
 def bert_task(quick: bool) -> Task:
     from transformers import BertConfig, BertForMaskedLM
 
-    s = {"layers": 3, "hidden": 64, "heads": 4, "ffn": 256, "seq_len": 64, "batch": 32, "steps": 600, "lr": 3e-3, "seed": 0}
+    s = {"layers": 2, "hidden": 64, "heads": 4, "ffn": 128, "seq_len": 64, "batch": 32, "steps": 400, "lr": 3e-3, "seed": 0}
 
     def build():
         return BertForMaskedLM(BertConfig(vocab_size=VOCAB + 1, hidden_size=s["hidden"], num_hidden_layers=s["layers"],

@@ -6,8 +6,9 @@ one, so its optimum (the Lagrange dual, evaluated exactly for every multiplier) 
 For each multiplier the per-group minimiser is closed form (equal marginal loss):
 b_g = clip(-0.5 * log2(w_g / (2 ln2 s_g)), lo_g, hi_g), w_g = sum_k lambda_k v_gk.
 One budget: brentq on lambda (water-filling); several: L-BFGS-B on the concave dual.
-Rounding: each group takes its cheapest allowed choice with bits >= b_g, then greedy repair restores
-feasibility and greedy fill spends leftover slack. Pair terms are not modelled; the bound adds their minima.
+Rounding, two ways: each group's cheapest allowed choice with bits >= b_g, and each group's choice minimising
+its true cost plus the multipliers times its true resources; greedy repair restores feasibility, greedy fill
+spends leftover slack, and the cheaper of the two plans is returned. Pair terms are not modelled; the bound adds their minima.
 """
 from __future__ import annotations
 
@@ -102,10 +103,12 @@ def solve_convex(problem: Problem, budgets: dict[str, float]) -> MethodResult:
     above = red.allowed & (bits >= b_cont[:, None] - 1e-9)
     key = np.where(above, bits, np.inf)
     ceil_bits = key.min(axis=1)
-    start = np.argmin(np.where(above & (bits == ceil_bits[:, None]), red.cost, np.inf), axis=1)
-    cur = descend(red, budgets, start)
-    if cur is None:
+    ceil = np.argmin(np.where(above & (bits == ceil_bits[:, None]), red.cost, np.inf), axis=1)
+    priced = red.cost / cscale + sum(lam[k] * red.tables[n] / scale[k] for k, n in enumerate(names))
+    lagrange = np.argmin(np.where(red.allowed, priced, np.inf), axis=1)
+    plans = [fill(red, budgets, p) for p in (descend(red, budgets, s) for s in (ceil, lagrange)) if p is not None]
+    if not plans:
         return MethodResult(None, "failed")
-    cur = fill(red, budgets, cur)
+    cur = min(plans, key=lambda p: problem.objective(red.expand(p)))
     return MethodResult(red.expand(cur), "feasible", bound, {"continuous_bits": b_cont[red.group_of].tolist(),
                                                              "multipliers": dict(zip(names, lam.tolist()))})
