@@ -206,8 +206,8 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
     finally:
         for h in handles:
             h.remove()
-        for t in list(model.parameters()) + list(model.buffers()):
-            if hasattr(t, _TAG):
+        for t in list(model.parameters()) + list(model.buffers()) + tree_leaves(example_batch):
+            if isinstance(t, torch.Tensor) and hasattr(t, _TAG):
                 delattr(t, _TAG)
 
     layers = []
