@@ -67,20 +67,22 @@ def budget(p: Problem, quantity: str, r: float) -> float:
 
 
 def timed(fn, *args, **kw):
-    t0 = time.perf_counter()
+    """Result, wall seconds and CPU seconds of this process (all threads): on a shared machine CPU time is
+    the steadier figure, wall time the one a user waits."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
+    return out, (time.perf_counter() - t0, time.process_time() - c0)
 
 
-def row(name: str, seconds: float, goal: str, note: str) -> None:
-    print(f"| {name} | {seconds:.3f} | {goal} | {note} |", flush=True)
+def row(name: str, seconds: tuple[float, float], goal: str, note: str) -> None:
+    print(f"| {name} | {seconds[0]:.3f} | {seconds[1]:.3f} | {goal} | {note} |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cbc", action="store_true", help="also time the CBC backend")
     args = ap.parse_args()
-    print("| case | wall s | goal | result |\n|---|---|---|---|")
+    print("| case | wall s | CPU s | goal | result |\n|---|---|---|---|---|")
 
     big = synthetic(1000, seed=0)
     caps = {"memory": budget(big, "memory", 0.4), "latency": budget(big, "latency", 0.45)}
@@ -118,15 +120,17 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from test_solvers_hawq import budget as hbudget, hawq_problem
 
-        worst = 0.0
+        worst, over = 0.0, 0
         for net in ("resnet18", "resnet50"):
             p, _ = hawq_problem(net)
             for q in ("memory", "bops", "latency"):
                 for r in (0.25, 0.5, 0.75):
                     e = solve(p, **{q: hbudget(p, q, r)})
                     c = solve(p, method="convex", **{q: hbudget(p, q, r)})
-                    worst = max(worst, (c.objective - e.objective) / abs(e.objective))
-        row("convex vs ILP, HAWQ-V3 ResNet18/50 (18 budgets)", 0.0, "within 1%", f"worst gap {worst:.3%}")
+                    gap = (c.objective - e.objective) / abs(e.objective)
+                    worst, over = max(worst, gap), over + (gap > 0.01)
+        row("convex vs ILP, HAWQ-V3 ResNet18/50 (18 budgets)", (0.0, 0.0), "within 1%",
+            f"worst gap {worst:.3%}, {over} of 18 above 1%")
     print(json.dumps({"backend": "HiGHS " + _highs_version() + " via PuLP"}))
 
 

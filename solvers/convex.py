@@ -91,7 +91,8 @@ def solve_convex(problem: Problem, budgets: dict[str, float]) -> MethodResult:
         hi_lam = 1.0
         while dual(np.array([hi_lam]))[1][0] > 0 and hi_lam < 1e12:
             hi_lam *= 2.0
-        lam = np.array([brentq(lambda x: dual(np.array([x]))[1][0], 0.0, hi_lam, xtol=1e-14, rtol=1e-12)])
+        resid = lambda x: dual(np.array([x]))[1][0]
+        lam = np.array([hi_lam if resid(hi_lam) > 0 else brentq(resid, 0.0, hi_lam, xtol=1e-14, rtol=1e-12)])
     elif len(names) > 1:
         res = minimize(lambda x: tuple(-t for t in dual(x)), np.zeros(len(names)), jac=True,
                        method="L-BFGS-B", bounds=[(0, None)] * len(names), options={"maxiter": 200, "maxfun": 1000})
@@ -106,7 +107,8 @@ def solve_convex(problem: Problem, budgets: dict[str, float]) -> MethodResult:
     ceil = np.argmin(np.where(above & (bits == ceil_bits[:, None]), red.cost, np.inf), axis=1)
     priced = red.cost / cscale + sum(lam[k] * red.tables[n] / scale[k] for k, n in enumerate(names))
     lagrange = np.argmin(np.where(red.allowed, priced, np.inf), axis=1)
-    plans = [fill(red, budgets, p) for p in (descend(red, budgets, s) for s in (ceil, lagrange)) if p is not None]
+    repaired = (descend(red, budgets, start) for start in (ceil, lagrange))
+    plans = [fill(red, budgets, p) for p in repaired if p is not None]
     if not plans:
         return MethodResult(None, "failed")
     cur = min(plans, key=lambda p: problem.objective(red.expand(p)))

@@ -77,8 +77,8 @@ def solve(problem: Problem, method: str = "ilp", memory: float | None = None, la
     if res.status == "failed":
         if not feasible(problem, budgets):
             raise infeasible_error(problem, budgets)
-        raise RuntimeError(f"method {method!r} found no plan meeting budgets {budgets} although one exists; "
-                           "use method='ilp' for an exact answer")
+        raise RuntimeError(f"method {method!r} found no plan meeting budgets {budgets} although one exists "
+                           "(a heuristic got stuck, or time_limit ran out); use method='ilp' without a time limit")
     sol = Solution.build(problem, res.index, budgets, method, res.status, elapsed, res.lower_bound, **res.info)
     if not problem.is_valid(sol.index) or not all(within(sol.totals[b], v) for b, v in budgets.items()):
         raise RuntimeError(f"method {method!r} returned a plan that breaks pins, ties, allowed or budgets "
