@@ -61,8 +61,8 @@ def test_ilp_equals_brute_force(seed):
     p = random_problem(seed)
     budgets = random_budgets(p, seed)
     ref = outcome(p, "brute", budgets)
-    for form in ("marginal", "mccormick"):
-        got = outcome(p, "ilp", budgets, pair_form=form)
+    for form, warm in (("marginal", True), ("mccormick", True), ("marginal", False)):
+        got = outcome(p, "ilp", budgets, pair_form=form, warm_start=warm)
         if isinstance(ref, InfeasibleError):
             assert isinstance(got, InfeasibleError)
             assert got.smallest == pytest.approx(ref.smallest)
