@@ -87,10 +87,10 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
         if not ready:
             raise RuntimeError(f"could not place {n} workers of {bundle} within {settings.placement_timeout_s:g} s "
                                f"(no node has room for one; cluster: {ray.cluster_resources()})")
-        worker = ray.remote(ShardWorker).options(
-            num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker,
-            max_restarts=settings.max_retries, max_task_retries=settings.max_retries)
-        actors = [worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+        worker = ray.remote(ShardWorker)
+        actors = [worker.options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker,
+                                 max_restarts=settings.max_retries, max_task_retries=settings.max_retries,
+                                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
                   .remote(spec.to_dict()) for i in range(n)]
         pool = ActorPool(actors)
         yield from pool.map_unordered(lambda actor, shard: actor.run.remote(shard, request), todo)

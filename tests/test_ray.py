@@ -1,0 +1,147 @@
+"""Profiling shards on Ray: a local cluster of fake-GPU nodes (ray.cluster_utils.Cluster) started by the fixture.
+
+The same plan as in-process, one worker per GPU node, a worker killed mid-job costs only its own shard, more
+GPUs than the cluster has is a clear error, and latency tables are measured on the GPU type the job names.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from allocator import Budget, JobSpec, allocate, run_job
+from allocator.distributed import measure_latency, profile_on_ray
+from allocator.jobs import load_inputs, plan_shards
+from allocator.store import ProfileRequest
+from profilers import build_layer_graph, model_hash, register_profiler
+from profilers.hessian import combine, hessian
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"max_probes": 16, "min_probes": 8}
+
+
+@register_profiler("hessian_crash_once", combine=combine)
+def hessian_crash_once(model, calib, graph, choices, shard=None, crash_dir="", crash_batch=1, **settings):
+    """The Hessian profiler, except that the worker process dies (os._exit) the first time it reaches the
+    shard of calibration batch ``crash_batch``. Every run is recorded in ``crash_dir/runs.log``."""
+    with open(Path(crash_dir) / "runs.log", "a") as f:
+        f.write(json.dumps(shard) + "\n")
+    marker = Path(crash_dir) / "crashed"
+    if shard == {"batches": [crash_batch]} and not marker.exists():
+        marker.touch()
+        os._exit(1)
+    return hessian(model, calib, graph, choices, shard=shard, **settings)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and two nodes with one fake GPU each; the second is labelled an H100."""
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # what the variable sets when read before `import ray`
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 2**20,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+    nodes = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20),
+             c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20,
+                        resources={"accelerator_type:H100": 1})]
+    ray.init(address=c.address, runtime_env={"env_vars": {
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}})
+    yield c, [n.node_id for n in nodes]
+    ray.shutdown()
+    c.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                       attn_implementation="eager"))
+    model.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": (ids := torch.randint(0, 96, (1, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
+    torch.save(calib, root / "calib.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    model = GPT2LMHeadModel.from_pretrained(files / "model")
+    return allocate(model, torch.load(files / "calib.pt"), Budget(avg_bits=4), bits=(2, 4, 8), profiler_settings=FAST)
+
+
+def job(files, name, **changes) -> JobSpec:
+    spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
+            "budget": {"avg_bits": 4}, "out": f"out_{name}", "store": f"store_{name}",
+            "ray": {"workers": 2, "gpus_per_worker": 1, "max_retries": 2, "placement_timeout_s": 5}}
+    return JobSpec.from_dict(spec | changes, base_dir=files)
+
+
+def status(spec: JobSpec) -> dict:
+    return json.loads((Path(spec.out) / "status.json").read_text())
+
+
+def same_plan(plan, reference) -> None:
+    assert [l.choice for l in plan.layers] == [l.choice for l in reference.layers]
+    assert plan.predicted == pytest.approx(reference.predicted, rel=1e-12)
+
+
+def test_two_gpu_workers_give_the_in_process_plan(cluster, files, reference):
+    _, gpu_nodes = cluster
+    spec = job(files, "two")
+    model, calib = load_inputs(spec)
+    graph = build_layer_graph(model, calib[0])
+    request = ProfileRequest(model_hash(model), calib.hash(), "hessian", ("w2", "w4", "w8"), tuple(graph.names), FAST)
+    shards = plan_shards(spec, graph, len(calib))
+    assert shards == [{"batches": [0]}, {"batches": [1]}, {"batches": [2]}]
+    results = list(profile_on_ray(spec, request, shards))
+    assert all(r["computed"] for r in results)
+    assert {r["node"] for r in results} == set(gpu_nodes)  # one worker (one model copy) per GPU node
+
+    plan = run_job(spec)  # every shard is in the store now: nothing is scheduled again
+    assert status(spec)["shards_reused"] == 3 and status(spec)["shards_computed"] == 0
+    same_plan(plan, reference)
+
+
+def test_a_worker_that_dies_costs_only_its_shard(cluster, files, reference, tmp_path):
+    spec = job(files, "crash", profiler="hessian_crash_once", imports=["test_ray"],
+               profiler_settings=FAST | {"crash_dir": str(tmp_path), "crash_batch": 1})
+    plan = run_job(spec)
+    same_plan(plan, reference)
+    runs = [json.loads(line)["batches"][0] for line in (tmp_path / "runs.log").read_text().splitlines()]
+    assert sorted(runs) == [0, 1, 1, 2]  # batch 1 died once and ran again; the others ran once
+    assert (tmp_path / "crashed").exists() and status(spec)["shards_computed"] == 3
+
+
+def test_more_gpus_than_the_cluster_has_is_a_clear_error(cluster, files):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"asks for 3 workers x 1 GPUs = 3 GPUs; the cluster has 2"):
+        run_job(job(files, "three", ray={"workers": 3, "gpus_per_worker": 1}))
+    with pytest.raises(RuntimeError, match=r"could not place 1 workers of \{'CPU': 1.0, 'GPU': 2\} within 2 s"):
+        run_job(job(files, "wide", ray={"workers": 1, "gpus_per_worker": 2, "placement_timeout_s": 2}))
+    assert time.monotonic() - start < 30
+
+
+def test_latency_is_measured_on_the_gpu_type_the_job_names(cluster, files):
+    _, (plain_node, h100_node) = cluster
+    spec = job(files, "two", budget={"latency_ms": 1e6}, latency={"accelerator": "H100", "tokens": 1})
+    model, calib = load_inputs(spec)
+    table, node = measure_latency(build_layer_graph(model, calib[0]), ["w2", "w4", "w8"], tokens=1,
+                                  accelerator="H100", cache_dir=str(files / "latency"))
+    assert node == h100_node
+    assert len(table.entries) == 3 * len({(l.out_features, l.in_features) for l in build_layer_graph(model, calib[0]).layers})
