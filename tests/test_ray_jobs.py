@@ -1,0 +1,125 @@
+"""The Jobs API path end to end: a Ray head with its dashboard on loopback (started and stopped by the
+fixture), `bitalloc submit job.yaml --address ...`, then status, logs, stop and the plan."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from allocator import Plan, submit
+from allocator.cli import main
+
+pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"max_probes": 16, "min_probes": 8}
+HEAD = textwrap.dedent("""
+    import sys, ray
+    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=int(sys.argv[1]), _node_ip_address="127.0.0.1")
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    ray.shutdown()
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A one-node Ray cluster with the dashboard (Jobs API) on 127.0.0.1; shut down by closing its stdin."""
+    port = free_port()
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=env, text=True)
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the Ray head did not start its dashboard at {address}")
+            time.sleep(0.5)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield address
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("submit")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                       attn_implementation="eager"))
+    model.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": (ids := torch.randint(0, 96, (1, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
+    torch.save(calib, root / "calib.pt")
+    spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
+            "budget": {"avg_bits": 4}, "out": "out", "ray": {"workers": 2}}
+    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+def test_an_unreachable_address_is_a_clear_error_within_seconds(files):
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"cannot reach the Ray dashboard at http://127.0.0.1:9"):
+        submit(files / "job.yaml", address="http://127.0.0.1:9")
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.slow
+def test_submit_a_job_and_follow_it(head, files, capsys):
+    assert main(["submit", str(files / "job.yaml"), "--address", head, "--wait"]) == 0
+    job_id = capsys.readouterr().out.split("submitted job ", 1)[1].split()[0]
+    plan = Plan.load(files / "out" / "plan.json")
+    assert plan.predicted["avg_bits"] <= 4
+    assert json.loads((files / "out" / "status.json").read_text())["shards_computed"] == 3
+
+    assert main(["status", job_id, "--address", head]) == 0
+    assert capsys.readouterr().out.strip() == f"{job_id}: SUCCEEDED, stage done, shards 3/3 (0 reused), 8 layers, ETA 0 s"
+    assert main(["logs", job_id, "--address", head]) == 0
+    assert '"stage": "profile", "shards_done": 2' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_job_asking_for_more_gpus_than_the_cluster_has_fails_clearly(head, files):
+    spec = yaml.safe_load((files / "job.yaml").read_text()) | {"ray": {"workers": 2, "gpus_per_worker": 1}, "out": "out_gpu"}
+    handle = submit(spec | {"model": str(files / "model"), "calib": str(files / "calib.pt"),
+                            "out": str(files / "out_gpu")}, address=head)
+    with pytest.raises(RuntimeError, match=r"FAILED[\s\S]*asks for 2 workers x 1 GPUs = 2 GPUs; the cluster has 0"):
+        handle.wait(timeout_s=120)
+
+
+@pytest.mark.slow
+def test_a_submitted_job_can_be_stopped(head, files):
+    spec = yaml.safe_load((files / "job.yaml").read_text())
+    handle = submit(spec | {"model": str(files / "model"), "calib": str(files / "calib.pt"),
+                            "out": str(files / "out_stop"), "store": str(files / "store_stop")}, address=head)
+    assert handle.stop() is True
+    with pytest.raises(RuntimeError, match=f"job {handle.job_id} STOPPED"):
+        handle.wait(timeout_s=60)
