@@ -8,6 +8,8 @@ of probes on every batch; after each round a layer stops when its running mean's
 standard error is below `tol`; all stop at the probe cap. The trace is that of the Hessian of
 the mean calibration loss (task loss with labels, else self-distillation: Gauss-Newton).
 Hugging Face models run with eager attention during profiling (sdpa has no double backward).
+A negative trace (task-loss Hessians away from a minimum are indefinite) is kept in scores
+but gives cost 0.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def _finish(layers: list[str], choices: list[str], sums, sumsq, counts, qerr: np
         "sum": list(map(float, sums)), "sumsq": list(map(float, sumsq)), "params": list(map(float, params)),
     }
     scores.update({f"qerr_{c}": qerr[:, j].tolist() for j, c in enumerate(choices)})
-    cost = (trace / params)[:, None] * qerr
+    cost = (np.maximum(trace, 0.0) / params)[:, None] * qerr  # an indefinite block's negative trace: no cost
     return Profile(layers=layers, choices=choices, cost=cost, scores=scores, settings=settings)
 
 
