@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from solvers.problem import Problem
 
 
 @dataclass
