@@ -5,6 +5,7 @@ first plan that meets the target in about log2(frontier size) evaluations, each 
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -12,6 +13,8 @@ from solvers.errors import TargetNotMetError
 from solvers.pareto import pareto
 from solvers.problem import Problem
 from solvers.solution import Solution
+
+logger = logging.getLogger(__name__)
 
 
 def bisect_target(problem: Problem, evaluate: Callable[[Solution], float], target: float,
@@ -38,6 +41,8 @@ def bisect_target(problem: Problem, evaluate: Callable[[Solution], float], targe
         ok = quality >= target if higher_is_better else quality <= target
         log.append({"eval": len(log) + 1, "frontier_index": i, objective: points[i].value, "cost": points[i].cost,
                     "quality": quality, "meets": ok})
+        logger.info("bisect eval %d: frontier point %d/%d, %s %.6g, cost %.6g -> quality %.6g (%s)", len(log), i,
+                    len(points), objective, points[i].value, points[i].cost, quality, "meets" if ok else "misses")
         return ok
 
     hi = len(points) - 1
