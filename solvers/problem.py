@@ -79,7 +79,10 @@ class Problem:
         pairs: Mapping[tuple[str, str], Any] | None = None,
         allowed: Any = None,
     ) -> None:
-        self.layers = [str(x) if isinstance(x, str) else _bad_layer(x) for x in layers]
+        self.layers = list(layers)
+        for x in self.layers:
+            if not isinstance(x, str):
+                raise TypeError(f"layer names must be strings; got {x!r}")
         self.choices = [_label(c, "each choice") for c in choices]
         if not self.layers:
             raise ValueError("layers is empty; give at least one layer name")
@@ -153,7 +156,7 @@ class Problem:
                                  "pair terms must be finite")
             arr.setflags(write=False)
             self.pairs[(a, b)] = arr
-        self.reduced  # validates ties against pins and allowed
+        _ = self.reduced  # builds the tie groups now, so conflicts between ties, pins and allowed raise here
 
     def _layer_index(self, name: Any, where: str) -> int:
         if name not in self._li:
@@ -295,10 +298,6 @@ class Problem:
     def __repr__(self) -> str:
         return (f"Problem({self.n_layers} layers x {self.n_choices} choices, tables={list(self.tables)}, "
                 f"ties={len(self.ties)}, pins={len(self.pins)}, pairs={len(self.pairs)})")
-
-
-def _bad_layer(x: Any) -> str:
-    raise TypeError(f"layer names must be strings; got {x!r}")
 
 
 def _preview(names: list[str], n: int = 5) -> str:
