@@ -1,12 +1,15 @@
 """GPU layout of a quantized weight: codes split into bit planes, packed along the input dim, N-contiguous.
 
 A b-bit code is stored as one or two bit planes of widths (1, 2, 4, 8): 2 = 2, 3 = 2+1, 4 = 4, 5 = 4+1,
-6 = 4+2, 8 = 8. `per = 32 // width(plane 0)` consecutive input columns share one word of every plane:
-plane 0 words are int32, plane 1 words have per * width(plane 1) bits (int16 for 3 and 6, int8 for 5).
-Each plane is a tensor [Kp // per, N] (Kp = in_features padded to a multiple of 32), so a tile of output
-columns is one coalesced wide load along N, and a word unpacks with one shift and one mask per code:
-code of column k = r * per + i is (plane0[r] >> i*w0) & m0 | ((plane1[r] >> i*w1) & m1) << w0.
-Scales (and float zero points) are stored transposed, [n_groups, N], in their stored dtype.
+6 = 4+2, 8 = 8. A word holds `per = 32 // width(plane 0)` codes in every plane (plane 0 words are int32,
+plane 1 words have per * width(plane 1) bits: int16 for 3 and 6 bits, int8 for 5). Each plane is a tensor
+[Kp // per, N], N contiguous, so a tile of output columns is one coalesced wide load. Input columns come in
+blocks of B = 16 * per (Kp = in_features padded to a multiple of B); in block b, word row 16 b + j holds in
+slot i the code of column b B + 16 i + j:
+    code = (plane0[16 b + j] >> i*w0) & m0 | ((plane1[16 b + j] >> i*w1) & m1) << w0.
+So slot i of a block's 16 word rows is 16 *consecutive* columns: a kernel unpacks it with one shift and one
+mask per code and multiplies it by a contiguous slice of x (or feeds it to a K=16 tensor-core dot).
+Scales (and zero points) are read as [n_groups, N] (transposed views of the canonical [N, n_groups]).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .packing import pack_bits, unpack_bits
 from .quantizer import QuantizedTensor
 
 PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
-K_ALIGN = 32
+WORD_ROWS = 16  # word rows per block: slot i of a block covers 16 consecutive input columns
 _WORD_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
 
 
@@ -47,6 +50,11 @@ class GpuPackedWeight:
         return 32 // self.widths[0]
 
     @property
+    def block(self) -> int:
+        """Input columns per block of WORD_ROWS word rows."""
+        return WORD_ROWS * self.per
+
+    @property
     def group(self) -> int:
         """Group width in input columns (per-channel: the whole padded row)."""
         k = self.shape[1]
@@ -66,13 +74,15 @@ class GpuPackedWeight:
         """uint8 codes [N, K] (torch reference of the kernels' unpack)."""
         n, k = self.shape
         widths, per = self.widths, self.per
-        codes = torch.zeros(self.planes[0].shape[0], per, n, dtype=torch.int32, device=self.planes[0].device)
+        kw = self.planes[0].shape[0]
+        codes = torch.zeros(kw, per, n, dtype=torch.int32, device=self.planes[0].device)
         offset = 0
         for plane, w in zip(self.planes, widths):
             shifts = (torch.arange(per, device=plane.device, dtype=torch.int32) * w).view(1, per, 1)
             codes |= ((plane.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << w) - 1)) << offset
             offset += w
-        return codes.reshape(-1, n)[:k].t().to(torch.uint8)
+        codes = codes.view(kw // WORD_ROWS, WORD_ROWS, per, n).permute(0, 2, 1, 3).reshape(kw * per, n)
+        return codes[:k].t().to(torch.uint8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight [N, K] (torch reference)."""
@@ -82,11 +92,11 @@ class GpuPackedWeight:
         return ((self.codes().float() - zero) * self.scales[gid].t().float()).to(dtype)
 
 
-def _pack_plane(codes: torch.Tensor, width: int, per: int) -> torch.Tensor:
-    """codes [Kp, N] int64 of `width` bits -> words [Kp // per, N] of per * width bits."""
-    kp, n = codes.shape
+def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """codes [Kp // per, per, N] int64 of `width` bits (word row, slot, column) -> words [Kp // per, N]."""
+    per = codes.shape[1]
     shifts = (torch.arange(per, device=codes.device, dtype=torch.int64) * width).view(1, per, 1)
-    words = (codes.view(kp // per, per, n) << shifts).sum(dim=1)
+    words = (codes << shifts).sum(dim=1)
     word_bits = per * width
     words = torch.where(words >= (1 << (word_bits - 1)), words - (1 << word_bits), words)  # two's complement
     return words.to(_WORD_DTYPE[word_bits]).contiguous()
@@ -95,16 +105,22 @@ def _pack_plane(codes: torch.Tensor, width: int, per: int) -> torch.Tensor:
 def _codes_to_planes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     """uint8 codes [N, K] -> the bit planes [Kp // per, N]."""
     n, k = codes.shape
-    kp = -(-k // K_ALIGN) * K_ALIGN
-    codes_t = torch.zeros(kp, n, dtype=torch.int64, device=codes.device)
-    codes_t[:k] = codes.t()
     widths = PLANES[bits]
     per = 32 // widths[0]
+    kp = _padded_k(k, per)
+    codes_t = torch.zeros(kp, n, dtype=torch.int64, device=codes.device)
+    codes_t[:k] = codes.t()
+    slots = codes_t.view(kp // (WORD_ROWS * per), per, WORD_ROWS, n).permute(0, 2, 1, 3).reshape(kp // per, per, n)
     planes, offset = [], 0
     for w in widths:
-        planes.append(_pack_plane((codes_t >> offset) & ((1 << w) - 1), w, per))
+        planes.append(_pack_plane((slots >> offset) & ((1 << w) - 1), w))
         offset += w
     return tuple(planes)
+
+
+def _padded_k(k: int, per: int) -> int:
+    block = WORD_ROWS * per
+    return -(-k // block) * block
 
 
 def _plane_specs(bits: int, shape: tuple[int, int]) -> list[tuple[torch.dtype, int, int]]:
@@ -112,12 +128,12 @@ def _plane_specs(bits: int, shape: tuple[int, int]) -> list[tuple[torch.dtype, i
     n, k = shape
     widths = PLANES[bits]
     per = 32 // widths[0]
-    rows = -(-k // K_ALIGN) * K_ALIGN // per
+    rows = _padded_k(k, per) // per
     return [(_WORD_DTYPE[per * w], rows, n) for w in widths]
 
 
 def layout_nbytes(bits: int, shape: tuple[int, int]) -> int:
-    """Bytes of the planes of a [N, K] weight (= the dense packing of [N, K padded to 32])."""
+    """Bytes of the planes of a [N, K] weight (= the dense packing of [N, K padded to a block of 16 words])."""
     return sum(r * c * torch.empty(0, dtype=d).element_size() for d, r, c in _plane_specs(bits, shape))
 
 

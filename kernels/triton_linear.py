@@ -1,14 +1,16 @@
-"""Triton weight-only b-bit linear (b in 2, 3, 4, 5, 6, 8) on the bit-plane layout of `gpu_layout`.
+"""Triton weight-only b-bit linear (b in 2, 3, 4, 5, 6, 8) on the bit-plane block layout of `gpu_layout`.
 
-The kernels unpack with a shift and a mask per code and plane, then the fp32 "magic number" conversion
-`bitcast(u | 0x4B000000) - (2^23 + zero)` (one FADD instead of an int-to-float and a subtract):
-- `_gemv_kernel`: one token row per program, split-K over the grid, fp32 FMAs reduced in registers
-  (decode, M <= GEMV_MAX_M); wide tiles along N keep each column's K-reduction inside one thread;
-- `_gemm_kernel`: tensor-core tl.dot on the dequantized tile (codes unpacked straight into a [BK, BN]
-  tile, each word read once per code from L1), M > GEMV_MAX_M; split-K for decode batches;
+Every kernel walks K one block at a time: it loads the block's 16 word rows x BN columns of each plane once
+(coalesced 16-byte loads), then for each slot i (16 consecutive input columns) unpacks with a shift and a
+mask per code and the fp32 "magic number" conversion `bitcast(u | 0x4B000000) - (2^23 + zero)` (one FADD
+instead of an int-to-float and a subtract), scaled by the slot's group scale:
+- `_gemv_kernel` (decode, M <= GEMV_MAX_M): per slot, FMAs with a contiguous 16-value slice of x, reduced
+  inside each thread (the tile keeps the load's layout: no shuffles); split-K over the grid;
+- `_gemm_kernel`: per slot a K=16 tensor-core dot (wgmma on Hopper) of x[:, 16 columns] and the slot's
+  dequantized [16, BN] tile; split-K for decode batches, plain tiles for prefill;
 - `_dequant_kernel`: the float weight [K, N] for the dequantize + cuBLAS path.
-Split-K partial sums go through an fp32 workspace with atomics. Group sizes that are not a multiple
-of 32 have no fused kernel: `linear` says so once and uses dequantize + matmul.
+Split-K partial sums go through an fp32 workspace with atomics. Group widths that are not a multiple of
+32 have no fused kernel: `linear` says so once and uses dequantize + matmul.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gpu_layout import GpuPackedWeight
+from .gpu_layout import WORD_ROWS, GpuPackedWeight
 
 try:
     import triton
@@ -28,84 +30,94 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 GEMV_MAX_M = 1
-MAGIC = 0x4B000000  # float32 2^23: OR-ing an integer < 2^23 into its mantissa gives 2^23 + u
 
 
 @dataclass(frozen=True)
 class Config:
-    """Tile shape of one launch: block_k in input columns; split_k K-slices on the grid."""
+    """Tile shape of one launch (K always advances one block of 16 word rows); split_k: K-slices on the grid."""
 
     block_m: int
     block_n: int
-    block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
 
     @property
     def label(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}p{self.num_stages}"
+        return f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
 
 
 if HAVE_TRITON:
     @triton.jit
-    def _unpack(p0, p1, rows, cols, mask, N, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
-        """Codes [BKW, PER, BN] + 2^23 as float32 (bit pattern 0x4B000000 | u) of packed rows `rows`, columns `cols`."""
-        offs = rows[:, None] * N + cols[None, :]
-        a = tl.load(p0 + offs, mask=mask, other=0)
-        shifts = tl.arange(0, PER)[None, :, None]
-        u = (a[:, None, :] >> (shifts * W0)) & ((1 << W0) - 1)
+    def _slot(a, b, i: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+        """Codes of slot i of words a (plane 0) and b (plane 1), as float32 2^23 + u."""
+        u = (a >> (i * W0)) & ((1 << W0) - 1)
         if W1 > 0:
-            b = tl.load(p1 + offs, mask=mask, other=0).to(tl.int32)
-            u = u | (((b[:, None, :] >> (shifts * W1)) & ((1 << W1) - 1)) << W0)
+            u = u | (((b >> (i * W1)) & ((1 << W1) - 1)) << W0)
         return (u | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _unpack_2d(p0, p1, ks, cols, mask, N, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
-        """Codes [BK, BN] + 2^23 as float32 of input columns `ks` (each word loaded once per code, from L1)."""
-        offs = (ks // PER)[:, None] * N + cols[None, :]
-        sub = (ks % PER)[:, None]
-        u = (tl.load(p0 + offs, mask=mask, other=0) >> (sub * W0)) & ((1 << W0) - 1)
+    def _load_block(p0, p1, r0, cols, nmask, N, KW, W1: tl.constexpr):
+        """Word rows r0..r0+15 x cols of both planes (plane 1 as int32; unused when W1 == 0)."""
+        rows = r0 + tl.arange(0, 16)
+        offs = rows[:, None] * N + cols[None, :]
+        mask = (rows < KW)[:, None] & nmask[None, :]
+        a = tl.load(p0 + offs, mask=mask, other=0)
         if W1 > 0:
-            b = tl.load(p1 + offs, mask=mask, other=0).to(tl.int32)
-            u = u | (((b >> (sub * W1)) & ((1 << W1) - 1)) << W0)
-        return (u | 0x4B000000).to(tl.float32, bitcast=True)
+            # 4 columns per thread like plane 0 (narrower loads), so both tiles share one register layout
+            offs1 = rows[:, None] * N + tl.max_contiguous(cols, 4)[None, :]
+            b = tl.load(p1 + offs1, mask=mask, other=0).to(tl.int32)
+        else:
+            b = a
+        return a, b
+
+    @triton.jit
+    def _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO: tl.constexpr, HAS_Z: tl.constexpr):
+        """Scale and 2^23 + zero [BN] of the group holding input column col0 (scale 0 in the K padding)."""
+        offs = (col0 // G) * stride_sg + cols * stride_sn
+        mask = nmask & (tl.full(cols.shape, col0, tl.int32) < K)
+        sc = tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            bias = 8388608.0 + tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.full(sc.shape, 8388608.0 + ZERO, tl.float32)
+        return sc, bias
 
     @triton.jit(do_not_specialize=["K", "KW", "G", "rows_per_split"])
     def _gemv_kernel(x, p0, p1, s, z, out, ws, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
                      PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
-                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+                     BN: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
         cols = pid_n * BN + tl.arange(0, BN)
         nmask = cols < N
+        j = tl.arange(0, 16)
         acc = tl.zeros([BN], dtype=tl.float32)
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
-        for r0 in range(r_lo, r_hi, BKW):
-            rows = r0 + tl.arange(0, BKW)
-            mask = (rows < KW)[:, None] & nmask[None, :]
-            offs = rows[:, None] * N + cols[None, :]
-            a = tl.load(p0 + offs, mask=mask, other=0)
-            if W1 > 0:
-                b = tl.load(p1 + offs, mask=mask, other=0).to(tl.int32)
-            g = (r0 * PER) // G
-            sc = tl.load(s + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                bias = 8388608.0 + tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
-            else:
-                bias = tl.full([BN], 8388608.0 + ZERO, tl.float32)
-            part = tl.zeros([BKW, BN], dtype=tl.float32)
+        for r0 in range(r_lo, r_hi, 16):
+            a, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
+            part = tl.zeros([16, BN], dtype=tl.float32)
+            if BLOCK_SCALE:
+                sc, bias = _slot_scale(s, z, r0 * PER, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
             for i in tl.static_range(PER):
-                u = (a >> (i * W0)) & ((1 << W0) - 1)
-                if W1 > 0:
-                    u = u | (((b >> (i * W1)) & ((1 << W1) - 1)) << W0)
-                w = (u | 0x4B000000).to(tl.float32, bitcast=True) - bias[None, :]
-                ks = rows * PER + i
-                xi = tl.load(x + m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
-                part += xi[:, None] * w
-            acc += tl.sum(part, axis=0) * sc
+                col0 = r0 * PER + i * 16
+                if EVEN_K:
+                    xi = tl.load(x + m * stride_xm + tl.multiple_of(col0, 16) + j).to(tl.float32)
+                else:
+                    xi = tl.load(x + m * stride_xm + col0 + j, mask=col0 + j < K, other=0.0).to(tl.float32)
+                if BLOCK_SCALE:
+                    part += xi[:, None] * (_slot(a, b, i, W0, W1) - bias[None, :])
+                else:
+                    sc_i, bias_i = _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                    part += (xi[:, None] * sc_i[None, :]) * (_slot(a, b, i, W0, W1) - bias_i[None, :])
+            # one reduction over the block's 16 rows (inside each thread unless the tile spans warps)
+            if BLOCK_SCALE:
+                acc += tl.sum(part, axis=0) * sc
+            else:
+                acc += tl.sum(part, axis=0)
         if ATOMIC:
             tl.atomic_add(ws + m * N + cols, acc, mask=nmask, sem="relaxed")
         else:
@@ -114,8 +126,8 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split"])
     def _gemm_kernel(x, p0, p1, s, z, out, ws, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
                      PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
-                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BKW: tl.constexpr, GROUP_M: tl.constexpr):
+                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         n_m = tl.cdiv(M, BM)
@@ -128,21 +140,26 @@ if HAVE_TRITON:
         rm = pid_m * BM + tl.arange(0, BM)
         cols = pid_n * BN + tl.arange(0, BN)
         nmask = cols < N
+        j = tl.arange(0, 16)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
-        for r0 in range(r_lo, r_hi, BKW):
-            ks = r0 * PER + tl.arange(0, BKW * PER)
-            w = _unpack_2d(p0, p1, ks, cols, (ks < KW * PER)[:, None] & nmask[None, :], N, PER, W0, W1)
-            g = (r0 * PER) // G
-            sc = tl.load(s + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                bias = 8388608.0 + tl.load(z + g * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
-                w = w - bias[None, :]
-            else:
-                w = w - (8388608.0 + ZERO)
-            xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
-            acc = tl.dot(xt, (w * sc[None, :]).to(xt.dtype), acc)
+        for r0 in range(r_lo, r_hi, 16):
+            a, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
+            if BLOCK_SCALE:
+                sc, bias = _slot_scale(s, z, r0 * PER, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+            for i in tl.static_range(PER):
+                col0 = r0 * PER + i * 16
+                if not BLOCK_SCALE:
+                    sc, bias = _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                ks = tl.multiple_of(col0, 16) + j
+                if EVEN_K:
+                    xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=rm[:, None] < M, other=0.0)
+                else:
+                    xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :],
+                                 mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
+                w = (_slot(a, b, i, W0, W1) - bias[None, :]) * sc[None, :]
+                acc = tl.dot(xt, w.to(xt.dtype), acc)
         omask = (rm[:, None] < M) & nmask[None, :]
         if ATOMIC:
             tl.atomic_add(ws + rm[:, None] * N + cols[None, :], acc, mask=omask, sem="relaxed")
@@ -150,22 +167,20 @@ if HAVE_TRITON:
             tl.store(out + rm[:, None] * stride_om + cols[None, :], acc.to(out.dtype.element_ty), mask=omask)
 
     @triton.jit(do_not_specialize=["K", "KW", "G"])
-    def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, stride_sg, stride_sn, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
-                        ZERO: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
-        rows = tl.program_id(0) * BKW + tl.arange(0, BKW)
+    def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, stride_sg, stride_sn, PER: tl.constexpr, W0: tl.constexpr,
+                        W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr):
+        r0 = tl.program_id(0) * 16
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         nmask = cols < N
-        w = _unpack(p0, p1, rows, cols, (rows < KW)[:, None] & nmask[None, :], N, PER, W0, W1) - 8388608.0
-        ks = rows[:, None] * PER + tl.arange(0, PER)[None, :]
-        g = ks // G
-        mask = (ks < K)[:, :, None] & nmask[None, None, :]
-        offs = g[:, :, None] * stride_sg + cols[None, None, :] * stride_sn
-        if HAS_Z:
-            w = w - tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            w = w - ZERO
-        w = w * tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out + ks[:, :, None] * N + cols[None, None, :], w.to(out.dtype.element_ty), mask=mask)
+        j = tl.arange(0, 16)
+        a, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
+        for i in tl.static_range(PER):
+            col0 = r0 * PER + i * 16
+            sc, bias = _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+            w = (_slot(a, b, i, W0, W1) - bias[None, :]) * sc[None, :]
+            ks = col0 + j
+            tl.store(out + ks[:, None] * N + cols[None, :], w.to(out.dtype.element_ty),
+                     mask=(ks < K)[:, None] & nmask[None, :])
 
 
 def fused_supported(gw: GpuPackedWeight) -> bool:
@@ -173,40 +188,21 @@ def fused_supported(gw: GpuPackedWeight) -> bool:
     return gw.group % 32 == 0
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two <= cap that divides n."""
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
-        b *= 2
-    return b
-
-
 def default_config(m: int, gw: GpuPackedWeight) -> Config:
     """Heuristic tile shape for m token rows (the latency table measures the alternatives)."""
-    n, k = gw.shape
-    kw = gw.planes[0].shape[0]
+    n = gw.shape[0]
+    blocks = gw.planes[0].shape[0] // WORD_ROWS
     if m <= GEMV_MAX_M:
-        bn, bk = 512, _pow2_divisor(gw.group, 16 * gw.per)
-        bk = max(bk, min(32, gw.group))
-        split = split_for(-(-n // bn), kw * gw.per // bk)
-        return Config(1, bn, bk, split, 4, 1)
+        return Config(1, 512, split_for(-(-n // 512), blocks), 4, 1)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        bn, bk = 64, _pow2_divisor(gw.group, 64)
-        split = split_for(-(-n // bn) * -(-m // bm), kw * gw.per // bk, waves=2)
-        return Config(bm, bn, bk, split, 4, 3)
-    return Config(128, 128, _pow2_divisor(gw.group, 64), 1, 8, 3)
+        return Config(bm, 64, split_for(-(-n // 64) * -(-m // bm), blocks, waves=2), 4, 3)
+    return Config(128, 128, 1, 8, 3 if gw.per <= 8 else 2)  # 2/3-bit blocks stage 256 x columns per stage
 
 
-def split_for(programs: int, k_tiles: int, waves: int = 4, sms: int = 132) -> int:
-    """K-slices giving about `waves` programs per SM, at least one K tile per slice."""
-    return max(1, min(-(-waves * sms // programs), k_tiles))
-
-
-def _check_config(cfg: Config, gw: GpuPackedWeight) -> None:
-    if gw.group % cfg.block_k or cfg.block_k % gw.per or cfg.block_k < max(16, gw.per):
-        raise ValueError(f"block_k={cfg.block_k} must divide the group width {gw.group}, be a multiple of "
-                         f"{gw.per} columns and at least 16")
+def split_for(programs: int, blocks: int, waves: int = 4, sms: int = 132) -> int:
+    """K-slices giving about `waves` programs per SM, at least one K block per slice."""
+    return max(1, min(-(-waves * sms // programs), blocks))
 
 
 def _args(gw: GpuPackedWeight):
@@ -221,15 +217,19 @@ def _args(gw: GpuPackedWeight):
         ZERO=float(1 << (gw.bits - 1)), HAS_Z=gw.zeros is not None)
 
 
+def _block_scale(gw: GpuPackedWeight) -> bool:
+    """Whether every K block lies in one group (one scale load per block instead of one per slot)."""
+    return gw.group % gw.block == 0
+
+
 def dequantize(gw: GpuPackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The float weight transposed, [K, N] in `dtype`, computed on the GPU."""
     n, k = gw.shape
     kw = gw.planes[0].shape[0]
     out = torch.empty(k, n, dtype=dtype, device=gw.scales.device)
     tensors, consts = _args(gw)
-    bkw = max(1, 64 // gw.per)
-    grid = (triton.cdiv(kw, bkw), triton.cdiv(n, 128))
-    _dequant_kernel[grid](out=out, N=n, K=k, KW=kw, G=gw.group, BN=128, BKW=bkw, **tensors, **consts)
+    grid = (kw // WORD_ROWS, triton.cdiv(n, 128))
+    _dequant_kernel[grid](out=out, N=n, K=k, KW=kw, G=gw.group, BN=128, **tensors, **consts)
     return out
 
 
@@ -258,10 +258,8 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     if not fused_supported(gw):
         return _fallback(x2, gw, f"group width {gw.group} is not a multiple of 32").view(*lead, n)
     cfg = config or default_config(m, gw)
-    _check_config(cfg, gw)
     kw = gw.planes[0].shape[0]
-    bkw = cfg.block_k // gw.per
-    rows_per_split = triton.cdiv(triton.cdiv(kw, cfg.split_k), bkw) * bkw
+    rows_per_split = triton.cdiv(triton.cdiv(kw, cfg.split_k), WORD_ROWS) * WORD_ROWS
     split = triton.cdiv(kw, rows_per_split)
     atomic = split > 1
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -271,13 +269,13 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         _gemv_kernel[grid](x2, **tensors, out=out, ws=ws, N=n, K=k, KW=kw, G=gw.group,
                            rows_per_split=rows_per_split, stride_xm=x2.stride(0), stride_om=out.stride(0),
-                           ATOMIC=atomic, BN=cfg.block_n, BKW=bkw, num_warps=cfg.num_warps,
+                           ATOMIC=atomic, BLOCK_SCALE=_block_scale(gw), EVEN_K=k % gw.block == 0, BN=cfg.block_n, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages, **consts)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         _gemm_kernel[grid](x2, **tensors, out=out, ws=ws, M=m, N=n, K=k, KW=kw, G=gw.group,
                            rows_per_split=rows_per_split, stride_xm=x2.stride(0), stride_om=out.stride(0),
-                           ATOMIC=atomic, BM=cfg.block_m, BN=cfg.block_n, BKW=bkw, GROUP_M=8,
+                           ATOMIC=atomic, BLOCK_SCALE=_block_scale(gw), EVEN_K=k % gw.block == 0, BM=cfg.block_m, BN=cfg.block_n, GROUP_M=8,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
     if atomic:
         out.copy_(ws)

@@ -78,9 +78,8 @@ def test_every_config_family(bits: int) -> None:
     gen = torch.Generator().manual_seed(bits)
     n, k, group = (96, 512, 128) if INTERPRET else (1000, 4096, 128)
     qt, gw = _case(n, k, group, bits, True, torch.float16, gen)
-    configs = [tlin.Config(1, 32, 64, 3), tlin.Config(1, 64, 128, 1), tlin.Config(1, 256, 32, 5, 2),
-               tlin.Config(1, 512, 128, 2), tlin.Config(16, 32, 32, 4), tlin.Config(16, 64, 64, 1),
-               tlin.Config(64, 64, 128, 2)]
+    configs = [tlin.Config(1, 32, 3), tlin.Config(1, 64, 1), tlin.Config(1, 256, 5, 2), tlin.Config(1, 512, 2),
+               tlin.Config(16, 32, 4), tlin.Config(16, 64, 1), tlin.Config(64, 64, 2), tlin.Config(128, 128, 1, 8, 3)]
     for cfg in configs:
         m = 1 if cfg.block_m == 1 else 9
         x = torch.randn(m, k, generator=gen).half().to(DEV)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import QuantSpec, quantize
+from kernels import QuantSpec, pack_bits, quantize
 from kernels.backends import convert_layout
 from kernels.gpu_layout import PLANES, dense_to_gpu_bytes, gpu_bytes_to_dense, layout_nbytes, repack_for_gpu
 
@@ -33,3 +33,18 @@ def test_registered_layout_converts_through_registry() -> None:
     qt = quantize(torch.randn(24, 96), QuantSpec(3, 32), clip_search=False)
     buf = convert_layout(qt.packed, qt.spec, qt.shape, "dense", "gpu_planes")
     assert torch.equal(convert_layout(buf, qt.spec, qt.shape, "gpu_planes", "dense"), qt.packed)
+
+
+def test_documented_slot_mapping() -> None:
+    """Block b, word row 16 b + j, slot i holds the code of input column b * 16 * per + 16 i + j."""
+    n, k = 3, 200
+    codes = torch.arange(k).to(torch.uint8).repeat(n, 1)   # 8-bit code = its column
+    qt = quantize(torch.randn(n, k), QuantSpec(8, None), clip_search=False)
+    qt.packed = pack_bits(codes, 8)
+    gw = repack_for_gpu(qt)
+    per, words = gw.per, gw.planes[0][:, 1].to(torch.int64) & 0xFFFFFFFF
+    for row in range(words.numel()):
+        b, j = divmod(row, 16)
+        for i in range(per):
+            col = b * 16 * per + 16 * i + j
+            assert (int(words[row]) >> (8 * i)) & 255 == (col if col < k else 0)
