@@ -86,7 +86,7 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
         ready, _ = ray.wait([pg.ready()], timeout=settings.placement_timeout_s)
         if not ready:
             raise RuntimeError(f"could not place {n} workers of {bundle} within {settings.placement_timeout_s:g} s "
-                               f"(no node has room for one; cluster: {ray.cluster_resources()})")
+                               f"(no node has room for one, or the cluster is busy; cluster: {ray.cluster_resources()})")
         worker = ray.remote(ShardWorker)
         actors = [worker.options(num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker,
                                  max_restarts=settings.max_retries, max_task_retries=settings.max_retries,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from allocator import Budget, JobSpec, allocate, run_job
