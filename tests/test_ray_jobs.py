@@ -15,8 +15,10 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from allocator import Plan, submit
+from allocator import Budget, Plan, allocate, submit
 from allocator.cli import main
+from profilers import register_profiler
+from profilers.hessian import combine, hessian
 
 pytest.importorskip("ray")
 
@@ -30,6 +32,15 @@ HEAD = textwrap.dedent("""
     sys.stdin.read()  # until the test closes our stdin
     ray.shutdown()
 """)
+
+
+@register_profiler("hessian_gated", combine=combine)
+def hessian_gated(model, calib, graph, choices, shard=None, gate="", gated_batch=2, **settings):
+    """The Hessian profiler, except that the shard of ``gated_batch`` waits until the file ``gate`` exists."""
+    deadline = time.monotonic() + 120
+    while shard == {"batches": [gated_batch]} and not Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return hessian(model, calib, graph, choices, shard=shard, **settings)
 
 
 def free_port() -> int:
@@ -85,6 +96,16 @@ def files(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def reference(files):
+    """The plan of the plain in-process API on the same model, data and settings."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = GPT2LMHeadModel.from_pretrained(files / "model")
+    yield allocate(model, torch.load(files / "calib.pt"), Budget(avg_bits=4), bits=(2, 4, 8), profiler_settings=FAST)
+    torch.set_num_threads(threads)
+
+
 def test_an_unreachable_address_is_a_clear_error_within_seconds(files):
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=r"cannot reach the Ray dashboard at http://127.0.0.1:9"):
@@ -93,11 +114,11 @@ def test_an_unreachable_address_is_a_clear_error_within_seconds(files):
 
 
 @pytest.mark.slow
-def test_submit_a_job_and_follow_it(head, files, capsys):
+def test_submit_a_job_and_follow_it(head, files, reference, capsys):
     assert main(["submit", str(files / "job.yaml"), "--address", head, "--wait"]) == 0
     job_id = capsys.readouterr().out.split("submitted job ", 1)[1].split()[0]
     plan = Plan.load(files / "out" / "plan.json")
-    assert plan.predicted["avg_bits"] <= 4
+    assert [l.choice for l in plan.layers] == [l.choice for l in reference.layers]
     assert json.loads((files / "out" / "status.json").read_text())["shards_computed"] == 3
 
     assert main(["status", job_id, "--address", head]) == 0
@@ -116,10 +137,26 @@ def test_a_job_asking_for_more_gpus_than_the_cluster_has_fails_clearly(head, fil
 
 
 @pytest.mark.slow
-def test_a_submitted_job_can_be_stopped(head, files):
-    spec = yaml.safe_load((files / "job.yaml").read_text())
-    handle = submit(spec | {"model": str(files / "model"), "calib": str(files / "calib.pt"),
-                            "out": str(files / "out_stop"), "store": str(files / "store_stop")}, address=head)
+def test_a_stopped_job_resumes_from_the_store(head, files, reference):
+    """Stop a job while one shard is still running, submit it again: only that shard is computed."""
+    gate = files / "gate"
+    spec = yaml.safe_load((files / "job.yaml").read_text()) | {
+        "model": str(files / "model"), "calib": str(files / "calib.pt"), "out": str(files / "out_stop"),
+        "store": str(files / "store_stop"), "profiler": "hessian_gated", "imports": ["test_ray_jobs"],
+        "profiler_settings": FAST | {"gate": str(gate)}}
+    env = {"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}}
+    handle = submit(spec, address=head, runtime_env=env)
+    deadline = time.monotonic() + 120
+    while len(list((files / "store_stop").glob("hessian_gated-*.json"))) < 2:
+        assert time.monotonic() < deadline, handle.logs()
+        time.sleep(0.5)
     assert handle.stop() is True
     with pytest.raises(RuntimeError, match=f"job {handle.job_id} STOPPED"):
         handle.wait(timeout_s=60)
+
+    gate.touch()
+    plan = submit(spec, address=head, runtime_env=env).result(timeout_s=120)
+    done = json.loads((files / "out_stop" / "status.json").read_text())
+    assert (done["shards_computed"], done["shards_reused"]) == (1, 2)
+    assert [l.choice for l in plan.layers] == [l.choice for l in reference.layers]
+    assert plan.predicted == pytest.approx(reference.predicted, rel=1e-12)
