@@ -46,7 +46,8 @@ def cluster():
     env = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # what the variable sets when read before `import ray`
+    constants = ray._private.ray_constants
+    enabled, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False  # what the variable sets at import
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 2**20,
         "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
@@ -58,6 +59,7 @@ def cluster():
     yield c, [n.node_id for n in nodes]
     ray.shutdown()
     c.shutdown()
+    constants.ENABLE_RAY_CLUSTER = enabled
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
