@@ -3,6 +3,11 @@
     graph = build_layer_graph(model, example_batch)
     calib = Calibration(batches)
     prof = profile(model, calib, graph, choices=[Choice(2), Choice(4), Choice(8)], profiler="hessian")
+
+Registered profilers (PROFILERS): "hessian" (Hutchinson trace, HAWQ-V2/V3), "eigen" (top block
+eigenvalue, HAWQ-V1), "fisher" (gradient-squared), "gptq" (output-error proxy), "measured"
+(single-layer loss deltas, the ground truth), "lrp" and "interlayer". Shards: profile(...,
+shard={"layers": [...]}) or {"batches": [...]}, then merge(shards).
 """
 from .calibration import Calibration, model_hash
 from .graph import LayerGraph, LayerInfo, build_layer_graph
