@@ -5,31 +5,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from allocator import (Budget, Plan, PlanError, allocate, load_quantized, profile_model, quantized_bytes,
                        save_quantized, solve_profiled)
-from kernels import Choice
 from allocator.report import stored_layer_bytes
+from kernels import Choice
 from solvers import InfeasibleError
-
-FAST = {"max_probes": 16, "min_probes": 8, "batch_probes": 8}
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, attn_implementation="eager")
-    return GPT2LMHeadModel(config).eval()
-
-
-def batches(n: int = 3, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 96, (2, 16), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
+from tiny import FAST, lm_batches as batches, tiny_gpt2
 
 @pytest.fixture(scope="module")
 def model():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny import save_model_and_calib
 
 from allocator import Plan, load_quantized
 from allocator.cli import main
@@ -15,14 +15,7 @@ FAST = ["--bits", "2,4,8", "--profiler-setting", "max_probes=16", "--profiler-se
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                                       attn_implementation="eager"))
-    model.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": (ids := torch.randint(0, 96, (2, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
-    torch.save(calib, root / "calib.pt")
-    return root
+    return save_model_and_calib(root)
 
 
 def test_run_writes_a_plan_and_a_loadable_quantized_model(files, capsys):

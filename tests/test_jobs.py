@@ -6,25 +6,19 @@ import json
 import pytest
 import torch
 import yaml
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny import FAST, save_model_and_calib
+from transformers import GPT2LMHeadModel
 
 from allocator import Budget, JobSpec, Plan, allocate, run_job
 from allocator.cli import main
 
-FAST = {"max_probes": 16, "min_probes": 8}
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A 2-layer GPT-2 saved to disk, 3 calibration batches, and a job spec that allocates it."""
     root = tmp_path_factory.mktemp("jobs")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                                       attn_implementation="eager"))
-    model.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": (ids := torch.randint(0, 96, (1, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
-    torch.save(calib, root / "calib.pt")
+    save_model_and_calib(root, batch_size=1)
     spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
             "budget": {"avg_bits": 4}, "out": "out", "store": "store"}
     (root / "job.yaml").write_text(yaml.safe_dump(spec))

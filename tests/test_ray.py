@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny import FAST, save_model_and_calib
+from transformers import GPT2LMHeadModel
 
 from allocator import Budget, JobSpec, allocate, run_job
 from allocator.distributed import measure_latency, profile_on_ray
@@ -24,7 +25,6 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"max_probes": 16, "min_probes": 8}
 
 
 @register_profiler("hessian_crash_once", combine=combine)
@@ -67,13 +67,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                                       attn_implementation="eager"))
-    model.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": (ids := torch.randint(0, 96, (1, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
-    torch.save(calib, root / "calib.pt")
+    save_model_and_calib(root, batch_size=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield root

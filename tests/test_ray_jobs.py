@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny import FAST, save_model_and_calib
+from transformers import GPT2LMHeadModel
 
 from allocator import Budget, Plan, allocate, submit
 from allocator.cli import main
@@ -23,7 +24,6 @@ from profilers.hessian import combine, hessian
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"max_probes": 16, "min_probes": 8}
 HEAD = textwrap.dedent("""
     import sys, ray
     ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -83,13 +83,7 @@ def head():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("submit")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                                       attn_implementation="eager"))
-    model.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    calib = [{"input_ids": (ids := torch.randint(0, 96, (1, 16), generator=g)), "labels": ids.clone()} for _ in range(3)]
-    torch.save(calib, root / "calib.pt")
+    save_model_and_calib(root, batch_size=1)
     spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
             "budget": {"avg_bits": 4}, "out": "out", "ray": {"workers": 2}}
     (root / "job.yaml").write_text(yaml.safe_dump(spec))

@@ -1,7 +1,7 @@
 """Quality-target allocation: the smallest plan whose measured perplexity stays within a tolerance."""
 
 from allocator import allocate_to_target, evaluate
-from test_allocator import FAST, batches, tiny_gpt2
+from tiny import FAST, lm_batches as batches, tiny_gpt2
 
 
 def test_smallest_plan_within_the_perplexity_tolerance():

@@ -1,0 +1,33 @@
+"""Tiny models and calibration data shared by the tests (random weights, built from configs: no downloads)."""
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+VOCAB = 96
+FAST = {"max_probes": 16, "min_probes": 8}  # quick Hutchinson settings
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-block GPT-2 (n_embd 64): 8 quantizable layers, lm_head tied to the embedding."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
+def lm_batches(n: int = 3, seed: int = 0, batch_size: int = 2, seq_len: int = 16) -> list[dict]:
+    """Language-model batches as a tokenizer gives them, with labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def save_model_and_calib(root: Path, batch_size: int = 2) -> Path:
+    """``root/model`` (save_pretrained) and ``root/calib.pt`` (3 batches), as a user would have them on disk."""
+    tiny_gpt2().save_pretrained(root / "model")
+    torch.save(lm_batches(3, batch_size=batch_size), root / "calib.pt")
+    return root
