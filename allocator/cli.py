@@ -17,10 +17,20 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-mb", type=float, help="whole model's weights in MiB")
     g.add_argument("--latency-ms", type=float, help="predicted latency from a latency table")
     g.add_argument("--bops", type=float, help="bit operations per sample")
+    g.add_argument("--latency-table", help="latency table JSON from kernels.latency.measure (needed by --latency-ms)")
+    g.add_argument("--tokens", type=int, default=1, help="tokens per forward the latency budget is for (default 1)")
 
 
 def _budget(args: argparse.Namespace) -> Budget:
     return Budget(memory_mb=args.memory_mb, avg_bits=args.avg_bits, latency_ms=args.latency_ms, bops=args.bops)
+
+
+def _latency(args: argparse.Namespace) -> dict:
+    if args.latency_table is None:
+        return {}
+    from kernels.latency import LatencyTable
+
+    return {"latency_table": LatencyTable.load(args.latency_table), "tokens": args.tokens}
 
 
 def _bits(text: str) -> tuple[int, ...]:
@@ -78,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     model, calib = _load(args)
     profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir,
                              **dict(args.profiler_setting))
-    plan = solve_profiled(profiled, _budget(args), method=args.method)
+    plan = solve_profiled(profiled, _budget(args), method=args.method, **_latency(args))
     out = Path(args.out)
     qmodel = plan.apply(model)
     save_quantized(qmodel, out)
@@ -143,10 +153,29 @@ def cmd_profile(args: argparse.Namespace) -> None:
 def cmd_solve(args: argparse.Namespace) -> None:
     from .api import ProfiledModel, solve_profiled
 
-    plan = solve_profiled(ProfiledModel.load(args.profile), _budget(args), method=args.method)
+    plan = solve_profiled(ProfiledModel.load(args.profile), _budget(args), method=args.method, **_latency(args))
     plan.save(args.out)
     print(plan.summary())
     print(f"wrote {args.out}")
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    from kernels.latency import measure
+
+    from .api import ProfiledModel
+
+    profiled = ProfiledModel.load(args.profile)
+    table = measure(profiled.graph, profiled.profile.choices, tokens=_ints(args.tokens, "--tokens"), device=args.device)
+    table.save(args.out)
+    print(f"measured {len(table.entries)} (shape, choice, tokens) latencies on {table.device}"
+          + (f"; removed choices: {table.skipped}" if table.skipped else "") + f"; wrote {args.out}")
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers like 1,16,512, got {text!r}") from None
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
@@ -198,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ilp", help="solver method (default ilp)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("latency", help="measure the latency table of a saved profile's layers and choices on a device")
+    p.add_argument("--profile", required=True, help="profile JSON written by `bitalloc profile`")
+    p.add_argument("--device", default="cuda", help="device to time on (default cuda; cpu works too)")
+    p.add_argument("--tokens", default="1,16,512", help="tokens per forward to time (default 1,16,512)")
+    p.add_argument("--out", required=True, help="latency table JSON to write")
+    p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser("pareto", help="exact cost-vs-bytes frontier of a saved profile")
     p.add_argument("--profile", required=True, help="profile JSON written by `bitalloc profile`")

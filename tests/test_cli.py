@@ -8,6 +8,7 @@ from tiny import save_model_and_calib
 
 from allocator import Plan, load_quantized
 from allocator.cli import main
+from kernels.latency import LatencyTable
 
 FAST = ["--bits", "2,4,8", "--profiler-setting", "max_probes=16", "--profiler-setting", "min_probes=8"]
 
@@ -44,6 +45,22 @@ def test_profile_once_then_solve_and_pareto_without_the_model(files, capsys):
     sizes = [p["value"] for p in frontier]
     assert sizes == sorted(sizes) and len(frontier) >= 3
     assert (files / "f.png").stat().st_size > 1000
+
+
+def test_latency_table_then_a_latency_budget(files, capsys):
+    prof = files / "profile.json"
+    if not prof.exists():
+        main(["profile", "--model", str(files / "model"), "--calib", str(files / "calib.pt"), *FAST, "--out", str(prof)])
+    table = files / "latency.json"
+    assert main(["latency", "--profile", str(prof), "--device", "cpu", "--tokens", "1", "--out", str(table)]) == 0
+    assert main(["solve", "--profile", str(prof), "--latency-ms", "1e6", "--latency-table", str(table),
+                 "--out", str(files / "lat.json")]) == 0
+    plan, measured = Plan.load(files / "lat.json"), LatencyTable.load(table)
+    shapes = {layer.name: layer.weight_shape[::-1] for layer in plan.layers}  # HF Conv1D stores [in, out]
+    expected = sum(measured.lookup(shapes[layer.name], layer.choice, 1, layer.kind) for layer in plan.layers)
+    assert plan.predicted["latency_ms"] == pytest.approx(expected)
+    assert main(["solve", "--profile", str(prof), "--latency-ms", "1", "--out", str(files / "x.json")]) == 1
+    assert "needs a latency table" in capsys.readouterr().err
 
 
 def test_infeasible_budget_is_a_clear_error(files, capsys):
