@@ -111,7 +111,7 @@ def cached_or_trained(name: str, settings: dict, build, fit) -> nn.Module:
 def gpt_task(quick: bool) -> Task:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    s = {"n_layer": 4, "n_embd": 64, "n_head": 4, "seq_len": 64, "batch": 32, "steps": 500, "lr": 3e-3, "seed": 0}
+    s = {"n_layer": 4, "n_embd": 64, "n_head": 4, "seq_len": 64, "batch": 16, "steps": 250, "lr": 3e-3, "seed": 0}
 
     def build():
         return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=s["seq_len"], n_embd=s["n_embd"], n_layer=s["n_layer"],
@@ -128,7 +128,7 @@ def gpt_task(quick: bool) -> Task:
 def bert_task(quick: bool) -> Task:
     from transformers import BertConfig, BertForMaskedLM
 
-    s = {"layers": 2, "hidden": 64, "heads": 4, "ffn": 128, "seq_len": 64, "batch": 32, "steps": 400, "lr": 3e-3, "seed": 0}
+    s = {"layers": 2, "hidden": 64, "heads": 4, "ffn": 128, "seq_len": 64, "batch": 32, "steps": 2000, "lr": 2e-3, "seed": 0}
 
     def build():
         return BertForMaskedLM(BertConfig(vocab_size=VOCAB + 1, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
@@ -160,7 +160,7 @@ def cnn_task(quick: bool) -> Task:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    s = {"epochs": 30, "batch": 32, "lr": 3e-3, "seed": 0}
+    s = {"epochs": 15, "batch": 32, "lr": 3e-3, "seed": 0}
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import spearmanr
 
@@ -36,6 +35,7 @@ CORRELATED_BITS = (2, 3, 4)
 AVG_BITS = (4.0, 3.0)
 PROFILERS = ("hessian", "eigen", "fisher", "lrp", "gptq", "interlayer", "measured")
 SETTINGS = {"eigen": {"tol": 1e-2, "max_iter": 30}}
+QUICK_SETTINGS = {"eigen": {"tol": 1e-2, "max_iter": 10}, "hessian": {"max_probes": 32}}
 
 
 def machine(device: str) -> str:
@@ -45,28 +45,40 @@ def machine(device: str) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def run_profilers(task: Task, calib: Calibration, device: str) -> tuple[object, dict[str, Profile]]:
-    """The layer graph and every profiler's Profile (each with its wall time in elapsed_s)."""
-    graph = build_layer_graph(task.model, calib[0])
-    choices = [Choice(b) for b in BITS]
-    profiles = {}
+def timed_profile(task: Task, calib: Calibration, graph, name: str, **settings) -> tuple[Profile, str]:
+    """One profiler run and its time as "wall s (process CPU s)": CPU seconds count all threads and
+    are steadier than wall time on a shared machine."""
+    cpu = time.process_time()
+    prof = profile(task.model, calib, graph, [Choice(b) for b in BITS], profiler=name, **settings)
+    if next(task.model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return prof, f"{prof.elapsed_s:.2f} ({time.process_time() - cpu:.1f})"
+
+
+def warm_up(task: Task, calib: Calibration) -> None:
+    """One forward and backward first, so that no profiler's time includes the device's start-up."""
+    calib.loss(task.model, 0).backward()
+    task.model.zero_grad(set_to_none=True)
+
+
+def run_profilers(task: Task, calib: Calibration, graph, settings: dict) -> tuple[dict[str, Profile], dict[str, str]]:
+    """Every profiler's Profile and its time."""
+    profiles, times = {}, {}
     for name in PROFILERS:
-        profiles[name] = profile(task.model, calib, graph, choices, profiler=name, **SETTINGS.get(name, {}))
-        print(f"  {task.name}: {name} {profiles[name].elapsed_s:.1f} s", flush=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return graph, profiles
+        profiles[name], times[name] = timed_profile(task, calib, graph, name, **settings.get(name, {}))
+        print(f"  {task.name}: {name} {times[name]} s", flush=True)
+    return profiles, times
 
 
-def probe_batching_times(task: Task, calib: Calibration, graph, probes: int) -> dict[int, float]:
-    """Wall time of the Hutchinson traces with the same number of probes per layer (tol=0: no early stop),
-    one probe per double backward against 8 batched."""
-    out = {}
-    for batch_probes in (1, 8):
-        prof = profile(task.model, calib, graph, [Choice(b) for b in BITS], profiler="hessian",
-                       tol=0.0, max_probes=probes, min_probes=probes, batch_probes=batch_probes)
-        out[batch_probes] = prof.elapsed_s
-    return out
+def probe_batching_times(task: Task, calib: Calibration, graph, probes: int) -> list:
+    """Times of the Hutchinson traces with the same number of probes per layer (tol=0: no early stop), one probe
+    per double backward against 8 batched, and the wall-time speed-up. `probes` is rounded up to whole rounds
+    (8 probes on every calibration batch), so that both runs draw the same number."""
+    per_round = 8 * len(calib)
+    probes = -(-probes // per_round) * per_round
+    runs = {bp: timed_profile(task, calib, graph, "hessian", tol=0.0, max_probes=probes, min_probes=probes, batch_probes=bp)
+            for bp in (1, 8)}
+    return [probes, runs[1][1], runs[8][1], runs[1][0].elapsed_s / runs[8][0].elapsed_s]
 
 
 def rank_correlations(profiles: dict[str, Profile]) -> dict[str, list[float]]:
@@ -152,11 +164,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 calibration batches per model (else 8)")
-    parser.add_argument("--timing-only", action="store_true", help="wall times only: no plans, no solver needed")
+    parser.add_argument("--quick", action="store_true", help="4 calibration batches per model (else 8), fewer probes and power iterations")
+    parser.add_argument("--timing-only", action="store_true", help="profiling times only: no plans, no solver needed")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--probes", type=int, default=64, help="Hutchinson probes per layer in the batching comparison")
+    parser.add_argument("--probes", type=int, default=32,
+                        help="Hutchinson probes per layer in the batching comparison (rounded up to a multiple of 8 x calibration batches)")
     parser.add_argument("--models", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--markdown", help="also write the tables to this file")
     args = parser.parse_args()
@@ -169,10 +182,10 @@ def main() -> None:
         task.model.to(args.device)
         calib = Calibration(task.calib, labels=task.labels)
         print(f"{task.name}: {task.description}; {len(calib)} calibration batches", flush=True)
-        graph, profiles = run_profilers(task, calib, args.device)
-        probe_times = probe_batching_times(task, calib, graph, args.probes)
-        timings.append([task.name, len(graph)] + [profiles[p].elapsed_s for p in PROFILERS]
-                       + [probe_times[1], probe_times[8], probe_times[1] / probe_times[8]])
+        graph = build_layer_graph(task.model, calib[0])
+        warm_up(task, calib)
+        profiles, times = run_profilers(task, calib, graph, QUICK_SETTINGS if args.quick else SETTINGS)
+        timings.append([task.name, len(graph)] + [times[p] for p in PROFILERS] + probe_batching_times(task, calib, graph, args.probes))
         if args.timing_only:
             continue
         correlations += [[task.name, len(graph), name] + rhos for name, rhos in rank_correlations(profiles).items()]
@@ -187,9 +200,10 @@ def main() -> None:
         parts.append("### ILP plans at equal average bits: predicted vs measured loss change, held-out quality\n\n"
                      + markdown_table(["model", "budget", "plan", "avg bits", "own predicted cost", "sum of single deltas",
                                        "+ pair terms", "measured d loss (calib)", "held-out loss", "held-out quality"], plans))
-    parts.append(f"### Profiling wall time (s) on {args.device}; Hutchinson with {args.probes} probes per layer: "
+    parts.append(f"### Profiling time, wall s (process CPU s), on {args.device}; Hutchinson with the same probes per layer: "
                  "one probe per double backward vs 8 batched\n\n"
-                 + markdown_table(["model", "layers"] + list(PROFILERS) + ["hutchinson 1 probe", "hutchinson 8 batched", "speed-up"], timings))
+                 + markdown_table(["model", "layers"] + list(PROFILERS)
+                                  + ["probes", "hutchinson 1 probe", "hutchinson 8 batched", "speed-up"], timings))
     text = "\n\n".join(parts) + "\n"
     print(text)
     if args.markdown:
