@@ -20,6 +20,7 @@ from .graph import LayerGraph
 from .perturb import check_finite_grads, check_finite_loss, eager_attention, grads_only, layer_weights, squared_errors, weight_deltas
 from .hessian import hvp_chunk
 from .profile import Profile
+from .progress import progress
 from .registry import register_profiler, shard_layers
 
 
@@ -63,7 +64,7 @@ def eigen(model: nn.Module, calib: Calibration, graph: LayerGraph, choices: list
     iters = np.zeros(len(layers))
     converged = np.zeros(len(layers), dtype=bool)
     with grads_only(model, params), eager_attention(model):
-        for _ in range(max_iter):
+        for _ in progress(range(max_iter), desc="eigen: power iteration", unit="iter"):
             hv = block_hvps(model, calib, params, names, vecs)
             for i, h in hv.items():
                 new = float((vecs[i] * h).sum())

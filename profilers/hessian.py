@@ -23,6 +23,7 @@ from .calibration import Calibration
 from .graph import LayerGraph
 from .perturb import check_finite_grads, check_finite_loss, eager_attention, grads_only, layer_weights, squared_errors, weight_deltas
 from .profile import Profile
+from .progress import progress
 from .registry import register_profiler, shard_batches, shard_layers
 
 
@@ -113,9 +114,12 @@ def hessian(
     L = len(layers)
     sums, sumsq, counts = np.zeros(L), np.zeros(L), np.zeros(L)
     active = np.ones(L, dtype=bool)
-    with grads_only(model, params), eager_attention(model):
+    bar = progress(desc="hessian: Hutchinson probes", total=rounds * len(batches), unit="batch")
+    with grads_only(model, params), eager_attention(model), bar:
         for r in range(rounds):
             for b in batches:
+                bar.update()
+                bar.set_postfix(layers_left=int(active.sum()))
                 loss = calib.loss(model, b)
                 check_finite_loss(loss, b)
                 gen = torch.Generator().manual_seed(probe_seed(seed, b, r))

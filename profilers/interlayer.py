@@ -31,6 +31,7 @@ from .calibration import Calibration
 from .graph import LayerGraph, LayerInfo
 from .perturb import check_finite_loss, perturbed, weight_delta
 from .profile import Profile
+from .progress import progress
 from .registry import register_profiler, shard_layers
 
 
@@ -120,7 +121,7 @@ def interlayer(
     base = table()  # first, so self-distillation references come from the float model
     cost = np.array([[float((table((l.name, c)) - base).mean()) for c in range(len(choices))] for l in layers])
     pairs: dict[tuple[str, str], np.ndarray] = {}
-    for a, b in near_pairs(graph, hops):
+    for a, b in progress(near_pairs(graph, hops), desc="interlayer: layer pairs", unit="pair"):
         if a not in mine and b not in mine:
             continue
         d = np.zeros((len(choices), len(choices)))

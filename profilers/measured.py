@@ -13,6 +13,7 @@ from .calibration import Calibration
 from .graph import LayerGraph
 from .perturb import check_finite_loss, perturbed, squared_errors, weight_deltas
 from .profile import Profile
+from .progress import progress
 from .registry import register_profiler, shard_batches, shard_layers
 
 
@@ -57,7 +58,7 @@ def measured(model: nn.Module, calib: Calibration, graph: LayerGraph, choices: l
     with torch.no_grad():
         base = total_loss()  # also caches the float model's reference outputs
         loss_sums = np.zeros((len(layers), len(choices)))
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(progress(layers, desc="measured: one layer at a time", unit="layer")):
             for j, d in enumerate(deltas[i]):
                 with perturbed(model, {layer.name: d}):
                     loss_sums[i, j] = total_loss()
