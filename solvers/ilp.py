@@ -8,6 +8,9 @@ Pair terms D[a, b] between groups g, h use product variables y[a, b] = x[g, a] *
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -21,6 +24,21 @@ from solvers.registry import MethodResult, register_solver
 
 BACKENDS = ("highs", "cbc")
 PAIR_FORMS = ("marginal", "mccormick")
+
+
+@functools.cache
+def _quiet_highs_banner() -> None:
+    """highspy prints a copyright banner from the first Highs() of a process, before any option can switch
+    output off; build that first one with stdout (fd 1) pointed at /dev/null so solves print nothing."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _expr(pairs) -> pulp.LpAffineExpression:
@@ -123,6 +141,7 @@ def _run(lp: pulp.LpProblem, backend: str, time_limit: float | None, threads: in
          msg: bool, warm: bool = False) -> tuple[str, float | None]:
     """Solve; returns (status, proven lower bound on the objective or None)."""
     if backend == "highs":
+        _quiet_highs_banner()
         lp.solve(_WarmHiGHS(warm, msg=msg, gapRel=0.0, timeLimit=time_limit, threads=threads))
         h = lp.solverModel
         st = h.getModelStatus()
