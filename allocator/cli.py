@@ -83,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         return cmd_run_job(args)
     from .api import profile_model, solve_profiled
     from .quantize import quantized_bytes, save_quantized
-    from .report import print_plan_check
+    from .calib_files import load_calibration
+    from .report import has_labels, print_plan_check, print_quality
 
     model, calib = _load(args)
     profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir,
@@ -94,6 +95,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     save_quantized(qmodel, out)
     print(plan.summary())
     print_plan_check(plan, quantized_bytes(qmodel), out)
+    held_out = load_calibration(args.eval, tokenizer_path=args.model) if args.eval else calib
+    if has_labels(held_out):
+        print_quality(model, qmodel, held_out, "held-out data" if args.eval else "calibration data")
+    else:
+        print("quality not measured: the batches carry no labels (pass --eval with labelled batches)")
     print(f"wrote {out / 'plan.json'} and the quantized model to {out}/")
 
 
@@ -200,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, required=False)
     _add_budget_args(p)
     p.add_argument("--method", default="ilp", help="solver method (default ilp)")
+    p.add_argument("--eval", help="labelled held-out batches (.pt or .txt) to measure quality on (default: the calibration data)")
     p.add_argument("--out", help="output directory")
     p.set_defaults(func=cmd_run)
 

@@ -41,6 +41,22 @@ def print_plan_check(plan: Plan, in_memory: dict[str, int], out_dir: str | Path 
     print(line + (" (match)" if measured == predicted else " (MISMATCH)"))
 
 
+def print_quality(model, qmodel, batches: list, where: str) -> None:
+    """Print the float and the quantized model's loss (and perplexity / accuracy) on labelled batches."""
+    from .evaluate import evaluate
+
+    rows = [{"model": name, **evaluate(m, batches)} for name, m in (("float", model), ("quantized", qmodel))]
+    columns = [("model", where, "s"), ("loss", "loss", ".4f"), ("perplexity", "perplexity", ".4f")]
+    if "accuracy" in rows[0]:
+        columns.append(("accuracy", "accuracy", ".4f"))
+    print(format_table(rows, columns))
+
+
+def has_labels(batches: list) -> bool:
+    """Whether every batch is a dict carrying "labels" (what evaluate needs)."""
+    return all(isinstance(b, dict) and "labels" in b for b in batches)
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A plain text table; columns are (key, header, format spec)."""
     cells = [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]

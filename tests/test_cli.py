@@ -25,6 +25,7 @@ def test_run_writes_a_plan_and_a_loadable_quantized_model(files, capsys):
                  "--avg-bits", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "(match)" in printed
+    assert "calibration data" in printed and "quantized" in printed and "perplexity" in printed
     plan = Plan.load(out / "plan.json")
     assert plan.predicted["avg_bits"] <= 4
     qmodel = load_quantized(out)
