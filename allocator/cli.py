@@ -131,8 +131,10 @@ def cmd_status(args: argparse.Namespace) -> None:
     p = status["progress"]
     line = f"{status['job_id']}: {status['status']}"
     if p:
+        unit = "layers" if "layers_done" in p else "batches"
         line += (f", stage {p['stage']}, shards {p['shards_done']}/{p['shards_total']} "
-                 f"({p['shards_reused']} reused), {p['layers']} layers, ETA {p['eta_s']:g} s")
+                 f"({p['shards_reused']} reused), {unit} {p[unit + '_done']}/{p[unit + '_total']}, "
+                 f"{p['layers']} layers, ETA {p['eta_s']:g} s")
     print(line)
 
 

@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from kernels.latency import LatencyTable
 from profilers import LayerGraph
 
-from .jobs import JobSpec, RaySettings, load_inputs, profile_shard
+from .jobs import JobSpec, RaySettings, load_inputs, profile_shard, shard_items
 from .store import ProfileRequest, ResultStore
 
 log = logging.getLogger("bitalloc")
@@ -73,7 +73,8 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
     todo = store.missing(request, shards)
     for shard in shards:
         if shard not in todo:
-            yield {"path": str(store.path(request, shard)), "computed": False, "seconds": 0.0}
+            yield {"path": str(store.path(request, shard)), "computed": False, "seconds": 0.0,
+                   "items": shard_items(shard)}
     if not todo:
         return
     connect(settings)

@@ -231,26 +231,37 @@ def profile_shard(model, calib: Calibration, graph: LayerGraph, spec: JobSpec, s
     if computed:
         profile(model, calib, graph, spec.candidates, profiler=spec.profiler, cache_dir=str(store.root),
                 shard=shard, **spec.profiler_settings)
-    return {"path": str(path), "computed": computed, "seconds": time.perf_counter() - start}
+    return {"path": str(path), "computed": computed, "seconds": time.perf_counter() - start,
+            "items": shard_items(shard)}
+
+
+def shard_items(shard: dict[str, list]) -> int:
+    """How many layers (or calibration batches) a shard covers."""
+    return len(next(iter(shard.values())))
 
 
 class Progress:
-    """Stage, shards done of total and an ETA, written to ``<out>/status.json`` and logged."""
+    """Stage, shards done of total, the layers (or calibration batches) they cover, and an ETA, written to
+    ``<out>/status.json`` and logged."""
 
-    def __init__(self, out: Path, total: int, layers: int) -> None:
-        self.path, self.total, self.layers = out / "status.json", total, layers
-        self.done = self.computed = 0
+    def __init__(self, out: Path, shards: list[dict[str, list]], layers: int) -> None:
+        self.path, self.total, self.layers = out / "status.json", len(shards), layers
+        self.unit = next(iter(shards[0]))
+        self.units_total = sum(len(s[self.unit]) for s in shards)
+        self.done = self.computed = self.units_done = 0
         self.start = time.perf_counter()
 
     def update(self, stage: str, shard_result: dict | None = None, **extra: Any) -> None:
         if shard_result is not None:
             self.done += 1
             self.computed += bool(shard_result["computed"])
+            self.units_done += shard_result["items"]
         elapsed = time.perf_counter() - self.start
         left = self.total - self.done
         eta = elapsed / self.computed * left if self.computed and stage == "profile" else 0.0
         status = {"stage": stage, "shards_done": self.done, "shards_total": self.total,
                   "shards_computed": self.computed, "shards_reused": self.done - self.computed,
+                  f"{self.unit}_done": self.units_done, f"{self.unit}_total": self.units_total,
                   "layers": self.layers, "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1), **extra}
         atomic_write_json(self.path, status)
         log.warning("bitalloc progress: %s", json.dumps(status))
@@ -271,7 +282,7 @@ def run_job(spec: JobSpec | str | os.PathLike | dict) -> Plan:
     request = ProfileRequest(model_hash(model), calib.hash(), spec.profiler, tuple(c.label for c in spec.candidates),
                              tuple(graph.names), dict(spec.profiler_settings))
     shards = plan_shards(spec, graph, len(calib))
-    progress = Progress(out, len(shards), len(graph))
+    progress = Progress(out, shards, len(graph))
     progress.update("profile", missing=len(store.missing(request, shards)))
     if spec.ray is None:
         for shard in shards:

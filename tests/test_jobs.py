@@ -46,7 +46,7 @@ def test_a_job_spec_gives_the_plan_that_allocate_gives(files, reference):
     assert Plan.load(files / "out" / "plan.json").bits == plan.bits
     assert status(files / "out") | {"elapsed_s": 0} == {
         "stage": "done", "shards_done": 3, "shards_total": 3, "shards_computed": 3, "shards_reused": 0,
-        "layers": 8, "elapsed_s": 0, "eta_s": 0.0, "plan": str(files / "out" / "plan.json")}
+        "batches_done": 3, "batches_total": 3, "layers": 8, "elapsed_s": 0, "eta_s": 0.0, "plan": str(files / "out" / "plan.json")}
 
 
 def test_a_second_job_on_the_same_model_and_data_reuses_the_stored_profile(files):
@@ -74,7 +74,8 @@ def test_layer_shards_give_the_same_plan(files, reference):
     spec = yaml.safe_load((files / "job.yaml").read_text()) | {"shards": {"by": "layers", "count": 2},
                                                                  "out": "out_layers", "store": "store_layers"}
     plan = run_job(JobSpec.from_dict(spec, base_dir=files))
-    assert status(files / "out_layers")["shards_total"] == 2
+    done = status(files / "out_layers")
+    assert (done["shards_total"], done["layers_done"], done["layers_total"]) == (2, 8, 8)
     assert [l.choice for l in plan.layers] == [l.choice for l in reference.layers]
     assert plan.predicted == pytest.approx(reference.predicted, rel=1e-12)
 

@@ -116,7 +116,7 @@ def test_submit_a_job_and_follow_it(head, files, reference, capsys):
     assert json.loads((files / "out" / "status.json").read_text())["shards_computed"] == 3
 
     assert main(["status", job_id, "--address", head]) == 0
-    assert capsys.readouterr().out.strip() == f"{job_id}: SUCCEEDED, stage done, shards 3/3 (0 reused), 8 layers, ETA 0 s"
+    assert capsys.readouterr().out.strip() == f"{job_id}: SUCCEEDED, stage done, shards 3/3 (0 reused), batches 3/3, 8 layers, ETA 0 s"
     assert main(["logs", job_id, "--address", head]) == 0
     assert '"stage": "profile", "shards_done": 2' in capsys.readouterr().out
 
