@@ -18,9 +18,9 @@ import highspy
 import numpy as np
 import pulp
 
-from solvers.greedy import greedy_plan
-from solvers.problem import Problem
-from solvers.registry import MethodResult, register_solver
+from solvers.greedy import descend, fill
+from solvers.problem import Problem, Reduced
+from solvers.registry import FEASIBILITY_RTOL, MethodResult, register_solver
 
 BACKENDS = ("highs", "cbc")
 PAIR_FORMS = ("marginal", "mccormick")
@@ -83,15 +83,16 @@ class _WarmHiGHS(pulp.HiGHS):
 
 
 def build_model(problem: Problem, budgets: dict[str, float], pair_form: str = "marginal",
-                with_objective: bool = True) -> Model:
-    """The PuLP model over tie groups.
+                with_objective: bool = True, keep: np.ndarray | None = None) -> Model:
+    """The PuLP model over tie groups, with a variable for each choice in `keep` (default: the allowed ones).
 
     Budget rows are divided by their budget and costs by the largest |cost| so HiGHS sees well-scaled numbers
     (unscaled byte counts and costs spanning 1e-4..1e7 slow its heuristics down tenfold).
     """
     red = problem.reduced
     lp = pulp.LpProblem("bitalloc", pulp.LpMinimize)
-    x = {g: {int(c): lp.add_variable(f"x{g}_{c}", 0, 1, pulp.LpBinary) for c in np.flatnonzero(red.allowed[g])}
+    keep = red.allowed if keep is None else keep
+    x = {g: {int(c): lp.add_variable(f"x{g}_{c}", 0, 1, pulp.LpBinary) for c in np.flatnonzero(keep[g])}
          for g in range(len(red.groups))}
     cscale = max([float(np.abs(red.cost[red.allowed]).max())]
                  + [float(np.abs(d).max()) for d in red.pairs.values()]) or 1.0
@@ -137,6 +138,73 @@ def _pair_terms(lp: pulp.LpProblem, xg: dict, xh: dict, d: np.ndarray, g: int, h
     return terms
 
 
+class _Lagrangian:
+    """Lagrangian relaxation of the budgets (pair terms left out). With v = cost + lam . tables (lam >= 0),
+    every plan within the budgets (up to the tolerance `solve` accepts) costs at least
+    bound + sum_g (v[g, c_g] - min_c v[g, c]), bound = sum_g min_c v[g, c] - lam . caps.
+    lam maximises the bound by bisection on one budget at a time (any lam >= 0 gives a valid bound).
+    """
+
+    def __init__(self, red: Reduced, budgets: dict[str, float]) -> None:
+        scale = np.array([abs(v) or 1.0 for v in budgets.values()])
+        self.tabs = np.reshape([red.tables[b] for b in budgets], (len(scale), *red.cost.shape)) / scale[:, None, None]
+        caps = np.array(list(budgets.values()))
+        self.caps = (caps + FEASIBILITY_RTOL * np.maximum(1.0, np.abs(caps))) / scale
+        self.cost = np.where(red.allowed, red.cost, np.inf)
+        self.lam = np.zeros(len(scale))
+        for _ in range(3 if len(scale) > 1 else 1):
+            for k in range(len(scale)):
+                self.lam[k] = self._bisect(k)
+
+    def values(self, lam: np.ndarray) -> np.ndarray:
+        return self.cost + np.tensordot(lam, self.tabs, 1)
+
+    def plan(self, lam: np.ndarray) -> np.ndarray:
+        return np.argmin(self.values(lam), axis=1)
+
+    def _excess(self, k: int, lam_k: float) -> float:
+        lam = self.lam.copy()
+        lam[k] = lam_k
+        return float(np.take_along_axis(self.tabs[k], self.plan(lam)[:, None], 1).sum() - self.caps[k])
+
+    def _bisect(self, k: int) -> float:
+        """The lam_k where budget k's total under the minimising plan drops within its cap."""
+        lo, hi = 0.0, 1.0
+        if self._excess(k, lo) <= 0:
+            return 0.0
+        while self._excess(k, hi) > 0 and hi < 1e300:
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1e-9 * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self._excess(k, mid) > 0 else (lo, mid)
+        return hi
+
+    def keep(self, upper: float) -> np.ndarray:
+        """Choices that can be in a plan within the budgets costing at most `upper`."""
+        v = self.values(self.lam)
+        vmin = v.min(axis=1)
+        bound = vmin.sum() - self.lam @ self.caps
+        tol = 1e-7 * (1.0 + abs(upper) + self.lam @ np.abs(self.caps))
+        return np.isfinite(self.cost) & (v - vmin[:, None] <= upper - bound + tol)
+
+
+def _warm_start(red: Reduced, budgets: dict[str, float]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(start plan, choices to keep) over tie groups. The start descends from the Lagrangian plan at 0.99 lam
+    (a few greedy moves; from the cheapest plan, lam = 0, if stuck) then fills slack. Without pair terms, choices
+    that cannot beat a start meeting the budgets exactly are dropped; (None, None) when no start is found."""
+    lag = _Lagrangian(red, budgets)
+    start = next((p for s in (0.99, 0.0) if (p := descend(red, budgets, lag.plan(s * lag.lam))) is not None), None)
+    if start is None:
+        return None, None
+    start = fill(red, budgets, start)
+    rows = np.arange(len(start))
+    if red.pairs or any(red.tables[b][rows, start].sum() > v for b, v in budgets.items()):
+        return start, None
+    keep = lag.keep(float(red.cost[rows, start].sum()))
+    keep[rows, start] = True  # already so up to rounding
+    return start, keep
+
+
 def _run(lp: pulp.LpProblem, backend: str, time_limit: float | None, threads: int | None,
          msg: bool, warm: bool = False) -> tuple[str, float | None]:
     """Solve; returns (status, proven lower bound on the objective or None)."""
@@ -173,18 +241,19 @@ def solve_ilp(problem: Problem, budgets: dict[str, float], backend: str = "highs
               msg: bool = False) -> MethodResult:
     """Exact: minimise cost plus pair terms under the budgets; status "optimal" means proven optimal.
 
-    warm_start: start the solver from the greedy plan (a good incumbent lets HiGHS prune at once: 1,000 layers
-    x 8 choices went from 10 s to about 1.5 s).
+    warm_start: start the solver from a greedy plan and, without pair terms, drop the choices that Lagrangian
+    reduced costs prove cannot beat it (1,000 layers x 8 choices: 10 s without, 1.4 s with the greedy start
+    alone, 0.3 s with this start and pruning).
     """
     _check(backend, pair_form)
     t0 = time.perf_counter()
-    model = build_model(problem, budgets, pair_form)
-    t_build = time.perf_counter() - t0
-    info = {"backend": backend, "pair_form": pair_form, "build_s": t_build,
+    start, keep = _warm_start(problem.reduced, budgets) if warm_start else (None, None)
+    t_start = time.perf_counter() - t0
+    model = build_model(problem, budgets, pair_form, keep=keep)
+    info = {"backend": backend, "pair_form": pair_form, "build_s": time.perf_counter() - t0 - t_start,
             "n_variables": model.lp.numVariables(), "n_constraints": model.lp.numConstraints()}
     if warm_start:
-        start = greedy_plan(problem.reduced, budgets)
-        info["warm_start_s"] = time.perf_counter() - t0 - t_build
+        info["warm_start_s"] = t_start
         if start is not None:
             model.set_start(start)
         warm_start = start is not None
