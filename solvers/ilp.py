@@ -24,6 +24,9 @@ from solvers.registry import FEASIBILITY_RTOL, MethodResult, register_solver
 
 BACKENDS = ("highs", "cbc")
 PAIR_FORMS = ("marginal", "mccormick")
+# HiGHS's default 1e-6 lets a scaled budget row end up to 1e-6 over its budget, more than `solve` accepts (1e-7):
+# with tight budgets the optimum it reported then broke a budget. Rows are scaled to 1, so 1e-9 is absolute.
+FEASIBILITY_TOL = 1e-9
 
 
 @functools.cache
@@ -210,7 +213,8 @@ def _run(lp: pulp.LpProblem, backend: str, time_limit: float | None, threads: in
     """Solve; returns (status, proven lower bound on the objective or None)."""
     if backend == "highs":
         _quiet_highs_banner()
-        lp.solve(_WarmHiGHS(warm, msg=msg, gapRel=0.0, timeLimit=time_limit, threads=threads))
+        lp.solve(_WarmHiGHS(warm, msg=msg, gapRel=0.0, timeLimit=time_limit, threads=threads,
+                            mip_feasibility_tolerance=FEASIBILITY_TOL, primal_feasibility_tolerance=FEASIBILITY_TOL))
         h = lp.solverModel
         st = h.getModelStatus()
         info = h.getInfo()
