@@ -27,6 +27,7 @@ PAIR_FORMS = ("marginal", "mccormick")
 # HiGHS's default 1e-6 lets a scaled budget row end up to 1e-6 over its budget, more than `solve` accepts (1e-7):
 # with tight budgets the optimum it reported then broke a budget. Rows are scaled to 1, so 1e-9 is absolute.
 FEASIBILITY_TOL = 1e-9
+BISECT_STEPS = 200  # halvings of a Lagrange multiplier's bracket (2^-200: far below any useful precision)
 
 
 @functools.cache
@@ -177,7 +178,9 @@ class _Lagrangian:
             return 0.0
         while self._excess(k, hi) > 0 and hi < 1e300:
             lo, hi = hi, 2 * hi
-        while hi - lo > 1e-9 * hi:
+        for _ in range(BISECT_STEPS):  # bounded: with lo = 0, hi - lo > 1e-9 * hi holds until hi underflows
+            if hi - lo <= 1e-9 * hi:
+                break
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self._excess(k, mid) > 0 else (lo, mid)
         return hi

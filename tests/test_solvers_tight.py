@@ -34,3 +34,11 @@ def test_tight_budgets_are_met_exactly(seed, r):
     sol = solve(p, memory=memory, latency=latency)
     assert sol.status == "optimal"
     assert sol.totals["memory"] <= memory * (1 + 1e-7) and sol.totals["latency"] <= latency * (1 + 1e-7)
+
+
+def test_ties_in_cost_do_not_stall_the_lagrangian_warm_start():
+    """Zero costs: at multiplier 0 the tie goes to the larger choice and breaks the budget, at any positive
+    multiplier the plan fits; the multiplier's bisection once halved its bracket toward 0 forever here."""
+    p = Problem(layers=["a", "b"], choices=["big", "small"], cost=np.zeros((2, 2)), memory=np.array([[2.0, 1.0]] * 2))
+    sol = solve(p, memory=2.0)
+    assert sol.totals["memory"] == 2.0 and sol.objective == 0.0
