@@ -47,11 +47,8 @@ def _finish(layers: list[str], choices: list[str], sums: np.ndarray, n: np.ndarr
 def combine(shards: list[Profile]) -> Profile:
     """Exact merge of batch shards: per-batch sums and counts add up."""
     first = shards[0]
-    prof = _finish(first.layers, first.choices, np.sum([s.per_choice("sum") for s in shards], axis=0),
+    return _finish(first.layers, first.choices, np.sum([s.per_choice("sum") for s in shards], axis=0),
                    np.sum([s.scores["batches"] for s in shards], axis=0), first.per_choice("qerr"), first.settings)
-    prof.profiler, prof.model_hash, prof.calib_hash = first.profiler, first.model_hash, first.calib_hash
-    prof.elapsed_s = sum(s.elapsed_s for s in shards)
-    return prof
 
 
 @register_profiler("fisher", combine=combine)

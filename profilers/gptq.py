@@ -30,11 +30,8 @@ def _finish(layers: list[str], choices: list[str], err_sums: np.ndarray, rows: n
 def combine(shards: list[Profile]) -> Profile:
     """Exact merge of batch shards: output-error sums and row counts add up."""
     first = shards[0]
-    prof = _finish(first.layers, first.choices, np.sum([s.per_choice("err_sum") for s in shards], axis=0),
+    return _finish(first.layers, first.choices, np.sum([s.per_choice("err_sum") for s in shards], axis=0),
                    np.sum([s.scores["rows"] for s in shards], axis=0), first.per_choice("qerr"))
-    prof.profiler, prof.model_hash, prof.calib_hash = first.profiler, first.model_hash, first.calib_hash
-    prof.elapsed_s = sum(s.elapsed_s for s in shards)
-    return prof
 
 
 @register_profiler("gptq", combine=combine)

@@ -76,11 +76,8 @@ def combine(shards: list[Profile]) -> Profile:
     first = shards[0]
     total = {k: np.sum([s.scores[k] for s in shards], axis=0) for k in ("sum", "sumsq", "probes")}
     qerr = first.per_choice("qerr")
-    prof = _finish(first.layers, first.choices, total["sum"], total["sumsq"], total["probes"], qerr,
+    return _finish(first.layers, first.choices, total["sum"], total["sumsq"], total["probes"], qerr,
                    np.asarray(first.scores["params"]), first.settings)
-    prof.profiler, prof.model_hash, prof.calib_hash = first.profiler, first.model_hash, first.calib_hash
-    prof.elapsed_s = sum(s.elapsed_s for s in shards)
-    return prof
 
 
 @register_profiler("hessian", combine=combine)

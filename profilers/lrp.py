@@ -105,11 +105,8 @@ def combine(shards: list[Profile]) -> Profile:
     rel_qerr = np.array([first.scores[f"rel_qerr_{c}"] for c in first.choices]).T
     settings = dict(first.settings)
     settings["fallback_modules"] = {k: v for s in shards for k, v in s.settings["fallback_modules"].items()}
-    prof = _finish(first.layers, first.choices, total["relevance"], total["total_relevance"],
+    return _finish(first.layers, first.choices, total["relevance"], total["total_relevance"],
                    total["fallback_batches"], rel_qerr, settings)
-    prof.profiler, prof.model_hash, prof.calib_hash = first.profiler, first.model_hash, first.calib_hash
-    prof.elapsed_s = sum(s.elapsed_s for s in shards)
-    return prof
 
 
 @register_profiler("lrp", combine=combine)

@@ -29,14 +29,11 @@ def _finish(layers: list[str], choices: list[str], base_sum: np.ndarray, loss_su
 def combine(shards: list[Profile]) -> Profile:
     """Exact merge of batch shards: loss sums and batch counts add up."""
     first = shards[0]
-    prof = _finish(first.layers, first.choices,
+    return _finish(first.layers, first.choices,
                    np.sum([s.scores["base_sum"] for s in shards], axis=0),
                    np.sum([s.per_choice("loss_sum") for s in shards], axis=0),
                    np.sum([s.scores["batches"] for s in shards], axis=0),
                    first.per_choice("qerr"), first.settings)
-    prof.profiler, prof.model_hash, prof.calib_hash = first.profiler, first.model_hash, first.calib_hash
-    prof.elapsed_s = sum(s.elapsed_s for s in shards)
-    return prof
 
 
 @register_profiler("measured", combine=combine)

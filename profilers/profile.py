@@ -145,7 +145,10 @@ def merge(profiles: Sequence[Profile]) -> Profile:
         combine = getattr(PROFILERS.get(first.profiler), "combine", None)
         if combine is None:
             raise ValueError(f"profiler {first.profiler!r} has no combine() for shards over batches")
-        return combine(list(profiles))
+        merged = combine(list(profiles))
+        merged.profiler, merged.model_hash, merged.calib_hash = first.profiler, first.model_hash, first.calib_hash
+        merged.elapsed_s = sum(p.elapsed_s for p in profiles)
+        return merged
     seen: set[str] = set()
     for s in layer_sets:
         if seen & s:

@@ -4,12 +4,10 @@ that a stopped job resumes from and a second job on the same model and data reus
 import json
 
 import pytest
-import torch
 import yaml
-from tiny import FAST, save_model_and_calib
-from transformers import GPT2LMHeadModel
+from tiny import JOB, one_torch_thread, reference_plan, save_model_and_calib
 
-from allocator import Budget, JobSpec, Plan, allocate, run_job
+from allocator import JobSpec, Plan, run_job
 from allocator.cli import main
 
 
@@ -19,20 +17,15 @@ def files(tmp_path_factory):
     """A 2-layer GPT-2 saved to disk, 3 calibration batches, and a job spec that allocates it."""
     root = tmp_path_factory.mktemp("jobs")
     save_model_and_calib(root, batch_size=1)
-    spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
-            "budget": {"avg_bits": 4}, "out": "out", "store": "store"}
-    (root / "job.yaml").write_text(yaml.safe_dump(spec))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine has 2 shared cores
-    yield root
-    torch.set_num_threads(threads)
+    (root / "job.yaml").write_text(yaml.safe_dump(JOB | {"out": "out", "store": "store"}))
+    with one_torch_thread():
+        yield root
 
 
 @pytest.fixture(scope="module")
 def reference(files):
     """The plan of the plain in-process API on the same model, data and settings."""
-    model = GPT2LMHeadModel.from_pretrained(files / "model")
-    return allocate(model, torch.load(files / "calib.pt"), Budget(avg_bits=4), bits=(2, 4, 8), profiler_settings=FAST)
+    return reference_plan(files)
 
 
 def status(out):

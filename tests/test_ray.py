@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from tiny import FAST, save_model_and_calib
-from transformers import GPT2LMHeadModel
+from tiny import FAST, JOB, one_torch_thread, reference_plan, save_model_and_calib
 
-from allocator import Budget, JobSpec, allocate, run_job
+from allocator import JobSpec, run_job
 from allocator.distributed import measure_latency, profile_on_ray
 from allocator.jobs import load_inputs, plan_shards
 from allocator.store import ProfileRequest
@@ -68,22 +66,18 @@ def cluster():
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     save_model_and_calib(root, batch_size=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield root
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield root
 
 
 @pytest.fixture(scope="module")
 def reference(files):
-    model = GPT2LMHeadModel.from_pretrained(files / "model")
-    return allocate(model, torch.load(files / "calib.pt"), Budget(avg_bits=4), bits=(2, 4, 8), profiler_settings=FAST)
+    return reference_plan(files)
 
 
 def job(files, name, **changes) -> JobSpec:
-    spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
-            "budget": {"avg_bits": 4}, "out": f"out_{name}", "store": f"store_{name}",
-            "ray": {"workers": 2, "gpus_per_worker": 1, "max_retries": 2, "placement_timeout_s": 5}}
+    spec = JOB | {"out": f"out_{name}", "store": f"store_{name}",
+                  "ray": {"workers": 2, "gpus_per_worker": 1, "max_retries": 2, "placement_timeout_s": 5}}
     return JobSpec.from_dict(spec | changes, base_dir=files)
 
 

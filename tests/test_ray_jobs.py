@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from tiny import FAST, save_model_and_calib
-from transformers import GPT2LMHeadModel
+from tiny import FAST, JOB, one_torch_thread, reference_plan, save_model_and_calib
 
-from allocator import Budget, Plan, allocate, submit
+from allocator import Plan, submit
 from allocator.cli import main
 from profilers import register_profiler
 from profilers.hessian import combine, hessian
@@ -84,20 +82,15 @@ def head():
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("submit")
     save_model_and_calib(root, batch_size=1)
-    spec = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST,
-            "budget": {"avg_bits": 4}, "out": "out", "ray": {"workers": 2}}
-    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    (root / "job.yaml").write_text(yaml.safe_dump(JOB | {"out": "out", "ray": {"workers": 2}}))
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(files):
     """The plan of the plain in-process API on the same model, data and settings."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = GPT2LMHeadModel.from_pretrained(files / "model")
-    yield allocate(model, torch.load(files / "calib.pt"), Budget(avg_bits=4), bits=(2, 4, 8), profiler_settings=FAST)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield reference_plan(files)
 
 
 def test_an_unreachable_address_is_a_clear_error_within_seconds(files):

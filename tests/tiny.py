@@ -1,5 +1,6 @@
 """Tiny models and calibration data shared by the tests (random weights, built from configs: no downloads)."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,3 +32,25 @@ def save_model_and_calib(root: Path, batch_size: int = 2) -> Path:
     tiny_gpt2().save_pretrained(root / "model")
     torch.save(lm_batches(3, batch_size=batch_size), root / "calib.pt")
     return root
+
+
+JOB = {"model": "model", "calib": "calib.pt", "bits": [2, 4, 8], "profiler_settings": FAST, "budget": {"avg_bits": 4}}
+
+
+def reference_plan(root: Path):
+    """What the in-process ``allocate()`` gives for the saved model and calibration under JOB's settings."""
+    from allocator import Budget, allocate
+
+    model = GPT2LMHeadModel.from_pretrained(root / "model")
+    return allocate(model, torch.load(root / "calib.pt"), Budget(avg_bits=4), bits=(2, 4, 8), profiler_settings=FAST)
+
+
+@contextmanager
+def one_torch_thread():
+    """Cap torch at one thread (CI's 2 cores are shared with Ray workers), restoring it afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
