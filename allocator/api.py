@@ -12,8 +12,10 @@ import torch.nn as nn
 
 from kernels import SUPPORTED_BITS, Choice, weight_nbytes
 from kernels.latency import LatencyTable
+from kernels.model_latency import model_key
 from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
 from solvers import InfeasibleError, Problem, Solution, solve
+from solvers.solve import smallest as least_total
 
 from .budget import MIB, Budget
 from .io import atomic_write_json, read_json
@@ -23,28 +25,38 @@ from .plan import LayerPlan, ModelIdentity, Plan
 log = logging.getLogger("bitalloc")
 
 FLOAT_ACT_BITS = 16
+LAYERS_ONLY = ("quantized layers only: the latency table holds no rest-of-model figure for this model "
+               "(measure one with kernels.model_latency.measure_rest or `bitalloc latency --model`)")
 
 
 @dataclass
 class ProfiledModel:
     """Everything needed to solve again under other budgets without the model: layer graph, profile,
-    the bytes of the model's unquantized rest, and the model's identity. Saved by ``bitalloc profile``."""
+    the bytes of the model's unquantized rest, the model's identity, and the key of its rest in latency tables
+    (``kernels.model_latency.model_key``; "" for profiles saved before it existed). Saved by ``bitalloc profile``."""
 
     graph: LayerGraph
     profile: Profile
     fixed_bytes: int
     model: ModelIdentity
+    rest_key: str = ""
+
+    @classmethod
+    def build(cls, model: nn.Module, graph: LayerGraph, prof: Profile) -> ProfiledModel:
+        """Wrap a profile of ``model``'s layers in ``graph``: the rest's bytes, the identity and the rest key."""
+        fixed = storage_bytes(model, exclude=set(graph.names)) + quantized_layer_bias_bytes(model, graph.names)
+        return cls(graph, prof, fixed, model_identity(model), model_key(model, graph.names))
 
     def to_dict(self) -> dict:
         return {"kind": "bitalloc.profiled_model", "model": asdict(self.model), "fixed_bytes": self.fixed_bytes,
-                "graph": self.graph.to_dict(), "profile": self.profile.to_dict()}
+                "rest_key": self.rest_key, "graph": self.graph.to_dict(), "profile": self.profile.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> ProfiledModel:
         if data.get("kind") != "bitalloc.profiled_model":
             raise ValueError("not a bitalloc profile file (its 'kind' is not 'bitalloc.profiled_model'); write one with `bitalloc profile`")
         return cls(LayerGraph.from_dict(data["graph"]), Profile.from_dict(data["profile"]), int(data["fixed_bytes"]),
-                   ModelIdentity(**data["model"]))
+                   ModelIdentity(**data["model"]), data.get("rest_key", ""))
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())
@@ -82,8 +94,7 @@ def profile_model(
     graph = build_layer_graph(model, calib[0])
     log.info("layer graph: %d quantizable layers, %d skipped", len(graph), len(graph.skipped))
     prof = profile(model, calib, graph, choices, profiler=profiler, cache_dir=cache_dir, **settings)
-    fixed = storage_bytes(model, exclude=set(graph.names)) + quantized_layer_bias_bytes(model, graph.names)
-    return ProfiledModel(graph, prof, fixed, model_identity(model))
+    return ProfiledModel.build(model, graph, prof)
 
 
 def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, ties: Sequence[Sequence[str]] = (),
@@ -127,8 +138,15 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
     )
 
 
-def solver_budgets(budget: Budget, fixed_bytes: int) -> dict[str, float]:
-    """Translate a user Budget into the solver's per-layer budgets (memory minus the unquantized rest)."""
+def rest_latency_ms(profiled: ProfiledModel, latency_table: LatencyTable | None, tokens: int) -> float | None:
+    """The latency table's figure for the model's unquantized rest at ``tokens`` tokens (None: it has none)."""
+    if latency_table is None or not profiled.rest_key:
+        return None
+    return latency_table.rest_ms(profiled.rest_key, tokens)
+
+
+def solver_budgets(budget: Budget, fixed_bytes: int, rest_ms: float = 0.0) -> dict[str, float]:
+    """Translate a user Budget into the solver's per-layer budgets (memory and latency minus the unquantized rest)."""
     out: dict[str, float] = {}
     if budget.memory_mb is not None:
         out["memory"] = budget.memory_bytes - fixed_bytes
@@ -137,7 +155,7 @@ def solver_budgets(budget: Budget, fixed_bytes: int) -> dict[str, float]:
     if budget.bops is not None:
         out["bops"] = budget.bops
     if budget.latency_ms is not None:
-        out["latency"] = budget.latency_ms
+        out["latency"] = budget.latency_ms - rest_ms
     return out
 
 
@@ -152,12 +170,22 @@ def solve_profiled(
     **solver_options,
 ) -> Plan:
     """Solve a profiled model under ``budget`` and return the Plan. A latency budget needs ``latency_table``
-    (``kernels.latency.measure`` on the target device); it bounds the quantized layers' summed latency."""
+    (``kernels.latency.measure`` on the target device) at ``tokens`` tokens per forward; it bounds the whole
+    model's latency (the table's rest of this model + the quantized layers) when the table holds the model's rest
+    (``kernels.model_latency.measure_rest``), else the quantized layers' summed latency (the plan says which)."""
     if budget.latency_ms is not None and latency_table is None:
         raise ValueError("a latency budget needs a latency table: pass latency_table=kernels.latency.measure(...) "
                          "measured on the target device")
     problem = build_problem(profiled, pins=pins, ties=ties, latency_table=latency_table, tokens=tokens)
-    budgets = solver_budgets(budget, profiled.fixed_bytes)
+    rest_ms = rest_latency_ms(profiled, latency_table, tokens)
+    budgets = solver_budgets(budget, profiled.fixed_bytes, rest_ms or 0.0)
+    if rest_ms is not None and budgets.get("latency", 1) <= 0:
+        least = rest_ms + least_total(problem, "latency")
+        raise InfeasibleError(
+            f"latency budget {budget.latency_ms:g} ms is below the model's unquantized rest alone: the rest takes "
+            f"{rest_ms:.4g} ms at {tokens} tokens on {latency_table.device}; the smallest achievable is {least:.4g} ms",
+            smallest={"latency_ms": least},
+        )
     if budgets.get("memory", 1) <= 0:
         smallest = profiled.fixed_bytes + problem.memory.min(axis=1).sum()
         raise InfeasibleError(
@@ -168,22 +196,31 @@ def solve_profiled(
     try:
         solution = solve(problem, method=method, **budgets, **solver_options)
     except InfeasibleError as e:
-        raise _in_user_units(e, profiled.fixed_bytes) from None
+        raise _in_user_units(e, profiled.fixed_bytes, rest_ms) from None
     log.info("%s", solution.summary())
-    return plan_from_solution(profiled, problem, solution, budget)
+    plan = plan_from_solution(profiled, problem, solution, budget, rest_ms)
+    if latency_table is not None:
+        plan.solver.update(latency_tokens=tokens, latency_table=latency_table.device)
+    return plan
 
 
-def _in_user_units(error: InfeasibleError, fixed_bytes: int) -> InfeasibleError:
-    """Restate a solver's infeasibility in the Budget's units (whole-model MiB instead of layer bytes)."""
-    smallest = dict(error.smallest)
-    if "memory" in smallest:
-        smallest["memory_mb"] = (smallest.pop("memory") + fixed_bytes) / MIB
-    parts = [f"{k} >= {v:.6g}" for k, v in smallest.items()]
-    return InfeasibleError(f"no plan meets the budget; smallest achievable: {', '.join(parts)} ({error})", smallest=smallest)
+def _in_user_units(error: InfeasibleError, fixed_bytes: int, rest_ms: float | None = None) -> InfeasibleError:
+    """Restate a solver's infeasibility in the Budget's units (whole-model MiB instead of layer bytes, and
+    whole-model ms instead of the layers' when the rest's latency is known)."""
+    least = dict(error.smallest)
+    if "memory" in least:
+        least["memory_mb"] = (least.pop("memory") + fixed_bytes) / MIB
+    if "latency" in least and rest_ms is not None:
+        least["latency_ms"] = least.pop("latency") + rest_ms
+    parts = [f"{k} >= {v:.6g}" for k, v in least.items()]
+    return InfeasibleError(f"no plan meets the budget; smallest achievable: {', '.join(parts)} ({error})", smallest=least)
 
 
-def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solution, budget: Budget) -> Plan:
-    """Turn a solver Solution into a Plan with exact specs, bytes and predictions."""
+def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solution, budget: Budget,
+                       rest_ms: float | None = None) -> Plan:
+    """Turn a solver Solution into a Plan with exact specs, bytes and predictions. With a latency column, the
+    predicted ``latency_ms`` is the whole model's (``rest_ms`` + layers) when ``rest_ms`` is given, else the
+    layers' sum; ``latency_layers_ms`` is always the layers' sum and ``solver["latency_scope"]`` says which."""
     graph, prof = profiled.graph, profiled.profile
     layers = []
     for i, layer in enumerate(graph.layers):
@@ -205,8 +242,14 @@ def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solu
         "cost": float(solution.objective),
         "bops": float(sum(problem.bops[i, int(solution.index[i])] for i in range(len(layers)))),
     }
+    scope = {}
     if problem.latency is not None:
-        predicted["latency_ms"] = float(sum(problem.latency[i, int(solution.index[i])] for i in range(len(layers))))
+        layers_ms = float(sum(problem.latency[i, int(solution.index[i])] for i in range(len(layers))))
+        predicted["latency_layers_ms"] = layers_ms
+        predicted["latency_ms"] = layers_ms if rest_ms is None else rest_ms + layers_ms
+        if rest_ms is not None:
+            predicted["latency_rest_ms"] = rest_ms
+        scope = {"latency_scope": "whole model" if rest_ms is not None else LAYERS_ONLY}
     return Plan(
         model=profiled.model,
         layers=layers,
@@ -215,7 +258,7 @@ def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solu
         profiler={"name": prof.profiler, "settings": prof.settings, "elapsed_s": prof.elapsed_s},
         solver={"method": solution.method, "status": solution.status, "objective": float(solution.objective),
                 "binding": list(solution.binding), "slack": {k: float(v) for k, v in solution.slack.items()},
-                "solve_time_s": float(solution.solve_time_s)},
+                "solve_time_s": float(solution.solve_time_s), **scope},
         skipped=dict(graph.skipped),
     )
 

@@ -15,7 +15,8 @@ class Budget:
     memory_mb: the whole model's weight storage in MiB (2**20 bytes): quantized layers at their
         packed size (codes + scales + zero points) plus every other parameter and buffer as stored.
     avg_bits: parameter-weighted average weight bits over the quantized layers.
-    latency_ms: predicted latency from a measured latency table (needs one).
+    latency_ms: predicted latency from a measured latency table (needs one): the whole model's when the table
+        holds the model's unquantized rest (``kernels.model_latency.measure_rest``), else the quantized layers'.
     bops: bit operations per sample, sum of MACs x weight bits x activation bits.
 
     Example: ``Budget(avg_bits=4.0)`` or ``Budget(memory_mb=40, latency_ms=2.5)``.

@@ -173,10 +173,29 @@ def cmd_latency(args: argparse.Namespace) -> None:
     from .api import ProfiledModel
 
     profiled = ProfiledModel.load(args.profile)
-    table = measure(profiled.graph, profiled.profile.choices, tokens=_ints(args.tokens, "--tokens"), device=args.device)
+    tokens = _ints(args.tokens, "--tokens")
+    table = measure(profiled.graph, profiled.profile.choices, tokens=tokens, device=args.device)
+    line = (f"measured {len(table.entries)} (shape, choice, tokens) latencies on {table.device}"
+            + (f"; removed choices: {table.skipped}" if table.skipped else ""))
+    if args.model is not None:
+        rest = _measure_rest(args.model, profiled, tokens, args.device, table)
+        line += "; the model's unquantized rest: " + ", ".join(f"{ms:.4g} ms at {t} tokens" for t, ms in rest.ms.items())
     table.save(args.out)
-    print(f"measured {len(table.entries)} (shape, choice, tokens) latencies on {table.device}"
-          + (f"; removed choices: {table.skipped}" if table.skipped else "") + f"; wrote {args.out}")
+    print(line + f"; wrote {args.out}")
+
+
+def _measure_rest(model_path: str, profiled, tokens: tuple[int, ...], device: str, table):
+    """Time the rest of the profiled model (its layers stubbed out) on `device`, in the dtype `measure` used."""
+    from kernels.latency import default_dtype
+    from kernels.model_latency import measure_rest, model_key
+
+    from .model import load_model
+
+    model = load_model(model_path)
+    if model_key(model, profiled.graph.names) != profiled.rest_key:
+        raise ValueError(f"--model {model_path} is not the model the profile was made for (or the profile predates "
+                         "rest keys): run `bitalloc profile` on it again")
+    return measure_rest(model.to(device, default_dtype(device)), profiled.graph, tokens, device, table=table)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -241,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", required=True, help="profile JSON written by `bitalloc profile`")
     p.add_argument("--device", default="cuda", help="device to time on (default cuda; cpu works too)")
     p.add_argument("--tokens", default="1,16,512", help="tokens per forward to time (default 1,16,512)")
+    p.add_argument("--model", help="the profiled model (directory or hub id): also time its unquantized rest, so "
+                                   "latency budgets cover the whole model")
     p.add_argument("--out", required=True, help="latency table JSON to write")
     p.set_defaults(func=cmd_latency)
 

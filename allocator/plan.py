@@ -182,6 +182,12 @@ class Plan:
             f"predicted: {p.get('total_bytes', 0) / 2**20:.3f} MiB model, {p.get('layer_bytes', 0) / 2**20:.3f} MiB quantized layers, "
             f"{p.get('avg_bits', float('nan')):.3f} avg bits, cost {p.get('cost', float('nan')):.4g}",
         ]
+        if "latency_ms" in p:
+            scope = self.solver.get("latency_scope", "quantized layers only")
+            tokens = self.solver.get("latency_tokens")
+            lines.append(f"predicted latency: {p['latency_ms']:.4g} ms" + (f" at {tokens} tokens" if tokens else "")
+                         + (f" (rest {p['latency_rest_ms']:.4g} + layers {p['latency_layers_ms']:.4g})"
+                            if "latency_rest_ms" in p else "") + f"; {scope}")
         width = max(len(layer.name) for layer in self.layers)
         lines += [f"  {layer.name:<{width}}  {layer.choice:>8}  {layer.bytes:>10} B" for layer in self.layers]
         if self.skipped:

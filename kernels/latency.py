@@ -5,8 +5,12 @@ every path that can compute it (CUDA: our Triton kernels and the library anchors
 the registered backends of `kernels.backends`), checks each against a float64 reference (a path off by
 more than the tolerance is dropped and the reason kept), and times the correct ones: on CUDA with events
 around a CUDA-graph replay of one call, the L2 flushed before each replay, the median of `reps`; on the CPU
-with time.perf_counter. The fastest correct path per entry is the dispatch table. Tables are cached as
-JSON keyed by the device name and the torch / triton versions; only missing entries are measured.
+with time.perf_counter. The fastest correct path per entry is the dispatch table. Each weight-only linear entry
+also times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
+model runs, so `lookup` returns its time. `rest` holds the unquantized rest of whole models (attention, norms,
+embeddings; `kernels.model_latency.measure_rest`), so a plan's latency can be predicted for the whole model.
+Tables are cached as JSON keyed by the device name and the torch / triton versions; only missing entries are
+measured.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .backends import BACKENDS, convert_layout
+from .backends import BACKENDS, Backend, convert_layout, select_backend
 from .choice import Choice
 from .quantizer import QuantizedTensor, quantize
 
@@ -37,6 +41,11 @@ def device_name(device: str | torch.device) -> str:
         return torch.cuda.get_device_name(dev)
     import platform
     return f"cpu-{platform.machine()}-{platform.processor() or 'unknown'}-{torch.get_num_threads()}threads"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The activation dtype tables are measured in by default: bfloat16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def versions() -> dict[str, str]:
@@ -55,12 +64,41 @@ def entry_key(shape: tuple[int, int], choice: Choice | str, tokens: int, kind: s
 
 @dataclass
 class LatencyEntry:
-    """One measured (shape, choice, tokens): the fastest correct path and every path's median ms."""
+    """One measured (shape, choice, tokens): the fastest correct path, every path's median ms, and the path an
+    emitted model's layer runs (`selected`; None for tables from before it was recorded, conv kinds and
+    activation-quantized choices, whose paths are not the registry's)."""
 
     ms: float
     backend: str
     all_ms: dict[str, float]
     rejected: dict[str, str] = field(default_factory=dict)
+    selected: str | None = None
+
+    @property
+    def model_ms(self) -> float:
+        """Median ms of the path an emitted model runs; the fastest path's where that was not measured."""
+        return self.all_ms.get(self.selected, self.ms) if self.selected is not None else self.ms
+
+
+@dataclass
+class RestLatency:
+    """The unquantized rest of one model (its forward with every quantizable layer stubbed out), in median ms
+    per token count (batch 1, no KV cache), and how each was timed ("cuda-graph", "cuda-eager", "cpu")."""
+
+    model: str
+    dtype: str
+    layers: int
+    ms: dict[int, float] = field(default_factory=dict)
+    mode: dict[int, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "dtype": self.dtype, "layers": self.layers,
+                "ms": {str(t): v for t, v in self.ms.items()}, "mode": {str(t): v for t, v in self.mode.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RestLatency":
+        return cls(d["model"], d["dtype"], int(d["layers"]), {int(t): float(v) for t, v in d["ms"].items()},
+                   {int(t): str(v) for t, v in d.get("mode", {}).items()})
 
 
 @dataclass
@@ -71,15 +109,28 @@ class LatencyTable:
     versions: dict[str, str]
     entries: dict[str, LatencyEntry] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # choice label -> why the device cannot run it
+    rest: dict[str, RestLatency] = field(default_factory=dict)  # model_latency.model_key -> the model's rest
 
     def lookup(self, shape: tuple[int, int], choice: Choice | str, tokens: int, kind: str = "linear") -> float:
+        """Median ms of one layer as an emitted model runs it (`LatencyEntry.model_ms`)."""
         key = entry_key(shape, choice, tokens, kind)
         if key not in self.entries:
             label = choice if isinstance(choice, str) else choice.label
             if label in self.skipped:
                 raise KeyError(f"choice {label} was removed on {self.device}: {self.skipped[label]}")
             raise KeyError(f"{key} was not measured on {self.device}; call measure() with this shape/choice/tokens")
-        return self.entries[key].ms
+        return self.entries[key].model_ms
+
+    def rest_ms(self, key: str, tokens: int) -> float | None:
+        """Median ms of the rest of the model `key` (`model_latency.model_key`) at `tokens` tokens; None when the
+        table holds no rest for that model, KeyError when it does but not at `tokens`."""
+        rest = self.rest.get(key)
+        if rest is None:
+            return None
+        if tokens not in rest.ms:
+            raise KeyError(f"the rest of model {key} was measured at tokens {sorted(rest.ms)} on {self.device}, "
+                           f"not at {tokens}; call model_latency.measure_rest with tokens=({tokens},)")
+        return rest.ms[tokens]
 
     def latency_matrix(self, shapes: list[tuple[int, int]], choices: list[Choice | str], tokens: int,
                        kind: str = "linear") -> list[list[float]]:
@@ -98,12 +149,13 @@ class LatencyTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "versions": self.versions, "skipped": self.skipped,
-                "entries": {k: vars(e) for k, e in self.entries.items()}}
+                "entries": {k: vars(e) for k, e in self.entries.items()},
+                "rest": {k: r.to_dict() for k, r in self.rest.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LatencyTable":
         return cls(d["device"], dict(d["versions"]), {k: LatencyEntry(**e) for k, e in d["entries"].items()},
-                   dict(d.get("skipped", {})))
+                   dict(d.get("skipped", {})), {k: RestLatency.from_dict(r) for k, r in d.get("rest", {}).items()})
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -138,17 +190,31 @@ def _shapes(layers: Iterable) -> list[tuple[str, tuple[int, int]]]:
     return list(seen)
 
 
-def _cpu_candidates(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, Callable]:
+def _registry_fn(b: Backend, qt: QuantizedTensor, device: torch.device) -> Callable:
+    """x -> registry backend `b` run on `qt`'s buffers in b's layout on `device`, as a QuantizedLinear holds them."""
     from types import SimpleNamespace
-    fns = {}
+    zeros = None if qt.zeros is None else qt.zeros.to(device)
+    qw = SimpleNamespace(qweight=convert_layout(qt.packed, qt.spec, qt.shape, "dense", b.layout).to(device),
+                         scales=qt.scales.to(device), zeros=zeros, spec=qt.spec, matrix_shape=qt.shape, layout=b.layout)
+    return lambda x: b.linear(x, qw)
+
+
+def _cpu_candidates(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, Callable]:
     dev = torch.device("cpu")
-    for b in BACKENDS.values():
-        if not b.supports(qt.spec, qt.shape, dev, dtype):
-            continue
-        qw = SimpleNamespace(qweight=convert_layout(qt.packed, qt.spec, qt.shape, "dense", b.layout), scales=qt.scales,
-                             zeros=qt.zeros, spec=qt.spec, matrix_shape=qt.shape, layout=b.layout)
-        fns[b.name] = (lambda b, qw: lambda x: b.linear(x, qw))(b, qw)
-    return fns
+    return {b.name: _registry_fn(b, qt, dev) for b in BACKENDS.values() if b.supports(qt.spec, qt.shape, dev, dtype)}
+
+
+def selected_backend(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> Backend | None:
+    """The registry backend a QuantizedLinear holding `qt` dispatches to on `device` (None: none supports it)."""
+    try:
+        return select_backend(qt.spec, qt.shape, device, dtype)
+    except RuntimeError:
+        return None
+
+
+def _records_selected(choice: Choice, kind: str) -> bool:
+    """Whether an emitted layer of this kind and choice runs a registry backend (so its entry records which)."""
+    return choice.abits is None and kind in ("linear", "hf_conv1d")
 
 
 def _time_cpu(fn: Callable, x: torch.Tensor, reps: int) -> float:
@@ -161,26 +227,35 @@ def _time_cpu(fn: Callable, x: torch.Tensor, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def cuda_graph(run: Callable[[], Any]) -> Callable[[], None] | None:
+    """`run` captured in a CUDA graph (after a warm-up on a side stream), as its replay; None if it cannot be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        g.replay()
+        return g.replay
+    except Exception:  # noqa: BLE001 - a path that cannot be captured is timed eagerly
+        torch.cuda.synchronize()
+        return None
+
+
 def time_cuda(fn: Callable, x: torch.Tensor, reps: int, flush: torch.Tensor, graph: bool = True) -> float:
     """Median ms of fn(x) over `reps` runs, each after an L2 flush, with CUDA events (graph replay if possible)."""
     for _ in range(3):
         fn(x)
     run = lambda: fn(x)  # noqa: E731
-    if graph:
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn(x)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn(x)
-            run = g.replay
-            run()
-        except Exception:  # noqa: BLE001 - a path that cannot be captured is timed eagerly
-            torch.cuda.synchronize()
-            run = lambda: fn(x)  # noqa: E731
+    replay = cuda_graph(run) if graph else None
+    return time_events(replay or run, reps, flush)
+
+
+def time_events(run: Callable[[], Any], reps: int, flush: torch.Tensor) -> float:
+    """Median ms of `reps` calls of run(), each after an L2 flush (zeroing `flush`), with CUDA events."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
@@ -209,13 +284,18 @@ def unsupported_reason(choice: Choice, device: torch.device) -> str | None:
 
 
 def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: torch.device):
-    """(name -> fn, name -> reason skipped) of every path that runs `qt` under `choice` on `device`."""
+    """(name -> fn, name -> reason skipped) of every path that runs `qt` under `choice` on `device`; on CUDA the
+    registry backend an emitted QuantizedLinear selects is among them (under its registry name)."""
     if choice.abits is not None:
         from . import gpu_activation_quant as gaq
         return gaq.candidates(qt, choice, dtype)
     if device.type == "cuda":
         from .gpu_backends import gpu_candidates
-        return gpu_candidates(qt, dtype)
+        fns, skipped = gpu_candidates(qt, dtype)
+        selected = selected_backend(qt, dtype, device)
+        if selected is not None and selected.name not in fns:
+            fns[selected.name] = _registry_fn(selected, qt, device)
+        return fns, skipped
     return _cpu_candidates(qt, dtype), {}
 
 
@@ -226,7 +306,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
-    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(dev)
     reps = reps or (50 if dev.type == "cuda" else 5)
     choices = [Choice.parse(c) if isinstance(c, str) else c for c in choices]
     path = cache_path(cache_dir, dev) if cache_dir is not None else None
@@ -239,11 +319,14 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
             table.skipped[choice.label] = reason
             continue
         for kind, shape in _shapes(layers):
-            todo = [t for t in tokens if entry_key(shape, choice, t, kind) not in table.entries]
+            wants_selected = _records_selected(choice, kind)
+            todo = [t for t in tokens if (e := table.entries.get(entry_key(shape, choice, t, kind))) is None
+                    or (wants_selected and e.selected is None)]
             if not todo:
                 continue
             qt = quantize(torch.randn(*shape, generator=gen), choice.spec_for(kind, shape[1]), clip_search=False)
             fns, skipped = candidates(qt, choice, dtype, dev)
+            selected = selected_backend(qt, dtype, dev) if wants_selected else None
             for t in todo:
                 x = torch.randn(t, shape[1], generator=gen).to(dev, dtype)
                 ms, rejected = {}, dict(skipped)
@@ -261,7 +344,8 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 if not ms:
                     raise RuntimeError(f"no correct path for {entry_key(shape, choice, t, kind)}: {rejected}")
                 best = min(ms, key=ms.get)
-                table.entries[entry_key(shape, choice, t, kind)] = LatencyEntry(ms[best], best, ms, rejected)
+                table.entries[entry_key(shape, choice, t, kind)] = LatencyEntry(
+                    ms[best], best, ms, rejected, None if selected is None else selected.name)
             if path is not None:
                 table.save(path)
     if path is not None:

@@ -32,6 +32,7 @@ def within(total: Any, budget: float) -> Any:
 
 Method = Callable[..., MethodResult]
 SOLVERS: dict[str, Method] = {}
+UNAVAILABLE: dict[str, str] = {}  # method name -> why it could not be registered (a missing dependency)
 
 
 def register_solver(name: str) -> Callable[[Method], Method]:

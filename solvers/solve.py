@@ -9,9 +9,8 @@ from typing import Any
 import numpy as np
 
 from solvers.errors import InfeasibleError
-from solvers.ilp import feasible
 from solvers.problem import BUDGETS, Problem
-from solvers.registry import SOLVERS, within
+from solvers.registry import SOLVERS, UNAVAILABLE, within
 from solvers.solution import Solution
 
 def check_budgets(problem: Problem, budgets: dict[str, float | None]) -> dict[str, float]:
@@ -45,6 +44,8 @@ def infeasible_error(problem: Problem, budgets: dict[str, float]) -> InfeasibleE
     if alone:
         why = "; ".join(f"{b} budget {budgets[b]:.6g} is below the smallest achievable {least[b]:.6g}" for b in alone)
     else:
+        from solvers.ilp import feasible
+
         combo = next((c for k in range(2, len(budgets) + 1) for c in itertools.combinations(budgets, k)
                       if not feasible(problem, {b: budgets[b] for b in c})), tuple(budgets))
         why = f"each budget alone can be met, but no plan meets {' and '.join(combo)} together"
@@ -59,6 +60,8 @@ def solve(problem: Problem, method: str = "ilp", memory: float | None = None, la
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a solvers.Problem; got {type(problem).__name__}")
+    if method in UNAVAILABLE:
+        raise ValueError(f"method {method!r} is unavailable here: {UNAVAILABLE[method]}")
     if method not in SOLVERS:
         raise ValueError(f"unknown method {method!r}; allowed values: {sorted(SOLVERS)}")
     fn = SOLVERS[method]
@@ -75,6 +78,8 @@ def solve(problem: Problem, method: str = "ilp", memory: float | None = None, la
     if res.status == "infeasible":
         raise infeasible_error(problem, budgets)
     if res.status == "failed":
+        from solvers.ilp import feasible
+
         if not feasible(problem, budgets):
             raise infeasible_error(problem, budgets)
         raise RuntimeError(f"method {method!r} found no plan meeting budgets {budgets} although one exists "

@@ -4,7 +4,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 96
 FAST = {"max_probes": 16, "min_probes": 8}  # quick Hutchinson settings
@@ -15,6 +15,15 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, attn_implementation="eager")
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-block Llama (hidden 64, 4 heads, 2 KV heads, untied lm_head): 15 quantizable layers."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
 
 
 def lm_batches(n: int = 3, seed: int = 0, batch_size: int = 2, seq_len: int = 16) -> list[dict]:

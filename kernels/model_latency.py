@@ -1,0 +1,193 @@
+"""Whole-model latency: time a model's forward, and its unquantized rest once per token count.
+
+A plan's whole-model latency is predicted as rest + the sum of its layers' table entries, where the rest is the
+model's forward with every quantizable layer replaced by a stub that launches no work (it returns a preallocated
+zero tensor of the layer's output shape): attention, norms, embeddings, residual adds, whatever else the model
+does. Nothing else is subtracted. Every forward here is batch 1, `tokens` input tokens, no KV cache (a prefill of
+`tokens` tokens; at 1 token it stands in for one decode step without the cache read). CUDA: a CUDA-graph replay
+of the forward when it can be captured (else eager), the L2 flushed before each run, CUDA events, median; CPU:
+time.perf_counter, median. The rest is stored in a LatencyTable under `model_key(model, layers)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .latency import L2_FLUSH_BYTES, LatencyTable, RestLatency, cuda_graph, time_events
+
+Inputs = Callable[[int], Any]  # tokens -> the forward's input: a tensor, a tuple of tensors or a dict of keyword inputs
+
+
+@dataclass(frozen=True)
+class ForwardTiming:
+    """Median ms of one forward and how it was timed: "cuda-graph", "cuda-eager" or "cpu"."""
+
+    ms: float
+    mode: str
+
+
+def _layer_names(layers: Iterable) -> list[str]:
+    """Names from a list of names, a LayerGraph-like object (`.names`) or LayerInfo-like objects (`.name`)."""
+    names = getattr(layers, "names", layers)
+    out = [n if isinstance(n, str) else n.name for n in names]
+    if not out:
+        raise ValueError("layers is empty: give the names of the model's quantizable layers (e.g. a LayerGraph)")
+    return out
+
+
+def model_key(model: nn.Module, layers: Iterable) -> str:
+    """Which model a table's rest belongs to: the model's class, every parameter and buffer name and shape (not
+    values, and not dtype or device: the rest is timed as the table's layers are), and the stubbed layers' names."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+    h.update(("|" + ",".join(sorted(_layer_names(layers)))).encode())
+    return f"{type(model).__name__}:{h.hexdigest()[:16]}"
+
+
+class _Stub(nn.Module):
+    """Stands in for a quantizable layer: runs it once per new input shape to learn its output shape, then returns
+    a zero tensor of that shape (shared between stubs) without launching any work."""
+
+    def __init__(self, layer: nn.Module, zeros: dict) -> None:
+        super().__init__()
+        self.layer = layer
+        self.zeros = zeros
+        self.out_shape: dict[tuple, tuple[int, ...]] = {}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self.out_shape:
+            self.out_shape[key] = tuple(self.layer(x, *args, **kwargs).shape)
+        out = (self.out_shape[key], x.dtype, x.device)
+        if out not in self.zeros:
+            self.zeros[out] = torch.zeros(out[0], dtype=x.dtype, device=x.device)
+        return self.zeros[out]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@contextmanager
+def stubbed(model: nn.Module, layers: Iterable) -> Iterator[nn.Module]:
+    """`model` with each named layer replaced by a stub (zero output, no work), restored on exit. Values that flow
+    from a stub are zeros; a model that writes into a layer's output in place changes only values, not work."""
+    names = _layer_names(layers)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"layers {missing[:5]} do not exist in the {type(model).__name__}")
+    zeros: dict = {}
+    try:
+        for n in names:
+            _set(model, n, _Stub(modules[n], zeros))
+        yield model
+    finally:
+        for n in names:
+            _set(model, n, modules[n])
+
+
+def default_inputs(model: nn.Module) -> Inputs:
+    """For a Hugging Face language model: tokens -> batch-1 random input ids with use_cache=False (no KV cache)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise ValueError(f"{type(model).__name__} has no config.vocab_size; pass inputs=: a function tokens -> "
+                         "the forward's input (tensor, tuple or dict), batch 1")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    return lambda tokens: {"input_ids": torch.randint(0, vocab, (1, tokens), generator=gen).to(device),
+                           "use_cache": False}
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _check_device(model: nn.Module, device: torch.device) -> None:
+    where = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if any(d.type != device.type or (device.index is not None and d.index != device.index) for d in where):
+        raise ValueError(f"the model's tensors are on {sorted(map(str, where))}, not on device={str(device)!r}; "
+                         f"move it first, e.g. model.to({str(device)!r})")
+
+
+def _default_reps(device: torch.device) -> int:
+    return 30 if device.type == "cuda" else 5
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, tokens: int, device: str | torch.device = "cuda", reps: int | None = None,
+                 inputs: Inputs | None = None, flush: torch.Tensor | None = None) -> ForwardTiming:
+    """Median time of one forward of `model` (already on `device`) on batch 1 x `tokens` tokens, no KV cache.
+
+    CUDA: a CUDA-graph replay when the forward can be captured, else eager; the L2 flushed before each run
+    (`flush`: a scratch tensor to zero, allocated when None); CUDA events. CPU: time.perf_counter.
+    inputs: tokens -> the forward's input; default `default_inputs(model)` (Hugging Face language models).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ValueError(f"tokens={tokens!r} must be a positive int")
+    _check_device(model, dev)
+    reps = reps or _default_reps(dev)
+    batch = (inputs or default_inputs(model))(tokens)
+    run = lambda: _call(model, batch)  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        if dev.type == "cpu":
+            run()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            return ForwardTiming(statistics.median(times) * 1e3, "cpu")
+        with torch.cuda.device(dev):
+            for _ in range(3):
+                run()
+            flush = flush if flush is not None else torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev)
+            replay = cuda_graph(run)
+            ms = time_events(replay or run, reps, flush)
+            return ForwardTiming(ms, "cuda-graph" if replay is not None else "cuda-eager")
+    finally:
+        model.train(was_training)
+
+
+def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1, 16, 512),
+                 device: str | torch.device = "cuda", reps: int | None = None, inputs: Inputs | None = None,
+                 table: LatencyTable | None = None) -> RestLatency:
+    """Time the model's forward with every layer in `layers` (names, or a LayerGraph) stubbed out, once per token
+    count (batch 1, no KV cache); see the module docstring. The model must already be on `device`, in the dtype
+    the table's layers were timed in (`latency.default_dtype(device)` unless `measure` was given another).
+    With `table`, the result is stored (merged with earlier token counts) in `table.rest[model_key(model, layers)]`.
+    """
+    names = _layer_names(layers)
+    tokens = tuple(tokens)
+    if not tokens:
+        raise ValueError("tokens is empty: give the token counts to time, e.g. (1, 16)")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    key = model_key(model, names)
+    rest = table.rest.get(key) if table is not None else None
+    rest = rest or RestLatency(type(model).__name__, str(dtype).removeprefix("torch."), len(names))
+    with stubbed(model, names):
+        for t in tokens:
+            timing = time_forward(model, t, device, reps, inputs)
+            rest.ms[t], rest.mode[t] = timing.ms, timing.mode
+    if table is not None:
+        table.rest[key] = rest
+    return rest

@@ -1,0 +1,174 @@
+"""Whole-model latency on the CPU: the unquantized rest in the latency table, whole-model latency budgets, and
+check_latency's predicted-vs-measured report (structure only: a shared 2-core CPU is too noisy for the 5% goal)."""
+
+import copy
+
+import pytest
+import torch
+from tiny import lm_batches, save_model_and_calib, tiny_llama
+
+from allocator import Budget, Plan, check_latency, format_checks, profile_model, solve_profiled, uniform_plan
+from allocator.cli import main
+from kernels import Choice
+from kernels.latency import LatencyTable, entry_key, measure
+from kernels.model_latency import measure_rest, model_key, stubbed, time_forward
+from profilers import build_layer_graph
+from solvers import InfeasibleError
+
+CHOICES = ("w2", "w4", "w8")
+TOKENS = (1, 4)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama()
+    graph = build_layer_graph(model, lm_batches(1)[0])
+    table = measure(graph, CHOICES, tokens=TOKENS, device="cpu", reps=2)
+    measure_rest(model, graph, tokens=TOKENS, device="cpu", reps=3, table=table)
+    profiled = profile_model(model, lm_batches(2), [Choice.parse(c) for c in CHOICES], profiler="gptq")
+    return model, graph, table, profiled
+
+
+def layer_ms(table, layer, choice, tokens=1):
+    return table.lookup((layer.out_features, layer.in_features), choice, tokens, layer.kind)
+
+
+def test_rest_is_measured_once_per_token_count_and_serialized(setup, tmp_path):
+    model, graph, table, profiled = setup
+    key = model_key(model, graph.names)
+    assert key == profiled.rest_key
+    rest = table.rest[key]
+    assert set(rest.ms) == set(TOKENS) and all(ms > 0 for ms in rest.ms.values())
+    assert rest.mode == {t: "cpu" for t in TOKENS} and rest.layers == len(graph) == 15
+    assert rest.model == "LlamaForCausalLM" and rest.dtype == "float32"
+    for e in table.entries.values():
+        assert e.selected in e.all_ms and e.model_ms == e.all_ms[e.selected]
+    table.save(tmp_path / "t.json")
+    again = LatencyTable.load(tmp_path / "t.json")
+    assert again.to_dict() == table.to_dict()
+    assert again.rest_ms(key, 4) == rest.ms[4]
+    assert again.rest_ms("OtherModel:0123", 1) is None
+    with pytest.raises(KeyError, match=r"measured at tokens \[1, 4\].*not at 16"):
+        again.rest_ms(key, 16)
+    # more token counts merge into the same entry
+    measure_rest(model, graph, tokens=(2,), device="cpu", reps=1, table=again)
+    assert set(again.rest[key].ms) == {1, 2, 4}
+
+
+def test_tables_without_rest_or_selected_path_still_load(setup):
+    _, graph, table, _ = setup
+    old = copy.deepcopy(table.to_dict())
+    del old["rest"]
+    for e in old["entries"].values():
+        del e["selected"]
+    loaded = LatencyTable.from_dict(old)
+    assert loaded.rest == {}
+    layer = graph.layers[0]
+    entry = loaded.entries[entry_key((layer.out_features, layer.in_features), "w4", 1)]
+    assert entry.selected is None and layer_ms(loaded, layer, "w4") == entry.ms
+
+
+def test_stubs_restore_the_model_and_bad_arguments_are_named(setup):
+    model, graph, _, _ = setup
+    x = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        before = model(x).logits
+        with stubbed(model, graph):
+            assert type(model.get_submodule(graph.names[0])).__name__ == "_Stub"
+            stubbed_out = model(x).logits
+        after = model(x).logits
+    assert torch.equal(before, after) and not torch.equal(before, stubbed_out)
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in graph.names)
+    with pytest.raises(ValueError, match="do not exist"):
+        measure_rest(model, ["model.nope"], tokens=(1,), device="cpu")
+    with pytest.raises(ValueError, match="tokens=0"):
+        time_forward(model, 0, "cpu")
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="pass inputs="):
+        time_forward(mlp, 2, "cpu")
+    timing = time_forward(mlp, 3, "cpu", reps=2, inputs=lambda t: torch.randn(1, t, 8))
+    assert timing.ms > 0 and timing.mode == "cpu"
+    rest = measure_rest(mlp, ["0", "2"], tokens=(3,), device="cpu", reps=2, inputs=lambda t: torch.randn(1, t, 8))
+    assert rest.ms[3] > 0 and rest.layers == 2
+
+
+def test_latency_budget_covers_the_whole_model(setup):
+    model, graph, table, profiled = setup
+    rest = table.rest_ms(profiled.rest_key, 1)
+    lo = rest + sum(min(layer_ms(table, l, c) for c in CHOICES) for l in graph.layers)
+    hi = rest + sum(max(layer_ms(table, l, c) for c in CHOICES) for l in graph.layers)
+    budget = (lo + hi) / 2
+    plan = solve_profiled(profiled, Budget(latency_ms=budget), latency_table=table, tokens=1)
+    p = plan.predicted
+    layers = sum(layer_ms(table, graph[l.name], l.choice) for l in plan.layers)
+    assert p["latency_ms"] <= budget * (1 + 1e-7)
+    assert p["latency_rest_ms"] == rest
+    assert p["latency_layers_ms"] == pytest.approx(layers)
+    assert p["latency_ms"] == pytest.approx(rest + layers)
+    assert plan.solver["latency_scope"] == "whole model" and plan.solver["latency_tokens"] == 1
+    assert "whole model" in plan.summary() and f"rest {rest:.4g}" in plan.summary()
+
+    with pytest.raises(InfeasibleError, match=r"below the model's unquantized rest alone: the rest takes") as e:
+        solve_profiled(profiled, Budget(latency_ms=rest / 2), latency_table=table, tokens=1)
+    assert e.value.smallest["latency_ms"] == pytest.approx(lo)
+    with pytest.raises(InfeasibleError, match=r"latency_ms >= ") as e:
+        solve_profiled(profiled, Budget(latency_ms=(rest + lo) / 2), latency_table=table, tokens=1)
+    assert e.value.smallest["latency_ms"] == pytest.approx(lo)
+
+
+def test_without_the_rest_the_budget_covers_the_layers_and_says_so(setup):
+    _, graph, table, profiled = setup
+    layers_only = LatencyTable.from_dict({**table.to_dict(), "rest": {}})
+    budget = sum(max(layer_ms(table, l, c) for c in CHOICES) for l in graph.layers)
+    plan = solve_profiled(profiled, Budget(latency_ms=budget), latency_table=layers_only, tokens=1)
+    assert plan.predicted["latency_ms"] == plan.predicted["latency_layers_ms"] <= budget * (1 + 1e-7)
+    assert "latency_rest_ms" not in plan.predicted
+    assert plan.solver["latency_scope"].startswith("quantized layers only")
+    assert "quantized layers only" in plan.summary()
+
+
+def test_check_latency_reports_predicted_vs_measured_and_bytes(setup):
+    model, graph, table, profiled = setup
+    rest1 = table.rest_ms(profiled.rest_key, 1)
+    mid = rest1 + sum(sorted(layer_ms(table, l, c) for c in CHOICES)[1] for l in graph.layers)
+    plans = {"w4": uniform_plan(profiled, "w4"), "w8": uniform_plan(profiled, "w8"),
+             "mixed": solve_profiled(profiled, Budget(latency_ms=mid), latency_table=table, tokens=1)}
+    checks = check_latency(model, plans, table, tokens=TOKENS, device="cpu", reps=2)
+    assert [(c.plan, c.tokens) for c in checks] == [(n, t) for n in plans for t in TOKENS]
+    for c in checks:
+        plan = plans[c.plan]
+        layers = sum(layer_ms(table, graph[l.name], l.choice, c.tokens) for l in plan.layers)
+        assert c.rest_ms == table.rest_ms(profiled.rest_key, c.tokens)
+        assert c.layers_ms == pytest.approx(layers) and c.predicted_ms == pytest.approx(c.rest_ms + layers)
+        assert c.measured_ms > 0 and c.mode == "cpu"
+        assert c.rel_error == pytest.approx((c.predicted_ms - c.measured_ms) / c.measured_ms)
+        assert c.memory == "parameters + buffers"
+        assert c.resident_bytes == c.peak_bytes == c.predicted_bytes == plan.predicted["total_bytes"]
+    assert checks[0].predicted_bytes < checks[2].predicted_bytes  # 4-bit is smaller than 8-bit
+    printed = format_checks(checks)
+    assert "mixed" in printed and "error %" in printed
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in graph.names)  # the float model is untouched
+    with pytest.raises(ValueError, match="no rest-of-model figure"):
+        check_latency(model, [plans["w4"]], LatencyTable.from_dict({**table.to_dict(), "rest": {}}), device="cpu")
+
+
+def test_cli_latency_with_the_model_measures_the_rest(tmp_path, capsys):
+    save_model_and_calib(tmp_path)
+    prof, lat = tmp_path / "profile.json", tmp_path / "latency.json"
+    assert main(["profile", "--model", str(tmp_path / "model"), "--calib", str(tmp_path / "calib.pt"),
+                 "--bits", "2,4,8", "--profiler", "gptq", "--out", str(prof)]) == 0
+    assert main(["latency", "--profile", str(prof), "--device", "cpu", "--tokens", "1", "--model",
+                 str(tmp_path / "model"), "--out", str(lat)]) == 0
+    assert "unquantized rest" in capsys.readouterr().out
+    table = LatencyTable.load(lat)
+    (rest,) = table.rest.values()
+    assert rest.model == "GPT2LMHeadModel" and set(rest.ms) == {1}
+    assert main(["solve", "--profile", str(prof), "--latency-ms", "1e6", "--latency-table", str(lat),
+                 "--out", str(tmp_path / "plan.json")]) == 0
+    assert "whole model" in capsys.readouterr().out
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.predicted["latency_rest_ms"] == rest.ms[1]
+    tiny_llama().save_pretrained(tmp_path / "other")
+    assert main(["latency", "--profile", str(prof), "--device", "cpu", "--tokens", "1", "--model",
+                 str(tmp_path / "other"), "--out", str(tmp_path / "x.json")]) == 1
+    assert "not the model the profile was made for" in capsys.readouterr().err
