@@ -66,10 +66,9 @@ def _triton_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
 
 
 def _triton_verified(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
-    """Never picked automatically: the current kernels failed the float64 GPU tests on an H100 (relative errors
-    4-49% on odd shapes, see docs/kernels_gpu.md), so CUDA models dequantize + cuBLAS until they pass;
-    `backend="triton"` still forces them for benchmarking."""
-    return False
+    """Picked automatically where the fused kernels run (group widths that are multiples of 32 columns);
+    other groups would dequantize + matmul anyway, which the plain `dequant` backend does without the repack."""
+    return _triton_supports(spec, shape, device, dtype) and tlin.fused_supported_spec(spec, shape)
 
 
 TRITON = register_backend(Backend("triton", _triton_supports, _triton_linear, priority=20, layout=GPU_LAYOUT,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .choice import QuantSpec
 from .gpu_layout import WORD_ROWS, GpuPackedWeight
 
 try:
@@ -175,12 +176,17 @@ if HAVE_TRITON:
         j = tl.arange(0, 16)
         a, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
         for i in tl.static_range(PER):
-            col0 = r0 * PER + i * 16
-            sc, bias = _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
-            w = (_slot(a, b, i, W0, W1) - bias[None, :]) * sc[None, :]
-            ks = col0 + j
-            tl.store(out + ks[:, None] * N + cols[None, :], w.to(out.dtype.element_ty),
-                     mask=(ks < K)[:, None] & nmask[None, :])
+            ks = r0 * PER + i * 16 + j
+            # the group of every element (a 16-column slot may straddle groups of any width)
+            offs = (ks // G)[:, None] * stride_sg + cols[None, :] * stride_sn
+            mask = (ks < K)[:, None] & nmask[None, :]
+            sc = tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                bias = 8388608.0 + tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                bias = tl.full(sc.shape, 8388608.0 + ZERO, tl.float32)
+            w = (_slot(a, b, i, W0, W1) - bias) * sc
+            tl.store(out + ks[:, None] * N + cols[None, :], w.to(out.dtype.element_ty), mask=mask)
 
 
 def fused_supported(gw: GpuPackedWeight) -> bool:
@@ -188,12 +194,20 @@ def fused_supported(gw: GpuPackedWeight) -> bool:
     return gw.group % 32 == 0
 
 
+def fused_supported_spec(spec: QuantSpec, shape: tuple[int, int]) -> bool:
+    """`fused_supported` before repacking (per-channel weights always qualify)."""
+    return spec.group_size is None or spec.group_width(shape[1]) % 32 == 0
+
+
 def default_config(m: int, gw: GpuPackedWeight) -> Config:
     """Heuristic tile shape for m token rows (the latency table measures the alternatives)."""
     n = gw.shape[0]
     blocks = gw.planes[0].shape[0] // WORD_ROWS
     if m <= GEMV_MAX_M:
-        return Config(1, 512, split_for(-(-n // 512), blocks), 4, 1)
+        # best of a tile sweep at 28672x8192 on an H100 (docs/kernels_gpu.md): narrow tiles for 16 codes a word
+        # (wider ones spill), 1024 columns x 8 warps for plain 4-bit, about 8 waves of K-slices
+        bn, warps = (256, 4) if gw.per == 16 else ((1024, 8) if gw.bits == 4 else (512, 4))
+        return Config(1, bn, split_for(-(-n // bn), blocks, waves=8), warps, 1)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         return Config(bm, 64, split_for(-(-n // 64) * -(-m // bm), blocks, waves=2), 4, 3)

@@ -23,7 +23,7 @@ if not torch.cuda.is_available() and not INTERPRET:
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BITS = (2, 3, 4, 5, 6, 8)
 # (N, K, group): odd sizes, short last groups, per-channel, groups of 32 and 64
-SHAPES = [(64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64)] if INTERPRET else [
+SHAPES = [(64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64), (96, 160, 100)] if INTERPRET else [
     (64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64), (1000, 1030, 128), (257, 2080, None),
     (512, 4104, 64), (96, 160, 100)]
 TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -90,9 +90,10 @@ def test_every_config_family(bits: int) -> None:
 def test_dequantize_is_exact() -> None:
     gen = torch.Generator().manual_seed(7)
     for bits in BITS:
-        qt, gw = _case(67, 203, 32, bits, False, torch.float16, gen)
-        w = tlin.dequantize(gw, torch.float32).t().cpu()
-        assert torch.equal(w, qt.dequantize(torch.float32)), bits
+        for n, k, group in [(67, 203, 32), (96, 160, 100), (33, 77, 24)]:  # groups that straddle 16-column slots too
+            qt, gw = _case(n, k, group, bits, False, torch.float16, gen)
+            w = tlin.dequantize(gw, torch.float32).t().cpu()
+            assert torch.equal(w, qt.dequantize(torch.float32)), (bits, group)
 
 
 @pytest.mark.gpu
