@@ -100,8 +100,8 @@ def profile_model(
 def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, ties: Sequence[Sequence[str]] = (),
                   latency_table: LatencyTable | None = None, tokens: int = 1) -> Problem:
     """The solver's table: cost from the profile; bytes, bits and BOPs from the exact memory model; latency
-    (ms per layer at ``tokens`` tokens) from a measured ``kernels.LatencyTable``, whose removed choices
-    (those the device cannot run) become unavailable."""
+    (what each layer adds to a whole-model forward at ``tokens`` tokens, ``LatencyTable.layer_ms``) from a measured
+    ``kernels.LatencyTable``, whose removed choices (those the device cannot run) become unavailable."""
     graph, prof = profiled.graph, profiled.profile
     if list(prof.layers) != graph.names:
         raise ValueError("the profile's layers do not match the layer graph (was it made for another model?)")
@@ -121,7 +121,8 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
                 if choice.label in latency_table.skipped:
                     allowed[i, j] = False
                     continue
-                latency[i, j] = latency_table.lookup((layer.out_features, layer.in_features), choice, tokens, layer.kind)
+                latency[i, j] = latency_table.layer_ms((layer.out_features, layer.in_features), choice, tokens,
+                                                       layer.kind)
     return Problem(
         layers=graph.names,
         choices=list(prof.choices),

@@ -327,7 +327,7 @@ def solve_job(spec: JobSpec, profiled: ProfiledModel) -> Plan:
 
     table = latency_table(spec, profiled.graph)
     problem = build_problem(profiled)
-    matrix = [[table.lookup((l.out_features, l.in_features), c, spec.latency.tokens, l.kind) for c in problem.choices]
+    matrix = [[table.layer_ms((l.out_features, l.in_features), c, spec.latency.tokens, l.kind) for c in problem.choices]
               for l in profiled.graph.layers]
     problem = type(problem).from_dict({**problem.to_dict(), "latency": matrix})
     solution = solve(problem, method=spec.solver, **solver_budgets(spec.budget, profiled.fixed_bytes), **spec.solver_options)

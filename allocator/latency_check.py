@@ -24,11 +24,13 @@ from .report import format_table, mib
 class LatencyCheck:
     """One plan at one token count (batch 1, no KV cache).
 
-    predicted_ms = rest_ms + layers_ms (from the table); measured_ms: the quantized model's forward, timed as
-    `mode` says; rel_error = (predicted - measured) / measured. Memory: on CUDA resident_bytes is what the CUDA
-    allocator holds for the quantized model once on the device and peak_bytes the peak allocated during its timed
-    forwards, both over the baseline before the plan was applied; on the CPU both are the quantized model's
-    parameter + buffer bytes. predicted_bytes is the plan's whole-model total.
+    predicted_ms = rest_ms + layers_ms (from the table; layers_ms sums `LatencyTable.layer_ms`); raw_ms = rest_ms +
+    the layers' isolated entries (`LatencyTable.lookup`), before the graph-replay overhead is taken off (equal on
+    the CPU); measured_ms: the quantized model's forward, timed as `mode` says; rel_error = (predicted - measured)
+    / measured. Memory: on CUDA resident_bytes is what the CUDA allocator holds for the quantized model once on the
+    device and peak_bytes the peak allocated during its timed forwards, both over the baseline before the plan was
+    applied; on the CPU both are the quantized model's parameter + buffer bytes. predicted_bytes is the plan's
+    whole-model total.
     """
 
     plan: str
@@ -36,6 +38,7 @@ class LatencyCheck:
     predicted_ms: float
     rest_ms: float
     layers_ms: float
+    raw_ms: float
     measured_ms: float
     mode: str
     rel_error: float
@@ -49,18 +52,25 @@ class LatencyCheck:
 
 
 def predict_latency(plan: Plan, table: LatencyTable, tokens: int, rest_key: str) -> tuple[float, float]:
-    """(rest ms, layers ms) of ``plan`` at ``tokens`` tokens from ``table``; the rest is the one stored under
-    ``rest_key`` (``kernels.model_latency.model_key(model, plan's layer names)``)."""
+    """(rest ms, layers ms) of ``plan`` at ``tokens`` tokens from ``table``: the rest stored under ``rest_key``
+    (``kernels.model_latency.model_key(model, plan's layer names)``) and the sum of the layers' ``table.layer_ms``
+    (their entries less the table's graph-replay overhead)."""
     rest = table.rest_ms(rest_key, tokens)
     if rest is None:
         raise ValueError(f"the latency table ({table.device}) holds no rest-of-model figure for this model "
                          f"(key {rest_key}); measure one with kernels.model_latency.measure_rest(model, layers, "
                          f"tokens=({tokens},), device=..., table=table)")
-    layers = 0.0
+    return rest, _layers_ms(plan, table, tokens, raw=False)
+
+
+def _layers_ms(plan: Plan, table: LatencyTable, tokens: int, raw: bool) -> float:
+    """Sum over the plan's layers of ``table.layer_ms``, or of ``table.lookup`` (the isolated entries) when raw."""
+    figure = table.lookup if raw else table.layer_ms
+    total = 0.0
     for layer in plan.layers:
         shape = matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d" else layer.weight_shape)
-        layers += table.lookup(shape, layer.choice, tokens, layer.kind)
-    return rest, layers
+        total += figure(shape, layer.choice, tokens, layer.kind)
+    return total
 
 
 def check_latency(model: nn.Module, plans: Mapping[str, Plan] | Sequence[Plan], table: LatencyTable,
@@ -87,6 +97,7 @@ def check_latency(model: nn.Module, plans: Mapping[str, Plan] | Sequence[Plan], 
         raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
     predicted = {(name, t): predict_latency(p, table, t, model_key(model, [layer.name for layer in p.layers]))
                  for name, p in named.items() for t in counts}
+    raw = {(name, t): _layers_ms(p, table, t, raw=True) for name, p in named.items() for t in counts}
     cuda = dev.type == "cuda"
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev) if cuda else None
     out = []
@@ -110,7 +121,8 @@ def check_latency(model: nn.Module, plans: Mapping[str, Plan] | Sequence[Plan], 
             rest, layers = predicted[(name, t)]
             out.append(LatencyCheck(
                 plan=name, tokens=t, predicted_ms=rest + layers, rest_ms=rest, layers_ms=layers,
-                measured_ms=timing.ms, mode=timing.mode, rel_error=(rest + layers - timing.ms) / timing.ms,
+                raw_ms=rest + raw[(name, t)], measured_ms=timing.ms, mode=timing.mode,
+                rel_error=(rest + layers - timing.ms) / timing.ms,
                 predicted_bytes=int(plan.predicted["total_bytes"]), resident_bytes=int(resident), peak_bytes=int(peak),
                 memory="cuda allocator" if cuda else "parameters + buffers"))
     if cuda:
@@ -125,6 +137,6 @@ def format_checks(checks: Sequence[LatencyCheck]) -> str:
              "res_mib": mib(c.resident_bytes), "peak_mib": mib(c.peak_bytes)} for c in checks]
     return format_table(rows, [
         ("plan", "plan", "s"), ("tokens", "tokens", "d"), ("rest_ms", "rest ms", ".4f"), ("layers_ms", "layers ms", ".4f"),
-        ("predicted_ms", "predicted ms", ".4f"), ("measured_ms", "measured ms", ".4f"), ("err", "error %", "+.1f"),
-        ("mode", "timed", "s"), ("pred_mib", "predicted MiB", ".2f"), ("res_mib", "resident MiB", ".2f"),
-        ("peak_mib", "peak MiB", ".2f")])
+        ("raw_ms", "raw ms", ".4f"), ("predicted_ms", "predicted ms", ".4f"), ("measured_ms", "measured ms", ".4f"),
+        ("err", "error %", "+.1f"), ("mode", "timed", "s"), ("pred_mib", "predicted MiB", ".2f"),
+        ("res_mib", "resident MiB", ".2f"), ("peak_mib", "peak MiB", ".2f")])

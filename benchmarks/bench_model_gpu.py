@@ -5,14 +5,16 @@ float model, and memory vs the plans' predicted bytes, in one run.
    weights, no download), in bfloat16 on CUDA (float32 on the CPU: `latency.default_dtype`).
 2. A latency table for its distinct linear shapes, choices w2, w3, w4, w8 (group 128), at each token count; each
    entry also times the path the model's QuantizedLinear layers run (what the prediction uses). The float linears
-   are timed the same way (F.linear, L2 flushed, CUDA-graph replay up to 64 tokens), and the model's rest once
-   per token count (every quantizable layer stubbed out).
+   are timed the same way (F.linear, L2 flushed, CUDA-graph replay up to GRAPH_MAX_TOKENS tokens), and the model's
+   rest once per token count (every quantizable layer stubbed out).
 3. Plans without a profile (a synthetic cost, params x 4^-bits x a per-role weight): uniform w4, uniform w8, a fixed
    2/3/4/8 pattern, and two solved by --method: at uniform w4's size, and under the pattern plan's predicted
    whole-model latency at 1 token (a whole-model latency budget: the table holds the rest).
 4. Each plan applied to the model on the device (`allocator.check_latency`): forward timed at each token count
    (batch 1, no KV cache; CUDA-graph replay when capturable, L2 flushed, median), predicted vs measured, CUDA
-   allocator bytes (resident and peak) vs the plan's predicted bytes. Decode = the 1-token forward.
+   allocator bytes (resident and peak) vs the plan's predicted bytes. Decode = the 1-token forward. Predicted is
+   the library's (`LatencyTable.layer_ms`: graph-timed entries less the table's replay overhead); the raw sum of
+   the isolated entries is shown beside it.
 Writes bench.json, bench.md and latency.json under --out. `--tiny --device cpu` runs a tiny config on the CPU.
 """
 from __future__ import annotations
@@ -35,13 +37,13 @@ from allocator.api import ProfiledModel, build_problem, plan_from_solution, solv
 from allocator.budget import MIB  # noqa: E402
 from allocator.io import atomic_write, atomic_write_json  # noqa: E402
 from allocator.model import storage_bytes  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, default_dtype, device_name, measure, time_cuda, versions  # noqa: E402
+from kernels.latency import (GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, default_dtype, device_name, measure,  # noqa: E402
+                             time_cuda, versions)
 from kernels.model_latency import measure_rest, time_forward  # noqa: E402
 from profilers import Profile, build_layer_graph  # noqa: E402
 from solvers import Solution  # noqa: E402
 
 CHOICES = ("w2", "w3", "w4", "w8")
-GRAPH_MAX_TOKENS = 64  # `measure` times entries of up to this many tokens by CUDA-graph replay
 FULL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
             num_key_value_heads=8, vocab_size=32000)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -71,7 +73,7 @@ def time_float_linears(graph, tokens, device, dtype, reps) -> dict[tuple[int, in
         for t in tokens:
             x = torch.randn(t, k, device=device, dtype=dtype)
             if device.type == "cuda":
-                out[(n, k, t)] = time_cuda(lambda x: F.linear(x, w), x, reps, flush, graph=t <= 64)
+                out[(n, k, t)] = time_cuda(lambda x: F.linear(x, w), x, reps, flush, graph=t <= GRAPH_MAX_TOKENS)
             else:
                 F.linear(x, w)
                 times = []
@@ -81,23 +83,6 @@ def time_float_linears(graph, tokens, device, dtype, reps) -> dict[tuple[int, in
                     times.append(time.perf_counter() - t0)
                 out[(n, k, t)] = statistics.median(times) * 1e3
     return out
-
-
-def replay_overhead_ms(device: torch.device, reps: int) -> float | None:
-    """CUDA: median ms of a timed graph replay of one trivial kernel after the L2 flush, i.e. the fixed cost every
-    graph-timed table entry carries once, while a whole-model graph pays it once in all (None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
-    return time_cuda(lambda x: x.add_(1), torch.zeros(1, device=device), reps, flush, graph=True)
-
-
-def with_correction(row: dict, overhead: float | None, n_layers: int) -> dict:
-    """Add the diagnostic `corrected_ms` = predicted - n_layers x overhead (graph-timed entries: <= 64 tokens)."""
-    if overhead is None or row["tokens"] > GRAPH_MAX_TOKENS:
-        return {**row, "corrected_ms": None, "corrected_error": None}
-    corrected = row["predicted_ms"] - n_layers * overhead
-    return {**row, "corrected_ms": corrected, "corrected_error": (corrected - row["measured_ms"]) / row["measured_ms"]}
 
 
 def role_weight(name: str, n_blocks: int) -> float:
@@ -226,7 +211,6 @@ def main() -> None:
     stage("float linears", t0)
     t0 = time.perf_counter()
     rest = measure_rest(model, graph, tokens=tokens, device=device, reps=reps, table=table)
-    overhead = replay_overhead_ms(device, reps)
     stage("rest of the model", t0)
     table.save(out / "latency.json")
 
@@ -242,18 +226,19 @@ def main() -> None:
     float_rows = []
     for t in tokens:
         timing = time_forward(model, t, device, reps)
-        predicted = rest.ms[t] + sum(float_linear[(l.out_features, l.in_features, t)] for l in graph.layers)
+        raw = [float_linear[(l.out_features, l.in_features, t)] for l in graph.layers]
+        layers = sum(table.in_model_ms(ms, t) for ms in raw)
         float_rows.append({"plan": f"float ({str(dtype).removeprefix('torch.')})", "tokens": t, "rest_ms": rest.ms[t],
-                           "layers_ms": predicted - rest.ms[t], "predicted_ms": predicted, "measured_ms": timing.ms,
-                           "mode": timing.mode, "rel_error": (predicted - timing.ms) / timing.ms})
+                           "layers_ms": layers, "raw_ms": rest.ms[t] + sum(raw), "predicted_ms": rest.ms[t] + layers,
+                           "measured_ms": timing.ms, "mode": timing.mode,
+                           "rel_error": (rest.ms[t] + layers - timing.ms) / timing.ms})
     stage("float model forward", t0)
     t0 = time.perf_counter()
     checks = check_latency(model, plans, table, tokens=tokens, device=device, reps=reps, check_hash=False)
     stage("quantized models (apply + time)", t0)
     print(format_checks(checks), flush=True)
 
-    float_rows = [with_correction(r, overhead, len(graph)) for r in float_rows]
-    check_rows = [with_correction(c.to_dict(), overhead, len(graph)) for c in checks]
+    check_rows = [c.to_dict() for c in checks]
     float_bytes = storage_bytes(model)
     float_decode = next(r["measured_ms"] for r in float_rows if r["tokens"] == 1)
     decode = [{"plan": r["plan"], "ms": r["measured_ms"], "tokens_per_s": 1e3 / r["measured_ms"],
@@ -272,7 +257,9 @@ def main() -> None:
             kernels.append(row)
     meta = {"device": device_name(device), "versions": {**versions(), "transformers": transformers.__version__},
             "config": {k: getattr(config, k) for k in FULL}, "params": n_params, "dtype": str(dtype), "tokens": tokens,
-            "reps": reps, "stages_s": stages, "total_s": time.perf_counter() - START, "replay_overhead_ms": overhead,
+            "reps": reps, "stages_s": stages, "total_s": time.perf_counter() - START,
+            "timer": "CUDA events, L2 flushed before each" if device.type == "cuda" else "time.perf_counter",
+            "replay_overhead_ms": table.replay_overhead_ms, "graph_max_tokens": table.graph_max_tokens,
             "notes": "batch 1, no KV cache; decode = the 1-token forward"}
     result = {"meta": meta, "rest": rest.to_dict(), "float": float_rows, "float_bytes": float_bytes,
               "checks": check_rows, "decode": decode, "kernels": kernels,
@@ -290,26 +277,22 @@ def main() -> None:
 def markdown(result: dict, rows: list[dict], checks, decode: list[dict], kernels: list[dict]) -> str:
     meta = result["meta"]
     v = meta["versions"]
-    timing = "L2 flushed before each" if meta["replay_overhead_ms"] is not None else "time.perf_counter"
+    correction = (f"each layer's table entry less the fixed cost of one timed graph replay "
+                  f"({meta['replay_overhead_ms']:.4f} ms, measured once per table) where it was graph-timed "
+                  f"(<= {meta['graph_max_tokens']} tokens), which the whole-model graph pays once in all"
+                  if meta["graph_max_tokens"] else "the table's entries as timed (nothing is graph-timed on the CPU)")
     lines = [f"# Whole-model latency: Llama {meta['params'] / 1e9:.3f} B on {meta['device']}", "",
              f"torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}; {meta['dtype']}; "
-             f"{meta['notes']}; median of {meta['reps']} runs, {timing}; total {meta['total_s']:.0f} s "
+             f"{meta['notes']}; median of {meta['reps']} runs, {meta['timer']}; total {meta['total_s']:.0f} s "
              f"(" + ", ".join(f"{k} {s:.0f} s" for k, s in meta["stages_s"].items()) + ").", "",
              "## Predicted (rest + layers from the table) vs measured forward, ms", "",
-             "The last two columns are a diagnostic (CUDA, <= 64 tokens): the prediction less one fixed cost of a "
-             "timed graph replay per layer entry "
-             + (f"({meta['replay_overhead_ms']:.4f} ms each)" if meta["replay_overhead_ms"] is not None else "(CPU: none)")
-             + ", which the whole-model graph pays once.", "",
-             "| plan | tokens | rest | layers | predicted | measured | error | timed | corrected | error |",
+             f"Predicted = rest + layers (`LatencyTable.layer_ms`): {correction}. Raw sum = rest + the entries as "
+             "timed in isolation.", "",
+             "| plan | tokens | rest | layers | raw sum | raw error | predicted | measured | error | timed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def pct(x):
-        return "-" if x is None else f"{100 * x:+.1f}%"
-
-    lines += [f"| {r['plan']} | {r['tokens']} | {r['rest_ms']:.4f} | {r['layers_ms']:.4f} | {r['predicted_ms']:.4f} | "
-              f"{r['measured_ms']:.4f} | {pct(r['rel_error'])} | {r['mode']} | "
-              f"{'-' if r['corrected_ms'] is None else format(r['corrected_ms'], '.4f')} | {pct(r['corrected_error'])} |"
-              for r in rows]
+    lines += [f"| {r['plan']} | {r['tokens']} | {r['rest_ms']:.4f} | {r['layers_ms']:.4f} | {r['raw_ms']:.4f} | "
+              f"{100 * (r['raw_ms'] - r['measured_ms']) / r['measured_ms']:+.1f}% | {r['predicted_ms']:.4f} | "
+              f"{r['measured_ms']:.4f} | {100 * r['rel_error']:+.1f}% | {r['mode']} |" for r in rows]
     lines += ["", "## Decode (1 token, no KV cache)", "", "| plan | ms | tokens/s | vs float |", "|---|---|---|---|"]
     lines += [f"| {d['plan']} | {d['ms']:.4f} | {d['tokens_per_s']:.1f} | {d['vs_float']:.2f}x |" for d in decode]
     lines += ["", "## Memory: plan's predicted bytes vs measured", "",

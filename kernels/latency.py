@@ -9,6 +9,9 @@ with time.perf_counter. The fastest correct path per entry is the dispatch table
 also times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
 model runs, so `lookup` returns its time. `rest` holds the unquantized rest of whole models (attention, norms,
 embeddings; `kernels.model_latency.measure_rest`), so a plan's latency can be predicted for the whole model.
+Each graph-timed entry (CUDA, tokens <= GRAPH_MAX_TOKENS) carries the fixed launch and event cost of one timed
+replay, which a whole-model graph pays once in all: `measure` times that cost once per table
+(`replay_overhead_ms`) and `LatencyTable.layer_ms` subtracts it, giving what a layer adds to a model's forward.
 Tables are cached as JSON keyed by the device name and the torch / triton versions; only missing entries are
 measured.
 """
@@ -33,6 +36,8 @@ from .quantizer import QuantizedTensor, quantize
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 L2_FLUSH_BYTES = 128 << 20  # > 2x the L2 of an H100 (50 MB) / H200 (60 MB)
+GRAPH_MAX_TOKENS = 64  # on CUDA, entries of up to this many tokens are timed as CUDA-graph replays
+MIN_LAYER_FRACTION = 0.1  # layer_ms never goes below this fraction of the raw entry
 
 
 def device_name(device: str | torch.device) -> str:
@@ -110,9 +115,11 @@ class LatencyTable:
     entries: dict[str, LatencyEntry] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)   # choice label -> why the device cannot run it
     rest: dict[str, RestLatency] = field(default_factory=dict)  # model_latency.model_key -> the model's rest
+    replay_overhead_ms: float = 0.0  # fixed cost of one timed graph replay (`replay_overhead_ms()`); 0 on the CPU
+    graph_max_tokens: int = 0  # entries of up to this many tokens were graph-timed (GRAPH_MAX_TOKENS; 0: none)
 
     def lookup(self, shape: tuple[int, int], choice: Choice | str, tokens: int, kind: str = "linear") -> float:
-        """Median ms of one layer as an emitted model runs it (`LatencyEntry.model_ms`)."""
+        """Median ms of one layer as an emitted model runs it, as measured in isolation (`LatencyEntry.model_ms`)."""
         key = entry_key(shape, choice, tokens, kind)
         if key not in self.entries:
             label = choice if isinstance(choice, str) else choice.label
@@ -120,6 +127,20 @@ class LatencyTable:
                 raise KeyError(f"choice {label} was removed on {self.device}: {self.skipped[label]}")
             raise KeyError(f"{key} was not measured on {self.device}; call measure() with this shape/choice/tokens")
         return self.entries[key].model_ms
+
+    def layer_ms(self, shape: tuple[int, int], choice: Choice | str, tokens: int, kind: str = "linear") -> float:
+        """What one layer adds to a whole-model forward: its `lookup` figure less the replay overhead
+        (`in_model_ms`). The solver's latency column and whole-model predictions use this."""
+        return self.in_model_ms(self.lookup(shape, choice, tokens, kind), tokens)
+
+    def in_model_ms(self, ms: float, tokens: int) -> float:
+        """An isolated figure timed as this table's entries are, as part of a whole-model forward: less
+        `replay_overhead_ms` where `tokens` was graph-timed, never below MIN_LAYER_FRACTION of `ms` (noise can put a
+        tiny layer near the overhead, and the floor keeps the result increasing in `ms`, so a layer's choices keep
+        their order)."""
+        if tokens > self.graph_max_tokens:
+            return ms
+        return max(ms - self.replay_overhead_ms, MIN_LAYER_FRACTION * ms)
 
     def rest_ms(self, key: str, tokens: int) -> float | None:
         """Median ms of the rest of the model `key` (`model_latency.model_key`) at `tokens` tokens; None when the
@@ -134,8 +155,8 @@ class LatencyTable:
 
     def latency_matrix(self, shapes: list[tuple[int, int]], choices: list[Choice | str], tokens: int,
                        kind: str = "linear") -> list[list[float]]:
-        """[L, C] milliseconds for the solver's Problem(latency=...)."""
-        return [[self.lookup(s, c, tokens, kind) for c in choices] for s in shapes]
+        """[L, C] milliseconds (`layer_ms`) for the solver's Problem(latency=...)."""
+        return [[self.layer_ms(s, c, tokens, kind) for c in choices] for s in shapes]
 
     @property
     def dispatch(self) -> dict[tuple[int, int, str, int], str]:
@@ -150,12 +171,15 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "versions": self.versions, "skipped": self.skipped,
                 "entries": {k: vars(e) for k, e in self.entries.items()},
-                "rest": {k: r.to_dict() for k, r in self.rest.items()}}
+                "rest": {k: r.to_dict() for k, r in self.rest.items()},
+                "replay_overhead_ms": self.replay_overhead_ms, "graph_max_tokens": self.graph_max_tokens}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LatencyTable":
+        """Tables from before the replay overhead was recorded load with none (their entries stay uncorrected)."""
         return cls(d["device"], dict(d["versions"]), {k: LatencyEntry(**e) for k, e in d["entries"].items()},
-                   dict(d.get("skipped", {})), {k: RestLatency.from_dict(r) for k, r in d.get("rest", {}).items()})
+                   dict(d.get("skipped", {})), {k: RestLatency.from_dict(r) for k, r in d.get("rest", {}).items()},
+                   float(d.get("replay_overhead_ms", 0.0)), int(d.get("graph_max_tokens", 0)))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -267,6 +291,16 @@ def time_events(run: Callable[[], Any], reps: int, flush: torch.Tensor) -> float
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def replay_overhead_ms(device: str | torch.device, reps: int = 50, flush: torch.Tensor | None = None) -> float:
+    """Median ms of a timed graph replay of one trivial kernel after an L2 flush (`time_cuda`): the fixed launch and
+    event cost every graph-timed entry carries, which a whole-model graph pays once in all. 0.0 off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 0.0
+    flush = flush if flush is not None else torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev)
+    return time_cuda(lambda x: x.add_(1), torch.zeros(1, device=dev), reps, flush, graph=True)
+
+
 def _rel_error(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> float:
     ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
     y = y.double().cpu()
@@ -313,6 +347,9 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
     table = LatencyTable.load(path) if path is not None and path.exists() else LatencyTable(device_name(dev), versions())
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev) if dev.type == "cuda" else None
     gen = torch.Generator().manual_seed(seed)
+    if dev.type == "cuda" and table.replay_overhead_ms == 0.0:
+        table.replay_overhead_ms = replay_overhead_ms(dev, reps, flush)
+        table.graph_max_tokens = GRAPH_MAX_TOKENS
     for choice in choices:
         reason = unsupported_reason(choice, dev)
         if reason is not None:
@@ -339,7 +376,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                     if err > TOLERANCE[dtype] * (4 if choice.abits is not None else 1):
                         rejected[name] = f"relative error {err:.2e} over tolerance"
                         continue
-                    ms[name] = (time_cuda(fn, x, reps, flush, graph=t <= 64) if dev.type == "cuda"
+                    ms[name] = (time_cuda(fn, x, reps, flush, graph=t <= GRAPH_MAX_TOKENS) if dev.type == "cuda"
                                 else _time_cpu(fn, x, reps))
                 if not ms:
                     raise RuntimeError(f"no correct path for {entry_key(shape, choice, t, kind)}: {rejected}")

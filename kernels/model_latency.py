@@ -1,9 +1,10 @@
 """Whole-model latency: time a model's forward, and its unquantized rest once per token count.
 
-A plan's whole-model latency is predicted as rest + the sum of its layers' table entries, where the rest is the
-model's forward with every quantizable layer replaced by a stub that launches no work (it returns a preallocated
-zero tensor of the layer's output shape): attention, norms, embeddings, residual adds, whatever else the model
-does. Nothing else is subtracted. Every forward here is batch 1, `tokens` input tokens, no KV cache (a prefill of
+A plan's whole-model latency is predicted as rest + the sum of its layers' `LatencyTable.layer_ms` (each table
+entry less the table's fixed graph-replay cost where it was graph-timed, which a whole-model graph pays once in
+all), where the rest is the model's forward with every quantizable layer replaced by a stub that launches no work
+(it returns a preallocated zero tensor of the layer's output shape): attention, norms, embeddings, residual adds,
+whatever else the model does. Every forward here is batch 1, `tokens` input tokens, no KV cache (a prefill of
 `tokens` tokens; at 1 token it stands in for one decode step without the cache read). CUDA: a CUDA-graph replay
 of the forward when it can be captured (else eager), the L2 flushed before each run, CUDA events, median; CPU:
 time.perf_counter, median. The rest is stored in a LatencyTable under `model_key(model, layers)`.

@@ -141,7 +141,7 @@ def test_latency_budget_from_a_table_measured_on_this_device(model):
     graph = build_layer_graph(model, batches(1)[0])
     table = measure(graph, ["w2", "w4", "w8"], tokens=(1,), device="cpu", reps=3)
     profiled = profile_model(model, batches(), [Choice(b) for b in (2, 4, 8)], **FAST)
-    fastest = sum(min(table.lookup((l.out_features, l.in_features), c, 1, l.kind) for c in ("w2", "w4", "w8"))
+    fastest = sum(min(table.layer_ms((l.out_features, l.in_features), c, 1, l.kind) for c in ("w2", "w4", "w8"))
                   for l in graph.layers)
     plan = solve_profiled(profiled, Budget(latency_ms=fastest * 1.5), latency_table=table, tokens=1)
     assert plan.predicted["latency_ms"] <= fastest * 1.5

@@ -58,7 +58,7 @@ def test_latency_table_then_a_latency_budget(files, capsys):
                  "--out", str(files / "lat.json")]) == 0
     plan, measured = Plan.load(files / "lat.json"), LatencyTable.load(table)
     shapes = {layer.name: layer.weight_shape[::-1] for layer in plan.layers}  # HF Conv1D stores [in, out]
-    expected = sum(measured.lookup(shapes[layer.name], layer.choice, 1, layer.kind) for layer in plan.layers)
+    expected = sum(measured.layer_ms(shapes[layer.name], layer.choice, 1, layer.kind) for layer in plan.layers)
     assert plan.predicted["latency_ms"] == pytest.approx(expected)
     assert main(["solve", "--profile", str(prof), "--latency-ms", "1", "--out", str(files / "x.json")]) == 1
     assert "needs a latency table" in capsys.readouterr().err

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kernels import Choice
-from kernels.latency import LatencyTable, cache_path, entry_key, measure
+from kernels.latency import (GRAPH_MAX_TOKENS, MIN_LAYER_FRACTION, LatencyEntry, LatencyTable, cache_path, entry_key,
+                             measure, replay_overhead_ms)
 
 
 def test_measure_cpu_tiny(tmp_path) -> None:
@@ -47,3 +48,57 @@ def test_activation_quantized_choice_removed_on_cpu(tmp_path) -> None:
     assert LatencyTable.load(cache_path(tmp_path, "cpu")).skipped == table.skipped
     with pytest.raises(KeyError, match="removed"):
         table.lookup((32, 64), "w8gca8", 1)
+
+
+def _entry(ms: float) -> LatencyEntry:
+    return LatencyEntry(ms, "dequant", {"dequant": ms}, selected="dequant")
+
+
+def test_layer_ms_takes_the_replay_overhead_off_graph_timed_entries_only() -> None:
+    figures = {((64, 128), "w4", 1): 0.010, ((64, 128), "w4", 16): 0.012, ((64, 128), "w4", 512): 0.050,
+               ((64, 128), "w8", 1): 0.0042}
+    table = LatencyTable("H100", {}, {entry_key(*k): _entry(ms) for k, ms in figures.items()},
+                         replay_overhead_ms=0.004, graph_max_tokens=64)
+    assert table.layer_ms((64, 128), "w4", 1) == pytest.approx(0.006)
+    assert table.layer_ms((64, 128), "w4", 16) == pytest.approx(0.008)
+    assert table.layer_ms((64, 128), "w4", 512) == 0.050  # timed eagerly: no replay overhead to take off
+    assert table.layer_ms((64, 128), "w8", 1) == pytest.approx(MIN_LAYER_FRACTION * 0.0042)  # the floor
+    assert table.lookup((64, 128), "w4", 1) == 0.010  # lookup stays the measured figure
+    assert table.latency_matrix([(64, 128)], ["w4", "w8"], 1) == [[pytest.approx(0.006), pytest.approx(0.00042)]]
+    again = LatencyTable.from_dict(table.to_dict())
+    assert (again.replay_overhead_ms, again.graph_max_tokens) == (0.004, 64)
+    assert again.layer_ms((64, 128), "w4", 16) == pytest.approx(0.008)
+
+
+def test_tables_without_the_replay_overhead_load_uncorrected() -> None:
+    table = LatencyTable("H100", {}, {entry_key((64, 128), "w4", 1): _entry(0.010)})
+    old = table.to_dict()
+    del old["replay_overhead_ms"], old["graph_max_tokens"]
+    loaded = LatencyTable.from_dict(old)
+    assert (loaded.replay_overhead_ms, loaded.graph_max_tokens) == (0.0, 0)
+    assert loaded.layer_ms((64, 128), "w4", 1) == loaded.lookup((64, 128), "w4", 1) == 0.010
+
+
+def test_cpu_tables_have_no_replay_overhead(tmp_path) -> None:
+    assert replay_overhead_ms("cpu") == 0.0
+    table = measure([(32, 64)], ["w4"], tokens=(1,), device="cpu", reps=1)
+    assert (table.replay_overhead_ms, table.graph_max_tokens) == (0.0, 0)
+    assert table.layer_ms((32, 64), "w4", 1) == table.lookup((32, 64), "w4", 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tables_measure_the_replay_overhead_once(tmp_path) -> None:
+    table = measure([(512, 2048)], ["w4"], tokens=(1, 128), device="cuda", reps=10, cache_dir=tmp_path)
+    assert 0 < table.replay_overhead_ms < 0.05 and table.graph_max_tokens == GRAPH_MAX_TOKENS
+    raw = table.lookup((512, 2048), "w4", 1)
+    expected = max(raw - table.replay_overhead_ms, MIN_LAYER_FRACTION * raw)
+    assert table.layer_ms((512, 2048), "w4", 1) == pytest.approx(expected)
+    assert table.layer_ms((512, 2048), "w4", 128) == table.lookup((512, 2048), "w4", 128)
+    # a cached table keeps its overhead; one cached without it gets it measured
+    assert measure([(512, 2048)], ["w4"], tokens=(1,), device="cuda", cache_dir=tmp_path).replay_overhead_ms \
+        == table.replay_overhead_ms
+    old = table.to_dict()
+    del old["replay_overhead_ms"], old["graph_max_tokens"]
+    LatencyTable.from_dict(old).save(cache_path(tmp_path, "cuda"))
+    assert measure([(512, 2048)], ["w4"], tokens=(1,), device="cuda", cache_dir=tmp_path).replay_overhead_ms > 0

@@ -3,11 +3,13 @@ check_latency's predicted-vs-measured report (structure only: a shared 2-core CP
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from tiny import lm_batches, save_model_and_calib, tiny_llama
 
-from allocator import Budget, Plan, check_latency, format_checks, profile_model, solve_profiled, uniform_plan
+from allocator import (Budget, Plan, build_problem, check_latency, format_checks, predict_latency, profile_model,
+                       solve_profiled, uniform_plan)
 from allocator.cli import main
 from kernels import Choice
 from kernels.latency import LatencyTable, entry_key, measure
@@ -30,7 +32,7 @@ def setup():
 
 
 def layer_ms(table, layer, choice, tokens=1):
-    return table.lookup((layer.out_features, layer.in_features), choice, tokens, layer.kind)
+    return table.layer_ms((layer.out_features, layer.in_features), choice, tokens, layer.kind)
 
 
 def test_rest_is_measured_once_per_token_count_and_serialized(setup, tmp_path):
@@ -150,6 +152,30 @@ def test_check_latency_reports_predicted_vs_measured_and_bytes(setup):
     assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in graph.names)  # the float model is untouched
     with pytest.raises(ValueError, match="no rest-of-model figure"):
         check_latency(model, [plans["w4"]], LatencyTable.from_dict({**table.to_dict(), "rest": {}}), device="cpu")
+
+
+def test_the_replay_overhead_comes_off_the_latency_column_and_the_prediction(setup):
+    model, graph, table, profiled = setup
+    key = profiled.rest_key
+    overhead = 0.5 * min(e.model_ms for e in table.entries.values())  # below every entry: the floor never applies
+    # as if 1 token had been graph-timed on CUDA and 4 tokens eagerly
+    corrected = LatencyTable.from_dict({**table.to_dict(), "replay_overhead_ms": overhead, "graph_max_tokens": 1})
+    raw1 = build_problem(profiled, latency_table=table, tokens=1).latency
+    assert np.allclose(build_problem(profiled, latency_table=corrected, tokens=1).latency, raw1 - overhead)
+    assert np.array_equal(build_problem(profiled, latency_table=corrected, tokens=4).latency,
+                          build_problem(profiled, latency_table=table, tokens=4).latency)
+    plan = uniform_plan(profiled, "w4")
+    rest, layers = predict_latency(plan, table, 1, key)
+    assert layers == pytest.approx(sum(table.lookup((l.out_features, l.in_features), "w4", 1, l.kind)
+                                       for l in graph.layers))
+    assert predict_latency(plan, corrected, 1, key) == pytest.approx((rest, layers - len(graph) * overhead))
+    assert predict_latency(plan, corrected, 4, key) == predict_latency(plan, table, 4, key)
+    solved = solve_profiled(profiled, Budget(latency_ms=1e6), latency_table=corrected, tokens=1)
+    assert solved.predicted["latency_ms"] == pytest.approx(sum(predict_latency(solved, corrected, 1, key)))
+    c1, c4 = check_latency(model, {"w4": plan}, corrected, tokens=TOKENS, device="cpu", reps=1)
+    assert c1.raw_ms == pytest.approx(rest + layers)
+    assert c1.predicted_ms == pytest.approx(rest + layers - len(graph) * overhead)
+    assert c4.raw_ms == c4.predicted_ms == pytest.approx(sum(predict_latency(plan, table, 4, key)))
 
 
 def test_cli_latency_with_the_model_measures_the_rest(tmp_path, capsys):

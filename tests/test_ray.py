@@ -133,7 +133,7 @@ def test_latency_is_measured_on_the_gpu_type_the_job_names(cluster, files):
     table, node = measure_latency(graph, ["w2", "w4", "w8"], tokens=1, accelerator="H100",
                                   cache_dir=str(files / "store_two" / "latency"))
     assert node == h100_node  # the only node with the accelerator_type:H100 label
-    ms = [[table.lookup((l.out_features, l.in_features), c, 1, l.kind) for c in ("w2", "w4", "w8")] for l in graph.layers]
+    ms = [[table.layer_ms((l.out_features, l.in_features), c, 1, l.kind) for c in ("w2", "w4", "w8")] for l in graph.layers]
     budget = (sum(map(min, ms)) + sum(map(max, ms))) / 2
 
     spec = job(files, "two", budget={"latency_ms": budget}, latency={"accelerator": "H100", "tokens": 1})
