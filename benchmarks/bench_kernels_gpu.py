@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-gemlite", action="store_true",
+                    help="leave gemlite out (it autotunes every new shape/bits/tokens: minutes per shape)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +128,8 @@ def main() -> None:
             qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
             wdq = qt.dequantize(torch.float64)
             fns, skipped = gpu_candidates(qt, dtype)
+            if args.no_gemlite and fns.pop("gemlite", None) is not None:
+                skipped["gemlite"] = "left out (--no-gemlite)"
             gw = repack_for_gpu(qt, "cuda")
             wbytes = gw.nbytes
             for m in tokens:
