@@ -5,13 +5,15 @@
 - ``cnn``:  a small CNN classifying scikit-learn's bundled 8x8 handwritten digits (``load_digits``).
 
 Weights are cached under $BITALLOC_CACHE (default ~/.cache/bitalloc), keyed by the model's settings.
-Imports only torch, transformers and scikit-learn (no solver), so it also runs on machines without PuLP.
+The character corpus, LM batches and cache directory are the demo's (`allocator.demo`; importing allocator
+needs no PuLP, so this also runs on the GPU machine).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VOCAB = 128          # ASCII characters, clamped to 127
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allocator.demo import VOCAB, cache_root  # noqa: E402
+from allocator.demo import demo_batches as lm_batches  # noqa: E402
+from allocator.demo import demo_corpus as char_corpus  # noqa: E402
+
 MASK_ID = VOCAB      # the BERT mask token, one past the characters
 
 
@@ -36,33 +43,8 @@ class Task:
     held_out_labels: list | None = None
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BITALLOC_CACHE", Path.home() / ".cache" / "bitalloc"))
-
-
 def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def char_corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """Character ids of CPython's bundled documentation topics: 90% train, 10% test (as the demo uses)."""
-    import pydoc_data.topics
-
-    text = "\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-    ids = torch.tensor([min(ord(c), VOCAB - 1) for c in text], dtype=torch.long)
-    split = int(len(ids) * 0.9)
-    return ids[:split], ids[split:]
-
-
-def lm_batches(ids: torch.Tensor, n: int, batch_size: int, seq_len: int, seed: int) -> list[dict]:
-    """Random windows with next-character labels (GPT-2 shifts them itself)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=g)
-        x = torch.stack([ids[s:s + seq_len] for s in starts])
-        out.append({"input_ids": x, "labels": x.clone()})
-    return out
 
 
 def mlm_batches(ids: torch.Tensor, n: int, batch_size: int, seq_len: int, seed: int, rate: float = 0.15) -> list[dict]:
