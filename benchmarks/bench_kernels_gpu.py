@@ -36,16 +36,21 @@ ANCHORS = ("tinygemm_int4", "gemlite")
 
 def sweep(m: int, gw) -> list[tlin.Config]:
     """Tile shapes tried for m rows besides the default heuristic (split chosen by `split_for`)."""
-    def cfg(bm: int, bn: int, warps: int, stages: int, waves: int = 4) -> tlin.Config:
+    def cfg(bm: int, bn: int, warps: int, stages: int, waves: int = 4, wide: bool = False) -> tlin.Config:
         n, blocks = gw.shape[0], gw.planes[0].shape[0] // 16
         split = 1 if m > 64 else tlin.split_for(-(-n // bn) * -(-m // bm), blocks, waves)
-        return tlin.Config(bm, bn, split, warps, stages)
+        return tlin.Config(bm, bn, split, warps, stages, wide)
     if m == 1:
-        return [cfg(1, 256, 2, 1), cfg(1, 1024, 8, 1), cfg(1, 128, 4, 1), cfg(1, 512, 4, 2, waves=8)]
+        return [cfg(1, 256, 4, 1, 8), cfg(1, 512, 4, 1, 8), cfg(1, 1024, 8, 1, 8), cfg(1, 1024, 8, 2, 8),
+                cfg(1, 512, 4, 1, 16), cfg(1, 128, 4, 1, 8), cfg(1, 256, 2, 1, 4)]
     if m <= 64:
         bm = 16 if m <= 16 else 64
         return [cfg(bm, 128, 4, 3, 2), cfg(bm, 64, 4, 4, 4)]
-    return [cfg(256, 128, 8, 3), cfg(128, 256, 8, 3), cfg(64, 128, 4, 4)]
+    if gw.per == 16:  # 256-column K blocks: x tiles of 256 columns per stage
+        return [cfg(128, 128, 8, 2, wide=True), cfg(64, 128, 4, 2, wide=True), cfg(128, 64, 4, 2, wide=True),
+                cfg(256, 128, 8, 3)]
+    return [cfg(128, 128, 8, 3, wide=True), cfg(128, 256, 8, 3, wide=True), cfg(64, 128, 4, 3, wide=True),
+            cfg(128, 128, 8, 4, wide=True), cfg(256, 128, 8, 3)]
 
 
 def copy_bandwidth(flush: torch.Tensor) -> float:
@@ -102,6 +107,7 @@ def main() -> None:
     ap.add_argument("--bits", default=",".join(map(str, BITS)))
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-act", action="store_true", help="leave out the int8 / FP8 activation-quantized paths")
     ap.add_argument("--no-gemlite", action="store_true",
                     help="leave gemlite out (it autotunes every new shape/bits/tokens: minutes per shape)")
     args = ap.parse_args()
@@ -182,7 +188,7 @@ def main() -> None:
                     print("   rejected:", json.dumps(errs)[:400], flush=True)
             del qt, wdq, fns, gw
             torch.cuda.empty_cache()
-    act_rows = activation_quantized(shapes, tokens, args.reps, flush, gen)
+    act_rows = [] if args.no_act else activation_quantized(shapes, tokens, args.reps, flush, gen)
     meta = dict(device=dev, torch=torch.__version__, triton=tlin.triton.__version__, copy_bw_TBps=bw / 1e12,
                 reps=args.reps, seconds=time.time() - t_start)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, activation_quantized=act_rows), indent=1))

@@ -1,15 +1,18 @@
 """Triton weight-only b-bit linear (b in 2, 3, 4, 5, 6, 8) on the bit-plane block layout of `gpu_layout`.
 
 Every kernel walks K one block at a time: it loads the block's 16 word rows x BN columns of each plane once
-(coalesced 16-byte loads), then for each slot i (16 consecutive input columns) unpacks with a shift and a
-mask per code and the fp32 "magic number" conversion `bitcast(u | 0x4B000000) - (2^23 + zero)` (one FADD
-instead of an int-to-float and a subtract), scaled by the slot's group scale:
+(coalesced 16-byte loads), then for each slot i (16 consecutive input columns) turns codes into floats with the
+"magic number" trick, masking each code in place instead of shifting it down (`_slot`: an AND and an OR per
+code, then one FADD that also takes off the zero point; byte codes use a byte permute), scaled once per group:
 - `_gemv_kernel` (decode, M <= GEMV_MAX_M): per slot, FMAs with a contiguous 16-value slice of x, reduced
-  inside each thread (the tile keeps the load's layout: no shuffles); split-K over the grid;
-- `_gemm_kernel`: per slot a K=16 tensor-core dot (wgmma on Hopper) of x[:, 16 columns] and the slot's
-  dequantized [16, BN] tile; split-K for decode batches, plain tiles for prefill;
+  inside each thread (the tile keeps the load's layout: no shuffles), one scale multiply per group; split-K;
+- `_gemm_kernel` (decode batches): per slot a K=16 tensor-core dot of x[:, 16 columns] and the slot's
+  dequantized [16, BN] tile; split-K;
+- `_gemm_wide_kernel` (prefill): the block's codes unpacked as [16, PER, BN], reordered to [16 PER, BN] and fed
+  to one tensor-core dot (wgmma on Hopper) per block;
 - `_dequant_kernel`: the float weight [K, N] for the dequantize + cuBLAS path.
-Split-K partial sums go through an fp32 workspace with atomics. Group widths that are not a multiple of
+Split-K partial sums go through a per-stream fp32 workspace with atomics; the last K-slice of a tile writes
+the output and re-zeroes its part (no memset, no copy kernel). Group widths that are not a multiple of
 32 have no fused kernel: `linear` says so once and uses dequantize + matmul.
 """
 from __future__ import annotations
@@ -42,24 +45,44 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    wide: bool = False  # prefill kernel with one dot per K block (split_k must be 1)
 
     @property
     def label(self) -> str:
-        return f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
+        return f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}" + "W" * self.wide
 
 
 if HAVE_TRITON:
     @triton.jit
-    def _slot(a, b, i: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
-        """Codes of slot i of words a (plane 0) and b (plane 1), as float32 2^23 + u."""
-        u = (a >> (i * W0)) & ((1 << W0) - 1)
+    def _slot(a, ahi, b, i: tl.constexpr, bias, W0: tl.constexpr, W1: tl.constexpr):
+        """code - bias (exact, float32) of slot i of words a (plane 0; ahi = a >> 16) and b (plane 1).
+
+        The code is masked in place, not shifted down: with its lowest bit at bit t of a float whose exponent is
+        150 - t, the float is 2^(23 - t) + code, so bitcast((word & (mask << t)) | (150 - t) << 23) and one
+        subtraction of 2^(23 - t) + bias give code - bias. Plane 1's field is shifted next to plane 0's. Codes
+        reaching past bit 22 are read from ahi at t = 16 bits lower (one shift per word, not per code)."""
+        s0: tl.constexpr = i * W0
+        if W0 == 8:
+            # byte fields: a shift and a mask become one byte permute (PRMT) with the magic exponent
+            v = (((a >> s0) & 255) | 0x4B000000).to(tl.float32, bitcast=True)
+            return v - (8388608.0 + bias)
+        t0: tl.constexpr = s0 if s0 + W0 + W1 <= 23 else s0 - 16
+        if s0 + W0 + W1 <= 23:
+            u = a & (((1 << W0) - 1) << t0)
+        else:
+            u = ahi & (((1 << W0) - 1) << t0)
         if W1 > 0:
-            u = u | (((b >> (i * W1)) & ((1 << W1) - 1)) << W0)
-        return (u | 0x4B000000).to(tl.float32, bitcast=True)
+            d: tl.constexpr = t0 + W0 - i * W1
+            if d >= 0:
+                u = u | ((b << d) & (((1 << W1) - 1) << (t0 + W0)))
+            else:
+                u = u | ((b >> (-d)) & (((1 << W1) - 1) << (t0 + W0)))
+        v = (u | ((150 - t0) << 23)).to(tl.float32, bitcast=True)
+        return v - ((1 << (23 - t0)) * 1.0 + bias)
 
     @triton.jit
     def _load_block(p0, p1, r0, cols, nmask, N, KW, W1: tl.constexpr):
-        """Word rows r0..r0+15 x cols of both planes (plane 1 as int32; unused when W1 == 0)."""
+        """Word rows r0..r0+15 x cols of both planes (plane 1 as int32; unused when W1 == 0), and plane 0 >> 16."""
         rows = r0 + tl.arange(0, 16)
         offs = rows[:, None] * N + cols[None, :]
         mask = (rows < KW)[:, None] & nmask[None, :]
@@ -70,24 +93,40 @@ if HAVE_TRITON:
             b = tl.load(p1 + offs1, mask=mask, other=0).to(tl.int32)
         else:
             b = a
-        return a, b
+        return a, a >> 16, b
 
     @triton.jit
-    def _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO: tl.constexpr, HAS_Z: tl.constexpr):
-        """Scale and 2^23 + zero [BN] of the group holding input column col0 (scale 0 in the K padding)."""
+    def _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO: tl.constexpr, HAS_Z: tl.constexpr):
+        """Scale and zero point [BN] of the group holding input column col0 (scale 0 in the K padding)."""
         offs = (col0 // G) * stride_sg + cols * stride_sn
         mask = nmask & (tl.full(cols.shape, col0, tl.int32) < K)
         sc = tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            bias = 8388608.0 + tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            bias = tl.full(sc.shape, 8388608.0 + ZERO, tl.float32)
-        return sc, bias
+            zero = tl.full(sc.shape, ZERO, tl.float32)
+        return sc, zero
 
-    @triton.jit(do_not_specialize=["K", "KW", "G", "rows_per_split"])
-    def _gemv_kernel(x, p0, p1, s, z, out, ws, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
-                     PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
-                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    @triton.jit
+    def _finish(acc, out_ptrs, ws_ptrs, mask, cnt_ptr, SPLIT, ATOMIC: tl.constexpr):
+        """Store the tile, or (split-K) add it to the fp32 workspace; the last K-slice of the tile to arrive
+        writes the sum to `out` and zeroes its workspace and counter again, so no memset or copy kernel runs."""
+        if ATOMIC:
+            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+                tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+                tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["K", "KW", "G", "rows_per_split", "SPLIT"])
+    def _gemv_kernel(x, p0, p1, s, z, out, ws, cnt, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT, stride_xm,
+                     stride_om, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
+                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, SPS: tl.constexpr, EVEN_K: tl.constexpr,
                      BN: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -99,35 +138,34 @@ if HAVE_TRITON:
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
         for r0 in range(r_lo, r_hi, 16):
-            a, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
+            a, ahi, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
             part = tl.zeros([16, BN], dtype=tl.float32)
-            if BLOCK_SCALE:
-                sc, bias = _slot_scale(s, z, r0 * PER, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
             for i in tl.static_range(PER):
                 col0 = r0 * PER + i * 16
                 if EVEN_K:
                     xi = tl.load(x + m * stride_xm + tl.multiple_of(col0, 16) + j).to(tl.float32)
                 else:
                     xi = tl.load(x + m * stride_xm + col0 + j, mask=col0 + j < K, other=0.0).to(tl.float32)
-                if BLOCK_SCALE:
-                    part += xi[:, None] * (_slot(a, b, i, W0, W1) - bias[None, :])
+                if SPS > 0:
+                    # one scale per SPS slots: sum x * (code - zero) over them, then scale once
+                    if i % SPS == 0:
+                        sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                    part += xi[:, None] * _slot(a, ahi, b, i, zero[None, :], W0, W1)
+                    if i % SPS == SPS - 1:
+                        acc += tl.sum(part, axis=0) * sc
+                        part = tl.zeros([16, BN], dtype=tl.float32)
                 else:
-                    sc_i, bias_i = _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
-                    part += (xi[:, None] * sc_i[None, :]) * (_slot(a, b, i, W0, W1) - bias_i[None, :])
-            # one reduction over the block's 16 rows (inside each thread unless the tile spans warps)
-            if BLOCK_SCALE:
-                acc += tl.sum(part, axis=0) * sc
-            else:
+                    sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                    part += (xi[:, None] * sc[None, :]) * _slot(a, ahi, b, i, zero[None, :], W0, W1)
+            if SPS == 0:
                 acc += tl.sum(part, axis=0)
-        if ATOMIC:
-            tl.atomic_add(ws + m * N + cols, acc, mask=nmask, sem="relaxed")
-        else:
-            tl.store(out + m * stride_om + cols, acc.to(out.dtype.element_ty), mask=nmask)
+        _finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * tl.num_programs(0) + pid_n,
+                SPLIT, ATOMIC)
 
-    @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split"])
-    def _gemm_kernel(x, p0, p1, s, z, out, ws, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, stride_xm, stride_om,
-                     PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
-                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split", "SPLIT"])
+    def _gemm_kernel(x, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
+                     stride_xm, stride_om, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
+                     HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, SPS: tl.constexpr, EVEN_K: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -146,26 +184,68 @@ if HAVE_TRITON:
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
         for r0 in range(r_lo, r_hi, 16):
-            a, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
-            if BLOCK_SCALE:
-                sc, bias = _slot_scale(s, z, r0 * PER, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+            a, ahi, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
             for i in tl.static_range(PER):
                 col0 = r0 * PER + i * 16
-                if not BLOCK_SCALE:
-                    sc, bias = _slot_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                if SPS == 0 or i % SPS == 0:
+                    sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
                 ks = tl.multiple_of(col0, 16) + j
                 if EVEN_K:
                     xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=rm[:, None] < M, other=0.0)
                 else:
                     xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :],
                                  mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
-                w = (_slot(a, b, i, W0, W1) - bias[None, :]) * sc[None, :]
+                w = _slot(a, ahi, b, i, zero[None, :], W0, W1) * sc[None, :]
                 acc = tl.dot(xt, w.to(xt.dtype), acc)
         omask = (rm[:, None] < M) & nmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(ws + rm[:, None] * N + cols[None, :], acc, mask=omask, sem="relaxed")
-        else:
-            tl.store(out + rm[:, None] * stride_om + cols[None, :], acc.to(out.dtype.element_ty), mask=omask)
+        _finish(acc, out + rm[:, None] * stride_om + cols[None, :], ws + rm[:, None] * N + cols[None, :], omask,
+                cnt + pid, SPLIT, ATOMIC)
+
+    @triton.jit(do_not_specialize=["M", "K", "KW", "G"])
+    def _gemm_wide_kernel(x, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_xm, stride_om,
+                          PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
+                          HAS_Z: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+        """Prefill: one tensor-core dot per K block ([BM, 16 PER] x [16 PER, BN]); the block's [16, PER, BN] codes
+        are unpacked with per-slot shifts, scaled per (slot, column) and reordered to [16 PER, BN]."""
+        pid = tl.program_id(0)
+        n_m = tl.cdiv(M, BM)
+        n_n = tl.cdiv(N, BN)
+        width = GROUP_M * n_n
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        rm = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        nmask = cols < N
+        slot = tl.arange(0, PER)
+        kk = tl.arange(0, 16 * PER)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for r0 in range(0, KW, 16):
+            a, ahi, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
+            u = (a[:, None, :] >> (slot * W0)[None, :, None]) & ((1 << W0) - 1)
+            if W1 > 0:
+                u = u | (((b[:, None, :] >> (slot * W1)[None, :, None]) & ((1 << W1) - 1)) << W0)
+            col0 = r0 * PER + 16 * slot
+            offs = (col0 // G)[:, None] * stride_sg + cols[None, :] * stride_sn
+            smask = (col0 < K)[:, None] & nmask[None, :]
+            sc = tl.load(s + offs, mask=smask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                bias = 8388608.0 + tl.load(z + offs, mask=smask, other=0.0).to(tl.float32)
+            else:
+                bias = tl.full(sc.shape, 8388608.0 + ZERO, tl.float32)
+            w = ((u | 0x4B000000).to(tl.float32, bitcast=True) - bias[None, :, :]) * sc[None, :, :]
+            w = tl.reshape(tl.permute(w.to(x.dtype.element_ty), (1, 0, 2)), (16 * PER, BN))
+            ks = r0 * PER + kk
+            if EVEN_K:
+                xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=rm[:, None] < M, other=0.0)
+            else:
+                xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :], mask=(rm[:, None] < M) & (ks[None, :] < K),
+                             other=0.0)
+            acc = tl.dot(xt, w, acc)
+        tl.store(out + rm[:, None] * stride_om + cols[None, :], acc.to(out.dtype.element_ty),
+                 mask=(rm[:, None] < M) & nmask[None, :])
 
     @triton.jit(do_not_specialize=["K", "KW", "G"])
     def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, stride_sg, stride_sn, PER: tl.constexpr, W0: tl.constexpr,
@@ -174,7 +254,7 @@ if HAVE_TRITON:
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         nmask = cols < N
         j = tl.arange(0, 16)
-        a, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
+        a, ahi, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
         for i in tl.static_range(PER):
             ks = r0 * PER + i * 16 + j
             # the group of every element (a 16-column slot may straddle groups of any width)
@@ -182,10 +262,10 @@ if HAVE_TRITON:
             mask = (ks < K)[:, None] & nmask[None, :]
             sc = tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_Z:
-                bias = 8388608.0 + tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
+                zero = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
             else:
-                bias = tl.full(sc.shape, 8388608.0 + ZERO, tl.float32)
-            w = (_slot(a, b, i, W0, W1) - bias) * sc
+                zero = tl.full(sc.shape, ZERO, tl.float32)
+            w = _slot(a, ahi, b, i, zero, W0, W1) * sc
             tl.store(out + ks[:, None] * N + cols[None, :], w.to(out.dtype.element_ty), mask=mask)
 
 
@@ -204,14 +284,19 @@ def default_config(m: int, gw: GpuPackedWeight) -> Config:
     n = gw.shape[0]
     blocks = gw.planes[0].shape[0] // WORD_ROWS
     if m <= GEMV_MAX_M:
-        # best of a tile sweep at 28672x8192 on an H100 (docs/kernels_gpu.md): narrow tiles for 16 codes a word
-        # (wider ones spill), 1024 columns x 8 warps for plain 4-bit, about 8 waves of K-slices
-        bn, warps = (256, 4) if gw.per == 16 else ((1024, 8) if gw.bits == 4 else (512, 4))
-        return Config(1, bn, split_for(-(-n // bn), blocks, waves=8), warps, 1)
+        # winners of tile sweeps at 4096x4096 and 28672x8192 on an H100 (docs/kernels_gpu.md): narrow tiles for
+        # 16 codes a word (wider ones spill), wide ones for 4-bit on wide layers; 8-bit wants twice the K-slices
+        if gw.per == 16:
+            bn, warps = (256, 4) if gw.bits == 2 else (128, 4)
+        elif gw.bits == 4:
+            bn, warps = (1024, 8) if n >= 8192 else (256, 4)
+        else:
+            bn, warps = 512, 4
+        return Config(1, bn, split_for(-(-n // bn), blocks, waves=16 if gw.bits == 8 else 8), warps, 1)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         return Config(bm, 64, split_for(-(-n // 64) * -(-m // bm), blocks, waves=2), 4, 3)
-    return Config(128, 128, 1, 8, 3 if gw.per <= 8 else 2)  # 2/3-bit blocks stage 256 x columns per stage
+    return Config(128, 128, 1, 8, 3 if gw.per <= 8 else 2, wide=True)  # 2/3-bit: 256-column x tiles per stage
 
 
 def split_for(programs: int, blocks: int, waves: int = 4, sms: int = 132) -> int:
@@ -231,9 +316,27 @@ def _args(gw: GpuPackedWeight):
         ZERO=float(1 << (gw.bits - 1)), HAS_Z=gw.zeros is not None)
 
 
-def _block_scale(gw: GpuPackedWeight) -> bool:
-    """Whether every K block lies in one group (one scale load per block instead of one per slot)."""
-    return gw.group % gw.block == 0
+def _slots_per_scale(gw: GpuPackedWeight) -> int:
+    """Slots (16 input columns) sharing one scale load: a whole block when groups span blocks, a group when
+    groups tile a block; 0 when groups and blocks do not nest (a scale per slot)."""
+    if gw.group % gw.block == 0:
+        return gw.per
+    return gw.group // WORD_ROWS if gw.block % gw.group == 0 and gw.group % WORD_ROWS == 0 else 0
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 partial sums and int32 arrival counters for split-K, one pair per (device, stream): every
+    split-K launch leaves them zeroed again, so launches on one stream reuse them without a memset."""
+    key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < counters:
+        ws = torch.zeros(max(floats, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(counters, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = ws, cnt
+    return ws, cnt
 
 
 def dequantize(gw: GpuPackedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -275,24 +378,24 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     kw = gw.planes[0].shape[0]
     rows_per_split = triton.cdiv(triton.cdiv(kw, cfg.split_k), WORD_ROWS) * WORD_ROWS
     split = triton.cdiv(kw, rows_per_split)
-    atomic = split > 1
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else out
     tensors, consts = _args(gw)
+    common = dict(N=n, K=k, KW=kw, G=gw.group, rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
+                  stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0,
+                  BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     if m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
-        _gemv_kernel[grid](x2, **tensors, out=out, ws=ws, N=n, K=k, KW=kw, G=gw.group,
-                           rows_per_split=rows_per_split, stride_xm=x2.stride(0), stride_om=out.stride(0),
-                           ATOMIC=atomic, BLOCK_SCALE=_block_scale(gw), EVEN_K=k % gw.block == 0, BN=cfg.block_n, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages, **consts)
+        ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)
+        _gemv_kernel[grid](x2, out=out, ws=ws, cnt=cnt, **common)
+    elif cfg.wide and split == 1:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        _gemm_wide_kernel[grid](x2, out=out, M=m, N=n, K=k, KW=kw, G=gw.group, stride_xm=x2.stride(0),
+                                stride_om=out.stride(0), EVEN_K=common["EVEN_K"], BM=cfg.block_m, BN=cfg.block_n,
+                                GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        _gemm_kernel[grid](x2, **tensors, out=out, ws=ws, M=m, N=n, K=k, KW=kw, G=gw.group,
-                           rows_per_split=rows_per_split, stride_xm=x2.stride(0), stride_om=out.stride(0),
-                           ATOMIC=atomic, BLOCK_SCALE=_block_scale(gw), EVEN_K=k % gw.block == 0, BM=cfg.block_m, BN=cfg.block_n, GROUP_M=8,
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts)
-    if atomic:
-        out.copy_(ws)
+        ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
+        _gemm_kernel[grid](x2, out=out, ws=ws, cnt=cnt, M=m, BM=cfg.block_m, GROUP_M=8, **common)
     return out.view(*lead, n)
 
 

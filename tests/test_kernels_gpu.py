@@ -74,16 +74,19 @@ def test_linear_matches_float64(bits: int, symmetric: bool, dtype: torch.dtype) 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_every_config_family(bits: int) -> None:
-    """Explicit configs: split-K with atomics, several block sizes, the GEMV and the GEMM kernel."""
+    """Explicit configs: split-K with atomics (run twice: the workspace must come back zeroed), several block sizes,
+    the GEMV, the split-K GEMM and the prefill (wide) kernel."""
     gen = torch.Generator().manual_seed(bits)
     n, k, group = (96, 512, 128) if INTERPRET else (1000, 4096, 128)
     qt, gw = _case(n, k, group, bits, True, torch.float16, gen)
     configs = [tlin.Config(1, 32, 3), tlin.Config(1, 64, 1), tlin.Config(1, 256, 5, 2), tlin.Config(1, 512, 2),
-               tlin.Config(16, 32, 4), tlin.Config(16, 64, 1), tlin.Config(64, 64, 2), tlin.Config(128, 128, 1, 8, 3)]
+               tlin.Config(16, 32, 4), tlin.Config(16, 64, 1), tlin.Config(64, 64, 2), tlin.Config(128, 128, 1, 8, 3),
+               tlin.Config(32, 32, 1, 4, 1, wide=True), tlin.Config(128, 128, 1, 8, 2, wide=True)]
     for cfg in configs:
         m = 1 if cfg.block_m == 1 else 9
-        x = torch.randn(m, k, generator=gen).half().to(DEV)
-        _check(_poisoned(lambda: tlin.linear(x, gw, cfg)), x, qt, torch.float16)
+        for _ in range(2):
+            x = torch.randn(m, k, generator=gen).half().to(DEV)
+            _check(_poisoned(lambda: tlin.linear(x, gw, cfg)), x, qt, torch.float16)
 
 
 @pytest.mark.gpu
