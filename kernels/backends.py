@@ -4,7 +4,8 @@ A backend says which (spec, [out, in] shape, device, activation dtype) it can ru
 (`supports`), where it is worth picking automatically (`fast`, default: wherever it runs), and computes
 x2d [M, in] @ W^T -> [M, out] from a quantized layer's buffers. A backend may keep the packed codes in
 its own layout (same byte count as the dense packing): `to_layout` converts dense codes into it,
-`from_layout` back, so saved state dicts always hold the dense, portable packing.
+`from_layout` back, so saved state dicts always hold the dense, portable packing; with `group_major` the layer
+also stores its scales and zero points group-major (saved contiguous all the same).
 New backends (e.g. GPU ones) plug in with `register_backend(Backend(...))`; the dispatch picks the
 supporting, fast backend of highest priority; a layer can also force any supporting backend by name.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Protocol
 
 import torch
@@ -44,6 +46,9 @@ class Backend:
     to_layout: Callable[[torch.Tensor, QuantSpec, tuple[int, int]], torch.Tensor] | None = None
     from_layout: Callable[[torch.Tensor, QuantSpec, tuple[int, int]], torch.Tensor] | None = None
     fast: Callable[[QuantSpec, tuple[int, int], torch.device, torch.dtype], bool] | None = None
+    # reads scales / zero points [out, n_groups] group by group: the layer then stores them group-major (the
+    # transpose of a contiguous [n_groups, out]; same shape and bytes), so a tile of output columns is one load
+    group_major: bool = False
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -81,6 +86,21 @@ def layout_backend(layout: str) -> Backend | None:
         if b.layout == layout:
             return b
     raise ValueError(f"layout={layout!r} has no registered backend; layouts: {sorted({b.layout for b in BACKENDS.values()})}")
+
+
+def in_backend_order(t: torch.Tensor | None, backend: Backend) -> torch.Tensor | None:
+    """Scales / zero points [out, n_groups] stored as `backend` reads them: group-major or row-major."""
+    if t is None or (t.t().is_contiguous() if backend.group_major else t.is_contiguous()):
+        return t
+    return t.t().contiguous().t() if backend.group_major else t.contiguous()
+
+
+def layer_view(qt, backend: Backend, device: torch.device | str) -> SimpleNamespace:
+    """A QuantizedWeightLike of QuantizedTensor `qt` on `device`, held as a quantized layer run by `backend` holds it."""
+    move = lambda t: in_backend_order(None if t is None else t.to(device), backend)  # noqa: E731
+    return SimpleNamespace(qweight=convert_layout(qt.packed, qt.spec, qt.shape, DENSE, backend.layout).to(device),
+                           scales=move(qt.scales), zeros=move(qt.zeros), spec=qt.spec, matrix_shape=qt.shape,
+                           layout=backend.layout)
 
 
 def convert_layout(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, int], src: str, dst: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from . import triton_linear as tlin
-from .backends import Backend, QuantizedWeightLike, register_backend
+from .backends import Backend, QuantizedWeightLike, layer_view, register_backend
 from .choice import QuantSpec
 from .gpu_layout import GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense, planes_from_bytes, repack_for_gpu
 from .quantizer import QuantizedTensor
@@ -73,7 +73,7 @@ def _triton_verified(spec: QuantSpec, shape: tuple[int, int], device: torch.devi
 
 TRITON = register_backend(Backend("triton", _triton_supports, _triton_linear, priority=20, layout=GPU_LAYOUT,
                                   to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense,
-                                  fast=_triton_verified))
+                                  fast=_triton_verified, group_major=True))
 
 
 def tinygemm_reason(spec: QuantSpec, shape: tuple[int, int]) -> str | None:
@@ -153,7 +153,5 @@ def gpu_candidates(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[dict[str, C
 
 
 def module_view(qt: QuantizedTensor, device: str = "cuda") -> SimpleNamespace:
-    """A QuantizedWeightLike of `qt` in the "gpu_planes" layout (for tests and the latency table)."""
-    return SimpleNamespace(qweight=dense_to_gpu_bytes(qt.packed, qt.spec, qt.shape).to(device),
-                           scales=qt.scales.to(device), zeros=None if qt.zeros is None else qt.zeros.to(device),
-                           spec=qt.spec, matrix_shape=qt.shape, layout=GPU_LAYOUT)
+    """A QuantizedWeightLike of `qt` as a "triton" layer holds it (for tests)."""
+    return layer_view(qt, TRITON, device)

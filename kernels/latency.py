@@ -11,7 +11,10 @@ model runs, so `lookup` returns its time. `rest` holds the unquantized rest of w
 embeddings; `kernels.model_latency.measure_rest`), so a plan's latency can be predicted for the whole model.
 Each graph-timed entry (CUDA, tokens <= GRAPH_MAX_TOKENS) carries the fixed launch and event cost of one timed
 replay, which a whole-model graph pays once in all: `measure` times that cost once per table
-(`replay_overhead_ms`) and `LatencyTable.layer_ms` subtracts it, giving what a layer adds to a model's forward.
+(`replay_overhead_ms`: a replay of one trivial kernel less the gap each further kernel of a graph adds, which a
+layer also pays inside a model) and `LatencyTable.layer_ms` subtracts it, giving what a layer adds to a model's
+forward. The L2 flush before each timed run reads a 128 MiB buffer: a flush that writes it would leave the L2
+full of dirty lines, and every timed kernel would pay for writing them back, which it does not inside a model.
 Tables are cached as JSON keyed by the device name and the torch / triton versions; only missing entries are
 measured.
 """
@@ -30,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .backends import BACKENDS, Backend, convert_layout, select_backend
+from .backends import BACKENDS, Backend, layer_view, select_backend
 from .choice import Choice
 from .quantizer import QuantizedTensor, quantize
 
@@ -216,10 +219,7 @@ def _shapes(layers: Iterable) -> list[tuple[str, tuple[int, int]]]:
 
 def _registry_fn(b: Backend, qt: QuantizedTensor, device: torch.device) -> Callable:
     """x -> registry backend `b` run on `qt`'s buffers in b's layout on `device`, as a QuantizedLinear holds them."""
-    from types import SimpleNamespace
-    zeros = None if qt.zeros is None else qt.zeros.to(device)
-    qw = SimpleNamespace(qweight=convert_layout(qt.packed, qt.spec, qt.shape, "dense", b.layout).to(device),
-                         scales=qt.scales.to(device), zeros=zeros, spec=qt.spec, matrix_shape=qt.shape, layout=b.layout)
+    qw = layer_view(qt, b, device)
     return lambda x: b.linear(x, qw)
 
 
@@ -279,11 +279,11 @@ def time_cuda(fn: Callable, x: torch.Tensor, reps: int, flush: torch.Tensor, gra
 
 
 def time_events(run: Callable[[], Any], reps: int, flush: torch.Tensor) -> float:
-    """Median ms of `reps` calls of run(), each after an L2 flush (zeroing `flush`), with CUDA events."""
+    """Median ms of `reps` calls of run(), each after an L2 flush (`flush_l2`), with CUDA events."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        flush.zero_()
+        flush_l2(flush)
         starts[i].record()
         run()
         ends[i].record()
@@ -291,14 +291,23 @@ def time_events(run: Callable[[], Any], reps: int, flush: torch.Tensor) -> float
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def flush_l2(flush: torch.Tensor) -> None:
+    """Evict the L2 by reading `flush` (L2_FLUSH_BYTES), leaving clean lines behind, as a model's weights do."""
+    flush.sum()
+
+
 def replay_overhead_ms(device: str | torch.device, reps: int = 50, flush: torch.Tensor | None = None) -> float:
-    """Median ms of a timed graph replay of one trivial kernel after an L2 flush (`time_cuda`): the fixed launch and
-    event cost every graph-timed entry carries, which a whole-model graph pays once in all. 0.0 off CUDA."""
+    """The fixed cost of one timed graph replay after an L2 flush (`time_cuda`), which every graph-timed entry
+    carries and a whole-model graph pays once: a replay of one trivial kernel less the per-kernel gap (from a
+    replay of 64 of them), because each layer pays that gap inside a model too. 0.0 off CUDA."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return 0.0
     flush = flush if flush is not None else torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev)
-    return time_cuda(lambda x: x.add_(1), torch.zeros(1, device=dev), reps, flush, graph=True)
+    one = torch.zeros(1, device=dev)
+    t1 = time_cuda(lambda x: x.add_(1), one, reps, flush, graph=True)
+    t64 = time_cuda(lambda x: [x.add_(1) for _ in range(64)], one, reps, flush, graph=True)
+    return max(t1 - (t64 - t1) / 63, 0.0)
 
 
 def _rel_error(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> float:

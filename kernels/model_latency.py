@@ -135,7 +135,7 @@ def time_forward(model: nn.Module, tokens: int, device: str | torch.device = "cu
     """Median time of one forward of `model` (already on `device`) on batch 1 x `tokens` tokens, no KV cache.
 
     CUDA: a CUDA-graph replay when the forward can be captured, else eager; the L2 flushed before each run
-    (`flush`: a scratch tensor to zero, allocated when None); CUDA events. CPU: time.perf_counter.
+    (`flush`: the scratch tensor `latency.flush_l2` reads, allocated when None); CUDA events. CPU: time.perf_counter.
     inputs: tokens -> the forward's input; default `default_inputs(model)` (Hugging Face language models).
     """
     dev = torch.device(device)

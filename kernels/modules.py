@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_backends, gpu_backends  # noqa: F401  (importing them registers the backends)
-from .backends import DENSE, Backend, convert_layout, get_backend, select_backend
+from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_order, select_backend
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix
 from .memory import matrix_shape
@@ -71,10 +71,15 @@ class _QuantizedWeight(nn.Module):
         """The float weight in the original module's layout (for inspection; not kept)."""
         return matrix_to_weight(self.quantized_tensor().dequantize(dtype), self.kind, self.weight_shape)
 
-    def _use_layout(self, layout: str) -> None:
-        if layout != self.layout:
-            self.qweight = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, layout)
-            self.layout = layout
+    def _use_backend(self, backend: Backend) -> None:
+        """Hold the codes in the backend's layout and the scales / zero points in its order (converted once)."""
+        if backend.layout != self.layout:
+            self.qweight = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, backend.layout)
+            self.layout = backend.layout
+        for name in ("scales", "zeros"):
+            t = getattr(self, name)
+            if t is not None and t is not (ordered := in_backend_order(t, backend)):
+                setattr(self, name, ordered)
 
     def _apply(self, fn, recurse=True):
         """Move/cast buffers as usual, except the scales, which only move: their dtype is part of the spec."""
@@ -87,6 +92,10 @@ class _QuantizedWeight(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.layout != DENSE:
             destination[prefix + "qweight"] = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, DENSE)
+        for name in ("scales", "zeros"):  # group-major buffers (`Backend.group_major`) are saved row-major
+            t = destination.get(prefix + name)
+            if t is not None and not t.is_contiguous():
+                destination[prefix + name] = t.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if prefix + "qweight" in state_dict:
@@ -132,7 +141,7 @@ class QuantizedLinear(_QuantizedWeight):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects in_features={self.in_features}")
         backend = self.select(x.device, x.dtype)
-        self._use_layout(backend.layout)
+        self._use_backend(backend)
         self.backend = backend.name
         y = backend.linear(x.reshape(-1, self.in_features), self).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -333,8 +333,9 @@ def _workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.
     key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     ws, cnt = _WORKSPACES.get(key, (None, None))
     if ws is None or ws.numel() < floats or cnt.numel() < counters:
-        ws = torch.zeros(max(floats, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(counters, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        # generous first sizes (4 MiB): growing while a CUDA graph is captured puts a memset into that graph
+        ws = torch.zeros(max(floats, 1 << 20, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(counters, 1 << 16, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
         _WORKSPACES[key] = ws, cnt
     return ws, cnt
 

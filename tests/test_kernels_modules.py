@@ -211,3 +211,36 @@ def test_bad_inputs_are_named():
 
 def test_registry_lists_cpu_backends():
     assert {"dequant", "cpu_int8", "cpu_int4"} <= set(BACKENDS)
+
+
+def test_group_major_backend_gets_group_major_scales_and_saves_row_major(tmp_path):
+    """A backend that reads scales group by group (like the "triton" one) gets them stored group-major on the
+    first forward, same shape and bytes; state dicts and safetensors files stay row-major and load back."""
+    from safetensors.torch import load_file, save_file
+
+    from kernels.backends import Backend, register_backend
+
+    seen = []
+
+    def linear(x, qw):
+        seen.append((qw.scales.t().is_contiguous(), qw.zeros.t().is_contiguous()))
+        return BACKENDS["dequant"].linear(x, qw)
+
+    register_backend(Backend("test_group_major", lambda *a: True, linear, priority=-1, group_major=True))
+    try:
+        q = quantize_module(fresh_linear(40, 96), QuantSpec(4, 32, False), backend="test_group_major")
+        rowmajor = {k: v.clone() for k, v in q.state_dict().items()}
+        x = torch.randn(3, 96)
+        y = q(x)
+        assert seen == [(True, True)] and q.scales.shape == (40, 3) and not q.scales.is_contiguous()
+        assert q.weight_nbytes() == quantize_module(fresh_linear(40, 96), QuantSpec(4, 32, False)).weight_nbytes()
+        saved = q.state_dict()
+        assert all(v.is_contiguous() and torch.equal(v, rowmajor[k]) for k, v in saved.items())
+        save_file(saved, tmp_path / "q.safetensors")
+        rebuilt = quantized_module_from_state(json.loads(json.dumps(q.config())), load_file(tmp_path / "q.safetensors"),
+                                              backend="test_group_major")
+        assert torch.equal(rebuilt(x), y)
+        q.forced_backend = "dequant"
+        assert torch.equal(q(x), y) and q.scales.is_contiguous()
+    finally:
+        BACKENDS.pop("test_group_major")
