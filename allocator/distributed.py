@@ -20,7 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernels.latency import LatencyTable
-from profilers import LayerGraph
+from profilers import LayerGraph, build_layer_graph
 
 from .jobs import JobSpec, RaySettings, load_inputs, profile_shard, shard_items
 from .store import ProfileRequest, ResultStore
@@ -112,40 +112,58 @@ def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int]]]:
     return sorted({(l.kind, (l.out_features, l.in_features)) for l in graph.layers})
 
 
-def _measure(layers: list[tuple[str, tuple[int, int]]], choices: list[str], tokens: int, cache_dir: str) -> LatencyTable:
-    """Measure on this process's device: its GPU when it has one, else the CPU."""
+def _measure(layers: list[tuple[str, tuple[int, int]]], choices: list[str], tokens: int, cache_dir: str,
+             spec: JobSpec | None = None, model=None, graph: LayerGraph | None = None) -> LatencyTable:
+    """Measure on this process's device (its GPU when it has one, else the CPU). With the job's model (given
+    with its graph, or loaded from ``spec``), the table also gets the model's unquantized rest, so a latency
+    budget bounds the whole model; it is cached with the layers."""
+    import copy
+
     import torch
 
-    from kernels.latency import measure
+    from kernels.latency import cache_path, default_dtype, measure
+    from kernels.model_latency import measure_rest, model_key
 
-    return measure([_Shape(kind, shape) for kind, shape in layers], choices, tokens=(tokens,),
-                   device="cuda" if torch.cuda.is_available() else "cpu", cache_dir=cache_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = measure([_Shape(kind, shape) for kind, shape in layers], choices, tokens=(tokens,), device=device,
+                    cache_dir=cache_dir)
+    if model is None and spec is not None:
+        model, calib = load_inputs(spec)
+        graph = build_layer_graph(model, calib[0])
+    if model is not None and tokens not in getattr(table.rest.get(model_key(model, graph.names)), "ms", {}):
+        param, dtype = next(model.parameters()), default_dtype(device)
+        here = model if (param.device, param.dtype) == (device, dtype) else copy.deepcopy(model).to(device, dtype)
+        measure_rest(here, graph, (tokens,), device, table=table)
+        table.save(cache_path(cache_dir, device))
+    return table
 
 
 def _measure_task(layers: list[tuple[str, tuple[int, int]]], choices: list[str], tokens: int,
-                  cache_dir: str) -> tuple[dict, str]:
-    return _measure(layers, choices, tokens, cache_dir).to_dict(), ray.get_runtime_context().get_node_id()
+                  cache_dir: str, spec: JobSpec | None) -> tuple[dict, str]:
+    return _measure(layers, choices, tokens, cache_dir, spec).to_dict(), ray.get_runtime_context().get_node_id()
 
 
 def measure_latency(graph: LayerGraph, choices: list[str], tokens: int, accelerator: str | None,
-                    cache_dir: str, max_retries: int = 2) -> tuple[LatencyTable, str]:
+                    cache_dir: str, spec: JobSpec | None = None, max_retries: int = 2) -> tuple[LatencyTable, str]:
     """Measure the latency table in a Ray task on one GPU of type ``accelerator`` (a Ray accelerator label
-    such as "H100"; None: any node, no GPU); returns the table and the id of the node it ran on."""
+    such as "H100"; None: any node, no GPU); with ``spec``, the task also loads the job's model and times its
+    unquantized rest. Returns the table and the id of the node it ran on."""
     options: dict[str, Any] = {"max_retries": max_retries}
     if accelerator is not None:
         options.update(num_gpus=1, accelerator_type=accelerator)
     task = ray.remote(_measure_task).options(**options)
-    table, node = ray.get(task.remote(_layer_shapes(graph), choices, tokens, cache_dir))
+    table, node = ray.get(task.remote(_layer_shapes(graph), choices, tokens, cache_dir, spec))
     return LatencyTable.from_dict(table), node
 
 
-def latency_table(spec: JobSpec, graph: LayerGraph) -> LatencyTable:
-    """The job's latency table: in-process without a ``ray:`` section and accelerator, else in a Ray task."""
+def latency_table(spec: JobSpec, graph: LayerGraph, model) -> LatencyTable:
+    """The job's latency table, with the rest of its model: in-process without a ``ray:`` section and
+    accelerator, else in a Ray task (which loads the model itself)."""
     choices = [c.label for c in spec.candidates]
     cache_dir = str(spec.store_dir / "latency")
     if spec.ray is None and spec.latency.accelerator is None:
-        return _measure(_layer_shapes(graph), choices, spec.latency.tokens, cache_dir)
+        return _measure(_layer_shapes(graph), choices, spec.latency.tokens, cache_dir, model=model, graph=graph)
     connect(spec.ray or RaySettings())
-    table, node = measure_latency(graph, choices, spec.latency.tokens, spec.latency.accelerator, cache_dir)
+    table, node = measure_latency(graph, choices, spec.latency.tokens, spec.latency.accelerator, cache_dir, spec)
     log.warning("bitalloc: latency table measured on %s (node %s)", table.device, node)
     return table

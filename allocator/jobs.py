@@ -22,12 +22,12 @@ from typing import Any
 
 from kernels import Choice
 from profilers import PROFILERS, Calibration, LayerGraph, build_layer_graph, model_hash, profile
-from solvers import SOLVERS, solve
+from solvers import SOLVERS
 
-from .api import ProfiledModel, build_problem, parse_choices, plan_from_solution, solve_profiled, solver_budgets
+from .api import ProfiledModel, parse_choices, solve_profiled
 from .budget import MIB, Budget
 from .io import atomic_write_json
-from .model import model_identity, quantized_layer_bias_bytes, storage_bytes
+from .model import quantized_layer_bias_bytes, storage_bytes
 from .plan import Plan
 from .store import ProfileRequest, ResultStore
 
@@ -293,9 +293,9 @@ def run_job(spec: JobSpec | str | os.PathLike | dict) -> Plan:
         for result in profile_on_ray(spec, request, shards):
             progress.update("profile", result)
     prof = store.merged(request, shards)
-    profiled = ProfiledModel(graph, prof, fixed, model_identity(model))
+    profiled = ProfiledModel.build(model, graph, prof)
     progress.update("solve")
-    plan = solve_job(spec, profiled)
+    plan = solve_job(spec, profiled, model)
     plan.save(out / "plan.json")
     if spec.save_model:
         from .quantize import save_quantized
@@ -319,18 +319,13 @@ def check_memory_budget(spec: JobSpec, graph: LayerGraph, fixed_bytes: int) -> N
                          f"candidates {[c.label for c in spec.candidates]} is {smallest / MIB:.4f} MiB")
 
 
-def solve_job(spec: JobSpec, profiled: ProfiledModel) -> Plan:
-    """Solve, with a latency table measured on the target accelerator when the budget has ``latency_ms``."""
+def solve_job(spec: JobSpec, profiled: ProfiledModel, model) -> Plan:
+    """Solve; a ``latency_ms`` budget gets a latency table measured on the target accelerator with the rest of
+    ``model``, and so bounds the whole model's latency."""
     if spec.budget.latency_ms is None:
         return solve_profiled(profiled, spec.budget, method=spec.solver, **spec.solver_options)
     from .distributed import latency_table
 
-    table = latency_table(spec, profiled.graph)
-    problem = build_problem(profiled)
-    matrix = [[table.layer_ms((l.out_features, l.in_features), c, spec.latency.tokens, l.kind) for c in problem.choices]
-              for l in profiled.graph.layers]
-    problem = type(problem).from_dict({**problem.to_dict(), "latency": matrix})
-    solution = solve(problem, method=spec.solver, **solver_budgets(spec.budget, profiled.fixed_bytes), **spec.solver_options)
-    plan = plan_from_solution(profiled, problem, solution, spec.budget)
-    plan.solver["latency_table"] = table.device
-    return plan
+    table = latency_table(spec, profiled.graph, model)
+    return solve_profiled(profiled, spec.budget, method=spec.solver, latency_table=table, tokens=spec.latency.tokens,
+                          **spec.solver_options)

@@ -52,6 +52,22 @@ def test_a_second_job_on_the_same_model_and_data_reuses_the_stored_profile(files
     assert status(files / "out3")["shards_computed"] == 0 and status(files / "out3")["shards_reused"] == 3
 
 
+def test_a_latency_budget_bounds_the_whole_model(files):
+    """With `latency:` and no Ray, the table (layers and the model's unquantized rest) is measured in-process on
+    this machine's device and cached in the store; the budget covers rest + layers."""
+    spec = yaml.safe_load((files / "job.yaml").read_text()) | {"budget": {"latency_ms": 1e6}, "latency": {"tokens": 1},
+                                                                "out": "out_latency"}
+    (files / "job_latency.json").write_text(json.dumps(spec))
+    plan = run_job(files / "job_latency.json")
+    assert plan.solver["latency_scope"] == "whole model" and plan.solver["latency_tokens"] == 1
+    rest, layers = plan.predicted["latency_rest_ms"], plan.predicted["latency_layers_ms"]
+    assert rest > 0 and plan.predicted["latency_ms"] == pytest.approx(rest + layers)
+    assert len(list((files / "store" / "latency").glob("latency_*.json"))) == 1
+    (files / "job_latency.json").write_text(json.dumps(spec | {"budget": {"latency_ms": rest / 100}}))
+    with pytest.raises(ValueError, match="below the model's unquantized rest alone"):
+        run_job(files / "job_latency.json")
+
+
 def test_a_stopped_job_resumes_and_recomputes_only_the_missing_shard(files):
     first = run_job(files / "job.yaml")
     shards = sorted((files / "store").glob("hessian-*.json"))

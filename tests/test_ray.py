@@ -16,8 +16,10 @@ from allocator import JobSpec, run_job
 from allocator.distributed import measure_latency, profile_on_ray
 from allocator.jobs import load_inputs, plan_shards
 from allocator.store import ProfileRequest
+from kernels.model_latency import model_key
 from profilers import build_layer_graph, model_hash, register_profiler
 from profilers.hessian import combine, hessian
+from solvers import InfeasibleError
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -127,17 +129,24 @@ def test_more_gpus_than_the_cluster_has_is_a_clear_error(cluster, files):
 
 
 def test_latency_is_measured_on_the_gpu_type_the_job_names(cluster, files):
+    """The job's latency table, with its model's unquantized rest, comes from the node with the GPU type the job
+    names; the latency budget then bounds the whole model (rest + layers)."""
     _, (_, h100_node) = cluster
-    model, calib = load_inputs(job(files, "two"))
+    spec = job(files, "two")
+    model, calib = load_inputs(spec)
     graph = build_layer_graph(model, calib[0])
     table, node = measure_latency(graph, ["w2", "w4", "w8"], tokens=1, accelerator="H100",
-                                  cache_dir=str(files / "store_two" / "latency"))
+                                  cache_dir=str(files / "store_two" / "latency"), spec=spec)
     assert node == h100_node  # the only node with the accelerator_type:H100 label
+    rest = table.rest_ms(model_key(model, graph.names), 1)
     ms = [[table.layer_ms((l.out_features, l.in_features), c, 1, l.kind) for c in ("w2", "w4", "w8")] for l in graph.layers]
-    budget = (sum(map(min, ms)) + sum(map(max, ms))) / 2
+    budget = rest + (sum(map(min, ms)) + sum(map(max, ms))) / 2
 
     spec = job(files, "two", budget={"latency_ms": budget}, latency={"accelerator": "H100", "tokens": 1})
-    plan = run_job(spec)  # the profile is reused from the store, the table from the H100 node's cache
-    assert plan.solver["latency_table"] == table.device
+    plan = run_job(spec)  # the profile is reused from the store, the table (and rest) from the H100 node's cache
+    assert plan.solver["latency_table"] == table.device and plan.solver["latency_scope"] == "whole model"
     chosen = sum(row[("w2", "w4", "w8").index(l.choice)] for row, l in zip(ms, plan.layers))
-    assert sum(map(min, ms)) <= chosen <= budget
+    assert sum(map(min, ms)) <= chosen <= budget - rest
+    assert plan.predicted["latency_ms"] == pytest.approx(rest + chosen)
+    with pytest.raises(InfeasibleError, match="below the model's unquantized rest alone"):
+        run_job(job(files, "two", budget={"latency_ms": rest / 2}, latency={"accelerator": "H100", "tokens": 1}))
