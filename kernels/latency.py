@@ -15,11 +15,12 @@ replay, which a whole-model graph pays once in all: `measure` times that cost on
 layer also pays inside a model) and `LatencyTable.layer_ms` subtracts it, giving what a layer adds to a model's
 forward. The L2 flush before each timed run reads a 128 MiB buffer: a flush that writes it would leave the L2
 full of dirty lines, and every timed kernel would pay for writing them back, which it does not inside a model.
-Tables are cached as JSON keyed by the device name and the torch / triton versions; only missing entries are
-measured.
+Tables are cached as JSON keyed by the device name, the torch / triton versions and a hash of our kernels' and
+timing code's sources (a changed kernel is timed again); only missing entries are measured.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -56,13 +57,21 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+# the modules whose code decides what a layer runs and how it is timed: a change to any starts a new cache
+_TIMED_SOURCES = ("backends.py", "cpu_backends.py", "gpu_backends.py", "gpu_layout.py", "triton_linear.py",
+                  "gpu_activation_quant.py", "latency.py")
+
+
 def versions() -> dict[str, str]:
+    """torch and triton versions, and a hash of our kernels' and timing code's sources."""
     try:
         import triton
         tv = triton.__version__
     except ImportError:
         tv = "none"
-    return {"torch": torch.__version__, "triton": tv}
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _TIMED_SOURCES)).hexdigest()[:12]
+    return {"torch": torch.__version__, "triton": tv, "kernels": code}
 
 
 def entry_key(shape: tuple[int, int], choice: Choice | str, tokens: int, kind: str = "linear") -> str:
@@ -200,7 +209,7 @@ class LatencyTable:
 
 def cache_path(cache_dir: str | Path, device: str | torch.device) -> Path:
     v = versions()
-    slug = re.sub(r"[^A-Za-z0-9.]+", "_", f"{device_name(device)}_torch{v['torch']}_triton{v['triton']}")
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", f"{device_name(device)}_torch{v['torch']}_triton{v['triton']}_{v['kernels']}")
     return Path(cache_dir) / f"latency_{slug}.json"
 
 
