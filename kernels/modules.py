@@ -71,6 +71,15 @@ class _QuantizedWeight(nn.Module):
         """The float weight in the original module's layout (for inspection; not kept)."""
         return matrix_to_weight(self.quantized_tensor().dequantize(dtype), self.kind, self.weight_shape)
 
+    def select(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        """The backend a forward on (device, dtype) runs: the forced one, else the registry's best."""
+        if self.forced_backend is not None:
+            backend = get_backend(self.forced_backend)
+            if not backend.supports(self.spec, self.matrix_shape, device, dtype):
+                raise ValueError(f"backend={backend.name!r} does not support {self.spec} {self.matrix_shape} on {device} with {dtype}")
+            return backend
+        return select_backend(self.spec, self.matrix_shape, device, dtype)
+
     def _use_backend(self, backend: Backend) -> None:
         """Hold the codes in the backend's layout and the scales / zero points in its order (converted once)."""
         if backend.layout != self.layout:
@@ -128,15 +137,6 @@ class QuantizedLinear(_QuantizedWeight):
     def out_features(self) -> int:
         return self.matrix_shape[0]
 
-    def select(self, device: torch.device, dtype: torch.dtype) -> Backend:
-        """The backend a forward on (device, dtype) runs: the forced one, else the registry's best."""
-        if self.forced_backend is not None:
-            backend = get_backend(self.forced_backend)
-            if not backend.supports(self.spec, self.matrix_shape, device, dtype):
-                raise ValueError(f"backend={backend.name!r} does not support {self.spec} {self.matrix_shape} on {device} with {dtype}")
-            return backend
-        return select_backend(self.spec, self.matrix_shape, device, dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects in_features={self.in_features}")
@@ -152,11 +152,14 @@ class QuantizedLinear(_QuantizedWeight):
 
 
 class QuantizedConv(_QuantizedWeight):
-    """A quantized nn.Conv1d / nn.Conv2d: dequantize the weight per forward, then F.conv (no cached float weight)."""
+    """A quantized nn.Conv1d / nn.Conv2d. Pointwise ones (1x1, stride 1, no padding, one group) run as a linear over
+    the channels on the linear backends; the others dequantize the weight per forward, then F.conv (no cached float
+    weight): a storage-only saving."""
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], spec: QuantSpec, bias: bool = True,
                  bias_dtype: torch.dtype = torch.float32, stride=1, padding=0, dilation=1, groups: int = 1,
-                 padding_mode: str = "zeros", device: torch.device | str | None = None) -> None:
+                 padding_mode: str = "zeros", device: torch.device | str | None = None,
+                 backend: str | None = None) -> None:
         dims = {"conv1d": 1, "conv2d": 2}.get(kind)
         if dims is None or len(weight_shape) != dims + 2:
             raise ValueError(f"QuantizedConv needs kind 'conv1d' or 'conv2d' with a matching weight_shape, got {kind!r} {tuple(weight_shape)}")
@@ -165,10 +168,34 @@ class QuantizedConv(_QuantizedWeight):
         super().__init__(kind, weight_shape, spec, bias, bias_dtype, device)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.padding_mode = padding_mode
-        self.backend = "dequant"
+        if backend not in (None, "dequant") and not self.pointwise:
+            raise ValueError(f"backend={backend!r} needs a pointwise convolution (1x1 kernel, stride 1, no padding, one "
+                             f"group); this one runs dequantize + conv: choose None or 'dequant'")
+        self.forced_backend = None if backend is None else get_backend(backend).name
+        self.backend = None if self.pointwise else "dequant"
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 kernel with stride 1, no padding, dilation 1 and one group: a linear over the channels, run by
+        the linear backends (the registry's fastest for the device)."""
+        ones = lambda v: all(int(e) == 1 for e in (v if isinstance(v, (tuple, list)) else (v,)))  # noqa: E731
+        no_pad = self.padding in ("valid", "same") or all(
+            int(e) == 0 for e in (self.padding if isinstance(self.padding, (tuple, list)) else (self.padding,)))
+        return (all(k == 1 for k in self.weight_shape[2:]) and self.groups == 1 and ones(self.stride)
+                and ones(self.dilation) and no_pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, inp = self.matrix_shape
+        if self.pointwise:
+            if x.dim() < 2 or x.shape[1] != inp:
+                raise ValueError(f"input of shape {tuple(x.shape)} does not have the layer's {inp} channels in dim 1")
+            backend = self.select(x.device, x.dtype)
+            self._use_backend(backend)
+            self.backend = backend.name
+            xc = x.movedim(1, -1)
+            y = backend.linear(xc.reshape(-1, inp), self).view(*xc.shape[:-1], out)
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
+            return y.movedim(-1, 1).contiguous()
         codes = unpack_bits(self.qweight, self.spec.bits, out * inp).view(out, inp)
         w = dequantize_codes(codes, self.scales, self.zeros, self.spec).to(x.dtype).view(self.weight_shape)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -206,10 +233,8 @@ def quantize_module(module: nn.Module, spec: QuantSpec, clip_search: bool = True
     if kind in ("linear", "hf_conv1d"):
         q = QuantizedLinear(kind, tuple(weight.shape), spec, has_bias, bias_dtype, backend=backend, device=weight.device)
     else:
-        if backend not in (None, "dequant"):
-            raise ValueError(f"backend={backend!r} is not supported for convolutions; choose None or 'dequant'")
         q = QuantizedConv(kind, tuple(weight.shape), spec, has_bias, bias_dtype, module.stride, module.padding,
-                          module.dilation, module.groups, module.padding_mode, device=weight.device)
+                          module.dilation, module.groups, module.padding_mode, device=weight.device, backend=backend)
     q.set_quantized(qt, module.bias)
     return q
 
@@ -223,7 +248,8 @@ def quantized_module_from_config(config: dict[str, Any], device: torch.device | 
         if kind in ("linear", "hf_conv1d"):
             return QuantizedLinear(kind, shape, spec, config["bias"], bias_dtype, backend=backend, device=device)
         return QuantizedConv(kind, shape, spec, config["bias"], bias_dtype, _tuplify(config["stride"]), _tuplify(config["padding"]),
-                             _tuplify(config["dilation"]), config["groups"], config["padding_mode"], device=device)
+                             _tuplify(config["dilation"]), config["groups"], config["padding_mode"], device=device,
+                             backend=backend)
     except KeyError as e:
         raise ValueError(f"config is missing key {e}; expected the dict of module.config()") from None
 

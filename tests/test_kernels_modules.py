@@ -205,8 +205,10 @@ def test_bad_inputs_are_named():
         q(torch.randn(2, 31))
     with pytest.raises(TypeError, match="Embedding"):
         quantize_module(nn.Embedding(4, 4), QuantSpec(4))
-    with pytest.raises(ValueError, match="backend='cpu_int8' is not supported for convolutions"):
-        quantize_module(nn.Conv2d(2, 2, 1), QuantSpec(8), backend="cpu_int8")
+    with pytest.raises(ValueError, match="backend='cpu_int8' needs a pointwise convolution"):
+        quantize_module(nn.Conv2d(2, 2, 3), QuantSpec(8), backend="cpu_int8")
+    with pytest.raises(ValueError, match="does not have the layer's 64 channels"):
+        quantize_module(nn.Conv2d(64, 8, 1), QuantSpec(8))(torch.randn(2, 63, 4, 4))
 
 
 def test_registry_lists_cpu_backends():
@@ -244,3 +246,29 @@ def test_group_major_backend_gets_group_major_scales_and_saves_row_major(tmp_pat
         assert torch.equal(q(x), y) and q.scales.is_contiguous()
     finally:
         BACKENDS.pop("test_group_major")
+
+
+@pytest.mark.parametrize("make,x", [(lambda: nn.Conv2d(64, 48, 1), torch.randn(2, 64, 5, 7)),
+                                    (lambda: nn.Conv1d(64, 48, 1, bias=False), torch.randn(3, 64, 9))],
+                         ids=["conv2d-1x1", "conv1d-k1"])
+@pytest.mark.parametrize("spec", [QuantSpec(8, None), QuantSpec(4, 32)], ids=["w8", "w4g32"])
+def test_pointwise_convs_run_on_the_linear_backends(make, x, spec, tmp_path):
+    """A 1x1 conv is a linear over the channels: it dispatches like a QuantizedLinear (bf16 on the CPU: the int8 /
+    int4 ops), matches the conv of its dequantized weight, and saves and loads like any quantized layer."""
+    from safetensors.torch import load_file, save_file
+
+    layer = make()
+    q = quantize_module(layer, spec)
+    assert q.pointwise and not quantize_module(nn.Conv2d(64, 48, 3), spec).pointwise
+    conv = nn.functional.conv2d if x.dim() == 4 else nn.functional.conv1d
+    for dtype, fast in ((torch.bfloat16, {8: "cpu_int8", 4: "cpu_int4"}[spec.bits]), (torch.float32, "dequant")):
+        xd = x.to(dtype)
+        ref = conv(xd.double(), q.dequantized_weight(torch.float64), None if q.bias is None else q.bias.double())
+        y = q(xd)
+        assert q.backend == fast and y.dtype == dtype and y.shape == ref.shape and y.is_contiguous()
+        assert (y.double() - ref).norm() / ref.norm() < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    save_file(q.state_dict(), tmp_path / "q.safetensors")
+    rebuilt = quantized_module_from_state(json.loads(json.dumps(q.config())), load_file(tmp_path / "q.safetensors"))
+    assert torch.equal(rebuilt(x.bfloat16()), q(x.bfloat16()))
+    forced = quantize_module(layer, spec, backend="dequant")
+    assert torch.allclose(forced(x), q(x)) and forced.backend == "dequant"
