@@ -1,11 +1,13 @@
-"""CPU time of each quantized-linear backend vs float F.linear, per bit width.
+"""CPU time of each quantized-linear backend vs float F.linear, per bit width; and of pointwise convolutions.
 
     python benchmarks/bench_kernels_cpu.py [--dtype float32 bfloat16] [--threads N] [--rounds 5]
 
 Prints a markdown table per activation dtype: shape, spec, backend, time per call of a bias-free layer,
 the ratio to F.linear on the float weight in the same dtype (lower is faster) and whether the dispatch
 picks that backend by default. Each backend is timed in rounds alternating with the F.linear baseline
-and the fastest round of each is kept, so load from other processes distorts the ratio less.
+and the fastest round of each is kept, so load from other processes distorts the ratio less. The last table
+times 1x1 convolutions of ResNet-50 bottleneck shapes (batch 1): the quantized layer (which runs them on the
+linear backends) vs F.conv2d on the float weight, both in the activation dtype.
 """
 from __future__ import annotations
 
@@ -60,6 +62,25 @@ def bench(dtype: torch.dtype, rounds: int, min_time: float) -> None:
                       f"{'yes' if name == picked else ''} |", flush=True)
 
 
+CONVS = [(256, 1024, 28), (1024, 256, 14), (512, 2048, 7)]  # (in channels, out channels, height = width)
+
+
+def bench_pointwise(dtype: torch.dtype, rounds: int, min_time: float) -> None:
+    print(f"\n### 1x1 convolutions, activations {str(dtype).removeprefix('torch.')}\n")
+    print("| in -> out | H x W | spec | backend | time (us) | F.conv2d (us) | vs F.conv2d |")
+    print("|---|---|---|---|---|---|---|")
+    for cin, cout, hw in CONVS:
+        conv = torch.nn.Conv2d(cin, cout, 1, bias=False)
+        x = torch.randn(1, cin, hw, hw, dtype=dtype)
+        w = conv.weight.detach().to(dtype)
+        for spec in (QuantSpec(8, None), QuantSpec(4, 32)):
+            q = quantize_module(conv, spec, clip_search=False)
+            q(x)  # settle the backend's layout
+            t, base = paired_seconds(lambda: q(x), lambda: F.conv2d(x, w), rounds, min_time)
+            print(f"| {cin} -> {cout} | {hw} x {hw} | w{spec.bits}{'gc' if spec.group_size is None else 'g32'} | "
+                  f"{q.backend} | {t * 1e6:.0f} | {base * 1e6:.0f} | {t / base:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16", "float16"))
@@ -74,6 +95,8 @@ def main() -> None:
     with torch.inference_mode():
         for name in args.dtype:
             bench(getattr(torch, name), args.rounds, args.min_time)
+        for name in args.dtype:
+            bench_pointwise(getattr(torch, name), args.rounds, args.min_time)
 
 
 if __name__ == "__main__":
