@@ -80,6 +80,14 @@ class _QuantizedWeight(nn.Module):
             return backend
         return select_backend(self.spec, self.matrix_shape, device, dtype)
 
+    def _linear(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [rows, in] @ W^T + bias on the backend `select` picks for x2's device and dtype."""
+        backend = self.select(x2.device, x2.dtype)
+        self._use_backend(backend)
+        self.backend = backend.name
+        y = backend.linear(x2, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def _use_backend(self, backend: Backend) -> None:
         """Hold the codes in the backend's layout and the scales / zero points in its order (converted once)."""
         if backend.layout != self.layout:
@@ -140,11 +148,7 @@ class QuantizedLinear(_QuantizedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects in_features={self.in_features}")
-        backend = self.select(x.device, x.dtype)
-        self._use_backend(backend)
-        self.backend = backend.name
-        y = backend.linear(x.reshape(-1, self.in_features), self).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self._linear(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, bits={self.spec.bits}, "
@@ -189,13 +193,8 @@ class QuantizedConv(_QuantizedWeight):
         if self.pointwise:
             if x.dim() < 2 or x.shape[1] != inp:
                 raise ValueError(f"input of shape {tuple(x.shape)} does not have the layer's {inp} channels in dim 1")
-            backend = self.select(x.device, x.dtype)
-            self._use_backend(backend)
-            self.backend = backend.name
             xc = x.movedim(1, -1)
-            y = backend.linear(xc.reshape(-1, inp), self).view(*xc.shape[:-1], out)
-            y = y if self.bias is None else y + self.bias.to(y.dtype)
-            return y.movedim(-1, 1).contiguous()
+            return self._linear(xc.reshape(-1, inp)).view(*xc.shape[:-1], out).movedim(-1, 1).contiguous()
         codes = unpack_bits(self.qweight, self.spec.bits, out * inp).view(out, inp)
         w = dequantize_codes(codes, self.scales, self.zeros, self.spec).to(x.dtype).view(self.weight_shape)
         bias = None if self.bias is None else self.bias.to(x.dtype)

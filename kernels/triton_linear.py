@@ -96,16 +96,29 @@ if HAVE_TRITON:
         return a, a >> 16, b
 
     @triton.jit
-    def _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO: tl.constexpr, HAS_Z: tl.constexpr):
-        """Scale and zero point [BN] of the group holding input column col0 (scale 0 in the K padding)."""
-        offs = (col0 // G) * stride_sg + cols * stride_sn
-        mask = nmask & (tl.full(cols.shape, col0, tl.int32) < K)
+    def _scale_zero(s, z, offs, mask, ZERO: tl.constexpr, HAS_Z: tl.constexpr):
+        """Scales and zero points (float32) at offsets `offs` (scale 0 where masked: the K padding)."""
         sc = tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
             zero = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             zero = tl.full(sc.shape, ZERO, tl.float32)
         return sc, zero
+
+    @triton.jit
+    def _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO: tl.constexpr, HAS_Z: tl.constexpr):
+        """Scale and zero point [BN] of the group holding input column col0."""
+        offs = (col0 // G) * stride_sg + cols * stride_sn
+        return _scale_zero(s, z, offs, nmask & (tl.full(cols.shape, col0, tl.int32) < K), ZERO, HAS_Z)
+
+    @triton.jit
+    def _tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program `pid`, GROUP_M row tiles at a time (neighbours share weight tiles in L2)."""
+        n_m = tl.cdiv(M, BM)
+        width = GROUP_M * tl.cdiv(N, BN)
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.jit
     def _finish(acc, out_ptrs, ws_ptrs, mask, cnt_ptr, SPLIT, ATOMIC: tl.constexpr):
@@ -169,13 +182,7 @@ if HAVE_TRITON:
                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        n_m = tl.cdiv(M, BM)
-        n_n = tl.cdiv(N, BN)
-        width = GROUP_M * n_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = _tile(pid, M, N, BM, BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         cols = pid_n * BN + tl.arange(0, BN)
         nmask = cols < N
@@ -208,14 +215,7 @@ if HAVE_TRITON:
                           GROUP_M: tl.constexpr):
         """Prefill: one tensor-core dot per K block ([BM, 16 PER] x [16 PER, BN]); the block's [16, PER, BN] codes
         are unpacked with per-slot shifts, scaled per (slot, column) and reordered to [16 PER, BN]."""
-        pid = tl.program_id(0)
-        n_m = tl.cdiv(M, BM)
-        n_n = tl.cdiv(N, BN)
-        width = GROUP_M * n_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         cols = pid_n * BN + tl.arange(0, BN)
         nmask = cols < N
@@ -228,14 +228,9 @@ if HAVE_TRITON:
             if W1 > 0:
                 u = u | (((b[:, None, :] >> (slot * W1)[None, :, None]) & ((1 << W1) - 1)) << W0)
             col0 = r0 * PER + 16 * slot
-            offs = (col0 // G)[:, None] * stride_sg + cols[None, :] * stride_sn
-            smask = (col0 < K)[:, None] & nmask[None, :]
-            sc = tl.load(s + offs, mask=smask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                bias = 8388608.0 + tl.load(z + offs, mask=smask, other=0.0).to(tl.float32)
-            else:
-                bias = tl.full(sc.shape, 8388608.0 + ZERO, tl.float32)
-            w = ((u | 0x4B000000).to(tl.float32, bitcast=True) - bias[None, :, :]) * sc[None, :, :]
+            sc, zero = _scale_zero(s, z, (col0 // G)[:, None] * stride_sg + cols[None, :] * stride_sn,
+                                   (col0 < K)[:, None] & nmask[None, :], ZERO, HAS_Z)
+            w = ((u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + zero[None, :, :])) * sc[None, :, :]
             w = tl.reshape(tl.permute(w.to(x.dtype.element_ty), (1, 0, 2)), (16 * PER, BN))
             ks = r0 * PER + kk
             if EVEN_K:
@@ -258,13 +253,8 @@ if HAVE_TRITON:
         for i in tl.static_range(PER):
             ks = r0 * PER + i * 16 + j
             # the group of every element (a 16-column slot may straddle groups of any width)
-            offs = (ks // G)[:, None] * stride_sg + cols[None, :] * stride_sn
             mask = (ks < K)[:, None] & nmask[None, :]
-            sc = tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zero = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                zero = tl.full(sc.shape, ZERO, tl.float32)
+            sc, zero = _scale_zero(s, z, (ks // G)[:, None] * stride_sg + cols[None, :] * stride_sn, mask, ZERO, HAS_Z)
             w = _slot(a, ahi, b, i, zero, W0, W1) * sc
             tl.store(out + ks[:, None] * N + cols[None, :], w.to(out.dtype.element_ty), mask=mask)
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import FAST, JOB, one_torch_thread, reference_plan, save_model_and_calib
+from tiny import FAST, JOB, env_vars, one_torch_thread, reference_plan, save_model_and_calib
 
 from allocator import JobSpec, run_job
 from allocator.distributed import measure_latency, profile_on_ray
@@ -43,25 +43,21 @@ def hessian_crash_once(model, calib, graph, choices, shard=None, crash_dir="", c
 @pytest.fixture(scope="module")
 def cluster():
     """A head and two nodes with one fake GPU each; the second is labelled an H100."""
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     constants = ray._private.ray_constants
     enabled, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False  # what the variable sets at import
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 2**20,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
-    nodes = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20),
-             c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20,
-                        resources={"accelerator_type:H100": 1})]
-    ray.init(address=c.address, runtime_env={"env_vars": {
-        "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}})
-    yield c, [n.node_id for n in nodes]
-    ray.shutdown()
-    c.shutdown()
+    with env_vars(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 * 2**20,
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}})
+        nodes = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20),
+                 c.add_node(num_cpus=1, num_gpus=1, object_store_memory=100 * 2**20,
+                            resources={"accelerator_type:H100": 1})]
+        ray.init(address=c.address, runtime_env={"env_vars": {
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}})
+        yield c, [n.node_id for n in nodes]
+        ray.shutdown()
+        c.shutdown()
     constants.ENABLE_RAY_CLUSTER = enabled
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")

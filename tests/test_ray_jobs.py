@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import FAST, JOB, one_torch_thread, reference_plan, save_model_and_calib
+from tiny import FAST, JOB, env_vars, one_torch_thread, reference_plan, save_model_and_calib
 
 from allocator import Plan, submit
 from allocator.cli import main
@@ -66,16 +66,13 @@ def head():
                 proc.kill()
                 pytest.fail(f"the Ray head did not start its dashboard at {address}")
             time.sleep(0.5)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    yield address
+    with env_vars(RAY_AUTH_MODE="disabled"):
+        yield address
     proc.stdin.close()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Tiny models and calibration data shared by the tests (random weights, built from configs: no downloads)."""
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,3 +64,15 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def env_vars(**env: str):
+    """Set environment variables for the block, then restore (or remove) them."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
