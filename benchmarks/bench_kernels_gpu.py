@@ -41,8 +41,9 @@ def sweep(m: int, gw) -> list[tlin.Config]:
         split = 1 if m > 64 else tlin.split_for(-(-n // bn) * -(-m // bm), blocks, waves)
         return tlin.Config(bm, bn, split, warps, stages, wide)
     if m == 1:
-        return [cfg(1, 256, 4, 1, 8), cfg(1, 512, 4, 1, 8), cfg(1, 1024, 8, 1, 8), cfg(1, 1024, 8, 2, 8),
-                cfg(1, 512, 4, 1, 16), cfg(1, 128, 4, 1, 8), cfg(1, 256, 2, 1, 4)]
+        return [cfg(1, 128, 4, 1, 8), cfg(1, 256, 4, 1, 8), cfg(1, 256, 2, 1, 8), cfg(1, 512, 4, 1, 8),
+                cfg(1, 512, 8, 1, 8), cfg(1, 1024, 4, 1, 8), cfg(1, 1024, 8, 1, 8), cfg(1, 256, 4, 1, 16),
+                cfg(1, 512, 4, 1, 16), cfg(1, 1024, 4, 1, 16)]
     if m <= 64:
         bm = 16 if m <= 16 else 64
         return [cfg(bm, 128, 4, 3, 2), cfg(bm, 64, 4, 4, 4)]
@@ -154,6 +155,7 @@ def main() -> None:
                         continue
                     res[name] = time_cuda(fn, x, args.reps, flush, graph=m <= 64)
                 best_cfg = tlin.default_config(m, gw).label
+                swept: dict[str, float] = {}
                 if not args.no_sweep:
                     for cfg in sweep(m, gw):
                         try:
@@ -165,6 +167,7 @@ def main() -> None:
                         except Exception as ex:  # noqa: BLE001
                             errs[f"cfg {cfg.label}"] = f"{type(ex).__name__}: {str(ex)[:120]}"
                             continue
+                        swept[cfg.label] = t
                         if t < res.get("triton_fused", float("inf")):
                             res["triton_fused"], best_cfg = t, cfg.label
                 ours = min((res[o], o) for o in OURS if o in res)
@@ -177,7 +180,7 @@ def main() -> None:
                            bw_frac=(wbytes + 2 * m * (n + k)) / (res.get("triton_fused", ours[0]) * 1e-3) / bw
                            if m == 1 else None,
                            bf16_bw_frac=(2 * n * k + 2 * m * (n + k)) / (base[m] * 1e-3) / bw if m == 1 else None,
-                           rejected=errs)
+                           default_cfg=tlin.default_config(m, gw).label, sweep_ms=swept, rejected=errs)
                 rows.append(row)
                 a = "" if anchor is None else f" {anchor[1]} {anchor[0] * 1e3:.1f}us ({row['vs_anchor']:.2f}x)"
                 bwf = "" if row["bw_frac"] is None else f" bw {row['bw_frac']:.0%} (bf16 {row['bf16_bw_frac']:.0%})"

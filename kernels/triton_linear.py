@@ -2,10 +2,11 @@
 
 Every kernel walks K one block at a time: it loads the block's 16 word rows x BN columns of each plane once
 (coalesced 16-byte loads), then for each slot i (16 consecutive input columns) turns codes into floats with the
-"magic number" trick, masking each code in place instead of shifting it down (`_slot`: an AND and an OR per
-code, then one FADD that also takes off the zero point; byte codes use a byte permute), scaled once per group:
-- `_gemv_kernel` (decode, M <= GEMV_MAX_M): per slot, FMAs with a contiguous 16-value slice of x, reduced
-  inside each thread (the tile keeps the load's layout: no shuffles), one scale multiply per group; split-K;
+"magic number" trick: each code is masked in place under a float exponent (one LOP3 a code, written as inline PTX
+because ptxas splits the plain AND + OR into two; byte codes take one PRMT):
+- `_gemv_kernel` (decode, M <= GEMV_MAX_M): per code one LOP3 and one FMA of x with 2^e + code; the 2^e offsets
+  (and the zero point) come off once per group through the sum of x (`_field`); one scale multiply per group;
+  reduced inside each thread (the tile keeps the load's layout: no shuffles); split-K;
 - `_gemm_kernel` (decode batches): per slot a K=16 tensor-core dot of x[:, 16 columns] and the slot's
   dequantized [16, BN] tile; split-K;
 - `_gemm_wide_kernel` (prefill): the block's codes unpacked as [16, PER, BN], reordered to [16 PER, BN] and fed
@@ -13,10 +14,12 @@ code, then one FADD that also takes off the zero point; byte codes use a byte pe
 - `_dequant_kernel`: the float weight [K, N] for the dequantize + cuBLAS path.
 Split-K partial sums go through a per-stream fp32 workspace with atomics; the last K-slice of a tile writes
 the output and re-zeroes its part (no memset, no copy kernel). Group widths that are not a multiple of
-32 have no fused kernel: `linear` says so once and uses dequantize + matmul.
+32 have no fused kernel: `linear` says so once and uses dequantize + matmul. Under Triton's CPU interpreter
+(no inline PTX) the same bit operations run as plain AND / OR.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 GEMV_MAX_M = 1
+FIELD_LOW_BIT = 15  # the GEMV reads every code at bit >= 15, so its 2^e offsets stay <= 2^(8 + plane shift)
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,75 @@ class Config:
 
 
 if HAVE_TRITON:
+    @triton.constexpr_function
+    def _view_shift(i: int, width: int) -> int:
+        """Right shift (negative: left) of the word that puts field i (bits i * width ...) at bit
+        FIELD_LOW_BIT + (i % n) * width; n neighbouring fields share a shifted view of the word."""
+        n = (23 - width - FIELD_LOW_BIT) // width + 1
+        return (i // n) * n * width - FIELD_LOW_BIT
+
+    @triton.constexpr_function
+    def _field_offset(i: int, width: int, scale_bits: int) -> float:
+        """The 2^e that `_field` adds to field i (byte fields sit at bit 8)."""
+        t = 8 if width == 8 else i * width - _view_shift(i, width)
+        return 2.0 ** (23 - t + scale_bits)
+
+    @triton.constexpr_function
+    def _slot_offset(i: int, w0: int, w1: int, zero: float, has_zeros: bool) -> float:
+        """What the GEMV takes off x * (sum of slot i's `_field`s): their 2^e, and the zero point when it is
+        a constant (symmetric)."""
+        return (_field_offset(i, w0, 0) + (_field_offset(i, w1, w0) if w1 else 0.0)
+                + (0.0 if has_zeros else zero))
+
     @triton.jit
-    def _slot(a, ahi, b, i: tl.constexpr, bias, W0: tl.constexpr, W1: tl.constexpr):
+    def _lop3(w, mask: tl.constexpr, other, ASM: tl.constexpr):
+        """(w & mask) | other as one LOP3: ptxas turns the plain form into two (one immediate per LOP3)."""
+        o = other + tl.zeros(w.shape, tl.int32)
+        if ASM:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                             [w, tl.full(w.shape, mask, tl.int32), o], dtype=tl.int32, is_pure=True,
+                                             pack=1)
+        return (w & mask) | o
+
+    @triton.jit
+    def _field(w, i: tl.constexpr, W: tl.constexpr, E: tl.constexpr, ASM: tl.constexpr, byte_magic):
+        """2^e + code * 2^E (float32, exact) for field i of words w, e = 23 - t + E <= 8 + E (`_field_offset`).
+
+        The word is shifted (`_view_shift`, one shift per view) so that the field lies at bit t >= FIELD_LOW_BIT,
+        then masked in place under exponent 150 - t + E: a single LOP3 per code. A small e keeps the FMA of
+        x with 2^e + code exact enough that the offset can come off once per group. Byte fields take one PRMT
+        into bits 8..15 under `byte_magic` (142 << 23, a run-time argument: as an immediate, ptxas would put the
+        selector in a register that every PRMT overwrites)."""
+        if W == 8:
+            if ASM:
+                m = byte_magic + tl.zeros(w.shape, tl.int32)
+                if i == 0:
+                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7604;", "=r,r,r", [w, m], dtype=tl.int32,
+                                                  is_pure=True, pack=1)
+                elif i == 1:
+                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7614;", "=r,r,r", [w, m], dtype=tl.int32,
+                                                  is_pure=True, pack=1)
+                elif i == 2:
+                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7624;", "=r,r,r", [w, m], dtype=tl.int32,
+                                                  is_pure=True, pack=1)
+                else:
+                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7634;", "=r,r,r", [w, m], dtype=tl.int32,
+                                                  is_pure=True, pack=1)
+            else:
+                u = (((w >> (8 * i)) & 255) << 8) | byte_magic
+            return u.to(tl.float32, bitcast=True)
+        d: tl.constexpr = _view_shift(i, W)
+        t: tl.constexpr = i * W - d
+        if d > 0:
+            v = w >> d
+        elif d < 0:
+            v = w << (-d)
+        else:
+            v = w
+        return _lop3(v, ((1 << W) - 1) << t, (150 - t + E) << 23, ASM).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _slot(a, ahi, b, i: tl.constexpr, bias, W0: tl.constexpr, W1: tl.constexpr, ASM: tl.constexpr):
         """code - bias (exact, float32) of slot i of words a (plane 0; ahi = a >> 16) and b (plane 1).
 
         The code is masked in place, not shifted down: with its lowest bit at bit t of a float whose exponent is
@@ -68,17 +139,16 @@ if HAVE_TRITON:
             return v - (8388608.0 + bias)
         t0: tl.constexpr = s0 if s0 + W0 + W1 <= 23 else s0 - 16
         if s0 + W0 + W1 <= 23:
-            u = a & (((1 << W0) - 1) << t0)
+            u = _lop3(a, ((1 << W0) - 1) << t0, (150 - t0) << 23, ASM)
         else:
-            u = ahi & (((1 << W0) - 1) << t0)
+            u = _lop3(ahi, ((1 << W0) - 1) << t0, (150 - t0) << 23, ASM)
         if W1 > 0:
             d: tl.constexpr = t0 + W0 - i * W1
             if d >= 0:
-                u = u | ((b << d) & (((1 << W1) - 1) << (t0 + W0)))
+                u = _lop3(b << d, ((1 << W1) - 1) << (t0 + W0), u, ASM)
             else:
-                u = u | ((b >> (-d)) & (((1 << W1) - 1) << (t0 + W0)))
-        v = (u | ((150 - t0) << 23)).to(tl.float32, bitcast=True)
-        return v - ((1 << (23 - t0)) * 1.0 + bias)
+                u = _lop3(b >> (-d), ((1 << W1) - 1) << (t0 + W0), u, ASM)
+        return u.to(tl.float32, bitcast=True) - ((1 << (23 - t0)) * 1.0 + bias)
 
     @triton.jit
     def _load_block(p0, p1, r0, cols, nmask, N, KW, W1: tl.constexpr):
@@ -138,9 +208,9 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["K", "KW", "G", "rows_per_split", "SPLIT"])
     def _gemv_kernel(x, p0, p1, s, z, out, ws, cnt, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT, stride_xm,
-                     stride_om, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
+                     stride_om, byte_magic, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
                      HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, SPS: tl.constexpr, EVEN_K: tl.constexpr,
-                     BN: tl.constexpr):
+                     ASM: tl.constexpr, BN: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
@@ -153,6 +223,8 @@ if HAVE_TRITON:
         for r0 in range(r_lo, r_hi, 16):
             a, ahi, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
             part = tl.zeros([16, BN], dtype=tl.float32)
+            xoff = tl.zeros([16], dtype=tl.float32)
+            xsum = tl.zeros([16], dtype=tl.float32)
             for i in tl.static_range(PER):
                 col0 = r0 * PER + i * 16
                 if EVEN_K:
@@ -160,16 +232,27 @@ if HAVE_TRITON:
                 else:
                     xi = tl.load(x + m * stride_xm + col0 + j, mask=col0 + j < K, other=0.0).to(tl.float32)
                 if SPS > 0:
-                    # one scale per SPS slots: sum x * (code - zero) over them, then scale once
+                    # one scale per SPS slots: sum x * (2^e + code) over them (a LOP3 and an FMA a code), take off
+                    # sum x * (2^e + zero) (x-side work shared by the thread's columns), then scale once
                     if i % SPS == 0:
                         sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
-                    part += xi[:, None] * _slot(a, ahi, b, i, zero[None, :], W0, W1)
+                    part += xi[:, None] * _field(a, i, W0, 0, ASM, byte_magic)
+                    if W1 > 0:
+                        part += xi[:, None] * _field(b, i, W1, W0, ASM, byte_magic)
+                    xoff += xi * _slot_offset(i, W0, W1, ZERO, HAS_Z)
+                    if HAS_Z:
+                        xsum += xi
                     if i % SPS == SPS - 1:
-                        acc += tl.sum(part, axis=0) * sc
+                        tot = tl.sum(part, axis=0) - tl.sum(xoff, axis=0)
+                        if HAS_Z:
+                            tot -= zero * tl.sum(xsum, axis=0)
+                        acc += tot * sc
                         part = tl.zeros([16, BN], dtype=tl.float32)
+                        xoff = tl.zeros([16], dtype=tl.float32)
+                        xsum = tl.zeros([16], dtype=tl.float32)
                 else:
                     sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
-                    part += (xi[:, None] * sc[None, :]) * _slot(a, ahi, b, i, zero[None, :], W0, W1)
+                    part += (xi[:, None] * sc[None, :]) * _slot(a, ahi, b, i, zero[None, :], W0, W1, ASM)
             if SPS == 0:
                 acc += tl.sum(part, axis=0)
         _finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * tl.num_programs(0) + pid_n,
@@ -179,7 +262,7 @@ if HAVE_TRITON:
     def _gemm_kernel(x, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
                      stride_xm, stride_om, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
                      HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, SPS: tl.constexpr, EVEN_K: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+                     ASM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m, pid_n = _tile(pid, M, N, BM, BN, GROUP_M)
@@ -202,7 +285,7 @@ if HAVE_TRITON:
                 else:
                     xt = tl.load(x + rm[:, None] * stride_xm + ks[None, :],
                                  mask=(rm[:, None] < M) & (ks[None, :] < K), other=0.0)
-                w = _slot(a, ahi, b, i, zero[None, :], W0, W1) * sc[None, :]
+                w = _slot(a, ahi, b, i, zero[None, :], W0, W1, ASM) * sc[None, :]
                 acc = tl.dot(xt, w.to(xt.dtype), acc)
         omask = (rm[:, None] < M) & nmask[None, :]
         _finish(acc, out + rm[:, None] * stride_om + cols[None, :], ws + rm[:, None] * N + cols[None, :], omask,
@@ -244,7 +327,7 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["K", "KW", "G"])
     def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, stride_sg, stride_sn, PER: tl.constexpr, W0: tl.constexpr,
-                        W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr):
+                        W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
         r0 = tl.program_id(0) * 16
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         nmask = cols < N
@@ -255,7 +338,7 @@ if HAVE_TRITON:
             # the group of every element (a 16-column slot may straddle groups of any width)
             mask = (ks < K)[:, None] & nmask[None, :]
             sc, zero = _scale_zero(s, z, (ks // G)[:, None] * stride_sg + cols[None, :] * stride_sn, mask, ZERO, HAS_Z)
-            w = _slot(a, ahi, b, i, zero, W0, W1) * sc
+            w = _slot(a, ahi, b, i, zero, W0, W1, ASM) * sc
             tl.store(out + ks[:, None] * N + cols[None, :], w.to(out.dtype.element_ty), mask=mask)
 
 
@@ -306,6 +389,11 @@ def _args(gw: GpuPackedWeight):
         ZERO=float(1 << (gw.bits - 1)), HAS_Z=gw.zeros is not None)
 
 
+def _asm() -> bool:
+    """Whether the kernels may use inline PTX (not under Triton's CPU interpreter)."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _slots_per_scale(gw: GpuPackedWeight) -> int:
     """Slots (16 input columns) sharing one scale load: a whole block when groups span blocks, a group when
     groups tile a block; 0 when groups and blocks do not nest (a scale per slot)."""
@@ -337,7 +425,7 @@ def dequantize(gw: GpuPackedWeight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(k, n, dtype=dtype, device=gw.scales.device)
     tensors, consts = _args(gw)
     grid = (kw // WORD_ROWS, triton.cdiv(n, 128))
-    _dequant_kernel[grid](out=out, N=n, K=k, KW=kw, G=gw.group, BN=128, **tensors, **consts)
+    _dequant_kernel[grid](out=out, N=n, K=k, KW=kw, G=gw.group, ASM=_asm(), BN=128, **tensors, **consts)
     return out
 
 
@@ -372,12 +460,12 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tensors, consts = _args(gw)
     common = dict(N=n, K=k, KW=kw, G=gw.group, rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
-                  stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0,
+                  stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0, ASM=_asm(),
                   BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     if m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)
-        _gemv_kernel[grid](x2, out=out, ws=ws, cnt=cnt, **common)
+        _gemv_kernel[grid](x2, out=out, ws=ws, cnt=cnt, byte_magic=142 << 23, **common)
     elif cfg.wide and split == 1:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         _gemm_wide_kernel[grid](x2, out=out, M=m, N=n, K=k, KW=kw, G=gw.group, stride_xm=x2.stride(0),

@@ -90,6 +90,19 @@ def test_every_config_family(bits: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_gemv_keeps_accuracy_for_activations_far_from_zero(bits: int) -> None:
+    """The one-token kernel takes the magic-number offsets (and the zero point) off once per group through the
+    sum of x; inputs with a large mean (all positive, as after a ReLU) must not cost accuracy."""
+    gen = torch.Generator().manual_seed(50 + bits)
+    for symmetric in (True, False):
+        for n, k, group in [(96, 512, 128), (67, 203, 32), (45, 96, None)]:
+            qt, gw = _case(n, k, group, bits, symmetric, torch.float16, gen)
+            x = (torch.rand(1, k, generator=gen) * 4 + 30).half().to(DEV)
+            _check(_poisoned(lambda: tlin.linear(x, gw)), x, qt, torch.float16)
+
+
+@pytest.mark.gpu
 def test_dequantize_is_exact() -> None:
     gen = torch.Generator().manual_seed(7)
     for bits in BITS:
@@ -145,6 +158,28 @@ def test_registry_backend_on_cuda() -> None:
     for m in (1, 8, 300):
         x = torch.randn(m, 640, generator=gen).half().cuda()
         _check(TRITON.linear(x, qw), x, qt, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="registry backend dispatches on CUDA devices")
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(3, 64, False), QuantSpec(8, None)], ids=str)
+def test_pointwise_conv_runs_on_the_triton_backend(spec) -> None:
+    """A 1x1 conv moved to CUDA dispatches like a linear (backend "triton") and matches the float64 conv of its
+    dequantized weight; a 3x3 conv keeps dequantize + conv."""
+    from torch import nn
+    from kernels.modules import quantize_module
+    torch.manual_seed(0)
+    for layer, x, backend in [(nn.Conv2d(96, 80, 1), torch.randn(2, 96, 5, 7), "triton"),
+                              (nn.Conv1d(96, 80, 1, bias=False), torch.randn(1, 96, 1), "triton"),
+                              (nn.Conv2d(96, 80, 3, padding=1), torch.randn(1, 96, 6, 6), "dequant")]:
+        q = quantize_module(layer, spec).cuda().bfloat16()
+        xd = x.bfloat16().cuda()
+        conv = nn.functional.conv2d if x.dim() == 4 else nn.functional.conv1d
+        ref = conv(xd.double().cpu(), q.dequantized_weight(torch.float64).cpu(),
+                   None if q.bias is None else q.bias.double().cpu(), padding=layer.padding)
+        y = q(xd)
+        assert q.backend == backend and y.shape == ref.shape and y.dtype == torch.bfloat16
+        assert float((y.double().cpu() - ref).norm() / ref.norm()) < 2e-2
 
 
 @pytest.mark.gpu
