@@ -352,20 +352,18 @@ def fused_supported_spec(spec: QuantSpec, shape: tuple[int, int]) -> bool:
     return spec.group_size is None or spec.group_width(shape[1]) % 32 == 0
 
 
+_GEMV_TILES = {2: (512, 4, 16), 3: (128, 4, 8), 4: (256, 2, 8), 5: (256, 2, 8), 6: (512, 4, 16), 8: (512, 4, 8)}
+
+
 def default_config(m: int, gw: GpuPackedWeight) -> Config:
-    """Heuristic tile shape for m token rows (the latency table measures the alternatives)."""
+    """Tile shape for m token rows (the latency table times the result against the other paths)."""
     n = gw.shape[0]
     blocks = gw.planes[0].shape[0] // WORD_ROWS
     if m <= GEMV_MAX_M:
-        # winners of tile sweeps at 4096x4096 and 28672x8192 on an H100 (docs/kernels_gpu.md): narrow tiles for
-        # 16 codes a word (wider ones spill), wide ones for 4-bit on wide layers; 8-bit wants twice the K-slices
-        if gw.per == 16:
-            bn, warps = (256, 4) if gw.bits == 2 else (128, 4)
-        elif gw.bits == 4:
-            bn, warps = (1024, 8) if n >= 8192 else (256, 4)
-        else:
-            bn, warps = 512, 4
-        return Config(1, bn, split_for(-(-n // bn), blocks, waves=16 if gw.bits == 8 else 8), warps, 1)
+        # winners of a tile sweep over the five LLM shapes on an H100 (docs/kernels_gpu.md), each within 1% of
+        # the best on every shape: (columns per program, warps, programs per SM that set the K-split)
+        bn, warps, waves = _GEMV_TILES[gw.bits]
+        return Config(1, bn, split_for(-(-n // bn), blocks, waves=waves), warps, 1)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         return Config(bm, 64, split_for(-(-n // 64) * -(-m // bm), blocks, waves=2), 4, 3)
