@@ -3,7 +3,7 @@
 For each shape (N = out_features, K = in_features), bit width (group 128, symmetric) and token count:
 every path of `gpu_backends.gpu_candidates` (ours: fused Triton kernels over a small tile sweep, and
 dequantize + cuBLAS; anchors: tinygemm int4, gemlite) is checked against a float64 reference and timed
-(L2 flushed before each run, CUDA events, graph replay for <= 64 tokens, median of --reps). Ratios are
+(L2 flushed before each run, CUDA events, graph replay, median of --reps). Ratios are
 against cuBLAS bf16 F.linear and the best anchor of the same bit width measured in the same run;
 bandwidth at 1 token is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Writes bench.json and bench.md under --out.
@@ -25,7 +25,7 @@ from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_backends import gpu_candidates  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+from kernels.latency import GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, time_cuda  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 BITS = (2, 3, 4, 5, 6, 8)
@@ -90,8 +90,8 @@ def activation_quantized(shapes, tokens, reps: int, flush: torch.Tensor, gen: to
                     if e > 8e-2:
                         errs[name] = f"rel err {e:.2e}"
                         continue
-                    ms[name] = time_cuda(fn, x, reps, flush, graph=m <= 64)
-                base = time_cuda(lambda x: F.linear(x, w_bf16), x, reps, flush, graph=m <= 64)
+                    ms[name] = time_cuda(fn, x, reps, flush, graph=m <= GRAPH_MAX_TOKENS)
+                base = time_cuda(lambda x: F.linear(x, w_bf16), x, reps, flush, graph=m <= GRAPH_MAX_TOKENS)
                 rows.append(dict(N=n, K=k, choice=label, tokens=m, bf16_ms=base, ms=ms, rejected=errs))
                 print(f"{n}x{k} {label} M={m}: bf16 {base * 1e3:.1f}us " +
                       " ".join(f"{a} {b * 1e3:.1f}us" for a, b in ms.items()) + (f" rejected {errs}" if errs else ""),
@@ -130,7 +130,8 @@ def main() -> None:
         w = torch.randn(n, k, device="cuda", generator=gen)
         w_bf16 = w.to(dtype)
         xs = {m: torch.randn(m, k, device="cuda", generator=gen).to(dtype) for m in tokens}
-        base = {m: time_cuda(lambda x: F.linear(x, w_bf16), xs[m], args.reps, flush, graph=m <= 64) for m in tokens}
+        base = {m: time_cuda(lambda x: F.linear(x, w_bf16), xs[m], args.reps, flush, graph=m <= GRAPH_MAX_TOKENS)
+                for m in tokens}
         for bits in bits_list:
             qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
             wdq = qt.dequantize(torch.float64)
@@ -153,7 +154,7 @@ def main() -> None:
                     if e > 2e-2:
                         errs[name] = f"rel err {e:.2e}"
                         continue
-                    res[name] = time_cuda(fn, x, args.reps, flush, graph=m <= 64)
+                    res[name] = time_cuda(fn, x, args.reps, flush, graph=m <= GRAPH_MAX_TOKENS)
                 best_cfg = tlin.default_config(m, gw).label
                 swept: dict[str, float] = {}
                 if not args.no_sweep:
@@ -163,7 +164,7 @@ def main() -> None:
                             if rel_err(fn(x), ref) > 2e-2:
                                 errs[f"cfg {cfg.label}"] = "wrong result"
                                 continue
-                            t = time_cuda(fn, x, args.reps, flush, graph=m <= 64)
+                            t = time_cuda(fn, x, args.reps, flush, graph=m <= GRAPH_MAX_TOKENS)
                         except Exception as ex:  # noqa: BLE001
                             errs[f"cfg {cfg.label}"] = f"{type(ex).__name__}: {str(ex)[:120]}"
                             continue

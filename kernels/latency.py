@@ -40,7 +40,10 @@ from .quantizer import QuantizedTensor, quantize
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 L2_FLUSH_BYTES = 128 << 20  # > 2x the L2 of an H100 (50 MB) / H200 (60 MB)
-GRAPH_MAX_TOKENS = 64  # on CUDA, entries of up to this many tokens are timed as CUDA-graph replays
+# on CUDA, entries of up to this many tokens are timed as CUDA-graph replays: every count, since a whole-model
+# forward is graph-captured at every count (timed eagerly, a 512-token layer also paid Python and launch time: a
+# 1B Llama's layers summed to twice their share of the measured forward)
+GRAPH_MAX_TOKENS = 1 << 16
 MIN_LAYER_FRACTION = 0.1  # layer_ms never goes below this fraction of the raw entry
 
 

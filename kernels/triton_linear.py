@@ -327,7 +327,8 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["K", "KW", "G"])
     def _dequant_kernel(p0, p1, s, z, out, N, K, KW, G, stride_sg, stride_sn, PER: tl.constexpr, W0: tl.constexpr,
-                        W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
+                        W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, ASM: tl.constexpr,
+                        BN: tl.constexpr):
         r0 = tl.program_id(0) * 16
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         nmask = cols < N
@@ -458,8 +459,8 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tensors, consts = _args(gw)
     common = dict(N=n, K=k, KW=kw, G=gw.group, rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
-                  stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0, ASM=_asm(),
-                  BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
+                  stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0,
+                  ASM=_asm(), BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     if m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)
