@@ -77,6 +77,11 @@ if HAVE_TRITON:
         return (_field_offset(i, w0, 0) + (_field_offset(i, w1, w0) if w1 else 0.0)
                 + (0.0 if has_zeros else zero))
 
+    @triton.constexpr_function
+    def _prmt_byte_asm(i: int) -> str:
+        """PTX taking byte i of $1 into bits 8..15 of $2 (whose other bytes hold the magic exponent)."""
+        return f"prmt.b32 $0, $1, $2, 0x76{i}4;"
+
     @triton.jit
     def _lop3(w, mask: tl.constexpr, other, ASM: tl.constexpr):
         """(w & mask) | other as one LOP3: ptxas turns the plain form into two (one immediate per LOP3)."""
@@ -99,18 +104,7 @@ if HAVE_TRITON:
         if W == 8:
             if ASM:
                 m = byte_magic + tl.zeros(w.shape, tl.int32)
-                if i == 0:
-                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7604;", "=r,r,r", [w, m], dtype=tl.int32,
-                                                  is_pure=True, pack=1)
-                elif i == 1:
-                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7614;", "=r,r,r", [w, m], dtype=tl.int32,
-                                                  is_pure=True, pack=1)
-                elif i == 2:
-                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7624;", "=r,r,r", [w, m], dtype=tl.int32,
-                                                  is_pure=True, pack=1)
-                else:
-                    u = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7634;", "=r,r,r", [w, m], dtype=tl.int32,
-                                                  is_pure=True, pack=1)
+                u = tl.inline_asm_elementwise(_prmt_byte_asm(i), "=r,r,r", [w, m], dtype=tl.int32, is_pure=True, pack=1)
             else:
                 u = (((w >> (8 * i)) & 255) << 8) | byte_magic
             return u.to(tl.float32, bitcast=True)
