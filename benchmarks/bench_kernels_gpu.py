@@ -155,7 +155,7 @@ def main() -> None:
                         errs[name] = f"rel err {e:.2e}"
                         continue
                     res[name] = time_cuda(fn, x, args.reps, flush, graph=m <= GRAPH_MAX_TOKENS)
-                best_cfg = tlin.default_config(m, gw).label
+                default_cfg = best_cfg = tlin.default_config(m, gw).label
                 swept: dict[str, float] = {}
                 if not args.no_sweep:
                     for cfg in sweep(m, gw):
@@ -181,7 +181,7 @@ def main() -> None:
                            bw_frac=(wbytes + 2 * m * (n + k)) / (res.get("triton_fused", ours[0]) * 1e-3) / bw
                            if m == 1 else None,
                            bf16_bw_frac=(2 * n * k + 2 * m * (n + k)) / (base[m] * 1e-3) / bw if m == 1 else None,
-                           default_cfg=tlin.default_config(m, gw).label, sweep_ms=swept, rejected=errs)
+                           default_cfg=default_cfg, sweep_ms=swept, rejected=errs)
                 rows.append(row)
                 a = "" if anchor is None else f" {anchor[1]} {anchor[0] * 1e3:.1f}us ({row['vs_anchor']:.2f}x)"
                 bwf = "" if row["bw_frac"] is None else f" bw {row['bw_frac']:.0%} (bf16 {row['bf16_bw_frac']:.0%})"

@@ -37,6 +37,8 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 GEMV_MAX_M = 1
+# inline PTX, except under Triton's CPU interpreter (which, like Triton, is chosen when the process starts)
+ASM = os.environ.get("TRITON_INTERPRET") != "1"
 FIELD_LOW_BIT = 15  # the GEMV reads every code at bit >= 15, so its 2^e offsets stay <= 2^(8 + plane shift)
 
 
@@ -382,11 +384,6 @@ def _args(gw: GpuPackedWeight):
         ZERO=float(1 << (gw.bits - 1)), HAS_Z=gw.zeros is not None)
 
 
-def _asm() -> bool:
-    """Whether the kernels may use inline PTX (not under Triton's CPU interpreter)."""
-    return os.environ.get("TRITON_INTERPRET") != "1"
-
-
 def _slots_per_scale(gw: GpuPackedWeight) -> int:
     """Slots (16 input columns) sharing one scale load: a whole block when groups span blocks, a group when
     groups tile a block; 0 when groups and blocks do not nest (a scale per slot)."""
@@ -418,7 +415,7 @@ def dequantize(gw: GpuPackedWeight, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(k, n, dtype=dtype, device=gw.scales.device)
     tensors, consts = _args(gw)
     grid = (kw // WORD_ROWS, triton.cdiv(n, 128))
-    _dequant_kernel[grid](out=out, N=n, K=k, KW=kw, G=gw.group, ASM=_asm(), BN=128, **tensors, **consts)
+    _dequant_kernel[grid](out=out, N=n, K=k, KW=kw, G=gw.group, ASM=ASM, BN=128, **tensors, **consts)
     return out
 
 
@@ -454,7 +451,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     tensors, consts = _args(gw)
     common = dict(N=n, K=k, KW=kw, G=gw.group, rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
                   stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0,
-                  ASM=_asm(), BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
+                  ASM=ASM, BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     if m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)
