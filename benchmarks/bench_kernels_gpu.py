@@ -155,7 +155,7 @@ def main() -> None:
                         errs[name] = f"rel err {e:.2e}"
                         continue
                     res[name] = time_cuda(fn, x, args.reps, flush, graph=m <= GRAPH_MAX_TOKENS)
-                default_cfg = best_cfg = tlin.default_config(m, gw).label
+                default_cfg = best_cfg = tlin.default_config(m, gw, x.dtype).label
                 swept: dict[str, float] = {}
                 if not args.no_sweep:
                     for cfg in sweep(m, gw):

@@ -19,6 +19,7 @@ the output and re-zeroes its part (no memset, no copy kernel). Group widths that
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 GEMV_MAX_M = 1
+MMA_MAX_M = 4  # tensor-core decode up to 4 tokens (bfloat16, 2/4-bit; measured on an H100)
 # inline PTX, except under Triton's CPU interpreter (which, like Triton, is chosen when the process starts)
 ASM = os.environ.get("TRITON_INTERPRET") != "1"
 FIELD_LOW_BIT = 15  # the GEMV reads every code at bit >= 15, so its 2^e offsets stay <= 2^(8 + plane shift)
@@ -52,10 +54,12 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     wide: bool = False  # prefill kernel with one dot per K block (split_k must be 1)
+    mma: bool = False  # decode on tensor cores (`_gemv_mma_kernel`, 2/4-bit, up to block_m tokens)
 
     @property
     def label(self) -> str:
-        return f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}" + "W" * self.wide
+        return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
+                + "W" * self.wide + "T" * self.mma)
 
 
 if HAVE_TRITON:
@@ -83,6 +87,34 @@ if HAVE_TRITON:
     def _prmt_byte_asm(i: int) -> str:
         """PTX taking byte i of $1 into bits 8..15 of $2 (whose other bytes hold the magic exponent)."""
         return f"prmt.b32 $0, $1, $2, 0x76{i}4;"
+
+    @triton.constexpr_function
+    def _half_pos(f: int, width: int) -> int:
+        """Bit of field f (within each 16-bit half of a word) after its view shift: neighbouring fields share a
+        view while they fit in bfloat16's 7 mantissa bits."""
+        n = (7 - width) // width + 1
+        return (f % n) * width
+
+    @triton.constexpr_function
+    def _pair_asm(f: int, width: int) -> str:
+        """PTX turning field f of both 16-bit halves of word $2 into the bfloat16 pair $0 (128 + code * 2^p each):
+        one shift per view, one LOP3 per pair of codes ($1, the same word, is not read)."""
+        n = (7 - width) // width + 1
+        d = (f // n) * n * width
+        m = ((1 << width) - 1) << ((f % n) * width)
+        view = f"shr.b32 t, $2, {d};" if d else "mov.b32 t, $2;"
+        return "{.reg .b32 t; " + view + f" lop3.b32 $0, t, {m | (m << 16)}, {0x43004300}, 0xEA;" + "}"
+
+    @triton.jit
+    def _pair_codes(ww, f: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr):
+        """[..., 2]: bfloat16 128 + code * 2^p of field f of the low and high 16-bit half of words ww (each word
+        twice, [..., 2]; exact; p = `_half_pos`). One LOP3 makes both: one register of the dot operand."""
+        if ASM:
+            v = tl.inline_asm_elementwise(_pair_asm(f, W), "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:  # float32: the CPU interpreter's dot mishandles bfloat16
+            half = tl.arange(0, 2) * 16
+            v = (((ww >> (half + f * W)) & ((1 << W) - 1)) * (1 << _half_pos(f, W)) + 128).to(tl.float32)
+        return v
 
     @triton.jit
     def _lop3(w, mask: tl.constexpr, other, ASM: tl.constexpr):
@@ -254,6 +286,77 @@ if HAVE_TRITON:
         _finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * tl.num_programs(0) + pid_n,
                 SPLIT, ATOMIC)
 
+    @triton.jit
+    def _block_operand(ww, W: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
+        """The block's weight operand [BN, 32 F] from its words ww [BN, 16, 2] (twice): field f of row j's half h at
+        k = 32 f + 2 j + h, joined in registers (no data moves: each field's pairs are the dot operand's)."""
+        a01 = tl.join(_pair_codes(ww, 0, W, ASM), _pair_codes(ww, 1, W, ASM))
+        a23 = tl.join(_pair_codes(ww, 2, W, ASM), _pair_codes(ww, 3, W, ASM))
+        a = tl.join(a01, a23)
+        if F == 4:
+            a = tl.permute(a, (0, 4, 3, 1, 2))
+        else:
+            a45 = tl.join(_pair_codes(ww, 4, W, ASM), _pair_codes(ww, 5, W, ASM))
+            a67 = tl.join(_pair_codes(ww, 6, W, ASM), _pair_codes(ww, 7, W, ASM))
+            a = tl.permute(tl.join(a, tl.join(a45, a67)), (0, 5, 4, 3, 1, 2))
+        return tl.reshape(a, (a.shape[0], 32 * F))
+
+    @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split", "SPLIT"])
+    def _gemv_mma_kernel(x, p0, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
+                         stride_xm, stride_om, PER: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr,
+                         HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, RUN: tl.constexpr, EVEN_K: tl.constexpr,
+                         ASM: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr):
+        """Decode on tensor cores, 2 and 4 bits: out^T = W x^T with the weight as the dot's register operand, one
+        dot per K block. The words are read as 16-bit halves [BN, 32] (k = 2 row + half), so the two halves of
+        a word are one register of the operand: one LOP3 makes two bfloat16 128 + code * 2^p (`_pair_codes`).
+        x^T has a column per (token, half, run of RUN fields sharing a group): it holds x * 2^-p where the
+        operand's k belongs to it, else 0, so every column sums one group. The 128 * 2^-p offsets (and the
+        zero point) come off the block's sum through the column sums of x^T; then one scale multiply."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        HALF: tl.constexpr = PER // 2
+        NR: tl.constexpr = HALF // RUN
+        NV: tl.constexpr = (7 - W0) // W0 + 1
+        n = pid_n * BN + tl.arange(0, BN)
+        nmask = n < N
+        j16 = tl.arange(0, 16)
+        rows = tl.arange(0, 32 * HALF)
+        f = rows // 32
+        j = (rows % 32) // 2
+        h = rows % 2
+        col = tl.arange(0, NC)
+        tok = col // (2 * NR)
+        hc = col % 2
+        rc = (col // 2) % NR
+        shift = tl.exp2(-((f % NV) * W0).to(tl.float32))
+        xmask = (h[:, None] == hc[None, :]) & ((f // RUN)[:, None] == rc[None, :]) & (tok < M)[None, :]
+        total = tl.zeros([BN, NC], dtype=tl.float32)
+        r_lo = pid_k * rows_per_split
+        r_hi = tl.minimum(r_lo + rows_per_split, KW)
+        for r0 in range(r_lo, r_hi, 16):
+            words = tl.load(p0 + (r0 + j16)[None, :] * N + n[:, None], mask=nmask[:, None], other=0)
+            c = r0 * PER + 16 * (h * HALF + f) + j
+            if EVEN_K:
+                xt = tl.load(x + tok[None, :] * stride_xm + c[:, None], mask=xmask, other=0.0).to(tl.float32)
+            else:
+                xt = tl.load(x + tok[None, :] * stride_xm + c[:, None], mask=xmask & (c < K)[:, None],
+                             other=0.0).to(tl.float32)
+            b = xt * shift[:, None]
+            acc = tl.dot(_block_operand(tl.join(words, words), W0, HALF, ASM), b.to(tl.bfloat16 if ASM else tl.float32))
+            g0 = r0 * PER + 16 * (hc * HALF + rc * RUN)  # each column's first input column
+            sc, zero = _scale_zero(s, z, (g0 // G)[None, :] * stride_sg + n[:, None] * stride_sn,
+                                   nmask[:, None] & (g0 < K)[None, :], ZERO, HAS_Z)
+            if HAS_Z:
+                part = acc - tl.sum(b * 128.0, axis=0)[None, :] - zero * tl.sum(xt, axis=0)[None, :]
+            else:
+                part = acc - tl.sum(b * 128.0 + xt * ZERO, axis=0)[None, :]
+            total += part * sc
+        res = tl.sum(tl.reshape(total, (BN, NC // (2 * NR), 2 * NR)), axis=2)
+        t = tl.arange(0, NC // (2 * NR))
+        omask = nmask[:, None] & (t < M)[None, :]
+        _finish(res, out + t[None, :] * stride_om + n[:, None], ws + t[None, :] * N + n[:, None], omask, cnt + pid_n,
+                SPLIT, ATOMIC)
+
     @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split", "SPLIT"])
     def _gemm_kernel(x, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
                      stride_xm, stride_om, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
@@ -344,6 +447,11 @@ def fused_supported(gw: GpuPackedWeight) -> bool:
     return gw.group % 32 == 0
 
 
+def mma_supported(gw: GpuPackedWeight) -> bool:
+    """Whether `_gemv_mma_kernel` runs this weight: one plane of 2 or 4 bits, fused-supported groups."""
+    return gw.widths in ((2,), (4,)) and fused_supported(gw)
+
+
 def fused_supported_spec(spec: QuantSpec, shape: tuple[int, int]) -> bool:
     """`fused_supported` before repacking (per-channel weights always qualify)."""
     return spec.group_size is None or spec.group_width(shape[1]) % 32 == 0
@@ -352,10 +460,14 @@ def fused_supported_spec(spec: QuantSpec, shape: tuple[int, int]) -> bool:
 _GEMV_TILES = {2: (512, 4, 16), 3: (128, 4, 8), 4: (256, 2, 8), 5: (256, 2, 8), 6: (512, 4, 16), 8: (512, 4, 8)}
 
 
-def default_config(m: int, gw: GpuPackedWeight) -> Config:
-    """Tile shape for m token rows (the latency table times the result against the other paths)."""
+def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> Config:
+    """Tile shape for m token rows of `dtype` (the latency table times the result against the other paths)."""
     n = gw.shape[0]
     blocks = gw.planes[0].shape[0] // WORD_ROWS
+    if dtype == torch.bfloat16 and m <= MMA_MAX_M and mma_supported(gw) and (m > 1 or gw.bits == 2):
+        # tensor-core decode: 1.05-1.4x the GEMV at 2 bits and 1 token, 1.15-1.7x the batch kernel at 2-4 tokens
+        # (2 and 4 bits); one tile was within 7% of the best on the five LLM shapes (docs/kernels_gpu.md)
+        return Config(1 << (m - 1).bit_length(), 128, split_for(-(-n // 128), blocks, waves=4), 2, 1, mma=True)
     if m <= GEMV_MAX_M:
         # winners of a tile sweep over the five LLM shapes on an H100 (docs/kernels_gpu.md), each within 1% of
         # the best on every shape: (columns per program, warps, programs per SM that set the K-split)
@@ -443,7 +555,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     m = x2.shape[0]
     if not fused_supported(gw):
         return _fallback(x2, gw, f"group width {gw.group} is not a multiple of 32").view(*lead, n)
-    cfg = config or default_config(m, gw)
+    cfg = config or default_config(m, gw, x.dtype)
     kw = gw.planes[0].shape[0]
     rows_per_split = triton.cdiv(triton.cdiv(kw, cfg.split_k), WORD_ROWS) * WORD_ROWS
     split = triton.cdiv(kw, rows_per_split)
@@ -452,7 +564,22 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     common = dict(N=n, K=k, KW=kw, G=gw.group, rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
                   stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0,
                   ASM=ASM, BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
-    if m <= GEMV_MAX_M and cfg.block_m == 1:
+    if cfg.mma:
+        if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or x.dtype != torch.bfloat16:
+            raise ValueError(f"config {cfg.label} runs 2/4-bit weights and up to block_m (a power of 2) bfloat16 "
+                             f"token rows; got {gw.bits}-bit, {m} rows of {x.dtype}")
+        grid = (triton.cdiv(n, cfg.block_n), split)
+        ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
+        run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group
+        _gemv_mma_kernel[grid](x2, p0=gw.planes[0], s=gw.scales, z=common["z"], out=out, ws=ws, cnt=cnt, M=m, N=n,
+                               K=k, KW=kw, G=gw.group, stride_sg=common["stride_sg"], stride_sn=common["stride_sn"],
+                               rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
+                               stride_om=out.stride(0), PER=gw.per, W0=gw.widths[0], ZERO=common["ZERO"],
+                               HAS_Z=common["HAS_Z"], ATOMIC=split > 1, RUN=run,
+                               EVEN_K=common["EVEN_K"], ASM=ASM, BN=cfg.block_n,
+                               NC=2 * cfg.block_m * (gw.per // 2 // run),
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)
         _gemv_kernel[grid](x2, out=out, ws=ws, cnt=cnt, byte_magic=142 << 23, **common)

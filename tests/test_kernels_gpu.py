@@ -90,6 +90,47 @@ def test_every_config_family(bits: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tensor_core_decode(bits: int, symmetric: bool) -> None:
+    """`Config(mma=True)`: 1..block_m bfloat16 tokens on tensor cores; odd sizes, short last groups, groups of
+    32/64/128, per-channel; split-K run twice (the workspace must come back zeroed); activations far from zero
+    (the 128 * 2^-p offsets come off through the column sums of x)."""
+    gen = torch.Generator().manual_seed(70 + bits + symmetric)
+    configs = [tlin.Config(1, 32, 3, 4, 1, mma=True), tlin.Config(4, 64, 1, 2, 1, mma=True),
+               tlin.Config(4, 128, 2, 4, 1, mma=True)]
+    for n, k, group in SHAPES[:4] if INTERPRET else SHAPES:
+        if group is not None and group % 32:
+            continue
+        qt, gw = _case(n, k, group, bits, symmetric, torch.bfloat16, gen)
+        for cfg in configs:
+            for m in sorted({1, cfg.block_m}):
+                for shift in (0, 30):
+                    x = (torch.randn(m, k, generator=gen) + shift).bfloat16().to(DEV)
+                    y = _poisoned(lambda: tlin.linear(x, gw, cfg))
+                    _check(y, x, qt, torch.bfloat16)
+                    ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
+                    assert (y.double().cpu() - ref).norm() / ref.norm() < 6e-3  # bf16 output rounding, not 2e-2
+
+
+@pytest.mark.gpu
+def test_tensor_core_decode_rejects_what_it_cannot_run() -> None:
+    gen = torch.Generator().manual_seed(5)
+    cfg = tlin.Config(4, 64, 1, 4, 1, mma=True)
+    qt, gw3 = _case(64, 128, 128, 3, True, torch.bfloat16, gen)
+    _, gw2 = _case(64, 128, 128, 2, True, torch.bfloat16, gen)
+    x = torch.randn(2, 128, generator=gen).bfloat16().to(DEV)
+    with pytest.raises(ValueError, match="2/4-bit"):
+        tlin.linear(x, gw3, cfg)
+    with pytest.raises(ValueError, match="float16"):
+        tlin.linear(x.half(), gw2, cfg)
+    with pytest.raises(ValueError, match="5 rows"):
+        tlin.linear(torch.randn(5, 128, generator=gen).bfloat16().to(DEV), gw2, cfg)
+    assert tlin.default_config(1, gw2, torch.bfloat16).mma and not tlin.default_config(1, gw2, torch.float16).mma
+    assert not tlin.default_config(1, gw3, torch.bfloat16).mma and tlin.default_config(3, gw2).block_m == 4
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_gemv_keeps_accuracy_for_activations_far_from_zero(bits: int) -> None:
     """The one-token kernel takes the magic-number offsets (and the zero point) off once per group through the

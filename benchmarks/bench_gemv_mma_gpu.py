@@ -1,0 +1,101 @@
+"""Check and time the tensor-core decode kernel (`Config(mma=True)`, 2/4-bit) against the CUDA-core GEMV / batch
+kernels (default configs) and cuBLAS bf16, in one run: L2 flushed, graph replay, median of --reps.
+Writes mma.json and mma.txt under --out."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import QuantSpec, quantize  # noqa: E402
+from kernels import triton_linear as tlin  # noqa: E402
+from kernels.gpu_layout import repack_for_gpu  # noqa: E402
+from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
+
+
+def check(gen: torch.Generator) -> list[str]:
+    """Relative errors vs float64 of the mma kernel and the default kernel on odd shapes, groups, zero points."""
+    lines = []
+    for bits in (2, 4):
+        for n, k, g, sym in [(64, 256, 128, True), (67, 203, 32, False), (45, 600, None, True), (130, 512, 64, False),
+                             (257, 1024, 256, True), (40, 384, 128, False), (300, 4096, 128, True)]:
+            w = torch.randn(n, k, device="cuda", generator=gen)
+            qt = quantize(w, QuantSpec(bits, g, sym, "bfloat16"), clip_search=False)
+            gw = repack_for_gpu(qt, "cuda")
+            for m in (1, 3, 8):
+                for cfg in (tlin.Config(1 if m == 1 else 4 if m <= 4 else 8, 64, 3, 4, 1, mma=True), tlin.Config(8, 256, 1, 4, 1, mma=True),
+                            tlin.Config(8, 128, 2, 2, 1, mma=True)):
+                    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16() + (30 if n == 40 else 0)
+                    ref = x.double() @ qt.dequantize(torch.float64).t()
+                    y = tlin.linear(x, gw, cfg)
+                    y0 = tlin.linear(x, gw)
+                    e = float((y.double() - ref).norm() / ref.norm())
+                    e0 = float((y0.double() - ref).norm() / ref.norm())
+                    ok = e < max(2 * e0, 5e-3)
+                    lines.append(f"check bits={bits} n={n} k={k} g={g} sym={sym} m={m} {cfg.label}: mma {e:.2e} "
+                                 f"default {e0:.2e} {'OK' if ok else 'FAIL'}")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--tokens", default="1,4,8,16")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t0 = time.time()
+    lines = [f"device {torch.cuda.get_device_name()} torch {torch.__version__}"]
+    lines += check(gen)
+    fails = sum("FAIL" in s for s in lines)
+    lines.append(f"checks: {fails} failed, {time.time() - t0:.0f} s")
+    print("\n".join(lines[-3:]), flush=True)
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    rows = []
+    for n, k in SHAPES:
+        w = torch.randn(n, k, device="cuda", generator=gen)
+        wb = w.bfloat16()
+        for bits in (2, 4):
+            qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
+            gw = repack_for_gpu(qt, "cuda")
+            blocks = gw.planes[0].shape[0] // 16
+            for m in map(int, a.tokens.split(",")):
+                x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+                bf16 = time_cuda(lambda v: F.linear(v, wb), x, a.reps, flush)
+                base = time_cuda(lambda v: tlin.linear(v, gw), x, a.reps, flush)
+                best = None
+                tiles = [(128, 4), (256, 4), (256, 2), (128, 2), (512, 8), (256, 8)] if m <= 4 else [(128, 4), (256, 4), (128, 2)]
+                for bn, warps in tiles:
+                    for waves in (4, 8, 16):
+                        split = tlin.split_for(-(-n // bn), blocks, waves)
+                        cfg = tlin.Config(m, bn, split, warps, 1, mma=True)
+                        try:
+                            ms = time_cuda(lambda v: tlin.linear(v, gw, cfg), x, a.reps, flush)
+                        except Exception as e:  # noqa: BLE001 (a tile that does not compile is reported, not fatal)
+                            lines.append(f"{n}x{k} b{bits} m{m} {cfg.label}: {type(e).__name__} {str(e)[:120]}")
+                            continue
+                        rows.append(dict(n=n, k=k, bits=bits, m=m, cfg=cfg.label, ms=ms, bf16_ms=bf16, base_ms=base))
+                        if best is None or ms < best[0]:
+                            best = (ms, cfg.label)
+                s = (f"{n}x{k} b{bits} m{m}: bf16 {bf16 * 1e3:.1f} us, default {base * 1e3:.1f} us "
+                     f"({bf16 / base:.2f}x bf16), mma best {best[0] * 1e3:.1f} us {best[1]} ({bf16 / best[0]:.2f}x bf16, "
+                     f"{base / best[0]:.2f}x default)")
+                lines.append(s)
+                print(s, flush=True)
+    (out / "mma.txt").write_text("\n".join(lines) + "\n")
+    (out / "mma.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
