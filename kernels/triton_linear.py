@@ -7,6 +7,8 @@ because ptxas splits the plain AND + OR into two; byte codes take one PRMT):
 - `_gemv_kernel` (decode, M <= GEMV_MAX_M): per code one LOP3 and one FMA of x with 2^e + code; the 2^e offsets
   (and the zero point) come off once per group through the sum of x (`_field`); one scale multiply per group;
   reduced inside each thread (the tile keeps the load's layout: no shuffles); split-K;
+- `_gemv_mma_kernel` (decode, 1..4 bfloat16 tokens, 2/4-bit): tensor cores, the weight as the dot's register
+  operand, one LOP3 per pair of codes; groups summed apart in columns of x^T;
 - `_gemm_kernel` (decode batches): per slot a K=16 tensor-core dot of x[:, 16 columns] and the slot's
   dequantized [16, BN] tile; split-K;
 - `_gemm_wide_kernel` (prefill): the block's codes unpacked as [16, PER, BN], reordered to [16 PER, BN] and fed
@@ -89,19 +91,22 @@ if HAVE_TRITON:
         return f"prmt.b32 $0, $1, $2, 0x76{i}4;"
 
     @triton.constexpr_function
+    def _half_view(width: int) -> int:
+        """Neighbouring fields of a 16-bit half that share one shifted view: as many as fit in bfloat16's 7
+        mantissa bits."""
+        return (7 - width) // width + 1
+
+    @triton.constexpr_function
     def _half_pos(f: int, width: int) -> int:
-        """Bit of field f (within each 16-bit half of a word) after its view shift: neighbouring fields share a
-        view while they fit in bfloat16's 7 mantissa bits."""
-        n = (7 - width) // width + 1
-        return (f % n) * width
+        """Bit of field f (within each 16-bit half of a word) after its view shift."""
+        return (f % _half_view(width)) * width
 
     @triton.constexpr_function
     def _pair_asm(f: int, width: int) -> str:
         """PTX turning field f of both 16-bit halves of word $2 into the bfloat16 pair $0 (128 + code * 2^p each):
         one shift per view, one LOP3 per pair of codes ($1, the same word, is not read)."""
-        n = (7 - width) // width + 1
-        d = (f // n) * n * width
-        m = ((1 << width) - 1) << ((f % n) * width)
+        d = f * width - _half_pos(f, width)
+        m = ((1 << width) - 1) << _half_pos(f, width)
         view = f"shr.b32 t, $2, {d};" if d else "mov.b32 t, $2;"
         return "{.reg .b32 t; " + view + f" lop3.b32 $0, t, {m | (m << 16)}, {0x43004300}, 0xEA;" + "}"
 
@@ -307,8 +312,8 @@ if HAVE_TRITON:
                          HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, RUN: tl.constexpr, EVEN_K: tl.constexpr,
                          ASM: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr):
         """Decode on tensor cores, 2 and 4 bits: out^T = W x^T with the weight as the dot's register operand, one
-        dot per K block. The words are read as 16-bit halves [BN, 32] (k = 2 row + half), so the two halves of
-        a word are one register of the operand: one LOP3 makes two bfloat16 128 + code * 2^p (`_pair_codes`).
+        dot per K block. Each word [BN, 16] is joined with itself, so that one LOP3 on it makes the bfloat16 pair
+        128 + code * 2^p of its two 16-bit halves (`_pair_codes`): one register of the operand (k = 2 row + half).
         x^T has a column per (token, half, run of RUN fields sharing a group): it holds x * 2^-p where the
         operand's k belongs to it, else 0, so every column sums one group. The 128 * 2^-p offsets (and the
         zero point) come off the block's sum through the column sums of x^T; then one scale multiply."""
@@ -316,7 +321,6 @@ if HAVE_TRITON:
         pid_k = tl.program_id(1)
         HALF: tl.constexpr = PER // 2
         NR: tl.constexpr = HALF // RUN
-        NV: tl.constexpr = (7 - W0) // W0 + 1
         n = pid_n * BN + tl.arange(0, BN)
         nmask = n < N
         j16 = tl.arange(0, 16)
@@ -328,7 +332,7 @@ if HAVE_TRITON:
         tok = col // (2 * NR)
         hc = col % 2
         rc = (col // 2) % NR
-        shift = tl.exp2(-((f % NV) * W0).to(tl.float32))
+        shift = tl.exp2(-((f % _half_view(W0)) * W0).to(tl.float32))  # 2^-p (`_half_pos`) of each row
         xmask = (h[:, None] == hc[None, :]) & ((f // RUN)[:, None] == rc[None, :]) & (tok < M)[None, :]
         total = tl.zeros([BN, NC], dtype=tl.float32)
         r_lo = pid_k * rows_per_split
@@ -571,14 +575,9 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         grid = (triton.cdiv(n, cfg.block_n), split)
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
         run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group
-        _gemv_mma_kernel[grid](x2, p0=gw.planes[0], s=gw.scales, z=common["z"], out=out, ws=ws, cnt=cnt, M=m, N=n,
-                               K=k, KW=kw, G=gw.group, stride_sg=common["stride_sg"], stride_sn=common["stride_sn"],
-                               rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
-                               stride_om=out.stride(0), PER=gw.per, W0=gw.widths[0], ZERO=common["ZERO"],
-                               HAS_Z=common["HAS_Z"], ATOMIC=split > 1, RUN=run,
-                               EVEN_K=common["EVEN_K"], ASM=ASM, BN=cfg.block_n,
-                               NC=2 * cfg.block_m * (gw.per // 2 // run),
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        mma_args = {a: v for a, v in common.items() if a not in ("p1", "W1", "SPS")}
+        _gemv_mma_kernel[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=2 * cfg.block_m * (gw.per // 2 // run),
+                               **mma_args)
     elif m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)
