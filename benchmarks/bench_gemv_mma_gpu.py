@@ -1,5 +1,6 @@
-"""Check and time the tensor-core decode kernel (`Config(mma=True)`, 2/4-bit) against the CUDA-core GEMV / batch
-kernels (default configs) and cuBLAS bf16, in one run: L2 flushed, graph replay, median of --reps.
+"""Check and time the tensor-core decode kernel (`Config(mma=True)`, 2..6-bit) against the default kernel (the
+CUDA-core GEMV / batch kernels, or the tensor-core one where it is the default), the CUDA-core kernel
+(`--compare`) and cuBLAS bf16, in one run: L2 flushed, graph replay, median of --reps.
 Writes mma.json and mma.txt under --out."""
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 
 
-def check(gen: torch.Generator) -> list[str]:
+def check(gen: torch.Generator, bits_list: list[int]) -> list[str]:
     """Relative errors vs float64 of the mma kernel and the default kernel on odd shapes, groups, zero points."""
     lines = []
-    for bits in (2, 4):
+    for bits in bits_list:
         for n, k, g, sym in [(64, 256, 128, True), (67, 203, 32, False), (45, 600, None, True), (130, 512, 64, False),
                              (257, 1024, 256, True), (40, 384, 128, False), (300, 4096, 128, True)]:
             w = torch.randn(n, k, device="cuda", generator=gen)
@@ -51,23 +52,27 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--tokens", default="1,4,8,16")
+    ap.add_argument("--bits", default="2,3,4,5,6")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--no-check", action="store_true")
     a = ap.parse_args()
+    bits_list = [int(b) for b in a.bits.split(",")]
+    shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     t0 = time.time()
     lines = [f"device {torch.cuda.get_device_name()} torch {torch.__version__}"]
-    lines += [] if a.no_check else check(gen)
+    lines += [] if a.no_check else check(gen, bits_list)
     fails = sum("FAIL" in s for s in lines)
     lines.append(f"checks: {fails} failed, {time.time() - t0:.0f} s")
     print("\n".join(lines[-3:]), flush=True)
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         w = torch.randn(n, k, device="cuda", generator=gen)
         wb = w.bfloat16()
-        for bits in (2, 4):
+        for bits in bits_list:
             qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
             gw = repack_for_gpu(qt, "cuda")
             blocks = gw.planes[0].shape[0] // 16
@@ -75,10 +80,11 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
                 bf16 = time_cuda(lambda v: F.linear(v, wb), x, a.reps, flush)
                 base = time_cuda(lambda v: tlin.linear(v, gw), x, a.reps, flush)
+                core = tlin.default_config(m, gw, torch.float16)  # the CUDA-core kernel's tile
+                cuda_core = time_cuda(lambda v: tlin.linear(v, gw, core), x, a.reps, flush)
                 best = None
-                tiles = [(128, 4), (256, 4), (256, 2), (128, 2), (512, 8), (256, 8)] if m <= 4 else [(128, 4), (256, 4), (128, 2)]
-                for bn, warps in tiles:
-                    for waves in (4, 8, 16):
+                for bn, warps in [(128, 2), (128, 4), (256, 2), (256, 4)]:
+                    for waves in (4, 8):
                         split = tlin.split_for(-(-n // bn), blocks, waves)
                         cfg = tlin.Config(m, bn, split, warps, 1, mma=True)
                         try:
@@ -86,12 +92,13 @@ def main() -> None:
                         except Exception as e:  # noqa: BLE001 (a tile that does not compile is reported, not fatal)
                             lines.append(f"{n}x{k} b{bits} m{m} {cfg.label}: {type(e).__name__} {str(e)[:120]}")
                             continue
-                        rows.append(dict(n=n, k=k, bits=bits, m=m, cfg=cfg.label, ms=ms, bf16_ms=bf16, base_ms=base))
+                        rows.append(dict(n=n, k=k, bits=bits, m=m, cfg=cfg.label, ms=ms, bf16_ms=bf16, base_ms=base,
+                                         cuda_core_ms=cuda_core))
                         if best is None or ms < best[0]:
                             best = (ms, cfg.label)
                 s = (f"{n}x{k} b{bits} m{m}: bf16 {bf16 * 1e3:.1f} us, default {base * 1e3:.1f} us "
-                     f"({bf16 / base:.2f}x bf16), mma best {best[0] * 1e3:.1f} us {best[1]} ({bf16 / best[0]:.2f}x bf16, "
-                     f"{base / best[0]:.2f}x default)")
+                     f"({bf16 / base:.2f}x bf16), CUDA-core {cuda_core * 1e3:.1f} us, mma best {best[0] * 1e3:.1f} us "
+                     f"{best[1]} ({bf16 / best[0]:.2f}x bf16, {cuda_core / best[0]:.2f}x CUDA-core)")
                 lines.append(s)
                 print(s, flush=True)
     (out / "mma.txt").write_text("\n".join(lines) + "\n")

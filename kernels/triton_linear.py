@@ -7,7 +7,7 @@ because ptxas splits the plain AND + OR into two; byte codes take one PRMT):
 - `_gemv_kernel` (decode, M <= GEMV_MAX_M): per code one LOP3 and one FMA of x with 2^e + code; the 2^e offsets
   (and the zero point) come off once per group through the sum of x (`_field`); one scale multiply per group;
   reduced inside each thread (the tile keeps the load's layout: no shuffles); split-K;
-- `_gemv_mma_kernel` (decode, 1..4 bfloat16 tokens, 2/4-bit): tensor cores, the weight as the dot's register
+- `_gemv_mma_kernel` (decode, 1..4 bfloat16 tokens, 2..6-bit): tensor cores, the weight as the dot's register
   operand, one LOP3 per pair of codes; groups summed apart in columns of x^T;
 - `_gemm_kernel` (decode batches): per slot a K=16 tensor-core dot of x[:, 16 columns] and the slot's
   dequantized [16, BN] tile; split-K;
@@ -40,7 +40,7 @@ except ImportError:  # CPU-only installs
     HAVE_TRITON = False
 
 GEMV_MAX_M = 1
-MMA_MAX_M = 4  # tensor-core decode up to 4 tokens (bfloat16, 2/4-bit; measured on an H100)
+MMA_MAX_M = 4  # tensor-core decode up to 4 tokens (bfloat16, 2..6-bit; measured on an H100)
 # inline PTX, except under Triton's CPU interpreter (which, like Triton, is chosen when the process starts)
 ASM = os.environ.get("TRITON_INTERPRET") != "1"
 FIELD_LOW_BIT = 15  # the GEMV reads every code at bit >= 15, so its 2^e offsets stay <= 2^(8 + plane shift)
@@ -56,7 +56,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     wide: bool = False  # prefill kernel with one dot per K block (split_k must be 1)
-    mma: bool = False  # decode on tensor cores (`_gemv_mma_kernel`, 2/4-bit, up to block_m tokens)
+    mma: bool = False  # decode on tensor cores (`_gemv_mma_kernel`, 2..6-bit, up to block_m tokens)
 
     @property
     def label(self) -> str:
@@ -102,24 +102,54 @@ if HAVE_TRITON:
         return (f % _half_view(width)) * width
 
     @triton.constexpr_function
-    def _pair_asm(f: int, width: int) -> str:
+    def _shift_asm(reg: str, src: str, right: int) -> str:
+        """PTX moving `src` right by `right` bits (left when negative) into `reg`."""
+        if right > 0:
+            return f"shr.b32 {reg}, {src}, {right};"
+        return f"shl.b32 {reg}, {src}, {-right};" if right < 0 else f"mov.b32 {reg}, {src};"
+
+    @triton.constexpr_function
+    def _pair_asm(f: int, width: int, width1: int) -> str:
         """PTX turning field f of both 16-bit halves of word $2 into the bfloat16 pair $0 (128 + code * 2^p each):
-        one shift per view, one LOP3 per pair of codes ($1, the same word, is not read)."""
-        d = f * width - _half_pos(f, width)
+        one shift per view, one LOP3 per pair of codes ($1, the same word, is not read). With a second plane
+        (width1 > 0), its field f of both halves of the spread word $4 (`_spread`) goes just above the first
+        plane's: one more shift and LOP3 (a | (b & c)); the code, < 2^(width + width1), stays exact since
+        p + width + width1 <= 7."""
         m = ((1 << width) - 1) << _half_pos(f, width)
-        view = f"shr.b32 t, $2, {d};" if d else "mov.b32 t, $2;"
-        return "{.reg .b32 t; " + view + f" lop3.b32 $0, t, {m | (m << 16)}, {0x43004300}, 0xEA;" + "}"
+        head = "{.reg .b32 t, u; " + _shift_asm("t", "$2", f * width - _half_pos(f, width))
+        if not width1:
+            return head + f" lop3.b32 $0, t, {m | (m << 16)}, {0x43004300}, 0xEA;" + "}"
+        m1 = ((1 << width1) - 1) << (_half_pos(f, width) + width)
+        return (head + f" lop3.b32 t, t, {m | (m << 16)}, {0x43004300}, 0xEA; "
+                + _shift_asm("u", "$4", f * width1 - _half_pos(f, width) - width)
+                + f" lop3.b32 $0, t, u, {m1 | (m1 << 16)}, 0xF8;" + "}")
 
     @triton.jit
-    def _pair_codes(ww, f: tl.constexpr, W: tl.constexpr, ASM: tl.constexpr):
+    def _pair_codes(ww, uu, f: tl.constexpr, W: tl.constexpr, W1: tl.constexpr, ASM: tl.constexpr):
         """[..., 2]: bfloat16 128 + code * 2^p of field f of the low and high 16-bit half of words ww (each word
-        twice, [..., 2]; exact; p = `_half_pos`). One LOP3 makes both: one register of the dot operand."""
+        twice, [..., 2]; exact; p = `_half_pos`), the second plane's field f of the spread words uu (`_spread`,
+        also twice; unused when W1 == 0) above it. One LOP3 (two with a second plane) makes both: one register
+        of the dot operand."""
         if ASM:
-            v = tl.inline_asm_elementwise(_pair_asm(f, W), "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True, pack=2)
+            if W1 > 0:
+                v = tl.inline_asm_elementwise(_pair_asm(f, W, W1), "=r,r,r,r,r", [ww, uu], dtype=tl.bfloat16,
+                                              is_pure=True, pack=2)
+            else:
+                v = tl.inline_asm_elementwise(_pair_asm(f, W, 0), "=r,r,r", [ww], dtype=tl.bfloat16, is_pure=True,
+                                              pack=2)
         else:  # float32: the CPU interpreter's dot mishandles bfloat16
             half = tl.arange(0, 2) * 16
-            v = (((ww >> (half + f * W)) & ((1 << W) - 1)) * (1 << _half_pos(f, W)) + 128).to(tl.float32)
+            code = (ww >> (half + f * W)) & ((1 << W) - 1)
+            if W1 > 0:
+                code = code | (((uu >> (half + f * W1)) & ((1 << W1) - 1)) << W)
+            v = (code * (1 << _half_pos(f, W)) + 128).to(tl.float32)
         return v
+
+    @triton.jit
+    def _spread(b, HB: tl.constexpr):
+        """Second-plane words b (int32 from int16 / int8) with their fields for the high half of the first plane's
+        word (bits HB..2 HB - 1) moved to bit 16, so that field f of either half is at the same place in both."""
+        return (b & ((1 << HB) - 1)) | ((b << (16 - HB)) & (((1 << HB) - 1) << 16))
 
     @triton.jit
     def _lop3(w, mask: tl.constexpr, other, ASM: tl.constexpr):
@@ -292,28 +322,30 @@ if HAVE_TRITON:
                 SPLIT, ATOMIC)
 
     @triton.jit
-    def _block_operand(ww, W: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
-        """The block's weight operand [BN, 32 F] from its words ww [BN, 16, 2] (twice): field f of row j's half h at
-        k = 32 f + 2 j + h, joined in registers (no data moves: each field's pairs are the dot operand's)."""
-        a01 = tl.join(_pair_codes(ww, 0, W, ASM), _pair_codes(ww, 1, W, ASM))
-        a23 = tl.join(_pair_codes(ww, 2, W, ASM), _pair_codes(ww, 3, W, ASM))
+    def _block_operand(ww, uu, W: tl.constexpr, W1: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
+        """The block's weight operand [BN, 32 F] from its words ww [BN, 16, 2] (twice; second plane spread in uu):
+        field f of row j's half h at k = 32 f + 2 j + h, joined in registers (no data moves: each field's pairs
+        are the dot operand's)."""
+        a01 = tl.join(_pair_codes(ww, uu, 0, W, W1, ASM), _pair_codes(ww, uu, 1, W, W1, ASM))
+        a23 = tl.join(_pair_codes(ww, uu, 2, W, W1, ASM), _pair_codes(ww, uu, 3, W, W1, ASM))
         a = tl.join(a01, a23)
         if F == 4:
             a = tl.permute(a, (0, 4, 3, 1, 2))
         else:
-            a45 = tl.join(_pair_codes(ww, 4, W, ASM), _pair_codes(ww, 5, W, ASM))
-            a67 = tl.join(_pair_codes(ww, 6, W, ASM), _pair_codes(ww, 7, W, ASM))
+            a45 = tl.join(_pair_codes(ww, uu, 4, W, W1, ASM), _pair_codes(ww, uu, 5, W, W1, ASM))
+            a67 = tl.join(_pair_codes(ww, uu, 6, W, W1, ASM), _pair_codes(ww, uu, 7, W, W1, ASM))
             a = tl.permute(tl.join(a, tl.join(a45, a67)), (0, 5, 4, 3, 1, 2))
         return tl.reshape(a, (a.shape[0], 32 * F))
 
     @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split", "SPLIT"])
-    def _gemv_mma_kernel(x, p0, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
-                         stride_xm, stride_om, PER: tl.constexpr, W0: tl.constexpr, ZERO: tl.constexpr,
+    def _gemv_mma_kernel(x, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
+                         stride_xm, stride_om, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
                          HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, RUN: tl.constexpr, EVEN_K: tl.constexpr,
                          ASM: tl.constexpr, BN: tl.constexpr, NC: tl.constexpr):
-        """Decode on tensor cores, 2 and 4 bits: out^T = W x^T with the weight as the dot's register operand, one
+        """Decode on tensor cores, 2..6 bits: out^T = W x^T with the weight as the dot's register operand, one
         dot per K block. Each word [BN, 16] is joined with itself, so that one LOP3 on it makes the bfloat16 pair
         128 + code * 2^p of its two 16-bit halves (`_pair_codes`): one register of the operand (k = 2 row + half).
+        A second plane (3 = 2+1, 5 = 4+1, 6 = 4+2) is spread to the same halves and OR-ed above the first.
         x^T has a column per (token, half, run of RUN fields sharing a group): it holds x * 2^-p where the
         operand's k belongs to it, else 0, so every column sums one group. The 128 * 2^-p offsets (and the
         zero point) come off the block's sum through the column sums of x^T; then one scale multiply."""
@@ -339,6 +371,11 @@ if HAVE_TRITON:
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
         for r0 in range(r_lo, r_hi, 16):
             words = tl.load(p0 + (r0 + j16)[None, :] * N + n[:, None], mask=nmask[:, None], other=0)
+            if W1 > 0:
+                spread = _spread(tl.load(p1 + (r0 + j16)[None, :] * N + n[:, None], mask=nmask[:, None],
+                                         other=0).to(tl.int32), HALF * W1)
+            else:
+                spread = words
             c = r0 * PER + 16 * (h * HALF + f) + j
             if EVEN_K:
                 xt = tl.load(x + tok[None, :] * stride_xm + c[:, None], mask=xmask, other=0.0).to(tl.float32)
@@ -346,7 +383,8 @@ if HAVE_TRITON:
                 xt = tl.load(x + tok[None, :] * stride_xm + c[:, None], mask=xmask & (c < K)[:, None],
                              other=0.0).to(tl.float32)
             b = xt * shift[:, None]
-            acc = tl.dot(_block_operand(tl.join(words, words), W0, HALF, ASM), b.to(tl.bfloat16 if ASM else tl.float32))
+            operand = _block_operand(tl.join(words, words), tl.join(spread, spread), W0, W1, HALF, ASM)
+            acc = tl.dot(operand, b.to(tl.bfloat16 if ASM else tl.float32))
             g0 = r0 * PER + 16 * (hc * HALF + rc * RUN)  # each column's first input column
             sc, zero = _scale_zero(s, z, (g0 // G)[None, :] * stride_sg + n[:, None] * stride_sn,
                                    nmask[:, None] & (g0 < K)[None, :], ZERO, HAS_Z)
@@ -452,8 +490,9 @@ def fused_supported(gw: GpuPackedWeight) -> bool:
 
 
 def mma_supported(gw: GpuPackedWeight) -> bool:
-    """Whether `_gemv_mma_kernel` runs this weight: one plane of 2 or 4 bits, fused-supported groups."""
-    return gw.widths in ((2,), (4,)) and fused_supported(gw)
+    """Whether `_gemv_mma_kernel` runs this weight: 2..6 bits (8-bit codes are not exact in a bfloat16 operand),
+    fused-supported groups."""
+    return gw.bits != 8 and fused_supported(gw)
 
 
 def fused_supported_spec(spec: QuantSpec, shape: tuple[int, int]) -> bool:
@@ -462,16 +501,21 @@ def fused_supported_spec(spec: QuantSpec, shape: tuple[int, int]) -> bool:
 
 
 _GEMV_TILES = {2: (512, 4, 16), 3: (128, 4, 8), 4: (256, 2, 8), 5: (256, 2, 8), 6: (512, 4, 16), 8: (512, 4, 8)}
+# tensor-core decode (bfloat16): (columns per program, warps, programs per SM that set the K-split), each within
+# 9% of the best tile at 1 and 4 tokens on 8192x8192 and 28672x8192 on an H200 (docs/kernels_gpu.md); at 1 token
+# only where it beat the CUDA-core GEMV there (4-bit: 0.86-0.94x of it, 6-bit: 0.91-0.99x)
+_MMA_TILES = {2: (128, 2, 4), 3: (128, 4, 8), 4: (128, 2, 4), 5: (128, 4, 8), 6: (128, 4, 8)}
+_MMA_ONE_TOKEN_BITS = (2, 3, 5)
 
 
 def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> Config:
     """Tile shape for m token rows of `dtype` (the latency table times the result against the other paths)."""
     n = gw.shape[0]
     blocks = gw.planes[0].shape[0] // WORD_ROWS
-    if dtype == torch.bfloat16 and m <= MMA_MAX_M and mma_supported(gw) and (m > 1 or gw.bits == 2):
-        # tensor-core decode: 1.05-1.4x the GEMV at 2 bits and 1 token, 1.15-1.7x the batch kernel at 2-4 tokens
-        # (2 and 4 bits); one tile was within 7% of the best on the five LLM shapes (docs/kernels_gpu.md)
-        return Config(1 << (m - 1).bit_length(), 128, split_for(-(-n // 128), blocks, waves=4), 2, 1, mma=True)
+    if (dtype == torch.bfloat16 and m <= MMA_MAX_M and mma_supported(gw)
+            and (m > 1 or gw.bits in _MMA_ONE_TOKEN_BITS)):
+        bn, warps, waves = _MMA_TILES[gw.bits]
+        return Config(1 << (m - 1).bit_length(), bn, split_for(-(-n // bn), blocks, waves=waves), warps, 1, mma=True)
     if m <= GEMV_MAX_M:
         # winners of a tile sweep over the five LLM shapes on an H100 (docs/kernels_gpu.md), each within 1% of
         # the best on every shape: (columns per program, warps, programs per SM that set the K-split)
@@ -570,12 +614,12 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
                   ASM=ASM, BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     if cfg.mma:
         if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or x.dtype != torch.bfloat16:
-            raise ValueError(f"config {cfg.label} runs 2/4-bit weights and up to block_m (a power of 2) bfloat16 "
+            raise ValueError(f"config {cfg.label} runs 2..6-bit weights and up to block_m (a power of 2) bfloat16 "
                              f"token rows; got {gw.bits}-bit, {m} rows of {x.dtype}")
         grid = (triton.cdiv(n, cfg.block_n), split)
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
         run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group
-        mma_args = {a: v for a, v in common.items() if a not in ("p1", "W1", "SPS")}
+        mma_args = {a: v for a, v in common.items() if a != "SPS"}
         _gemv_mma_kernel[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=2 * cfg.block_m * (gw.per // 2 // run),
                                **mma_args)
     elif m <= GEMV_MAX_M and cfg.block_m == 1:

@@ -90,7 +90,7 @@ def test_every_config_family(bits: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_tensor_core_decode(bits: int, symmetric: bool) -> None:
     """`Config(mma=True)`: 1..block_m bfloat16 tokens on tensor cores; odd sizes, short last groups, groups of
@@ -117,17 +117,20 @@ def test_tensor_core_decode(bits: int, symmetric: bool) -> None:
 def test_tensor_core_decode_rejects_what_it_cannot_run() -> None:
     gen = torch.Generator().manual_seed(5)
     cfg = tlin.Config(4, 64, 1, 4, 1, mma=True)
-    qt, gw3 = _case(64, 128, 128, 3, True, torch.bfloat16, gen)
+    qt, gw8 = _case(64, 128, 128, 8, True, torch.bfloat16, gen)
     _, gw2 = _case(64, 128, 128, 2, True, torch.bfloat16, gen)
     x = torch.randn(2, 128, generator=gen).bfloat16().to(DEV)
-    with pytest.raises(ValueError, match="2/4-bit"):
-        tlin.linear(x, gw3, cfg)
+    with pytest.raises(ValueError, match="2..6-bit"):
+        tlin.linear(x, gw8, cfg)
     with pytest.raises(ValueError, match="float16"):
         tlin.linear(x.half(), gw2, cfg)
     with pytest.raises(ValueError, match="5 rows"):
         tlin.linear(torch.randn(5, 128, generator=gen).bfloat16().to(DEV), gw2, cfg)
     assert tlin.default_config(1, gw2, torch.bfloat16).mma and not tlin.default_config(1, gw2, torch.float16).mma
-    assert not tlin.default_config(1, gw3, torch.bfloat16).mma and tlin.default_config(3, gw2).block_m == 4
+    assert not tlin.default_config(1, gw8, torch.bfloat16).mma and tlin.default_config(3, gw2).block_m == 4
+    _, gw3 = _case(64, 128, 128, 3, True, torch.bfloat16, gen)
+    _, gw4 = _case(64, 128, 128, 4, True, torch.bfloat16, gen)
+    assert tlin.default_config(1, gw3).mma and not tlin.default_config(1, gw4).mma and tlin.default_config(2, gw4).mma
 
 
 @pytest.mark.gpu
