@@ -94,7 +94,9 @@ def test_cuda_tables_measure_the_replay_overhead_once(tmp_path) -> None:
     raw = table.lookup((512, 2048), "w4", 1)
     expected = max(raw - table.replay_overhead_ms, MIN_LAYER_FRACTION * raw)
     assert table.layer_ms((512, 2048), "w4", 1) == pytest.approx(expected)
-    assert table.layer_ms((512, 2048), "w4", 128) == table.lookup((512, 2048), "w4", 128)
+    raw = table.lookup((512, 2048), "w4", 128)  # every count up to GRAPH_MAX_TOKENS is graph-timed too
+    assert table.layer_ms((512, 2048), "w4", 128) == pytest.approx(
+        max(raw - table.replay_overhead_ms, MIN_LAYER_FRACTION * raw))
     # a cached table keeps its overhead; one cached without it gets it measured
     assert measure([(512, 2048)], ["w4"], tokens=(1,), device="cuda", cache_dir=tmp_path).replay_overhead_ms \
         == table.replay_overhead_ms
