@@ -11,7 +11,7 @@ import numpy as np
 import torch.nn as nn
 
 from kernels import SUPPORTED_BITS, Choice, weight_nbytes
-from kernels.latency import LatencyTable
+from kernels.latency import LatencyTable, latency_kind
 from kernels.model_latency import model_key
 from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
 from solvers import InfeasibleError, Problem, Solution, solve
@@ -122,7 +122,7 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
                     allowed[i, j] = False
                     continue
                 latency[i, j] = latency_table.layer_ms((layer.out_features, layer.in_features), choice, tokens,
-                                                       layer.kind)
+                                                       latency_kind(layer))
     return Problem(
         layers=graph.names,
         choices=list(prof.choices),
@@ -232,6 +232,7 @@ def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solu
             name=layer.name, kind=layer.kind, weight_shape=tuple(layer.weight_shape), choice=choice.label,
             bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, params=layer.params,
             bytes=int(problem.memory[i, j]), cost=float(prof.cost[i, j]), abits=choice.abits, scale_dtype=spec.scale_dtype,
+            conv=layer.conv,
         ))
     layer_bytes = sum(layer.bytes for layer in layers)
     n = sum(layer.params for layer in layers)

@@ -19,7 +19,7 @@ from ray.util import ActorPool
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kernels.latency import LatencyTable
+from kernels.latency import LatencyTable, latency_kind
 from profilers import LayerGraph, build_layer_graph
 
 from .jobs import JobSpec, RaySettings, load_inputs, profile_shard, shard_items
@@ -102,17 +102,25 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
 
 
 class _Shape:
-    """A layer's kind and (out, in) shape, as ``kernels.latency.measure`` reads layers."""
+    """A layer as ``kernels.latency.measure`` reads it: kind, (out, in) shape, and a conv's weight shape and
+    geometry (None for linears)."""
 
-    def __init__(self, kind: str, shape: tuple[int, int]) -> None:
+    def __init__(self, kind: str, shape: tuple[int, int], weight_shape: tuple[int, ...] | None = None,
+                 conv: dict[str, Any] | None = None) -> None:
         self.kind, (self.out_features, self.in_features) = kind, shape
+        self.weight_shape, self.conv = weight_shape, conv
 
 
-def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int]]]:
-    return sorted({(l.kind, (l.out_features, l.in_features)) for l in graph.layers})
+def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int], tuple[int, ...] | None, dict | None]]:
+    """The graph's distinct layers to time (plain data for a Ray task): one per latency entry kind and shape."""
+    seen = {}
+    for l in graph.layers:
+        seen.setdefault((latency_kind(l), (l.out_features, l.in_features)),
+                        (l.kind, (l.out_features, l.in_features), tuple(l.weight_shape) if l.conv else None, l.conv))
+    return [seen[k] for k in sorted(seen)]
 
 
-def _measure(layers: list[tuple[str, tuple[int, int]]], choices: list[str], tokens: int, cache_dir: str,
+def _measure(layers: list[tuple], choices: list[str], tokens: int, cache_dir: str,
              spec: JobSpec | None = None, model=None, graph: LayerGraph | None = None) -> LatencyTable:
     """Measure on this process's device (its GPU when it has one, else the CPU). With the job's model (given
     with its graph, or loaded from ``spec``), the table also gets the model's unquantized rest, so a latency
@@ -125,7 +133,7 @@ def _measure(layers: list[tuple[str, tuple[int, int]]], choices: list[str], toke
     from kernels.model_latency import measure_rest, model_key
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    table = measure([_Shape(kind, shape) for kind, shape in layers], choices, tokens=(tokens,), device=device,
+    table = measure([_Shape(*layer) for layer in layers], choices, tokens=(tokens,), device=device,
                     cache_dir=cache_dir)
     if model is None and spec is not None:
         model, calib = load_inputs(spec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kernels import SUPPORTED_BITS, QuantSpec
 
@@ -52,6 +52,7 @@ class LayerPlan:
     cost: float
     abits: int | None = None
     scale_dtype: str = "float16"
+    conv: dict[str, Any] | None = None  # a conv's geometry from the layer graph (keys its latency entries)
 
     @property
     def spec(self) -> QuantSpec:

@@ -36,6 +36,7 @@ import torch
 
 from .backends import BACKENDS, Backend, layer_view, select_backend
 from .choice import Choice
+from .modules import QuantizedConv
 from .quantizer import QuantizedTensor, quantize
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -175,10 +176,14 @@ class LatencyTable:
 
     @property
     def dispatch(self) -> dict[tuple[int, int, str, int], str]:
-        """(N, K, choice label, tokens) -> fastest correct path."""
+        """(N, K, choice label, tokens) -> fastest correct path of the linear-path entries (not convs timed with
+        their geometry, which run one path)."""
         out = {}
         for key, e in self.entries.items():
-            shape, label, tokens = key.split(":", 1)[1].split("|")
+            kind, rest = key.split(":", 1)
+            if "(" in kind:
+                continue
+            shape, label, tokens = rest.split("|")
             n, k = (int(v) for v in shape.split("x"))
             out[(n, k, label, int(tokens))] = e.backend
         return out
@@ -216,17 +221,70 @@ def cache_path(cache_dir: str | Path, device: str | torch.device) -> Path:
     return Path(cache_dir) / f"latency_{slug}.json"
 
 
-def _shapes(layers: Iterable) -> list[tuple[str, tuple[int, int]]]:
-    """Distinct (kind, (out, in)) of (out, in) tuples, LayerInfo-like objects or a LayerGraph."""
+def latency_kind(layer: Any) -> str:
+    """The kind a layer's latency entries are keyed by: its kind, with the geometry appended for convs whose
+    geometry is known (`conv`, recorded by the layer graph), e.g. "conv2d(64x56x56,k3x3,s1x1,p1x1,d1x1,g1)":
+    two convs with one weight matrix but other geometries run differently."""
+    conv = getattr(layer, "conv", None)
+    if conv is None:
+        return layer.kind
+    dims = lambda v: v if isinstance(v, str) else "x".join(str(int(e)) for e in v)  # noqa: E731
+    mode = "" if conv.get("padding_mode", "zeros") == "zeros" else f",{conv['padding_mode']}"
+    return (f"{layer.kind}({dims(conv['in_shape'])},k{dims(layer.weight_shape[2:])},s{dims(conv['stride'])},"
+            f"p{dims(conv['padding'])},d{dims(conv['dilation'])},g{int(conv['groups'])}{mode})")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One distinct thing to time: the entry kind (`latency_kind`), the layer kind, the weight matrix (out, in),
+    and for convs of known geometry the weight shape and geometry."""
+
+    key_kind: str
+    kind: str
+    shape: tuple[int, int]
+    weight_shape: tuple[int, ...] | None = None
+    conv: str | None = None  # the geometry as JSON (hashable)
+
+
+def _shapes(layers: Iterable) -> list[_Layer]:
+    """Distinct layers to time from (out, in) tuples, LayerInfo-like objects (kind, out/in_features, and for
+    convs weight_shape and conv) or a LayerGraph."""
     items = getattr(layers, "layers", layers)
-    seen: dict[tuple[str, tuple[int, int]], None] = {}
+    seen: dict[_Layer, None] = {}
     for it in items:
         if hasattr(it, "out_features"):
-            seen[(it.kind, (int(it.out_features), int(it.in_features)))] = None
+            shape = (int(it.out_features), int(it.in_features))
+            conv = getattr(it, "conv", None)
+            seen[_Layer(latency_kind(it), it.kind, shape) if conv is None else
+                 _Layer(latency_kind(it), it.kind, shape, tuple(it.weight_shape), json.dumps(conv))] = None
         else:
             n, k = it
-            seen[("linear", (int(n), int(k)))] = None
+            seen[_Layer("linear", "linear", (int(n), int(k)))] = None
     return list(seen)
+
+
+def _conv_path(layer: _Layer, qt: QuantizedTensor, dtype: torch.dtype, device: torch.device):
+    """(x -> the layer as an emitted model runs it: a QuantizedConv holding `qt`, float64 reference, input
+    shape per sample)."""
+    g = json.loads(layer.conv)
+    geo = (g["stride"], g["padding"], g["dilation"], g["groups"], g["padding_mode"])
+    module = QuantizedConv(layer.kind, layer.weight_shape, qt.spec, False, dtype, *geo)
+    module.set_quantized(qt, None)
+    module = module.to(device)
+    conv = torch.nn.functional.conv1d if layer.kind == "conv1d" else torch.nn.functional.conv2d
+    w64 = qt.dequantize(torch.float64).view(layer.weight_shape)
+    reference = torch.nn.Conv1d if layer.kind == "conv1d" else torch.nn.Conv2d
+
+    @torch.no_grad()
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        if g["padding_mode"] == "zeros":
+            return conv(x.double().cpu(), w64, None, *geo[:4])
+        m = reference(w64.shape[1] * g["groups"], w64.shape[0], tuple(w64.shape[2:]), *geo[:4], bias=False,
+                      padding_mode=g["padding_mode"]).double()
+        m.weight.data = w64
+        return m(x.double().cpu())
+
+    return module, ref, tuple(g["in_shape"])
 
 
 def _registry_fn(b: Backend, qt: QuantizedTensor, device: torch.device) -> Callable:
@@ -332,7 +390,10 @@ def replay_overhead_ms(device: str | torch.device, reps: int = 50, flush: torch.
 
 
 def _rel_error(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> float:
-    ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
+    return _rel_error_to(y, x.double().cpu() @ qt.dequantize(torch.float64).t())
+
+
+def _rel_error_to(y: torch.Tensor, ref: torch.Tensor) -> float:
     y = y.double().cpu()
     if y.shape != ref.shape or not torch.isfinite(y).all():
         return float("inf")
@@ -385,21 +446,28 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
         if reason is not None:
             table.skipped[choice.label] = reason
             continue
-        for kind, shape in _shapes(layers):
-            wants_selected = _records_selected(choice, kind)
+        for layer in _shapes(layers):
+            kind, shape = layer.key_kind, layer.shape
+            wants_selected = layer.conv is None and _records_selected(choice, layer.kind)
             todo = [t for t in tokens if (e := table.entries.get(entry_key(shape, choice, t, kind))) is None
                     or (wants_selected and e.selected is None)]
             if not todo:
                 continue
-            qt = quantize(torch.randn(*shape, generator=gen), choice.spec_for(kind, shape[1]), clip_search=False)
-            fns, skipped = candidates(qt, choice, dtype, dev)
-            selected = selected_backend(qt, dtype, dev) if wants_selected else None
+            qt = quantize(torch.randn(*shape, generator=gen), choice.spec_for(layer.kind, shape[1]),
+                          clip_search=False)
+            if layer.conv is not None:  # the QuantizedConv an emitted model holds, on inputs of the traced geometry
+                module, ref, per_sample = _conv_path(layer, qt, dtype, dev)
+                fns, skipped, selected = {"quantized_conv": module}, {}, None
+            else:
+                fns, skipped = candidates(qt, choice, dtype, dev)
+                selected = selected_backend(qt, dtype, dev) if wants_selected else None
+                ref, per_sample = None, (shape[1],)
             for t in todo:
-                x = torch.randn(t, shape[1], generator=gen).to(dev, dtype)
+                x = torch.randn(t, *per_sample, generator=gen).to(dev, dtype)
                 ms, rejected = {}, dict(skipped)
                 for name, fn in fns.items():
                     try:
-                        err = _rel_error(fn(x), x, qt)
+                        err = _rel_error(fn(x), x, qt) if ref is None else _rel_error_to(fn(x), ref(x))
                     except Exception as e:  # noqa: BLE001 - a failing path is reported, not fatal
                         rejected[name] = f"{type(e).__name__}: {e}"[:300]
                         continue

@@ -35,7 +35,9 @@ class LayerInfo:
     name: qualified module name; kind: "linear" | "conv1d" | "conv2d" | "hf_conv1d";
     weight_shape: the parameter's shape as stored; params: weight element count;
     macs: multiply-accumulates per sample in the traced forward (summed over calls);
-    in_features / out_features: columns / rows of the 2-D weight matrix [out, in*kernel/groups].
+    in_features / out_features: columns / rows of the 2-D weight matrix [out, in*kernel/groups];
+    conv: for conv kinds, the geometry the traced forward ran (`conv_geometry`: input shape per sample, stride,
+    padding, dilation, groups, padding mode), so latency tables time the layer as the model runs it; else None.
     """
 
     name: str
@@ -45,6 +47,7 @@ class LayerInfo:
     macs: int
     in_features: int
     out_features: int
+    conv: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(self.weight_shape)
@@ -118,6 +121,14 @@ def _matrix_dims(module: nn.Module, kind: str) -> tuple[int, int]:
     return math.prod(w.shape[1:]), w.shape[0]
 
 
+def conv_geometry(module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """A conv layer's geometry for input `x` (batch first): what `kernels.latency` needs to time it as it runs."""
+    listed = lambda v: v if isinstance(v, str) else [int(e) for e in v]  # noqa: E731
+    return {"in_shape": [int(d) for d in x.shape[1:]], "stride": listed(module.stride),
+            "padding": listed(module.padding), "dilation": listed(module.dilation), "groups": int(module.groups),
+            "padding_mode": module.padding_mode}
+
+
 def _producers(obj: Any) -> frozenset[str]:
     out: frozenset[str] = frozenset()
     for t in tree_leaves(obj):
@@ -180,6 +191,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
     batch_size = batch_tensors[0].shape[0]
 
     macs: dict[str, int] = {}
+    geometry: dict[str, dict[str, Any]] = {}
     edges: set[tuple[str, str]] = set()
 
     def pre_hook(name: str):
@@ -193,6 +205,8 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
         in_f, _ = _matrix_dims(candidates[name][0], kind)
         def hook(mod, args, kwargs, out):
             macs[name] = macs.get(name, 0) + out.numel() // batch_size * in_f
+            if kind in ("conv1d", "conv2d") and name not in geometry:
+                geometry[name] = conv_geometry(mod, args[0] if args else kwargs["input"])
             _tag(out, frozenset({name}))
         return hook
 
@@ -216,7 +230,8 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
             skipped[name] = "not called in the traced forward"
             continue
         in_f, out_f = _matrix_dims(module, kind)
-        layers.append(LayerInfo(name, kind, tuple(module.weight.shape), module.weight.numel(), macs[name], in_f, out_f))
+        layers.append(LayerInfo(name, kind, tuple(module.weight.shape), module.weight.numel(), macs[name], in_f, out_f,
+                                geometry.get(name)))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layer left; skipped: {skipped}")
     g = nx.DiGraph()

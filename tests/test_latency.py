@@ -104,3 +104,46 @@ def test_cuda_tables_measure_the_replay_overhead_once(tmp_path) -> None:
     del old["replay_overhead_ms"], old["graph_max_tokens"]
     LatencyTable.from_dict(old).save(cache_path(tmp_path, "cuda"))
     assert measure([(512, 2048)], ["w4"], tokens=(1,), device="cuda", cache_dir=tmp_path).replay_overhead_ms > 0
+
+
+def test_convs_are_timed_as_an_emitted_model_runs_them(tmp_path) -> None:
+    """A conv's entries are keyed by its traced geometry and timed as the QuantizedConv it becomes (k x k:
+    dequantize + conv; pointwise: the linear backends), on `tokens` samples of its input shape; a latency budget
+    for a CNN then bounds what the model runs, and the plan keeps the geometry to look its layers up again."""
+    from torch import nn
+
+    from allocator import Budget, predict_latency, profile_model, solve_profiled
+    from kernels.latency import latency_kind
+    from kernels.model_latency import measure_rest, model_key
+    from profilers import LayerGraph, build_layer_graph
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, padding_mode="reflect"), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 10))
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_layer_graph(net, x)
+    assert graph["0"].conv == {"in_shape": [3, 8, 8], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1],
+                               "groups": 1, "padding_mode": "zeros"}
+    assert LayerGraph.from_dict(graph.to_dict()).layers[3].conv is None  # the linear head
+    kinds = [latency_kind(layer) for layer in graph.layers]
+    assert kinds == ["conv2d(3x8x8,k3x3,s1x1,p1x1,d1x1,g1)", "conv2d(8x8x8,k1x1,s1x1,p0x0,d1x1,g1)",
+                     "conv2d(8x8x8,k3x3,s2x2,p1x1,d1x1,g2,reflect)", "linear"]
+
+    table = measure(graph, ["w4", "w8"], tokens=(1, 3), device="cpu", reps=2, cache_dir=tmp_path)
+    for layer, kind in zip(graph.layers, kinds):
+        for t in (1, 3):
+            e = table.entries[entry_key((layer.out_features, layer.in_features), "w4", t, kind)]
+            assert (e.backend == "quantized_conv") == layer.kind.startswith("conv") and e.ms > 0
+    assert {k[:2] for k in table.dispatch} == {(10, 128)}  # conv entries run one path: nothing to dispatch
+
+    profiled = profile_model(net, [x], [Choice(4), Choice(8)], profiler="gptq")
+    measure_rest(net, graph, tokens=(3,), device="cpu", reps=2, inputs=lambda t: torch.randn(t, 3, 8, 8), table=table)
+    slowest = sum(max(table.layer_ms((l.out_features, l.in_features), c, 3, k) for c in ("w4", "w8"))
+                  for l, k in zip(graph.layers, kinds))
+    plan = solve_profiled(profiled, Budget(latency_ms=slowest), method="greedy", latency_table=table, tokens=3)
+    assert [layer.conv for layer in plan.layers] == [layer.conv for layer in graph.layers]
+    plan.save(tmp_path / "plan.json")
+    again = type(plan).load(tmp_path / "plan.json")
+    rest, layers_ms = predict_latency(again, table, 3, model_key(net, graph.names))
+    assert rest > 0 and rest + layers_ms == pytest.approx(plan.predicted["latency_ms"], rel=1e-9)
