@@ -1,6 +1,6 @@
 """What the latency table says about convolutions: each conv of a ResNet-50-like stage measured by
-`kernels.latency.measure` as the QuantizedConv an emitted model holds (pointwise: the linear kernels; k x k:
-dequantize + conv, a storage-only saving), next to the float conv timed the same way (L2 flushed, graph replay
+`kernels.latency.measure` as the QuantizedConv an emitted model holds (pointwise over few rows: the linear
+kernels; else dequantize + conv, a storage-only saving), next to the float conv timed the same way (L2 flushed, graph replay
 on CUDA). Prints one row per (layer, samples) and writes conv.json under --out.
 
     python3 benchmarks/bench_conv.py --device cuda --out out/conv
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.gpu_backends import PREFILL_DEQUANT_MIN_M  # noqa: E402
 from kernels.latency import (L2_FLUSH_BYTES, _time_cpu, default_dtype, entry_key, latency_kind,  # noqa: E402
                              measure, time_cuda)
 from profilers import build_layer_graph  # noqa: E402
@@ -65,7 +67,9 @@ def main() -> None:
             g = layer.conv
             pointwise = (set(layer.weight_shape[2:]) | set(g["stride"]) | set(g["dilation"]) | {g["groups"]} == {1}
                          and set(g["padding"]) == {0})
-            path = "linear kernels" if pointwise else "dequantize + conv"
+            n_rows = t * math.prod(g["in_shape"][1:])
+            path = ("linear kernels" if pointwise and (dev.type != "cuda" or n_rows < PREFILL_DEQUANT_MIN_M)
+                    else "dequantize + conv")
             rows.append({"layer": kind, "samples": t, "float_ms": float_ms, **{f"{c}_ms": v for c, v in ms.items()},
                          "path": path})
             print(f"{kind:<48} {t:>7} {float_ms * 1e3:>9.1f} " + " ".join(f"{ms[c] * 1e3:>9.1f}" for c in CHOICES)

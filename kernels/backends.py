@@ -49,6 +49,9 @@ class Backend:
     # reads scales / zero points [out, n_groups] group by group: the layer then stores them group-major (the
     # transpose of a contiguous [n_groups, out]; same shape and bytes), so a tile of output columns is one load
     group_major: bool = False
+    # the float [out, in] weight from the backend's layout (layers that dequantize, then call a framework op such
+    # as cuDNN's conv); None: they read the dense packing
+    dequantize: Callable[[QuantizedWeightLike, torch.dtype], torch.Tensor] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}

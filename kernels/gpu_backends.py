@@ -71,9 +71,14 @@ def _triton_verified(spec: QuantSpec, shape: tuple[int, int], device: torch.devi
     return _triton_supports(spec, shape, device, dtype) and tlin.fused_supported_spec(spec, shape)
 
 
+def _triton_dequantize(qw: QuantizedWeightLike, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight [out, in] by `triton_linear.dequantize` (one kernel; it writes [in, out])."""
+    return tlin.dequantize(gpu_weight(qw), dtype).t()
+
+
 TRITON = register_backend(Backend("triton", _triton_supports, _triton_linear, priority=20, layout=GPU_LAYOUT,
                                   to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense,
-                                  fast=_triton_verified, group_major=True))
+                                  fast=_triton_verified, group_major=True, dequantize=_triton_dequantize))
 
 
 def tinygemm_reason(spec: QuantSpec, shape: tuple[int, int]) -> str | None:

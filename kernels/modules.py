@@ -157,8 +157,10 @@ class QuantizedLinear(_QuantizedWeight):
 
 class QuantizedConv(_QuantizedWeight):
     """A quantized nn.Conv1d / nn.Conv2d. Pointwise ones (1x1, stride 1, no padding, one group) run as a linear over
-    the channels on the linear backends; the others dequantize the weight per forward, then F.conv (no cached float
-    weight): a storage-only saving."""
+    the channels on the linear backends, on CUDA up to PREFILL_DEQUANT_MIN_M rows (batch x positions: above it
+    the linear path would dequantize + call cuBLAS anyway, and a conv saves moving the channels last and back);
+    the others dequantize the weight per forward (on CUDA by the selected backend's kernel), then F.conv (no
+    cached float weight): a storage-only saving."""
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], spec: QuantSpec, bias: bool = True,
                  bias_dtype: torch.dtype = torch.float32, stride=1, padding=0, dilation=1, groups: int = 1,
@@ -193,10 +195,12 @@ class QuantizedConv(_QuantizedWeight):
         if self.pointwise:
             if x.dim() < 2 or x.shape[1] != inp:
                 raise ValueError(f"input of shape {tuple(x.shape)} does not have the layer's {inp} channels in dim 1")
-            xc = x.movedim(1, -1)
-            return self._linear(xc.reshape(-1, inp)).view(*xc.shape[:-1], out).movedim(-1, 1).contiguous()
-        codes = unpack_bits(self.qweight, self.spec.bits, out * inp).view(out, inp)
-        w = dequantize_codes(codes, self.scales, self.zeros, self.spec).to(x.dtype).view(self.weight_shape)
+            if (self.forced_backend is not None or x.device.type != "cuda"
+                    or x.numel() // inp < gpu_backends.PREFILL_DEQUANT_MIN_M):
+                xc = x.movedim(1, -1)
+                return self._linear(xc.reshape(-1, inp)).view(*xc.shape[:-1], out).movedim(-1, 1).contiguous()
+            self.backend = "dequant"
+        w = self._float_weight(x.device, x.dtype).view(self.weight_shape)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         conv = F.conv1d if self.kind == "conv1d" else F.conv2d
         if self.padding_mode == "zeros":
@@ -204,6 +208,21 @@ class QuantizedConv(_QuantizedWeight):
         pad = self.padding if isinstance(self.padding, (tuple, list)) else (self.padding,) * (len(self.weight_shape) - 2)
         x = F.pad(x, [p for p in reversed(pad) for _ in range(2)], mode=self.padding_mode)
         return conv(x, w, bias, self.stride, 0, self.dilation, self.groups)
+
+    def _float_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype`: on CUDA by the selected backend's dequantize kernel (codes kept in its
+        layout), else from the dense packing."""
+        if self.forced_backend is None and device.type == "cuda":
+            backend = self.select(device, dtype)
+            if backend.dequantize is not None:
+                self._use_backend(backend)
+                return backend.dequantize(self, dtype).contiguous()
+        if self.layout != DENSE:
+            self.qweight = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, DENSE)
+            self.layout = DENSE
+        out, inp = self.matrix_shape
+        codes = unpack_bits(self.qweight, self.spec.bits, out * inp).view(out, inp)
+        return dequantize_codes(codes, self.scales, self.zeros, self.spec).to(dtype)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "stride": _listify(self.stride), "padding": _listify(self.padding),

@@ -209,13 +209,15 @@ def test_registry_backend_on_cuda() -> None:
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(3, 64, False), QuantSpec(8, None)], ids=str)
 def test_pointwise_conv_runs_on_the_triton_backend(spec) -> None:
     """A 1x1 conv moved to CUDA dispatches like a linear (backend "triton") and matches the float64 conv of its
-    dequantized weight; a 3x3 conv keeps dequantize + conv."""
+    dequantized weight; a 3x3 conv, and a 1x1 conv over more than PREFILL_DEQUANT_MIN_M rows, dequantize (by the
+    Triton kernel) + conv. One module runs both paths in turn: its codes stay right in either layout."""
     from torch import nn
     from kernels.modules import quantize_module
     torch.manual_seed(0)
     for layer, x, backend in [(nn.Conv2d(96, 80, 1), torch.randn(2, 96, 5, 7), "triton"),
                               (nn.Conv1d(96, 80, 1, bias=False), torch.randn(1, 96, 1), "triton"),
-                              (nn.Conv2d(96, 80, 3, padding=1), torch.randn(1, 96, 6, 6), "dequant")]:
+                              (nn.Conv2d(96, 80, 3, padding=1), torch.randn(1, 96, 6, 6), "dequant"),
+                              (nn.Conv2d(96, 80, 1), torch.randn(2, 96, 16, 16), "dequant")]:  # > 256 rows
         q = quantize_module(layer, spec).cuda().bfloat16()
         xd = x.bfloat16().cuda()
         conv = nn.functional.conv2d if x.dim() == 4 else nn.functional.conv1d
@@ -224,6 +226,12 @@ def test_pointwise_conv_runs_on_the_triton_backend(spec) -> None:
         y = q(xd)
         assert q.backend == backend and y.shape == ref.shape and y.dtype == torch.bfloat16
         assert float((y.double().cpu() - ref).norm() / ref.norm()) < 2e-2
+        if layer.kernel_size == (1, 1):  # the other path on the same module
+            x2 = torch.randn(2, 96, 16, 16) if x.shape[-1] < 16 else torch.randn(1, 96, 2, 3)
+            x2 = x2.bfloat16().cuda()
+            ref2 = conv(x2.double().cpu(), q.dequantized_weight(torch.float64).cpu(),
+                        None if q.bias is None else q.bias.double().cpu())
+            assert float((q(x2).double().cpu() - ref2).norm() / ref2.norm()) < 2e-2
 
 
 @pytest.mark.gpu
