@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -54,10 +55,16 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,4,8,16")
     ap.add_argument("--bits", default="2,3,4,5,6")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
+    ap.add_argument("--tiles", default="128x2,128x4,256x2,256x4", help="columns per program x warps")
+    ap.add_argument("--waves", default="4,8", help="programs per SM that set the K-split")
+    ap.add_argument("--stages", default="1", help="software-pipelining stages (num_stages)")
     ap.add_argument("--no-check", action="store_true")
     a = ap.parse_args()
     bits_list = [int(b) for b in a.bits.split(",")]
     shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
+    tiles = [tuple(map(int, t.split("x"))) for t in a.tiles.split(",")]
+    waves_list = [int(v) for v in a.waves.split(",")]
+    stages_list = [int(v) for v in a.stages.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -83,19 +90,18 @@ def main() -> None:
                 core = tlin.default_config(m, gw, torch.float16)  # the CUDA-core kernel's tile
                 cuda_core = time_cuda(lambda v: tlin.linear(v, gw, core), x, a.reps, flush)
                 best = None
-                for bn, warps in [(128, 2), (128, 4), (256, 2), (256, 4)]:
-                    for waves in (4, 8):
-                        split = tlin.split_for(-(-n // bn), blocks, waves)
-                        cfg = tlin.Config(m, bn, split, warps, 1, mma=True)
-                        try:
-                            ms = time_cuda(lambda v: tlin.linear(v, gw, cfg), x, a.reps, flush)
-                        except Exception as e:  # noqa: BLE001 (a tile that does not compile is reported, not fatal)
-                            lines.append(f"{n}x{k} b{bits} m{m} {cfg.label}: {type(e).__name__} {str(e)[:120]}")
-                            continue
-                        rows.append(dict(n=n, k=k, bits=bits, m=m, cfg=cfg.label, ms=ms, bf16_ms=bf16, base_ms=base,
-                                         cuda_core_ms=cuda_core))
-                        if best is None or ms < best[0]:
-                            best = (ms, cfg.label)
+                for (bn, warps), waves, stages in product(tiles, waves_list, stages_list):
+                    split = tlin.split_for(-(-n // bn), blocks, waves)
+                    cfg = tlin.Config(m, bn, split, warps, stages, mma=True)
+                    try:
+                        ms = time_cuda(lambda v: tlin.linear(v, gw, cfg), x, a.reps, flush)
+                    except Exception as e:  # noqa: BLE001 (a tile that does not compile is reported, not fatal)
+                        lines.append(f"{n}x{k} b{bits} m{m} {cfg.label}: {type(e).__name__} {str(e)[:120]}")
+                        continue
+                    rows.append(dict(n=n, k=k, bits=bits, m=m, cfg=cfg.label, ms=ms, bf16_ms=bf16, base_ms=base,
+                                     cuda_core_ms=cuda_core))
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg.label)
                 s = (f"{n}x{k} b{bits} m{m}: bf16 {bf16 * 1e3:.1f} us, default {base * 1e3:.1f} us "
                      f"({bf16 / base:.2f}x bf16), CUDA-core {cuda_core * 1e3:.1f} us, mma best {best[0] * 1e3:.1f} us "
                      f"{best[1]} ({bf16 / best[0]:.2f}x bf16, {cuda_core / best[0]:.2f}x CUDA-core)")
