@@ -7,7 +7,9 @@ more than the tolerance is dropped and the reason kept), and times the correct o
 around a CUDA-graph replay of one call, the L2 flushed before each replay, the median of `reps`; on the CPU
 with time.perf_counter. The fastest correct path per entry is the dispatch table. Each weight-only linear entry
 also times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
-model runs, so `lookup` returns its time. `rest` holds the unquantized rest of whole models (attention, norms,
+model runs, so `lookup` returns its time. Convs whose geometry the layer graph recorded are timed as the
+QuantizedConv an emitted model holds, on `tokens` samples of their traced input shape, under a kind that
+carries the geometry (`latency_kind`). `rest` holds the unquantized rest of whole models (attention, norms,
 embeddings; `kernels.model_latency.measure_rest`), so a plan's latency can be predicted for the whole model.
 Each graph-timed entry (CUDA, tokens <= GRAPH_MAX_TOKENS) carries the fixed launch and event cost of one timed
 replay, which a whole-model graph pays once in all: `measure` times that cost once per table
@@ -264,7 +266,7 @@ def _shapes(layers: Iterable) -> list[_Layer]:
 
 
 def _conv_path(layer: _Layer, qt: QuantizedTensor, dtype: torch.dtype, device: torch.device):
-    """(x -> the layer as an emitted model runs it: a QuantizedConv holding `qt`, float64 reference, input
+    """(the QuantizedConv an emitted model would hold for `qt`, x -> its float64 reference output, the input
     shape per sample)."""
     g = json.loads(layer.conv)
     geo = (g["stride"], g["padding"], g["dilation"], g["groups"], g["padding_mode"])
