@@ -121,8 +121,8 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
                 if choice.label in latency_table.skipped:
                     allowed[i, j] = False
                     continue
-                latency[i, j] = latency_table.layer_ms((layer.out_features, layer.in_features), choice, tokens,
-                                                       latency_kind(layer))
+                latency[i, j] = layer.calls * latency_table.layer_ms((layer.out_features, layer.in_features), choice,
+                                                                     tokens, latency_kind(layer))
     return Problem(
         layers=graph.names,
         choices=list(prof.choices),
@@ -232,7 +232,7 @@ def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solu
             name=layer.name, kind=layer.kind, weight_shape=tuple(layer.weight_shape), choice=choice.label,
             bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric, params=layer.params,
             bytes=int(problem.memory[i, j]), cost=float(prof.cost[i, j]), abits=choice.abits, scale_dtype=spec.scale_dtype,
-            conv=layer.conv,
+            conv=layer.conv, calls=layer.calls,
         ))
     layer_bytes = sum(layer.bytes for layer in layers)
     n = sum(layer.params for layer in layers)

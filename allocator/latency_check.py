@@ -69,7 +69,7 @@ def _layers_ms(plan: Plan, table: LatencyTable, tokens: int, raw: bool) -> float
     total = 0.0
     for layer in plan.layers:
         shape = matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d" else layer.weight_shape)
-        total += figure(shape, layer.choice, tokens, latency_kind(layer))
+        total += layer.calls * figure(shape, layer.choice, tokens, latency_kind(layer))
     return total
 
 

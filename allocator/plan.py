@@ -53,6 +53,7 @@ class LayerPlan:
     abits: int | None = None
     scale_dtype: str = "float16"
     conv: dict[str, Any] | None = None  # a conv's geometry from the layer graph (keys its latency entries)
+    calls: int = 1  # runs per forward (`LayerInfo.calls`): the layer's latency counts this often
 
     @property
     def spec(self) -> QuantSpec:
@@ -113,6 +114,8 @@ class Plan:
                 raise PlanError(f"plan layer #{i} ({entry.get('name', '?')!r}) is malformed: {e}") from None
             if layer.bits not in SUPPORTED_BITS:
                 raise PlanError(f"plan layer {layer.name!r} has bits={layer.bits}; supported bits are {SUPPORTED_BITS}")
+            if not isinstance(layer.calls, int) or isinstance(layer.calls, bool) or layer.calls < 1:
+                raise PlanError(f"plan layer {layer.name!r} has calls={layer.calls!r}; it must be an int >= 1")
             try:
                 layer.spec
             except ValueError as e:

@@ -28,6 +28,7 @@ from .plan import Plan
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROGRESS_PREFIX = "bitalloc progress: "
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60.0  # a cluster that just started can answer before its job agent is up ("try again later")
 
 
 def client(address: str | None = None, timeout_s: float = 5.0):
@@ -112,5 +113,18 @@ def submit(spec: JobSpec | str | os.PathLike | dict, address: str | None = None,
         atomic_write_json(Path(tmp) / "job.json", spec.to_dict())
         env = dict(default_runtime_env() if runtime_env is None else runtime_env)
         env["working_dir"] = tmp
-        job_id = jobs.submit_job(entrypoint="python -m allocator.cli -v run job.json", runtime_env=env)
+        job_id = submit_job(jobs, entrypoint="python -m allocator.cli -v run job.json", runtime_env=env)
     return JobHandle(job_id, address, spec.out)
+
+
+def submit_job(jobs, wait_s: float = AGENT_WAIT_S, **kwargs: Any) -> str:
+    """``jobs.submit_job(**kwargs)``, retried for up to ``wait_s`` while the cluster says it has no job agent
+    yet (Ray's "No available agent to submit job, please try again later"); other errors are raised at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return jobs.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)

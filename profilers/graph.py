@@ -37,7 +37,10 @@ class LayerInfo:
     macs: multiply-accumulates per sample in the traced forward (summed over calls);
     in_features / out_features: columns / rows of the 2-D weight matrix [out, in*kernel/groups];
     conv: for conv kinds, the geometry the traced forward ran (`conv_geometry`: input shape per sample, stride,
-    padding, dilation, groups, padding mode), so latency tables time the layer as the model runs it; else None.
+    padding, dilation, groups, padding mode; of the first call), so latency tables time the layer as the model
+    runs it; else None;
+    calls: how often the traced forward ran the layer (a module reused in a loop or shared between blocks pays
+    its latency once per call).
     """
 
     name: str
@@ -48,6 +51,7 @@ class LayerInfo:
     in_features: int
     out_features: int
     conv: dict[str, Any] | None = None
+    calls: int = 1
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(self.weight_shape)
@@ -191,6 +195,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
     batch_size = batch_tensors[0].shape[0]
 
     macs: dict[str, int] = {}
+    calls: dict[str, int] = {}
     geometry: dict[str, dict[str, Any]] = {}
     edges: set[tuple[str, str]] = set()
 
@@ -205,6 +210,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
         in_f, _ = _matrix_dims(candidates[name][0], kind)
         def hook(mod, args, kwargs, out):
             macs[name] = macs.get(name, 0) + out.numel() // batch_size * in_f
+            calls[name] = calls.get(name, 0) + 1
             if kind in ("conv1d", "conv2d") and name not in geometry:
                 geometry[name] = conv_geometry(mod, args[0] if args else kwargs["input"])
             _tag(out, frozenset({name}))
@@ -231,7 +237,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
             continue
         in_f, out_f = _matrix_dims(module, kind)
         layers.append(LayerInfo(name, kind, tuple(module.weight.shape), module.weight.numel(), macs[name], in_f, out_f,
-                                geometry.get(name)))
+                                geometry.get(name), calls[name]))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layer left; skipped: {skipped}")
     g = nx.DiGraph()

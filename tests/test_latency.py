@@ -147,3 +147,44 @@ def test_convs_are_timed_as_an_emitted_model_runs_them(tmp_path) -> None:
     again = type(plan).load(tmp_path / "plan.json")
     rest, layers_ms = predict_latency(again, table, 3, model_key(net, graph.names))
     assert rest > 0 and rest + layers_ms == pytest.approx(plan.predicted["latency_ms"], rel=1e-9)
+
+
+def test_a_layer_run_several_times_per_forward_counts_its_latency_each_time(tmp_path) -> None:
+    """A module reused in a loop (or shared between blocks) runs once per call: the layer graph counts the calls,
+    the solver's latency column and the plan's prediction multiply by them, and plans keep the count."""
+    from torch import nn
+
+    from allocator import Budget, Plan, PlanError, predict_latency, profile_model, solve_profiled
+    from allocator.api import build_problem
+    from kernels.model_latency import measure_rest, model_key
+    from profilers import build_layer_graph
+
+    class Looped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.step, self.head = nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            for _ in range(3):
+                x = torch.relu(self.step(x))
+            return self.head(x)
+
+    torch.manual_seed(0)
+    net, x = Looped(), torch.randn(2, 32)
+    graph = build_layer_graph(net, x)
+    assert [layer.calls for layer in graph.layers] == [3, 1]
+    table = measure(graph, ["w4", "w8"], tokens=(2,), device="cpu", reps=2)
+    profiled = profile_model(net, [x], [Choice(4), Choice(8)], profiler="gptq")
+    problem = build_problem(profiled, latency_table=table, tokens=2)
+    assert problem.latency[0, 0] == pytest.approx(3 * table.layer_ms((32, 32), "w4", 2))
+    measure_rest(net, graph, tokens=(2,), device="cpu", reps=2, inputs=lambda t: torch.randn(t, 32), table=table)
+    plan = solve_profiled(profiled, Budget(avg_bits=8), method="greedy", latency_table=table, tokens=2)
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert [layer.calls for layer in again.layers] == [3, 1]
+    rest, layers_ms = predict_latency(again, table, 2, model_key(net, graph.names))
+    assert rest + layers_ms == pytest.approx(plan.predicted["latency_ms"], rel=1e-9)
+    data = again.to_dict()
+    data["layers"][0]["calls"] = 0
+    with pytest.raises(PlanError, match="calls=0"):
+        Plan.from_dict(data)

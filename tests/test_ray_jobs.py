@@ -90,6 +90,32 @@ def reference(files):
         yield reference_plan(files)
 
 
+def test_submitting_waits_for_a_starting_clusters_job_agent():
+    """Right after a cluster starts, Ray can refuse a job for want of an agent ("try again later"): the
+    submission retries that, and only that."""
+    from allocator.submit import submit_job
+
+    class Jobs:
+        def __init__(self, failures, error):
+            self.calls, self.failures, self.error = 0, failures, error
+
+        def submit_job(self, **kwargs):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError(self.error)
+            return f"job-{kwargs['entrypoint']}"
+
+    busy = "Request failed with status code 500: No available agent to submit job, please try again later.."
+    jobs = Jobs(2, busy)
+    assert submit_job(jobs, wait_s=10, entrypoint="x") == "job-x" and jobs.calls == 3
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_job(Jobs(99, busy), wait_s=0, entrypoint="x")
+    other = Jobs(1, "Request failed with status code 400: bad runtime_env")
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        submit_job(other, wait_s=10, entrypoint="x")
+    assert other.calls == 1
+
+
 def test_an_unreachable_address_is_a_clear_error_within_seconds(files):
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=r"cannot reach the Ray dashboard at http://127.0.0.1:9"):
