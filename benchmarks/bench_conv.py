@@ -65,8 +65,8 @@ def main() -> None:
             shape, kind = (layer.out_features, layer.in_features), latency_kind(layer)
             ms = {c: table.entries[entry_key(shape, c, t, kind)].ms for c in CHOICES}
             g = layer.conv
-            pointwise = (set(layer.weight_shape[2:]) | set(g["stride"]) | set(g["dilation"]) | {g["groups"]} == {1}
-                         and set(g["padding"]) == {0})
+            no_pad = g["padding"] in ("same", "valid") or set(g["padding"]) == {0}
+            pointwise = set(layer.weight_shape[2:]) | set(g["stride"]) | set(g["dilation"]) | {g["groups"]} == {1} and no_pad
             n_rows = t * math.prod(g["in_shape"][1:])
             path = ("linear kernels" if pointwise and (dev.type != "cuda" or n_rows < PREFILL_DEQUANT_MIN_M)
                     else "dequantize + conv")
