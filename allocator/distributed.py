@@ -102,21 +102,21 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
 
 
 class _Shape:
-    """A layer as ``kernels.latency.measure`` reads it: kind, (out, in) shape, and a conv's weight shape and
+    """A layer as ``kernels.latency.measure`` reads it: kind, (out, in) shape, weight shape and a conv's
     geometry (None for linears)."""
 
-    def __init__(self, kind: str, shape: tuple[int, int], weight_shape: tuple[int, ...] | None = None,
+    def __init__(self, kind: str, shape: tuple[int, int], weight_shape: tuple[int, ...],
                  conv: dict[str, Any] | None = None) -> None:
         self.kind, (self.out_features, self.in_features) = kind, shape
         self.weight_shape, self.conv = weight_shape, conv
 
 
-def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int], tuple[int, ...] | None, dict | None]]:
+def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int], tuple[int, ...], dict | None]]:
     """The graph's distinct layers to time (plain data for a Ray task): one per latency entry kind and shape."""
     seen = {}
     for l in graph.layers:
-        seen.setdefault((latency_kind(l), (l.out_features, l.in_features)),
-                        (l.kind, (l.out_features, l.in_features), tuple(l.weight_shape) if l.conv else None, l.conv))
+        shape = (l.out_features, l.in_features)
+        seen.setdefault((latency_kind(l), shape), (l.kind, shape, tuple(l.weight_shape), l.conv))
     return [seen[k] for k in sorted(seen)]
 
 

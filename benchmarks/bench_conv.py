@@ -1,7 +1,9 @@
 """What the latency table says about convolutions: each conv of a ResNet-50-like stage measured by
 `kernels.latency.measure` as the QuantizedConv an emitted model holds (pointwise over few rows: the linear
-kernels; else dequantize + conv, a storage-only saving), next to the float conv timed the same way (L2 flushed, graph replay
-on CUDA). Prints one row per (layer, samples) and writes conv.json under --out.
+kernels; else dequantize + conv, a storage-only saving), next to the float conv timed the same way (L2 flushed,
+graph replay on CUDA). Prints one row per (layer, samples), with the backend the module reports it ran ("dequant":
+dequantize + conv, or for a 1x1 conv on the CPU in float32 the linear "dequant" backend), and writes conv.json
+under --out.
 
     python3 benchmarks/bench_conv.py --device cuda --out out/conv
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.gpu_backends import PREFILL_DEQUANT_MIN_M  # noqa: E402
+from kernels import QuantSpec, quantize_module  # noqa: E402
 from kernels.latency import (L2_FLUSH_BYTES, _time_cpu, default_dtype, entry_key, latency_kind,  # noqa: E402
                              measure, time_cuda)
 from profilers import build_layer_graph  # noqa: E402
@@ -64,12 +65,10 @@ def main() -> None:
                             else _time_cpu(module, xs, a.reps))
             shape, kind = (layer.out_features, layer.in_features), latency_kind(layer)
             ms = {c: table.entries[entry_key(shape, c, t, kind)].ms for c in CHOICES}
-            g = layer.conv
-            no_pad = g["padding"] in ("same", "valid") or set(g["padding"]) == {0}
-            pointwise = set(layer.weight_shape[2:]) | set(g["stride"]) | set(g["dilation"]) | {g["groups"]} == {1} and no_pad
-            n_rows = t * math.prod(g["in_shape"][1:])
-            path = ("linear kernels" if pointwise and (dev.type != "cuda" or n_rows < PREFILL_DEQUANT_MIN_M)
-                    else "dequantize + conv")
+            quantized = quantize_module(module, QuantSpec(4, 128), clip_search=False)
+            with torch.no_grad():
+                quantized(xs)
+            path = f"{'1x1' if quantized.pointwise else 'conv'} {quantized.backend}"
             rows.append({"layer": kind, "samples": t, "float_ms": float_ms, **{f"{c}_ms": v for c, v in ms.items()},
                          "path": path})
             print(f"{kind:<48} {t:>7} {float_ms * 1e3:>9.1f} " + " ".join(f"{ms[c] * 1e3:>9.1f}" for c in CHOICES)

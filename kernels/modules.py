@@ -19,8 +19,8 @@ from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_or
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix
 from .memory import matrix_shape
-from .packing import packed_nbytes, unpack_bits
-from .quantizer import QuantizedTensor, dequantize_codes, quantize
+from .packing import packed_nbytes
+from .quantizer import QuantizedTensor, quantize
 
 
 class _QuantizedWeight(nn.Module):
@@ -217,12 +217,10 @@ class QuantizedConv(_QuantizedWeight):
             if backend.dequantize is not None:
                 self._use_backend(backend)
                 return backend.dequantize(self, dtype).contiguous()
-        if self.layout != DENSE:
+        if self.layout != DENSE:  # codes in a layout without a dequantize kernel: back to the dense packing, once
             self.qweight = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, DENSE)
             self.layout = DENSE
-        out, inp = self.matrix_shape
-        codes = unpack_bits(self.qweight, self.spec.bits, out * inp).view(out, inp)
-        return dequantize_codes(codes, self.scales, self.zeros, self.spec).to(dtype)
+        return self.quantized_tensor().dequantize(dtype)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "stride": _listify(self.stride), "padding": _listify(self.padding),
