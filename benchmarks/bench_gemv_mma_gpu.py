@@ -24,7 +24,7 @@ from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 
 
-def check(gen: torch.Generator, bits_list: list[int]) -> list[str]:
+def check(gen: torch.Generator, bits_list: list[int], gluon: bool = False) -> list[str]:
     """Relative errors vs float64 of the mma kernel and the default kernel on odd shapes, groups, zero points."""
     lines = []
     for bits in bits_list:
@@ -34,8 +34,10 @@ def check(gen: torch.Generator, bits_list: list[int]) -> list[str]:
             qt = quantize(w, QuantSpec(bits, g, sym, "bfloat16"), clip_search=False)
             gw = repack_for_gpu(qt, "cuda")
             for m in (1, 3, 8):
-                for cfg in (tlin.Config(1 if m == 1 else 4 if m <= 4 else 8, 64, 3, 4, 1, mma=True), tlin.Config(8, 256, 1, 4, 1, mma=True),
-                            tlin.Config(8, 128, 2, 2, 1, mma=True)):
+                configs = [tlin.Config(1 if m == 1 else 4 if m <= 4 else 8, 64, 3, 4, 1, mma=True, gluon=g)
+                           for g in ([False, True] if gluon else [False])]
+                configs += [tlin.Config(8, 256, 1, 4, 1, mma=True), tlin.Config(8, 128, 2, 2, 1, mma=True)]
+                for cfg in configs:
                     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16() + (30 if n == 40 else 0)
                     ref = x.double() @ qt.dequantize(torch.float64).t()
                     y = tlin.linear(x, gw, cfg)
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--tiles", default="128x2,128x4,256x2,256x4", help="columns per program x warps")
     ap.add_argument("--waves", default="4,8", help="programs per SM that set the K-split")
     ap.add_argument("--stages", default="1", help="software-pipelining stages (num_stages)")
+    ap.add_argument("--gluon", action="store_true", help="also check and time the Gluon kernel (Config(gluon=True))")
     ap.add_argument("--no-check", action="store_true")
     a = ap.parse_args()
     bits_list = [int(b) for b in a.bits.split(",")]
@@ -70,7 +73,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     t0 = time.time()
     lines = [f"device {torch.cuda.get_device_name()} torch {torch.__version__}"]
-    lines += [] if a.no_check else check(gen, bits_list)
+    lines += [] if a.no_check else check(gen, bits_list, a.gluon)
     fails = sum("FAIL" in s for s in lines)
     lines.append(f"checks: {fails} failed, {time.time() - t0:.0f} s")
     print("\n".join(lines[-3:]), flush=True)
@@ -90,9 +93,10 @@ def main() -> None:
                 core = tlin.default_config(m, gw, torch.float16)  # the CUDA-core kernel's tile
                 cuda_core = time_cuda(lambda v: tlin.linear(v, gw, core), x, a.reps, flush)
                 best = None
-                for (bn, warps), waves, stages in product(tiles, waves_list, stages_list):
+                for (bn, warps), waves, stages, gluon in product(tiles, waves_list, stages_list,
+                                                                 [False, True] if a.gluon else [False]):
                     split = tlin.split_for(-(-n // bn), blocks, waves)
-                    cfg = tlin.Config(m, bn, split, warps, stages, mma=True)
+                    cfg = tlin.Config(m, bn, split, warps, stages, mma=True, gluon=gluon)
                     try:
                         ms = time_cuda(lambda v: tlin.linear(v, gw, cfg), x, a.reps, flush)
                     except Exception as e:  # noqa: BLE001 (a tile that does not compile is reported, not fatal)

@@ -57,11 +57,12 @@ class Config:
     num_stages: int = 2
     wide: bool = False  # prefill kernel with one dot per K block (split_k must be 1)
     mma: bool = False  # decode on tensor cores (`_gemv_mma_kernel`, 2..6-bit, up to block_m tokens)
+    gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
 
     @property
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
-                + "W" * self.wide + "T" * self.mma)
+                + "W" * self.wide + "T" * self.mma + "G" * self.gluon)
 
 
 if HAVE_TRITON:
@@ -620,8 +621,14 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
         run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group
         mma_args = {a: v for a, v in common.items() if a != "SPS"}
-        _gemv_mma_kernel[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=2 * cfg.block_m * (gw.per // 2 // run),
-                               **mma_args)
+        nc = 2 * cfg.block_m * (gw.per // 2 // run)
+        if cfg.gluon:
+            from .gluon_linear import gemv_mma_gluon  # Gluon: CUDA only (no CPU interpreter)
+            del mma_args["ASM"]
+            gemv_mma_gluon[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=nc, NCP=max(8, nc),
+                                 TOK=max(8, nc) // (nc // cfg.block_m), WARPS=cfg.num_warps, **mma_args)
+        else:
+            _gemv_mma_kernel[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=nc, **mma_args)
     elif m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)

@@ -92,13 +92,16 @@ def test_every_config_family(bits: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_tensor_core_decode(bits: int, symmetric: bool) -> None:
-    """`Config(mma=True)`: 1..block_m bfloat16 tokens on tensor cores; odd sizes, short last groups, groups of
-    32/64/128, per-channel; split-K run twice (the workspace must come back zeroed); activations far from zero
-    (the 128 * 2^-p offsets come off through the column sums of x)."""
+@pytest.mark.parametrize("gluon", [False, True], ids=["triton", "gluon"])
+def test_tensor_core_decode(bits: int, symmetric: bool, gluon: bool) -> None:
+    """`Config(mma=True)` (and its Gluon version): 1..block_m bfloat16 tokens on tensor cores; odd sizes, short last
+    groups, groups of 32/64/128, per-channel; split-K run twice (the workspace must come back zeroed); activations
+    far from zero (the 128 * 2^-p offsets come off through the column sums of x)."""
+    if gluon and (INTERPRET or DEV != "cuda"):
+        pytest.skip("Gluon kernels run on CUDA only (not in Triton's CPU interpreter)")
     gen = torch.Generator().manual_seed(70 + bits + symmetric)
-    configs = [tlin.Config(1, 32, 3, 4, 1, mma=True), tlin.Config(4, 64, 1, 2, 1, mma=True),
-               tlin.Config(4, 128, 2, 4, 1, mma=True)]
+    configs = [tlin.Config(1, 64 if gluon else 32, 3, 4, 1, mma=True, gluon=gluon),
+               tlin.Config(4, 64, 1, 2, 1, mma=True, gluon=gluon), tlin.Config(4, 128, 2, 4, 1, mma=True, gluon=gluon)]
     for n, k, group in SHAPES[:4] if INTERPRET else SHAPES:
         if group is not None and group % 32:
             continue
