@@ -1,5 +1,6 @@
 """Tensor-core decode in Gluon (`Config(mma=True, gluon=True)`): `triton_linear._gemv_mma_kernel`'s algorithm with
-explicit layouts, so the weight words are loaded straight into the A-operand registers of mma_v2.
+explicit layouts, so the weight words are loaded straight into the A-operand registers of mma_v2 (as vector
+loads: the operand's rows are a permutation of the tile's columns, `_relabel`).
 
 An int32 [BN, 16] tensor in `DotOperandLayout(0, mma, k_width=1)`, each word joined with itself and turned into its
 bfloat16 pair of codes (`triton_linear._pair_asm`), is exactly the bfloat16 A operand [BN, 32] (k_width 2): the
@@ -22,6 +23,31 @@ except ImportError:  # CPU-only installs, older Triton
 
 
 if HAVE_GLUON:
+    @gluon.constexpr_function
+    def _word_layout(BN, WARPS):
+        """Layout of the [BN, 16] words as loaded: each thread holds 2T consecutive columns (T = BN / (16 WARPS)
+        row tiles per warp), so its words of one row are one vector load; registers: columns 1..2T-1, then word
+        rows 4, 8; lanes: word rows 1, 2, then columns 2T, 4T, 8T; warps: columns 16T. Read with the columns
+        relabelled (`_relabel`), it is mma_v2's A-operand layout up to the order of registers."""
+        t = BN // (16 * WARPS)
+        return gl.DistributedLinearLayout(
+            reg_bases=[[1 << b, 0] for b in range((2 * t).bit_length() - 1)] + [[0, 4], [0, 8]],
+            lane_bases=[[0, 1], [0, 2], [2 * t, 0], [4 * t, 0], [8 * t, 0]],
+            warp_bases=[[16 * t << b, 0] for b in range(WARPS.bit_length() - 1)], block_bases=[], shape=[BN, 16])
+
+    @gluon.jit
+    def _relabel(v, BN: gl.constexpr, WARPS: gl.constexpr):
+        """[BN, 16] words loaded in `_word_layout`, as the operand's rows: column ((w 8 + g) T + i) 2 + e of the
+        tile becomes row 16 WARPS i + 16 w + 8 e + g (w: warp, g: lane // 4, i: row tile, e: upper half)."""
+        T: gl.constexpr = BN // (16 * WARPS)
+        return gl.reshape(gl.permute(gl.reshape(v, [WARPS, 8, T, 2, 16]), (2, 0, 3, 1, 4)), [BN, 16])
+
+    @gluon.jit
+    def _column_of_row(r, BN: gl.constexpr, WARPS: gl.constexpr):
+        """The tile column whose words feed operand row r (the inverse of `_relabel`)."""
+        T: gl.constexpr = BN // (16 * WARPS)
+        return ((((r // 16) % WARPS) * 8 + r % 8) * T + r // (16 * WARPS)) * 2 + (r // 8) % 2
+
     @gluon.jit
     def _pairs(ww, uu, f: gl.constexpr, W: gl.constexpr, W1: gl.constexpr):
         """bfloat16 pairs of field f of words ww (second plane spread in uu), as `triton_linear._pair_codes`."""
@@ -50,9 +76,10 @@ if HAVE_GLUON:
         sh1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
-        n = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w_l))
+        v_l: gl.constexpr = _word_layout(BN, WARPS)
+        n = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, v_l))
         nmask = n < N
-        j16 = gl.arange(0, 16, layout=gl.SliceLayout(0, w_l))
+        j16 = gl.arange(0, 16, layout=gl.SliceLayout(0, v_l))
         rows = gl.arange(0, 32 * HALF, layout=gl.SliceLayout(1, x_l))
         f = rows // 32
         jj = (rows % 32) // 2
@@ -62,7 +89,7 @@ if HAVE_GLUON:
         shift = gl.exp2(-((f % tlin._half_view(W0)) * W0).to(gl.float32))
         xmask = ((h[:, None] == (col % 2)[None, :]) & ((f // RUN)[:, None] == ((col // 2) % NR)[None, :])
                  & (tok < M)[None, :])
-        on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        on = pid_n * BN + _column_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), BN, WARPS)
         onmask = on < N
         oc = gl.arange(0, NCP, layout=gl.SliceLayout(0, mma))
         g_off = 16 * ((oc % 2) * HALF + ((oc // 2) % NR) * RUN)  # each column's first input column in a block
@@ -75,9 +102,10 @@ if HAVE_GLUON:
         r_hi = gl.minimum(r_lo + rows_per_split, KW)
         for r0 in range(r_lo, r_hi, 16):
             offs = (r0 + j16)[None, :] * N + n[:, None]
-            words = gl.load(p0 + offs, mask=nmask[:, None], other=0)
+            words = gl.convert_layout(_relabel(gl.load(p0 + offs, mask=nmask[:, None], other=0), BN, WARPS), w_l)
             if W1 > 0:
-                b1 = gl.load(p1 + offs, mask=nmask[:, None], other=0).to(gl.int32)
+                b1 = gl.convert_layout(_relabel(gl.load(p1 + offs, mask=nmask[:, None], other=0), BN, WARPS),
+                                       w_l).to(gl.int32)
                 hb: gl.constexpr = HALF * W1
                 spread = (b1 & ((1 << hb) - 1)) | ((b1 << (16 - hb)) & (((1 << hb) - 1) << 16))
             else:
