@@ -93,6 +93,7 @@ def main() -> None:
                 core = tlin.default_config(m, gw, torch.float16)  # the CUDA-core kernel's tile
                 cuda_core = time_cuda(lambda v: tlin.linear(v, gw, core), x, a.reps, flush)
                 best = None
+                best_of = {}
                 for (bn, warps), waves, stages, gluon in product(tiles, waves_list, stages_list,
                                                                  [False, True] if a.gluon else [False]):
                     split = tlin.split_for(-(-n // bn), blocks, waves)
@@ -106,9 +107,15 @@ def main() -> None:
                                      cuda_core_ms=cuda_core))
                     if best is None or ms < best[0]:
                         best = (ms, cfg.label)
+                    if gluon not in best_of or ms < best_of[gluon][0]:
+                        best_of[gluon] = (ms, cfg.label)
                 s = (f"{n}x{k} b{bits} m{m}: bf16 {bf16 * 1e3:.1f} us, default {base * 1e3:.1f} us "
                      f"({bf16 / base:.2f}x bf16), CUDA-core {cuda_core * 1e3:.1f} us, mma best {best[0] * 1e3:.1f} us "
                      f"{best[1]} ({bf16 / best[0]:.2f}x bf16, {cuda_core / best[0]:.2f}x CUDA-core)")
+                if a.gluon and len(best_of) == 2:
+                    s += (f"; triton mma {best_of[False][0] * 1e3:.1f} us {best_of[False][1]}, "
+                          f"gluon {best_of[True][0] * 1e3:.1f} us {best_of[True][1]} "
+                          f"({best_of[False][0] / best_of[True][0]:.2f}x triton mma)")
                 lines.append(s)
                 print(s, flush=True)
     (out / "mma.txt").write_text("\n".join(lines) + "\n")

@@ -8,7 +8,8 @@ because ptxas splits the plain AND + OR into two; byte codes take one PRMT):
   (and the zero point) come off once per group through the sum of x (`_field`); one scale multiply per group;
   reduced inside each thread (the tile keeps the load's layout: no shuffles); split-K;
 - `_gemv_mma_kernel` (decode, 1..4 bfloat16 tokens, 2..6-bit): tensor cores, the weight as the dot's register
-  operand, one LOP3 per pair of codes; groups summed apart in columns of x^T;
+  operand, one LOP3 per pair of codes; groups summed apart in columns of x^T (on CUDA, 2/3/5-bit at 1-2 tokens
+  and 3-bit up to 4 run its Gluon port, `gluon_linear`, which loads the words straight into the MMA registers);
 - `_gemm_kernel` (decode batches): per slot a K=16 tensor-core dot of x[:, 16 columns] and the slot's
   dequantized [16, BN] tile; split-K;
 - `_gemm_wide_kernel` (prefill): the block's codes unpacked as [16, PER, BN], reordered to [16 PER, BN] and fed
@@ -21,6 +22,7 @@ the output and re-zeroes its part (no memset, no copy kernel). Group widths that
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -507,6 +509,21 @@ _GEMV_TILES = {2: (512, 4, 16), 3: (128, 4, 8), 4: (256, 2, 8), 5: (256, 2, 8), 
 # only where it beat the CUDA-core GEMV there (4-bit: 0.86-0.94x of it, 6-bit: 0.91-0.99x)
 _MMA_TILES = {2: (128, 2, 4), 3: (128, 4, 8), 4: (128, 2, 4), 5: (128, 4, 8), 6: (128, 4, 8)}
 _MMA_ONE_TOKEN_BITS = (2, 3, 5)
+# the same decode in Gluon (`gluon_linear`) up to this many tokens per bit width, one tile for all: where it beat
+# the Triton kernel on the four LLM shapes on an H200 (2-bit 1.01-1.07x, 3-bit 1.06-1.33x, 5-bit 1.07-1.41x;
+# at 4 tokens 2- and 5-bit were 0.93-1.01x, and 4/6-bit slower: docs/kernels_gpu.md, "Session 13")
+_GLUON_MAX_M = {2: 2, 3: 4, 5: 2}
+_GLUON_TILE = (128, 4, 8)
+
+
+@functools.cache
+def gluon_available(device: torch.device) -> bool:
+    """Whether the Gluon decode kernel runs on `device`: Triton with Gluon, inline PTX (not the CPU interpreter)
+    and a CUDA device with mma.sync (compute capability 8.0 or newer)."""
+    if not (HAVE_TRITON and ASM and device.type == "cuda"):
+        return False
+    from .gluon_linear import HAVE_GLUON
+    return HAVE_GLUON and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> Config:
@@ -515,8 +532,10 @@ def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloa
     blocks = gw.planes[0].shape[0] // WORD_ROWS
     if (dtype == torch.bfloat16 and m <= MMA_MAX_M and mma_supported(gw)
             and (m > 1 or gw.bits in _MMA_ONE_TOKEN_BITS)):
-        bn, warps, waves = _MMA_TILES[gw.bits]
-        return Config(1 << (m - 1).bit_length(), bn, split_for(-(-n // bn), blocks, waves=waves), warps, 1, mma=True)
+        gluon = m <= _GLUON_MAX_M.get(gw.bits, 0) and gluon_available(gw.scales.device)
+        bn, warps, waves = _GLUON_TILE if gluon else _MMA_TILES[gw.bits]
+        return Config(1 << (m - 1).bit_length(), bn, split_for(-(-n // bn), blocks, waves=waves), warps, 1, mma=True,
+                      gluon=gluon)
     if m <= GEMV_MAX_M:
         # winners of a tile sweep over the five LLM shapes on an H100 (docs/kernels_gpu.md), each within 1% of
         # the best on every shape: (columns per program, warps, programs per SM that set the K-split)
@@ -617,6 +636,12 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or x.dtype != torch.bfloat16:
             raise ValueError(f"config {cfg.label} runs 2..6-bit weights and up to block_m (a power of 2) bfloat16 "
                              f"token rows; got {gw.bits}-bit, {m} rows of {x.dtype}")
+        if cfg.gluon and not gluon_available(x.device):
+            raise ValueError(f"config {cfg.label} needs Triton's Gluon and a CUDA device of compute capability 8.0 "
+                             "or newer (Gluon does not run in the CPU interpreter)")
+        tiles = cfg.block_n // (16 * cfg.num_warps)
+        if cfg.gluon and (cfg.block_n % (16 * cfg.num_warps) or tiles < 1 or tiles & (tiles - 1)):
+            raise ValueError(f"config {cfg.label}: the Gluon kernel needs block_n = 16 * num_warps * a power of 2")
         grid = (triton.cdiv(n, cfg.block_n), split)
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
         run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group

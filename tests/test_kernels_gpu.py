@@ -134,6 +134,12 @@ def test_tensor_core_decode_rejects_what_it_cannot_run() -> None:
     _, gw3 = _case(64, 128, 128, 3, True, torch.bfloat16, gen)
     _, gw4 = _case(64, 128, 128, 4, True, torch.bfloat16, gen)
     assert tlin.default_config(1, gw3).mma and not tlin.default_config(1, gw4).mma and tlin.default_config(2, gw4).mma
+    gluon = tlin.gluon_available(gw2.scales.device)
+    assert gluon == (DEV == "cuda" and not INTERPRET)
+    assert [tlin.default_config(m, gw).gluon for gw, m in [(gw2, 1), (gw2, 2), (gw3, 4)]] == [gluon] * 3
+    assert not any(tlin.default_config(m, gw).gluon for gw, m in [(gw2, 4), (gw4, 2)])
+    with pytest.raises(ValueError, match="power of 2" if gluon else "Gluon"):
+        tlin.linear(x, gw2, tlin.Config(4, 96, 1, 4, 1, mma=True, gluon=True))
 
 
 @pytest.mark.gpu
