@@ -19,7 +19,7 @@ from ray.util import ActorPool
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kernels.latency import LatencyTable, latency_kind
+from kernels.latency import LatencyTable, geometry_kind
 from profilers import LayerGraph, build_layer_graph
 
 from .jobs import JobSpec, RaySettings, load_inputs, profile_shard, shard_items
@@ -103,20 +103,23 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
 
 class _Shape:
     """A layer as ``kernels.latency.measure`` reads it: kind, (out, in) shape, weight shape and a conv's
-    geometry (None for linears)."""
+    geometries (``LayerInfo.conv``; None for linears)."""
 
     def __init__(self, kind: str, shape: tuple[int, int], weight_shape: tuple[int, ...],
-                 conv: dict[str, Any] | None = None) -> None:
+                 conv: list[dict[str, Any]] | None = None) -> None:
         self.kind, (self.out_features, self.in_features) = kind, shape
         self.weight_shape, self.conv = weight_shape, conv
 
 
-def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int], tuple[int, ...], dict | None]]:
-    """The graph's distinct layers to time (plain data for a Ray task): one per latency entry kind and shape."""
+def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int], tuple[int, ...], list | None]]:
+    """The graph's distinct layers to time (plain data for a Ray task): one per latency entry kind and shape (a
+    conv run at several geometries gives one per geometry)."""
     seen = {}
     for l in graph.layers:
         shape = (l.out_features, l.in_features)
-        seen.setdefault((latency_kind(l), shape), (l.kind, shape, tuple(l.weight_shape), l.conv))
+        for g in l.conv or [None]:
+            seen.setdefault((geometry_kind(l.kind, l.weight_shape, g), shape),
+                            (l.kind, shape, tuple(l.weight_shape), None if g is None else [g]))
     return [seen[k] for k in sorted(seen)]
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kernels import SUPPORTED_BITS, QuantSpec
+from kernels.latency import conv_geometries
 
 from .budget import Budget
 from .io import atomic_write_json, read_json
@@ -52,12 +53,26 @@ class LayerPlan:
     cost: float
     abits: int | None = None
     scale_dtype: str = "float16"
-    conv: dict[str, Any] | None = None  # a conv's geometry from the layer graph (keys its latency entries)
+    conv: list[dict[str, Any]] | None = None  # a conv's traced geometries (`LayerInfo.conv`; key its latency entries)
     calls: int = 1  # runs per forward (`LayerInfo.calls`): the layer's latency counts this often
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conv", conv_geometries(self.conv, self.calls))  # frozen: old plans' one geometry
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype)
+
+
+_GEOMETRY_KEYS = {"in_shape", "stride", "padding", "dilation", "groups", "calls"}
+
+
+def _geometries_ok(conv: Any, calls: int) -> bool:
+    """Whether a plan layer's conv entry is a list of geometries that each run >= 1 times, `calls` in all."""
+    return (isinstance(conv, list) and bool(conv)
+            and all(isinstance(g, dict) and _GEOMETRY_KEYS <= g.keys() and isinstance(g["calls"], int)
+                    and g["calls"] >= 1 for g in conv)
+            and sum(g["calls"] for g in conv) == calls)
 
 
 @dataclass
@@ -116,6 +131,10 @@ class Plan:
                 raise PlanError(f"plan layer {layer.name!r} has bits={layer.bits}; supported bits are {SUPPORTED_BITS}")
             if not isinstance(layer.calls, int) or isinstance(layer.calls, bool) or layer.calls < 1:
                 raise PlanError(f"plan layer {layer.name!r} has calls={layer.calls!r}; it must be an int >= 1")
+            if layer.conv is not None and not _geometries_ok(layer.conv, layer.calls):
+                raise PlanError(f"plan layer {layer.name!r} has a malformed conv entry: it must be a list of "
+                                f"geometries with the keys {sorted(_GEOMETRY_KEYS)}, whose calls add up to "
+                                f"calls={layer.calls}")
             try:
                 layer.spec
             except ValueError as e:

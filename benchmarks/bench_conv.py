@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize_module  # noqa: E402
-from kernels.latency import (L2_FLUSH_BYTES, _time_cpu, default_dtype, entry_key, latency_kind,  # noqa: E402
+from kernels.latency import (L2_FLUSH_BYTES, _time_cpu, default_dtype, entry_key, latency_calls,  # noqa: E402
                              measure, time_cuda)
 from profilers import build_layer_graph  # noqa: E402
 
@@ -59,11 +59,11 @@ def main() -> None:
     for layer in graph.layers:
         module = dict(net.named_modules())[layer.name]
         for t in samples:
-            xs = torch.randn(t, *layer.conv["in_shape"], device=dev, dtype=dtype)
+            xs = torch.randn(t, *layer.conv[0]["in_shape"], device=dev, dtype=dtype)
             with torch.no_grad():
                 float_ms = (time_cuda(module, xs, a.reps, flush) if dev.type == "cuda"
                             else _time_cpu(module, xs, a.reps))
-            shape, kind = (layer.out_features, layer.in_features), latency_kind(layer)
+            shape, ((kind, _),) = (layer.out_features, layer.in_features), latency_calls(layer)
             ms = {c: table.entries[entry_key(shape, c, t, kind)].ms for c in CHOICES}
             quantized = quantize_module(module, QuantSpec(4, 128), clip_search=False)
             with torch.no_grad():

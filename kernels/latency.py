@@ -9,8 +9,9 @@ with time.perf_counter. The fastest correct path per entry is the dispatch table
 also times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
 model runs, so `lookup` returns its time. Convs whose geometry the layer graph recorded are timed as the
 QuantizedConv an emitted model holds, on `tokens` samples of their traced input shape, under a kind that
-carries the geometry (`latency_kind`). `rest` holds the unquantized rest of whole models (attention, norms,
-embeddings; `kernels.model_latency.measure_rest`), so a plan's latency can be predicted for the whole model.
+carries the geometry (`geometry_kind`; `latency_calls` lists a layer's entries with their calls). `rest` holds
+the unquantized rest of whole models (attention, norms, embeddings; `kernels.model_latency.measure_rest`), so a
+plan's latency can be predicted for the whole model.
 Each graph-timed entry (CUDA, tokens <= GRAPH_MAX_TOKENS) carries the fixed launch and event cost of one timed
 replay, which a whole-model graph pays once in all: `measure` times that cost once per table
 (`replay_overhead_ms`: a replay of one layer less what each further layer of a graph adds, which a layer also
@@ -223,22 +224,41 @@ def cache_path(cache_dir: str | Path, device: str | torch.device) -> Path:
     return Path(cache_dir) / f"latency_{slug}.json"
 
 
-def latency_kind(layer: Any) -> str:
-    """The kind a layer's latency entries are keyed by: its kind, with the geometry appended for convs whose
-    geometry is known (`conv`, recorded by the layer graph), e.g. "conv2d(64x56x56,k3x3,s1x1,p1x1,d1x1,g1)":
-    two convs with one weight matrix but other geometries run differently."""
-    conv = getattr(layer, "conv", None)
+def conv_geometries(conv: Any, calls: int) -> list[dict[str, Any]] | None:
+    """A conv layer's traced geometries as `LayerInfo.conv` holds them: one dict per distinct input geometry
+    (`profilers.graph.conv_geometry`), each with the number of calls that ran it ("calls"). Graphs and plans written
+    before a layer could have several geometries store one dict for all its calls; it becomes a one-item list."""
+    if conv is None or isinstance(conv, list):
+        return conv
+    return [{**conv, "calls": conv.get("calls", calls)}]
+
+
+def geometry_kind(kind: str, weight_shape: tuple[int, ...], conv: dict[str, Any] | None) -> str:
+    """The kind latency entries are keyed by: the layer kind, with a conv's geometry appended, e.g.
+    "conv2d(64x56x56,k3x3,s1x1,p1x1,d1x1,g1)": two convs with one weight matrix but other geometries run
+    differently."""
     if conv is None:
-        return layer.kind
+        return kind
     dims = lambda v: v if isinstance(v, str) else "x".join(str(int(e)) for e in v)  # noqa: E731
     mode = "" if conv.get("padding_mode", "zeros") == "zeros" else f",{conv['padding_mode']}"
-    return (f"{layer.kind}({dims(conv['in_shape'])},k{dims(layer.weight_shape[2:])},s{dims(conv['stride'])},"
+    return (f"{kind}({dims(conv['in_shape'])},k{dims(weight_shape[2:])},s{dims(conv['stride'])},"
             f"p{dims(conv['padding'])},d{dims(conv['dilation'])},g{int(conv['groups'])}{mode})")
+
+
+def latency_calls(layer: Any) -> list[tuple[str, int]]:
+    """(entry kind, calls) for each way one forward runs `layer` (a LayerInfo or LayerPlan): a conv once per traced
+    geometry (a head shared across feature-map sizes runs at each), anything else `layer.calls` times at its kind.
+    A layer's latency is the sum of calls x entry."""
+    calls = getattr(layer, "calls", 1)
+    convs = conv_geometries(getattr(layer, "conv", None), calls)
+    if not convs:
+        return [(layer.kind, calls)]
+    return [(geometry_kind(layer.kind, layer.weight_shape, g), int(g["calls"])) for g in convs]
 
 
 @dataclass(frozen=True)
 class _Layer:
-    """One distinct thing to time: the entry kind (`latency_kind`), the layer kind, the weight matrix (out, in),
+    """One distinct thing to time: the entry kind (`geometry_kind`), the layer kind, the weight matrix (out, in),
     and for convs of known geometry the weight shape and geometry."""
 
     key_kind: str
@@ -256,9 +276,13 @@ def _shapes(layers: Iterable) -> list[_Layer]:
     for it in items:
         if hasattr(it, "out_features"):
             shape = (int(it.out_features), int(it.in_features))
-            conv = getattr(it, "conv", None)
-            seen[_Layer(latency_kind(it), it.kind, shape) if conv is None else
-                 _Layer(latency_kind(it), it.kind, shape, tuple(it.weight_shape), json.dumps(conv))] = None
+            convs = conv_geometries(getattr(it, "conv", None), getattr(it, "calls", 1))
+            if not convs:
+                seen[_Layer(it.kind, it.kind, shape)] = None
+            for g in convs or ():
+                geometry = {k: v for k, v in g.items() if k != "calls"}
+                seen[_Layer(geometry_kind(it.kind, it.weight_shape, g), it.kind, shape, tuple(it.weight_shape),
+                            json.dumps(geometry, sort_keys=True))] = None
         else:
             n, k = it
             seen[_Layer("linear", "linear", (int(n), int(k)))] = None

@@ -5,20 +5,18 @@ nn.Linear: weight is already [out, in]. nn.Conv1d / nn.Conv2d: [out, in/groups, 
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-
-try:
-    from transformers.pytorch_utils import Conv1D as HFConv1D
-except ImportError:  # transformers is optional for kernels
-    HFConv1D = None
 
 
 def module_kind(module: nn.Module) -> str:
     """"linear", "hf_conv1d", "conv1d" or "conv2d" (the kinds of docs/architecture.md)."""
     if isinstance(module, nn.Linear):
         return "linear"
-    if HFConv1D is not None and isinstance(module, HFConv1D):
+    hf = sys.modules.get("transformers.pytorch_utils")  # a transformers Conv1D exists only once it is imported
+    if hf is not None and isinstance(module, hf.Conv1D):
         return "hf_conv1d"
     if isinstance(module, nn.Conv1d):
         return "conv1d"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +19,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+
+from kernels.latency import conv_geometries
+from kernels.layout import module_kind
 
 from .calibration import Batch, call_model, describe
 from .profile import write_json_atomic
@@ -36,9 +38,9 @@ class LayerInfo:
     weight_shape: the parameter's shape as stored; params: weight element count;
     macs: multiply-accumulates per sample in the traced forward (summed over calls);
     in_features / out_features: columns / rows of the 2-D weight matrix [out, in*kernel/groups];
-    conv: for conv kinds, the geometry the traced forward ran (`conv_geometry`: input shape per sample, stride,
-    padding, dilation, groups, padding mode; of the first call), so latency tables time the layer as the model
-    runs it; else None;
+    conv: for conv kinds, each distinct geometry the traced forward ran (`conv_geometry`: input shape per sample,
+    stride, padding, dilation, groups, padding mode) with the number of calls at it ("calls"; a head shared
+    across feature-map sizes has several), so latency tables time the layer as the model runs it; else None;
     calls: how often the traced forward ran the layer (a module reused in a loop or shared between blocks pays
     its latency once per call).
     """
@@ -50,11 +52,12 @@ class LayerInfo:
     macs: int
     in_features: int
     out_features: int
-    conv: dict[str, Any] | None = None
+    conv: list[dict[str, Any]] | None = None
     calls: int = 1
 
     def __post_init__(self) -> None:
         self.weight_shape = tuple(self.weight_shape)
+        self.conv = conv_geometries(self.conv, self.calls)
 
 
 @dataclass
@@ -103,17 +106,11 @@ class LayerGraph:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """The kind of a quantizable module, None for anything else."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv1d):
-        return "conv1d"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    hf = sys.modules.get("transformers.pytorch_utils")
-    if hf is not None and isinstance(module, hf.Conv1D):
-        return "hf_conv1d"
-    return None
+    """The kind of a quantizable module (`kernels.layout.module_kind`), None for anything else."""
+    try:
+        return module_kind(module)
+    except TypeError:
+        return None
 
 
 def _matrix_dims(module: nn.Module, kind: str) -> tuple[int, int]:
@@ -196,7 +193,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
 
     macs: dict[str, int] = {}
     calls: dict[str, int] = {}
-    geometry: dict[str, dict[str, Any]] = {}
+    geometry: dict[str, list[dict[str, Any]]] = {}
     edges: set[tuple[str, str]] = set()
 
     def pre_hook(name: str):
@@ -211,8 +208,14 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
         def hook(mod, args, kwargs, out):
             macs[name] = macs.get(name, 0) + out.numel() // batch_size * in_f
             calls[name] = calls.get(name, 0) + 1
-            if kind in ("conv1d", "conv2d") and name not in geometry:
-                geometry[name] = conv_geometry(mod, args[0] if args else kwargs["input"])
+            if kind in ("conv1d", "conv2d"):
+                g = conv_geometry(mod, args[0] if args else kwargs["input"])
+                seen = geometry.setdefault(name, [])
+                same = [s for s in seen if {k: v for k, v in s.items() if k != "calls"} == g]
+                if same:
+                    same[0]["calls"] += 1
+                else:
+                    seen.append(g | {"calls": 1})
             _tag(out, frozenset({name}))
         return hook
 

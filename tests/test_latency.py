@@ -113,7 +113,7 @@ def test_convs_are_timed_as_an_emitted_model_runs_them(tmp_path) -> None:
     from torch import nn
 
     from allocator import Budget, predict_latency, profile_model, solve_profiled
-    from kernels.latency import latency_kind
+    from kernels.latency import latency_calls
     from kernels.model_latency import measure_rest, model_key
     from profilers import LayerGraph, build_layer_graph
 
@@ -123,10 +123,10 @@ def test_convs_are_timed_as_an_emitted_model_runs_them(tmp_path) -> None:
                         nn.Linear(8 * 4 * 4, 10))
     x = torch.randn(2, 3, 8, 8)
     graph = build_layer_graph(net, x)
-    assert graph["0"].conv == {"in_shape": [3, 8, 8], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1],
-                               "groups": 1, "padding_mode": "zeros"}
+    assert graph["0"].conv == [{"in_shape": [3, 8, 8], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1],
+                                "groups": 1, "padding_mode": "zeros", "calls": 1}]
     assert LayerGraph.from_dict(graph.to_dict()).layers[3].conv is None  # the linear head
-    kinds = [latency_kind(layer) for layer in graph.layers]
+    kinds = [kind for layer in graph.layers for kind, _ in latency_calls(layer)]
     assert kinds == ["conv2d(3x8x8,k3x3,s1x1,p1x1,d1x1,g1)", "conv2d(8x8x8,k1x1,s1x1,p0x0,d1x1,g1)",
                      "conv2d(8x8x8,k3x3,s2x2,p1x1,d1x1,g2,reflect)", "linear"]
 
@@ -187,4 +187,60 @@ def test_a_layer_run_several_times_per_forward_counts_its_latency_each_time(tmp_
     data = again.to_dict()
     data["layers"][0]["calls"] = 0
     with pytest.raises(PlanError, match="calls=0"):
+        Plan.from_dict(data)
+
+
+def test_a_conv_shared_across_feature_map_sizes_is_timed_at_each(tmp_path) -> None:
+    """A detection-style head shared across feature-map sizes runs at each: the layer graph keeps every geometry
+    with its calls, the table times each, and the solver's latency column and the plan's prediction sum them.
+    Plans written when a conv kept one geometry still load; a conv entry whose calls do not add up is rejected."""
+    from torch import nn
+
+    from allocator import Budget, Plan, PlanError, predict_latency, profile_model, solve_profiled
+    from allocator.api import build_problem
+    from kernels.latency import latency_calls
+    from kernels.model_latency import measure_rest, model_key
+    from profilers import LayerGraph, build_layer_graph
+
+    class Pyramid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down, self.head = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            small = self.down(x)
+            return self.head(x).mean() + self.head(small).mean() + self.head(small * 2).mean()
+
+    torch.manual_seed(0)
+    net, x = Pyramid(), torch.randn(2, 8, 8, 8)
+    graph = build_layer_graph(net, x)
+    head = graph["head"]
+    assert head.calls == 3 and [(g["in_shape"], g["calls"]) for g in head.conv] == [([8, 8, 8], 1), ([8, 4, 4], 2)]
+    assert LayerGraph.from_dict(graph.to_dict())["head"].conv == head.conv
+    saved = graph.to_dict()  # graphs written when a conv kept one geometry (that of its first call)
+    saved["layers"][0]["conv"] = {k: v for k, v in saved["layers"][0]["conv"][0].items() if k != "calls"}
+    assert LayerGraph.from_dict(saved)["down"].conv == graph["down"].conv
+    assert latency_calls(head) == [("conv2d(8x8x8,k3x3,s1x1,p1x1,d1x1,g1)", 1),
+                                   ("conv2d(8x4x4,k3x3,s1x1,p1x1,d1x1,g1)", 2)]
+
+    table = measure(graph, ["w4", "w8"], tokens=(1,), device="cpu", reps=2, cache_dir=tmp_path)
+    big, small = (table.layer_ms((4, 72), "w4", 1, kind) for kind, _ in latency_calls(head))
+    profiled = profile_model(net, [x], [Choice(4), Choice(8)], profiler="gptq")
+    problem = build_problem(profiled, latency_table=table, tokens=1)
+    assert problem.latency[graph.names.index("head"), 0] == pytest.approx(big + 2 * small)
+
+    measure_rest(net, graph, tokens=(1,), device="cpu", reps=2, inputs=lambda t: torch.randn(t, 8, 8, 8), table=table)
+    plan = solve_profiled(profiled, Budget(avg_bits=8), method="greedy", latency_table=table, tokens=1)
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again.layers[1].conv == head.conv
+    rest, layers_ms = predict_latency(again, table, 1, model_key(net, graph.names))
+    assert rest + layers_ms == pytest.approx(plan.predicted["latency_ms"], rel=1e-9)
+
+    data = again.to_dict()
+    old = data["layers"][0]
+    old["conv"] = {k: v for k, v in old["conv"][0].items() if k != "calls"}  # one geometry, as plans used to hold
+    assert Plan.from_dict(data).layers[0].conv == graph["down"].conv
+    data["layers"][1]["conv"][1]["calls"] = 1
+    with pytest.raises(PlanError, match="calls=3"):
         Plan.from_dict(data)
