@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -518,9 +519,12 @@ _GLUON_TILE = (128, 4, 8)
 
 @functools.cache
 def gluon_available(device: torch.device) -> bool:
-    """Whether the Gluon decode kernel runs on `device`: Triton with Gluon, inline PTX (not the CPU interpreter)
-    and a CUDA device with mma.sync (compute capability 8.0 or newer)."""
+    """Whether the Gluon decode kernel runs on `device`: Triton 3.6 or newer (the Gluon API it was written and
+    checked for; Gluon is experimental and changes between releases), inline PTX (not the CPU interpreter) and a
+    CUDA device with mma.sync (compute capability 8.0 or newer)."""
     if not (HAVE_TRITON and ASM and device.type == "cuda"):
+        return False
+    if tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) < (3, 6):
         return False
     from .gluon_linear import HAVE_GLUON
     return HAVE_GLUON and torch.cuda.get_device_capability(device) >= (8, 0)
