@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import Choice
-from kernels.latency import (GRAPH_MAX_TOKENS, MIN_LAYER_FRACTION, LatencyEntry, LatencyTable, cache_path, entry_key,
-                             measure, replay_overhead_ms)
+from kernels import Choice, LatencyTable, measure
+from kernels.latency import GRAPH_MAX_TOKENS, MIN_LAYER_FRACTION, LatencyEntry, cache_path, entry_key, replay_overhead_ms
 
 
 def test_measure_cpu_tiny(tmp_path) -> None:
