@@ -641,8 +641,8 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
             raise ValueError(f"config {cfg.label} runs 2..6-bit weights and up to block_m (a power of 2) bfloat16 "
                              f"token rows; got {gw.bits}-bit, {m} rows of {x.dtype}")
         if cfg.gluon and not gluon_available(x.device):
-            raise ValueError(f"config {cfg.label} needs Triton's Gluon and a CUDA device of compute capability 8.0 "
-                             "or newer (Gluon does not run in the CPU interpreter)")
+            raise ValueError(f"config {cfg.label} needs Triton >= 3.6 (Gluon) and a CUDA device of compute capability "
+                             "8.0 or newer (Gluon does not run in the CPU interpreter)")
         tiles = cfg.block_n // (16 * cfg.num_warps)
         if cfg.gluon and (cfg.block_n % (16 * cfg.num_warps) or tiles < 1 or tiles & (tiles - 1)):
             raise ValueError(f"config {cfg.label}: the Gluon kernel needs block_n = 16 * num_warps * a power of 2")
