@@ -68,10 +68,14 @@ _GEOMETRY_KEYS = {"in_shape", "stride", "padding", "dilation", "groups", "calls"
 
 
 def _geometries_ok(conv: Any, calls: int) -> bool:
-    """Whether a plan layer's conv entry is a list of geometries that each run >= 1 times, `calls` in all."""
+    """Whether a plan layer's conv entry is a list of geometries (`profilers.graph.conv_geometry` plus "calls")
+    that each run >= 1 times, `calls` in all."""
+    ints = lambda v: isinstance(v, list) and all(isinstance(e, int) and e >= 0 for e in v)  # noqa: E731
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
     return (isinstance(conv, list) and bool(conv)
-            and all(isinstance(g, dict) and _GEOMETRY_KEYS <= g.keys() and isinstance(g["calls"], int)
-                    and g["calls"] >= 1 for g in conv)
+            and all(isinstance(g, dict) and _GEOMETRY_KEYS <= g.keys() and ints(g["in_shape"]) and ints(g["stride"])
+                    and ints(g["dilation"]) and (ints(g["padding"]) or isinstance(g["padding"], str))
+                    and count(g["groups"]) and count(g["calls"]) for g in conv)
             and sum(g["calls"] for g in conv) == calls)
 
 

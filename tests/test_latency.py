@@ -245,3 +245,6 @@ def test_a_conv_shared_across_feature_map_sizes_is_timed_at_each(tmp_path) -> No
     data["layers"][1]["conv"][1]["calls"] = 1
     with pytest.raises(PlanError, match="calls=3"):
         Plan.from_dict(data)
+    data["layers"][1]["conv"][1].update(calls=2, groups="one")
+    with pytest.raises(PlanError, match="malformed conv entry"):
+        Plan.from_dict(data)
