@@ -11,7 +11,7 @@ import numpy as np
 import torch.nn as nn
 
 from kernels import SUPPORTED_BITS, Choice, weight_nbytes
-from kernels.latency import LatencyTable, latency_calls
+from kernels.latency import LatencyTable, forward_ms
 from kernels.model_latency import model_key
 from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
 from solvers import InfeasibleError, Problem, Solution, solve
@@ -121,9 +121,8 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
                 if choice.label in latency_table.skipped:
                     allowed[i, j] = False
                     continue
-                shape = (layer.out_features, layer.in_features)
-                latency[i, j] = sum(calls * latency_table.layer_ms(shape, choice, tokens, kind)
-                                    for kind, calls in latency_calls(layer))
+                latency[i, j] = forward_ms(latency_table.layer_ms, layer, (layer.out_features, layer.in_features),
+                                           choice, tokens)
     return Problem(
         layers=graph.names,
         choices=list(prof.choices),

@@ -19,7 +19,7 @@ from ray.util import ActorPool
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kernels.latency import LatencyTable, geometry_kind
+from kernels.latency import LatencyTable, TimedLayer, timed_layers
 from profilers import LayerGraph, build_layer_graph
 
 from .jobs import JobSpec, RaySettings, load_inputs, profile_shard, shard_items
@@ -101,29 +101,7 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
         remove_placement_group(pg)
 
 
-class _Shape:
-    """A layer as ``kernels.latency.measure`` reads it: kind, (out, in) shape, weight shape and a conv's
-    geometries (``LayerInfo.conv``; None for linears)."""
-
-    def __init__(self, kind: str, shape: tuple[int, int], weight_shape: tuple[int, ...],
-                 conv: list[dict[str, Any]] | None = None) -> None:
-        self.kind, (self.out_features, self.in_features) = kind, shape
-        self.weight_shape, self.conv = weight_shape, conv
-
-
-def _layer_shapes(graph: LayerGraph) -> list[tuple[str, tuple[int, int], tuple[int, ...], list | None]]:
-    """The graph's distinct layers to time (plain data for a Ray task): one per latency entry kind and shape (a
-    conv run at several geometries gives one per geometry)."""
-    seen = {}
-    for l in graph.layers:
-        shape = (l.out_features, l.in_features)
-        for g in l.conv or [None]:
-            seen.setdefault((geometry_kind(l.kind, l.weight_shape, g), shape),
-                            (l.kind, shape, tuple(l.weight_shape), None if g is None else [g]))
-    return [seen[k] for k in sorted(seen)]
-
-
-def _measure(layers: list[tuple], choices: list[str], tokens: int, cache_dir: str,
+def _measure(layers: list[TimedLayer], choices: list[str], tokens: int, cache_dir: str,
              spec: JobSpec | None = None, model=None, graph: LayerGraph | None = None) -> LatencyTable:
     """Measure on this process's device (its GPU when it has one, else the CPU). With the job's model (given
     with its graph, or loaded from ``spec``), the table also gets the model's unquantized rest, so a latency
@@ -136,8 +114,7 @@ def _measure(layers: list[tuple], choices: list[str], tokens: int, cache_dir: st
     from kernels.model_latency import measure_rest, model_key
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    table = measure([_Shape(*layer) for layer in layers], choices, tokens=(tokens,), device=device,
-                    cache_dir=cache_dir)
+    table = measure(layers, choices, tokens=(tokens,), device=device, cache_dir=cache_dir)
     if model is None and spec is not None:
         model, calib = load_inputs(spec)
         graph = build_layer_graph(model, calib[0])
@@ -149,7 +126,7 @@ def _measure(layers: list[tuple], choices: list[str], tokens: int, cache_dir: st
     return table
 
 
-def _measure_task(layers: list[tuple[str, tuple[int, int]]], choices: list[str], tokens: int,
+def _measure_task(layers: list[TimedLayer], choices: list[str], tokens: int,
                   cache_dir: str, spec: JobSpec | None) -> tuple[dict, str]:
     return _measure(layers, choices, tokens, cache_dir, spec).to_dict(), ray.get_runtime_context().get_node_id()
 
@@ -163,7 +140,7 @@ def measure_latency(graph: LayerGraph, choices: list[str], tokens: int, accelera
     if accelerator is not None:
         options.update(num_gpus=1, accelerator_type=accelerator)
     task = ray.remote(_measure_task).options(**options)
-    table, node = ray.get(task.remote(_layer_shapes(graph), choices, tokens, cache_dir, spec))
+    table, node = ray.get(task.remote(timed_layers(graph), choices, tokens, cache_dir, spec))
     return LatencyTable.from_dict(table), node
 
 
@@ -173,7 +150,7 @@ def latency_table(spec: JobSpec, graph: LayerGraph, model) -> LatencyTable:
     choices = [c.label for c in spec.candidates]
     cache_dir = str(spec.store_dir / "latency")
     if spec.ray is None and spec.latency.accelerator is None:
-        return _measure(_layer_shapes(graph), choices, spec.latency.tokens, cache_dir, model=model, graph=graph)
+        return _measure(timed_layers(graph), choices, spec.latency.tokens, cache_dir, model=model, graph=graph)
     connect(spec.ray or RaySettings())
     table, node = measure_latency(graph, choices, spec.latency.tokens, spec.latency.accelerator, cache_dir, spec)
     log.warning("bitalloc: latency table measured on %s (node %s)", table.device, node)

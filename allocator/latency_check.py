@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from kernels.latency import L2_FLUSH_BYTES, LatencyTable, latency_calls
+from kernels.latency import L2_FLUSH_BYTES, LatencyTable, forward_ms
 from kernels.memory import matrix_shape
 from kernels.model_latency import Inputs, model_key, time_forward
 
@@ -69,7 +69,7 @@ def _layers_ms(plan: Plan, table: LatencyTable, tokens: int, raw: bool) -> float
     total = 0.0
     for layer in plan.layers:
         shape = matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d" else layer.weight_shape)
-        total += sum(calls * figure(shape, layer.choice, tokens, kind) for kind, calls in latency_calls(layer))
+        total += forward_ms(figure, layer, shape, layer.choice, tokens)
     return total
 
 

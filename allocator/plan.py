@@ -67,15 +67,19 @@ class LayerPlan:
 _GEOMETRY_KEYS = {"in_shape", "stride", "padding", "dilation", "groups", "calls"}
 
 
+def _count(v: Any) -> bool:
+    """Whether `v` is an int >= 1 (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def _geometries_ok(conv: Any, calls: int) -> bool:
     """Whether a plan layer's conv entry is a list of geometries (`profilers.graph.conv_geometry` plus "calls")
     that each run >= 1 times, `calls` in all."""
     ints = lambda v: isinstance(v, list) and all(isinstance(e, int) and e >= 0 for e in v)  # noqa: E731
-    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
     return (isinstance(conv, list) and bool(conv)
             and all(isinstance(g, dict) and _GEOMETRY_KEYS <= g.keys() and ints(g["in_shape"]) and ints(g["stride"])
                     and ints(g["dilation"]) and (ints(g["padding"]) or isinstance(g["padding"], str))
-                    and count(g["groups"]) and count(g["calls"]) for g in conv)
+                    and _count(g["groups"]) and _count(g["calls"]) for g in conv)
             and sum(g["calls"] for g in conv) == calls)
 
 
@@ -133,7 +137,7 @@ class Plan:
                 raise PlanError(f"plan layer #{i} ({entry.get('name', '?')!r}) is malformed: {e}") from None
             if layer.bits not in SUPPORTED_BITS:
                 raise PlanError(f"plan layer {layer.name!r} has bits={layer.bits}; supported bits are {SUPPORTED_BITS}")
-            if not isinstance(layer.calls, int) or isinstance(layer.calls, bool) or layer.calls < 1:
+            if not _count(layer.calls):
                 raise PlanError(f"plan layer {layer.name!r} has calls={layer.calls!r}; it must be an int >= 1")
             if layer.conv is not None and not _geometries_ok(layer.conv, layer.calls):
                 raise PlanError(f"plan layer {layer.name!r} has a malformed conv entry: it must be a list of "

@@ -256,10 +256,17 @@ def latency_calls(layer: Any) -> list[tuple[str, int]]:
     return [(geometry_kind(layer.kind, layer.weight_shape, g), int(g["calls"])) for g in convs]
 
 
+def forward_ms(figure: Callable[..., float], layer: Any, shape: tuple[int, int], choice: Choice | str,
+               tokens: int) -> float:
+    """What `layer` adds to one forward: sum over `latency_calls` of calls x `figure(shape, choice, tokens, kind)`
+    (`LatencyTable.layer_ms` or `.lookup`)."""
+    return sum(calls * figure(shape, choice, tokens, kind) for kind, calls in latency_calls(layer))
+
+
 @dataclass(frozen=True)
-class _Layer:
+class TimedLayer:
     """One distinct thing to time: the entry kind (`geometry_kind`), the layer kind, the weight matrix (out, in),
-    and for convs of known geometry the weight shape and geometry."""
+    and for convs of known geometry the weight shape and geometry. Plain data: a Ray task is sent a list of them."""
 
     key_kind: str
     kind: str
@@ -268,28 +275,30 @@ class _Layer:
     conv: str | None = None  # the geometry as JSON (hashable)
 
 
-def _shapes(layers: Iterable) -> list[_Layer]:
-    """Distinct layers to time from (out, in) tuples, LayerInfo-like objects (kind, out/in_features, and for
-    convs weight_shape and conv) or a LayerGraph."""
+def timed_layers(layers: Iterable) -> list[TimedLayer]:
+    """Distinct layers to time (one per conv geometry) from (out, in) tuples, TimedLayers, LayerInfo-like objects
+    (kind, out/in_features, and for convs weight_shape and conv) or a LayerGraph."""
     items = getattr(layers, "layers", layers)
-    seen: dict[_Layer, None] = {}
+    seen: dict[TimedLayer, None] = {}
     for it in items:
-        if hasattr(it, "out_features"):
+        if isinstance(it, TimedLayer):
+            seen[it] = None
+        elif hasattr(it, "out_features"):
             shape = (int(it.out_features), int(it.in_features))
             convs = conv_geometries(getattr(it, "conv", None), getattr(it, "calls", 1))
             if not convs:
-                seen[_Layer(it.kind, it.kind, shape)] = None
+                seen[TimedLayer(it.kind, it.kind, shape)] = None
             for g in convs or ():
                 geometry = {k: v for k, v in g.items() if k != "calls"}
-                seen[_Layer(geometry_kind(it.kind, it.weight_shape, g), it.kind, shape, tuple(it.weight_shape),
+                seen[TimedLayer(geometry_kind(it.kind, it.weight_shape, g), it.kind, shape, tuple(it.weight_shape),
                             json.dumps(geometry, sort_keys=True))] = None
         else:
             n, k = it
-            seen[_Layer("linear", "linear", (int(n), int(k)))] = None
+            seen[TimedLayer("linear", "linear", (int(n), int(k)))] = None
     return list(seen)
 
 
-def _conv_path(layer: _Layer, qt: QuantizedTensor, dtype: torch.dtype, device: torch.device):
+def _conv_path(layer: TimedLayer, qt: QuantizedTensor, dtype: torch.dtype, device: torch.device):
     """(the QuantizedConv an emitted model would hold for `qt`, x -> its float64 reference output, the input
     shape per sample)."""
     g = json.loads(layer.conv)
@@ -472,7 +481,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
         if reason is not None:
             table.skipped[choice.label] = reason
             continue
-        for layer in _shapes(layers):
+        for layer in timed_layers(layers):
             kind, shape = layer.key_kind, layer.shape
             wants_selected = layer.conv is None and _records_selected(choice, layer.kind)
             todo = [t for t in tokens if (e := table.entries.get(entry_key(shape, choice, t, kind))) is None

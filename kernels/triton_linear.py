@@ -640,12 +640,13 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or x.dtype != torch.bfloat16:
             raise ValueError(f"config {cfg.label} runs 2..6-bit weights and up to block_m (a power of 2) bfloat16 "
                              f"token rows; got {gw.bits}-bit, {m} rows of {x.dtype}")
-        if cfg.gluon and not gluon_available(x.device):
-            raise ValueError(f"config {cfg.label} needs Triton >= 3.6 (Gluon) and a CUDA device of compute capability "
-                             "8.0 or newer (Gluon does not run in the CPU interpreter)")
-        tiles = cfg.block_n // (16 * cfg.num_warps)
-        if cfg.gluon and (cfg.block_n % (16 * cfg.num_warps) or tiles < 1 or tiles & (tiles - 1)):
-            raise ValueError(f"config {cfg.label}: the Gluon kernel needs block_n = 16 * num_warps * a power of 2")
+        if cfg.gluon:
+            if not gluon_available(x.device):
+                raise ValueError(f"config {cfg.label} needs Triton >= 3.6 (Gluon) and a CUDA device of compute "
+                                 "capability 8.0 or newer (Gluon does not run in the CPU interpreter)")
+            tiles = cfg.block_n // (16 * cfg.num_warps)
+            if cfg.block_n % (16 * cfg.num_warps) or tiles < 1 or tiles & (tiles - 1):
+                raise ValueError(f"config {cfg.label}: the Gluon kernel needs block_n = 16 * num_warps * a power of 2")
         grid = (triton.cdiv(n, cfg.block_n), split)
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
         run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group

@@ -193,7 +193,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
 
     macs: dict[str, int] = {}
     calls: dict[str, int] = {}
-    geometry: dict[str, list[dict[str, Any]]] = {}
+    geometry: dict[str, dict[str, dict[str, Any]]] = {}  # name -> geometry as JSON -> geometry with its calls
     edges: set[tuple[str, str]] = set()
 
     def pre_hook(name: str):
@@ -210,12 +210,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
             calls[name] = calls.get(name, 0) + 1
             if kind in ("conv1d", "conv2d"):
                 g = conv_geometry(mod, args[0] if args else kwargs["input"])
-                seen = geometry.setdefault(name, [])
-                same = [s for s in seen if {k: v for k, v in s.items() if k != "calls"} == g]
-                if same:
-                    same[0]["calls"] += 1
-                else:
-                    seen.append(g | {"calls": 1})
+                geometry.setdefault(name, {}).setdefault(json.dumps(g), g | {"calls": 0})["calls"] += 1
             _tag(out, frozenset({name}))
         return hook
 
@@ -240,7 +235,7 @@ def build_layer_graph(model: nn.Module, example_batch: Batch) -> LayerGraph:
             continue
         in_f, out_f = _matrix_dims(module, kind)
         layers.append(LayerInfo(name, kind, tuple(module.weight.shape), module.weight.numel(), macs[name], in_f, out_f,
-                                geometry.get(name), calls[name]))
+                                list(geometry[name].values()) if name in geometry else None, calls[name]))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layer left; skipped: {skipped}")
     g = nx.DiGraph()

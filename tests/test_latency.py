@@ -223,8 +223,8 @@ def test_a_conv_shared_across_feature_map_sizes_is_timed_at_each(tmp_path) -> No
                                    ("conv2d(8x4x4,k3x3,s1x1,p1x1,d1x1,g1)", 2)]
 
     table = measure(graph, ["w4", "w8"], tokens=(1,), device="cpu", reps=2, cache_dir=tmp_path)
-    from allocator.distributed import _layer_shapes  # what a Ray latency task is sent: one entry per geometry
-    assert len(_layer_shapes(graph)) == 3 == len(table.entries) // 2
+    from kernels.latency import timed_layers  # what a Ray latency task is sent: one entry per geometry
+    assert len(timed_layers(graph)) == 3 == len(table.entries) // 2
     big, small = (table.layer_ms((4, 72), "w4", 1, kind) for kind, _ in latency_calls(head))
     profiled = profile_model(net, [x], [Choice(4), Choice(8)], profiler="gptq")
     problem = build_problem(profiled, latency_table=table, tokens=1)
