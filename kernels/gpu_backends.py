@@ -1,8 +1,9 @@
 """CUDA backends: our Triton kernels in the registry of `kernels.backends`, and the library anchors.
 
 - "triton" (registered, layout "gpu_planes"): fused b-bit kernels for decode; for prefill, the fused GEMM
-  or dequantize + cuBLAS, whichever `DISPATCH` (filled from a measured LatencyTable) says is faster,
-  else `PREFILL_DEQUANT_MIN_M`.
+  or dequantize + cuBLAS. The path and the fused kernel's tile are what `DISPATCH` holds for the layer's
+  (shape, spec, tokens): the winners a LatencyTable measured on this device (`LatencyTable.use_dispatch`);
+  without one, `triton_linear.default_config` and dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M rows.
 - `gpu_candidates(qt, dtype)`: every way this device can run one quantized weight, by name, for the latency
   table and the benchmark: "triton_fused", "triton_dequant_cublas", "tinygemm_int4" (torch's
   _weight_int4pack_mm, bf16, 4-bit, groups 32..256) and "gemlite" (2/4/8-bit, when importable).
@@ -25,22 +26,42 @@ GPU_LAYOUT = "gpu_planes"
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 PREFILL_DEQUANT_MIN_M = 256
 TINYGEMM_GROUPS = (32, 64, 128, 256)
-# (N, K, bits, tokens) -> "triton_fused" | "triton_dequant_cublas", from LatencyTable.dispatch
-DISPATCH: dict[tuple[int, int, int, int], str] = {}
+# (N, K, bits, group width, symmetric, tokens) -> (path, tile): a latency table's measured winner among our paths
+DISPATCH: dict[tuple[int, int, int, int, bool, int], tuple[str, tlin.Config | None]] = {}
 
 
-def install_dispatch(table_dispatch: dict[tuple[int, int, int, int], str]) -> None:
-    """Use measured winners between our two paths (other names in the table are ignored here)."""
-    DISPATCH.update({k: v for k, v in table_dispatch.items() if v in ("triton_fused", "triton_dequant_cublas")})
+def _key(spec: QuantSpec, shape: tuple[int, int]) -> tuple[int, int, int, int, bool]:
+    return shape[0], shape[1], spec.bits, spec.group_width(shape[1]), spec.symmetric
 
 
-def _pick(m: int, gw: GpuPackedWeight) -> str:
-    n, k = gw.shape
-    near = [key for key in DISPATCH if key[:3] == (n, k, gw.bits)]
+def use_measured(spec: QuantSpec, shape: tuple[int, int], tokens: int, path: str) -> None:
+    """Run "triton" layers of this spec and shape at `tokens` token rows by `path`, a latency table's name for one
+    of our paths: "triton_dequant_cublas", "triton_fused" (the default tile) or "triton_fused[<tile label>]"."""
+    if not is_ours(path):
+        raise ValueError(f"path={path!r} is not one of ours; use 'triton_dequant_cublas', 'triton_fused' or "
+                         "'triton_fused[<tile label>]'")
+    tile = tlin.Config.parse(path[len("triton_fused["):-1]) if path.endswith("]") else None
+    DISPATCH[(*_key(spec, shape), tokens)] = path.split("[")[0], tile
+
+
+def is_ours(path: str) -> bool:
+    """Whether a latency table's path name is one `use_measured` can install."""
+    return path in ("triton_fused", "triton_dequant_cublas") or (path.startswith("triton_fused[")
+                                                                  and path.endswith("]"))
+
+
+def pick(m: int, gw: GpuPackedWeight) -> tuple[str, tlin.Config | None]:
+    """The (path, tile) a "triton" layer runs for m token rows: the measured winner at m rows; else the path measured
+    at the nearest token count with the default tile (None); else dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M
+    rows and the fused kernel's default tile below."""
+    layer = _key(gw.spec, gw.shape)
+    exact = DISPATCH.get((*layer, m))
+    if exact is not None:
+        return exact
+    near = [key for key in DISPATCH if key[:5] == layer]
     if near:
-        best = min(near, key=lambda key: abs(key[3] - m))
-        return DISPATCH[best]
-    return "triton_dequant_cublas" if m >= PREFILL_DEQUANT_MIN_M else "triton_fused"
+        return DISPATCH[min(near, key=lambda key: abs(key[5] - m))][0], None
+    return ("triton_dequant_cublas" if m >= PREFILL_DEQUANT_MIN_M else "triton_fused"), None
 
 
 def gpu_weight(qw: QuantizedWeightLike) -> GpuPackedWeight:
@@ -51,10 +72,11 @@ def gpu_weight(qw: QuantizedWeightLike) -> GpuPackedWeight:
 
 
 def run_gpu_weight(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
-    """x [M, K] @ W^T by the path `_pick` chooses for M."""
-    if _pick(x.shape[0], gw) == "triton_dequant_cublas":
+    """x [M, K] @ W^T by the path and tile `pick` chooses for M."""
+    path, tile = pick(x.shape[0], gw)
+    if path == "triton_dequant_cublas":
         return tlin.dequant_matmul(x, gw)
-    return tlin.linear(x, gw)
+    return tlin.linear(x, gw, tile)
 
 
 def _triton_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
@@ -132,13 +154,15 @@ def _gemlite(qt: QuantizedTensor, dtype: torch.dtype) -> Callable[[torch.Tensor]
     return layer.forward
 
 
-def gpu_candidates(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[dict[str, Callable], dict[str, str]]:
-    """(name -> fn(x [M, K]) -> [M, N]) for every path that can run `qt` on CUDA, and name -> reason skipped."""
+def gpu_candidates(qt: QuantizedTensor, dtype: torch.dtype,
+                   gw: GpuPackedWeight | None = None) -> tuple[dict[str, Callable], dict[str, str]]:
+    """(name -> fn(x [M, K]) -> [M, N]) for every path that can run `qt` on CUDA, and name -> reason skipped;
+    `gw`: `qt` already repacked for the GPU."""
     if dtype not in ACT_DTYPES:
         raise ValueError(f"dtype={dtype} is not supported on CUDA; use float16 or bfloat16")
     fns: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
-    gw = repack_for_gpu(qt, "cuda")
+    gw = gw if gw is not None else repack_for_gpu(qt, "cuda")
     fns["triton_fused"] = lambda x: tlin.linear(x, gw)
     fns["triton_dequant_cublas"] = lambda x: tlin.dequant_matmul(x, gw)
     reason = tinygemm_reason(qt.spec, qt.shape) or (None if dtype == torch.bfloat16 else "tinygemm is bfloat16 only")
@@ -155,6 +179,15 @@ def gpu_candidates(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[dict[str, C
     else:
         skipped["gemlite"] = reason
     return fns, skipped
+
+
+def tile_fns(gw: GpuPackedWeight, m: int, dtype: torch.dtype) -> dict[str, Callable]:
+    """Our fused kernel at each tile `triton_linear.tile_candidates` offers for m rows besides the default
+    ("triton_fused"), by name "triton_fused[<tile label>]" (the name `use_measured` installs)."""
+    if not tlin.fused_supported(gw):
+        return {}
+    return {f"triton_fused[{cfg.label}]": (lambda x, cfg=cfg: tlin.linear(x, gw, cfg))
+            for cfg in tlin.tile_candidates(m, gw, dtype)[1:]}
 
 
 def module_view(qt: QuantizedTensor, device: str = "cuda") -> SimpleNamespace:

@@ -5,8 +5,11 @@ every path that can compute it (CUDA: our Triton kernels and the library anchors
 the registered backends of `kernels.backends`), checks each against a float64 reference (a path off by
 more than the tolerance is dropped and the reason kept), and times the correct ones: on CUDA with events
 around a CUDA-graph replay of one call, the L2 flushed before each replay, the median of `reps`; on the CPU
-with time.perf_counter. The fastest correct path per entry is the dispatch table. Each weight-only linear entry
-also times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
+with time.perf_counter. The fastest correct path per entry is the dispatch table. On CUDA our fused kernel is
+also timed at the other tiles `triton_linear.tile_candidates` offers for decode token counts (as
+"triton_fused[<tile label>]"), and the fastest of our paths, tile included, is installed for emitted models
+(`gpu_backends.use_measured`; `LatencyTable.use_dispatch` installs a whole table). Each weight-only linear entry
+then times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
 model runs, so `lookup` returns its time. Convs whose geometry the layer graph recorded are timed as the
 QuantizedConv an emitted model holds, on `tokens` samples of their traced input shape, under a kind that
 carries the geometry (`geometry_kind`; `latency_calls` lists a layer's entries with their calls). `rest` holds
@@ -38,7 +41,8 @@ from typing import Any
 import torch
 
 from .backends import BACKENDS, Backend, layer_view, select_backend
-from .choice import Choice
+from .choice import Choice, QuantSpec
+from .gpu_layout import repack_for_gpu
 from .modules import QuantizedConv
 from .quantizer import QuantizedTensor, quantize
 
@@ -190,6 +194,22 @@ class LatencyTable:
             n, k = (int(v) for v in shape.split("x"))
             out[(n, k, label, int(tokens))] = e.backend
         return out
+
+    def use_dispatch(self) -> None:
+        """Run emitted models' "triton" layers in this process by this table's measured winners among our paths
+        (dequantize + cuBLAS or the fused kernel, and the fused kernel's tile) per (shape, choice, tokens): what
+        its `selected` entries timed. `measure` does this on CUDA; call it after loading a table in a new process
+        (a table of another device installs tiles measured there). Other token counts take the path measured at
+        the nearest count, with the default tile."""
+        from .gpu_backends import is_ours, use_measured
+        for key, e in self.entries.items():
+            kind, rest = key.split(":", 1)
+            shape, label, tokens = rest.split("|")
+            choice = Choice.parse(label)
+            ours = {name: v for name, v in e.all_ms.items() if is_ours(name)}
+            if kind in ("linear", "hf_conv1d") and choice.abits is None and ours:
+                n, k = (int(v) for v in shape.split("x"))
+                use_measured(choice.spec_for(kind, k), (n, k), int(tokens), min(ours, key=ours.get))
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "versions": self.versions, "skipped": self.skipped,
@@ -424,10 +444,6 @@ def replay_overhead_ms(device: str | torch.device, reps: int = 50, flush: torch.
     return max(statistics.median(estimates), 0.0)
 
 
-def _rel_error(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor) -> float:
-    return _rel_error_to(y, x.double().cpu() @ qt.dequantize(torch.float64).t())
-
-
 def _rel_error_to(y: torch.Tensor, ref: torch.Tensor) -> float:
     y = y.double().cpu()
     if y.shape != ref.shape or not torch.isfinite(y).all():
@@ -444,19 +460,25 @@ def unsupported_reason(choice: Choice, device: torch.device) -> str | None:
 
 
 def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: torch.device):
-    """(name -> fn, name -> reason skipped) of every path that runs `qt` under `choice` on `device`; on CUDA the
-    registry backend an emitted QuantizedLinear selects is among them (under its registry name)."""
+    """(name -> fn, name -> reason skipped, tiles) for every path that runs `qt` under `choice` on `device`; on CUDA
+    the registry backend an emitted QuantizedLinear selects is among them (under its registry name), and
+    tiles(m) gives our fused kernel at the other tiles it tries for m token rows (`gpu_backends.tile_fns`)."""
     if choice.abits is not None:
         from . import gpu_activation_quant as gaq
-        return gaq.candidates(qt, choice, dtype)
+        return (*gaq.candidates(qt, choice, dtype), _no_tiles)
     if device.type == "cuda":
-        from .gpu_backends import gpu_candidates
-        fns, skipped = gpu_candidates(qt, dtype)
+        from .gpu_backends import gpu_candidates, tile_fns
+        gw = repack_for_gpu(qt, "cuda")
+        fns, skipped = gpu_candidates(qt, dtype, gw)
         selected = selected_backend(qt, dtype, device)
         if selected is not None and selected.name not in fns:
             fns[selected.name] = _registry_fn(selected, qt, device)
-        return fns, skipped
-    return _cpu_candidates(qt, dtype), {}
+        return fns, skipped, lambda m: tile_fns(gw, m, dtype)
+    return _cpu_candidates(qt, dtype), {}, _no_tiles
+
+
+def _no_tiles(m: int) -> dict[str, Callable]:
+    return {}
 
 
 def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[int] = (1, 16, 512),
@@ -492,25 +514,23 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                           clip_search=False)
             if layer.conv is not None:  # the QuantizedConv an emitted model holds, on inputs of the traced geometry
                 module, ref, per_sample = _conv_path(layer, qt, dtype, dev)
-                fns, skipped, selected = {"quantized_conv": module}, {}, None
+                fns, skipped, tiles, selected = {"quantized_conv": module}, {}, _no_tiles, None
             else:
-                fns, skipped = candidates(qt, choice, dtype, dev)
+                fns, skipped, tiles = candidates(qt, choice, dtype, dev)
                 selected = selected_backend(qt, dtype, dev) if wants_selected else None
-                ref, per_sample = None, (shape[1],)
+                w64 = qt.dequantize(torch.float64).t()
+                ref, per_sample = (lambda x: x.double().cpu() @ w64), (shape[1],)
+            tol = TOLERANCE[dtype] * (4 if choice.abits is not None else 1)
             for t in todo:
                 x = torch.randn(t, *per_sample, generator=gen).to(dev, dtype)
-                ms, rejected = {}, dict(skipped)
-                for name, fn in fns.items():
-                    try:
-                        err = _rel_error(fn(x), x, qt) if ref is None else _rel_error_to(fn(x), ref(x))
-                    except Exception as e:  # noqa: BLE001 - a failing path is reported, not fatal
-                        rejected[name] = f"{type(e).__name__}: {e}"[:300]
-                        continue
-                    if err > TOLERANCE[dtype] * (4 if choice.abits is not None else 1):
-                        rejected[name] = f"relative error {err:.2e} over tolerance"
-                        continue
-                    ms[name] = (time_cuda(fn, x, reps, flush, graph=t <= GRAPH_MAX_TOKENS) if dev.type == "cuda"
-                                else _time_cpu(fn, x, reps))
+                expected = ref(x)
+                paths = {**fns, **tiles(t)}
+                last = paths.pop(selected.name) if selected is not None and selected.name in paths else None
+                ms, rejected = _time_paths(paths, x, expected, tol, reps, flush, t, dict(skipped))
+                if selected is not None and dev.type == "cuda" and ms:
+                    _use_measured(qt.spec, shape, t, ms)
+                if last is not None:  # after the winners are installed: the path an emitted model runs
+                    ms.update(_time_paths({selected.name: last}, x, expected, tol, reps, flush, t, rejected)[0])
                 if not ms:
                     raise RuntimeError(f"no correct path for {entry_key(shape, choice, t, kind)}: {rejected}")
                 best = min(ms, key=ms.get)
@@ -520,4 +540,33 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 table.save(path)
     if path is not None:
         table.save(path)
+    if dev.type == "cuda":
+        table.use_dispatch()
     return table
+
+
+def _time_paths(fns: dict[str, Callable], x: torch.Tensor, expected: torch.Tensor, tol: float, reps: int,
+                flush: torch.Tensor | None, tokens: int, rejected: dict[str, str]) -> tuple[dict[str, float],
+                                                                                       dict[str, str]]:
+    """Median ms of each path within `tol` of `expected` (float64); the others go into `rejected` with why."""
+    ms = {}
+    for name, fn in fns.items():
+        try:
+            err = _rel_error_to(fn(x), expected)
+        except Exception as e:  # noqa: BLE001 - a failing path is reported, not fatal
+            rejected[name] = f"{type(e).__name__}: {e}"[:300]
+            continue
+        if err > tol:
+            rejected[name] = f"relative error {err:.2e} over tolerance"
+            continue
+        ms[name] = (time_cuda(fn, x, reps, flush, graph=tokens <= GRAPH_MAX_TOKENS) if x.device.type == "cuda"
+                    else _time_cpu(fn, x, reps))
+    return ms, rejected
+
+
+def _use_measured(spec: QuantSpec, shape: tuple[int, int], tokens: int, ms: dict[str, float]) -> None:
+    """Install the fastest of our measured paths (`gpu_backends.use_measured`)."""
+    from .gpu_backends import is_ours, use_measured
+    ours = {name: v for name, v in ms.items() if is_ours(name)}
+    if ours:
+        use_measured(spec, shape, tokens, min(ours, key=ours.get))

@@ -67,6 +67,19 @@ class Config:
         return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
                 + "W" * self.wide + "T" * self.mma + "G" * self.gluon)
 
+    @classmethod
+    def parse(cls, label: str) -> "Config":
+        """The config whose `label` this is (latency tables name the tile they measured by its label)."""
+        match = _LABEL.fullmatch(label)
+        if match is None:
+            raise ValueError(f"{label!r} is not a Config label (e.g. 'm1n128s10w4p1TG': block_m, block_n, "
+                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon)")
+        bm, bn, split, warps, stages = (int(g) for g in match.groups()[:5])
+        return cls(bm, bn, split, warps, stages, *(bool(g) for g in match.groups()[5:]))
+
+
+_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)")
+
 
 if HAVE_TRITON:
     @triton.constexpr_function
@@ -515,6 +528,8 @@ _MMA_ONE_TOKEN_BITS = (2, 3, 5)
 # at 4 tokens 2- and 5-bit were 0.93-1.01x, and 4/6-bit slower: docs/kernels_gpu.md, "Session 13")
 _GLUON_MAX_M = {2: 2, 3: 4, 5: 2}
 _GLUON_TILE = (128, 4, 8)
+TUNED_MAX_M = 16  # token counts up to which `tile_candidates` offers more than the default tile
+_GEMV_ALTERNATIVES = ((128, 4, 8), (256, 2, 8), (256, 4, 16), (512, 4, 8), (512, 4, 16))
 
 
 @functools.cache
@@ -549,6 +564,36 @@ def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloa
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         return Config(bm, 64, split_for(-(-n // 64) * -(-m // bm), blocks, waves=2), 4, 3)
     return Config(128, 128, 1, 8, 3 if gw.per <= 8 else 2, wide=True)  # 2/3-bit: 256-column x tiles per stage
+
+
+def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> list[Config]:
+    """The tiles a latency table times for m token rows: `default_config` first, then, for decode (m <=
+    TUNED_MAX_M), the near-winners of the tile sweeps that set the defaults (CUDA-core GEMV, Triton and Gluon
+    tensor-core decode, split-K GEMM) over a few K-splits. The sweeps ran on four LLM shapes of one H100 and one
+    H200; other shapes (a 1B model's 512x2048) and devices get the tile measured best for them."""
+    default = default_config(m, gw, dtype)
+    if m > TUNED_MAX_M:
+        return [default]
+    n, blocks = gw.shape[0], gw.planes[0].shape[0] // WORD_ROWS
+
+    def tile(bm: int, bn: int, warps: int, waves: int, stages: int = 1, mma: bool = False,
+             gluon: bool = False) -> Config:
+        return Config(bm, bn, split_for(-(-n // bn) * -(-m // bm), blocks, waves=waves), warps, stages, mma=mma,
+                      gluon=gluon)
+
+    tiles = [default]
+    if m <= GEMV_MAX_M:
+        tiles += [tile(1, bn, warps, waves) for bn, warps, waves in _GEMV_ALTERNATIVES]
+    else:
+        tiles += [tile(16, bn, 4, waves, stages) for bn, waves, stages in ((64, 2, 3), (64, 4, 4), (128, 2, 3))]
+    if dtype == torch.bfloat16 and m <= MMA_MAX_M and mma_supported(gw):
+        bm = 1 << (m - 1).bit_length()
+        bn, warps, waves = _MMA_TILES[gw.bits]
+        tiles += [tile(bm, bn, warps, waves, mma=True), tile(bm, bn, warps, 2 * waves, mma=True)]
+        if gluon_available(gw.scales.device):
+            tiles += [tile(bm, bn, 4, waves, mma=True, gluon=True) for bn, waves in ((128, 4), (128, 8), (128, 16),
+                                                                                       (256, 8))]
+    return list(dict.fromkeys(tiles))
 
 
 def split_for(programs: int, blocks: int, waves: int = 4, sms: int = 132) -> int:

@@ -117,6 +117,54 @@ def test_tensor_core_decode(bits: int, symmetric: bool, gluon: bool) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_every_tile_a_latency_table_tries(bits: int) -> None:
+    """Each tile `tile_candidates` offers for a decode token count (the default first; CUDA-core, tensor-core and
+    Gluon decode, split-K GEMM) computes the product, so whichever a table measures fastest is a correct one."""
+    dtype = torch.float16 if INTERPRET else torch.bfloat16  # bfloat16 (and its tensor-core tiles) on CUDA
+    gen = torch.Generator().manual_seed(90 + bits)
+    for n, k, group in [(67, 203, 32), (130, 300, 64)] if INTERPRET else [(1000, 1030, 128), (512, 4104, 64)]:
+        qt, gw = _case(n, k, group, bits, False, dtype, gen)
+        for m in (1, 3, 16):
+            tiles = tlin.tile_candidates(m, gw, dtype)
+            assert tiles[0] == tlin.default_config(m, gw, dtype) and len(set(tiles)) == len(tiles) > 1
+            x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+            for cfg in tiles:
+                assert tlin.Config.parse(cfg.label) == cfg
+                _check(_poisoned(lambda: tlin.linear(x, gw, cfg)), x, qt, dtype)
+    assert tlin.tile_candidates(512, gw, dtype) == [tlin.default_config(512, gw, dtype)]
+
+
+@pytest.mark.gpu
+def test_a_latency_table_sets_the_path_and_tile_layers_run(monkeypatch) -> None:
+    """`LatencyTable.use_dispatch` (which `measure` calls on CUDA) makes "triton" layers run the fastest of our
+    measured paths (never a library's, whose weight layout a layer does not hold): at a measured token count with
+    its tile, at others by the path of the nearest count with the default tile."""
+    from kernels import gpu_backends
+    from kernels.latency import LatencyEntry, LatencyTable, entry_key
+    monkeypatch.setattr(gpu_backends, "DISPATCH", {})
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    qt, gw = _case(130, 300, 128, 4, True, dtype, torch.Generator().manual_seed(5))  # what choice "w4" gives
+    tile = tlin.tile_candidates(1, gw, dtype)[2]
+    fused = f"triton_fused[{tile.label}]"
+    table = LatencyTable("a device", {}, {
+        entry_key((130, 300), "w4", 1): LatencyEntry(0.005, "tinygemm_int4", {
+            "tinygemm_int4": 0.005, fused: 0.01, "triton_fused": 0.02, "triton": 0.01}, selected="triton"),
+        entry_key((130, 300), "w4", 512): LatencyEntry(0.1, "triton_dequant_cublas", {
+            "triton_fused": 0.2, "triton_dequant_cublas": 0.1, "triton": 0.1}, selected="triton")})
+    table.use_dispatch()
+    assert gpu_backends.pick(1, gw) == ("triton_fused", tile)
+    assert gpu_backends.pick(2, gw) == ("triton_fused", None)
+    assert gpu_backends.pick(400, gw) == ("triton_dequant_cublas", None)
+    x = torch.randn(1, 300).to(dtype).to(DEV)
+    _check(_poisoned(lambda: gpu_backends.run_gpu_weight(x, gw)), x, qt, dtype)
+    with pytest.raises(ValueError, match="not one of ours"):
+        gpu_backends.use_measured(qt.spec, (130, 300), 1, "tinygemm_int4")
+    with pytest.raises(ValueError, match="not a Config label"):
+        gpu_backends.use_measured(qt.spec, (130, 300), 1, "triton_fused[big]")
+
+
+@pytest.mark.gpu
 def test_tensor_core_decode_rejects_what_it_cannot_run() -> None:
     gen = torch.Generator().manual_seed(5)
     cfg = tlin.Config(4, 64, 1, 4, 1, mma=True)
@@ -245,13 +293,20 @@ def test_pointwise_conv_runs_on_the_triton_backend(spec) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA latency tables need a CUDA device")
-def test_measure_cuda_small(tmp_path) -> None:
-    from kernels.latency import LatencyTable, cache_path, measure
+def test_measure_cuda_small(tmp_path, monkeypatch) -> None:
+    from kernels import gpu_backends
+    from kernels.latency import LatencyTable, cache_path, entry_key, measure
+    monkeypatch.setattr(gpu_backends, "DISPATCH", {})
     table = measure([(512, 1024), (264, 512)], ["w4", "w3", "w8gca8", "w4a8"], tokens=(1, 32), device="cuda",
                     reps=5, cache_dir=tmp_path)
     assert "w4a8" in table.skipped and "per-channel" in table.skipped["w4a8"]
     assert len(table.entries) == 2 * 3 * 2
     for e in table.entries.values():
         assert 0 < e.ms < 10 and e.backend in e.all_ms
-    assert table.dispatch[(512, 1024, "w4", 1)] in ("triton_fused", "triton_dequant_cublas", "tinygemm_int4", "gemlite")
+    w4 = table.entries[entry_key((512, 1024), "w4", 1)]
+    assert w4.backend == table.dispatch[(512, 1024, "w4", 1)] and any(p.startswith("triton_fused[") for p in w4.all_ms)
+    ours = min((p for p in w4.all_ms if gpu_backends.is_ours(p)), key=w4.all_ms.get)
+    gw = repack_for_gpu(quantize(torch.randn(512, 1024), QuantSpec(4, 128), clip_search=False), DEV)
+    path, tile = gpu_backends.pick(1, gw)  # measure installed the fastest of ours, which the "triton" entry timed
+    assert path == ours.split("[")[0] and (tile is None) == (ours == "triton_fused")
     assert LatencyTable.load(cache_path(tmp_path, "cuda")).to_dict() == table.to_dict()
