@@ -77,7 +77,8 @@ def check_latency(model: nn.Module, plans: Mapping[str, Plan] | Sequence[Plan], 
                   tokens: int | Iterable[int] = 1, device: str | torch.device = "cuda", reps: int | None = None,
                   inputs: Inputs | None = None, check_hash: bool = True) -> list[LatencyCheck]:
     """Apply each plan to ``model``, move the quantized model to ``device``, time its forward at each token count
-    (``kernels.model_latency.time_forward``: batch 1, no KV cache) and compare with the table's prediction.
+    (``kernels.model_latency.time_forward``: batch 1, no KV cache) and compare with the table's prediction. On CUDA
+    the table's measured paths and tiles are installed first (``LatencyTable.use_dispatch``).
 
     model: the float model, in the dtype the table was measured in, on the CPU or on ``device``.
     plans: name -> Plan (a sequence is named plan0, plan1, ...). The table must hold the model's rest at every
@@ -95,6 +96,8 @@ def check_latency(model: nn.Module, plans: Mapping[str, Plan] | Sequence[Plan], 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
+    if dev.type == "cuda":
+        table.use_dispatch()  # the models run the paths and tiles the table's entries timed
     predicted = {(name, t): predict_latency(p, table, t, model_key(model, [layer.name for layer in p.layers]))
                  for name, p in named.items() for t in counts}
     raw = {(name, t): _layers_ms(p, table, t, raw=True) for name, p in named.items() for t in counts}

@@ -1,7 +1,7 @@
 """Build, check and time every weight-only kernel on the issue's LLM shapes, in one run on one GPU.
 
 For each shape (N = out_features, K = in_features), bit width (group 128, symmetric) and token count:
-every path of `gpu_backends.gpu_candidates` (ours: fused Triton kernels over a small tile sweep, and
+every path of `gpu_backends.gpu_candidates` (ours: fused Triton kernels over a small tile sweep (for decode, the tiles a latency table tries), and
 dequantize + cuBLAS; anchors: tinygemm int4, gemlite) is checked against a float64 reference and timed
 (L2 flushed before each run, CUDA events, graph replay, median of --reps). Ratios are
 against cuBLAS bf16 F.linear and the best anchor of the same bit width measured in the same run;
@@ -35,18 +35,18 @@ ANCHORS = ("tinygemm_int4", "gemlite")
 
 
 def sweep(m: int, gw) -> list[tlin.Config]:
-    """Tile shapes tried for m rows besides the default heuristic (split chosen by `split_for`)."""
+    """Tile shapes tried for m rows besides the default heuristic: for decode (m <= triton_linear.TUNED_MAX_M)
+    exactly the tiles a latency table tries (`tile_candidates`), so "ours" is what an emitted model runs after
+    `kernels.measure`; above it a few split-K GEMM (up to 64 rows) and wide-kernel tiles, which no table installs."""
+    if m <= tlin.TUNED_MAX_M:
+        return tlin.tile_candidates(m, gw, torch.bfloat16)[1:]
+
     def cfg(bm: int, bn: int, warps: int, stages: int, waves: int = 4, wide: bool = False) -> tlin.Config:
         n, blocks = gw.shape[0], gw.planes[0].shape[0] // 16
         split = 1 if m > 64 else tlin.split_for(-(-n // bn) * -(-m // bm), blocks, waves)
         return tlin.Config(bm, bn, split, warps, stages, wide)
-    if m == 1:
-        return [cfg(1, 128, 4, 1, 8), cfg(1, 256, 4, 1, 8), cfg(1, 256, 2, 1, 8), cfg(1, 512, 4, 1, 8),
-                cfg(1, 512, 8, 1, 8), cfg(1, 1024, 4, 1, 8), cfg(1, 1024, 8, 1, 8), cfg(1, 256, 4, 1, 16),
-                cfg(1, 512, 4, 1, 16), cfg(1, 1024, 4, 1, 16)]
     if m <= 64:
-        bm = 16 if m <= 16 else 64
-        return [cfg(bm, 128, 4, 3, 2), cfg(bm, 64, 4, 4, 4)]
+        return [cfg(64, 128, 4, 3, 2), cfg(64, 64, 4, 4, 4)]
     if gw.per == 16:  # 256-column K blocks: x tiles of 256 columns per stage
         return [cfg(128, 128, 8, 2, wide=True), cfg(64, 128, 4, 2, wide=True), cfg(128, 64, 4, 2, wide=True),
                 cfg(256, 128, 8, 3)]

@@ -483,8 +483,9 @@ def _no_tiles(m: int) -> dict[str, Callable]:
 
 def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[int] = (1, 16, 512),
             device: str | torch.device = "cuda", dtype: torch.dtype | None = None, reps: int | None = None,
-            cache_dir: str | Path | None = None, seed: int = 0) -> LatencyTable:
-    """Time every distinct (layer shape, choice, tokens); see the module docstring."""
+            cache_dir: str | Path | None = None, seed: int = 0, tiles: bool = True) -> LatencyTable:
+    """Time every distinct (layer shape, choice, tokens); see the module docstring. tiles=False times our fused
+    kernel at its default tile only (a faster table; emitted models then run the default tiles)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
@@ -514,9 +515,10 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                           clip_search=False)
             if layer.conv is not None:  # the QuantizedConv an emitted model holds, on inputs of the traced geometry
                 module, ref, per_sample = _conv_path(layer, qt, dtype, dev)
-                fns, skipped, tiles, selected = {"quantized_conv": module}, {}, _no_tiles, None
+                fns, skipped, tile_paths, selected = {"quantized_conv": module}, {}, _no_tiles, None
             else:
-                fns, skipped, tiles = candidates(qt, choice, dtype, dev)
+                fns, skipped, tile_paths = candidates(qt, choice, dtype, dev)
+                tile_paths = tile_paths if tiles else _no_tiles
                 selected = selected_backend(qt, dtype, dev) if wants_selected else None
                 w64 = qt.dequantize(torch.float64).t()
                 ref, per_sample = (lambda x: x.double().cpu() @ w64), (shape[1],)
@@ -524,7 +526,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
             for t in todo:
                 x = torch.randn(t, *per_sample, generator=gen).to(dev, dtype)
                 expected = ref(x)
-                paths = {**fns, **tiles(t)}
+                paths = {**fns, **tile_paths(t)}
                 last = paths.pop(selected.name) if selected is not None and selected.name in paths else None
                 ms, rejected = _time_paths(paths, x, expected, tol, reps, flush, t, dict(skipped))
                 if selected is not None and dev.type == "cuda" and ms:
