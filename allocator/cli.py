@@ -89,10 +89,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     model, calib = _load(args)
     profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir,
                              **dict(args.profiler_setting))
-    plan = solve_profiled(profiled, _budget(args), method=args.method, **_latency(args))
+    latency = _latency(args)
+    plan = solve_profiled(profiled, _budget(args), method=args.method, **latency)
     out = Path(args.out)
     qmodel = plan.apply(model)
-    save_quantized(qmodel, out)
+    save_quantized(qmodel, out, latency_table=latency.get("latency_table"))
     print(plan.summary())
     print_plan_check(plan, quantized_bytes(qmodel), out)
     held_out = load_calibration(args.eval, tokenizer_path=args.model) if args.eval else calib

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels import Choice
+from kernels import Choice, LatencyTable
 from profilers import PROFILERS, Calibration, LayerGraph, build_layer_graph, model_hash, profile
 from solvers import SOLVERS
 
@@ -295,12 +295,12 @@ def run_job(spec: JobSpec | str | os.PathLike | dict) -> Plan:
     prof = store.merged(request, shards)
     profiled = ProfiledModel.build(model, graph, prof)
     progress.update("solve")
-    plan = solve_job(spec, profiled, model)
+    plan, table = solve_job(spec, profiled, model)
     plan.save(out / "plan.json")
     if spec.save_model:
         from .quantize import save_quantized
 
-        save_quantized(plan.apply(model), out)
+        save_quantized(plan.apply(model), out, latency_table=table)
     progress.update("done", plan=str(out / "plan.json"))
     return plan
 
@@ -319,13 +319,13 @@ def check_memory_budget(spec: JobSpec, graph: LayerGraph, fixed_bytes: int) -> N
                          f"candidates {[c.label for c in spec.candidates]} is {smallest / MIB:.4f} MiB")
 
 
-def solve_job(spec: JobSpec, profiled: ProfiledModel, model) -> Plan:
+def solve_job(spec: JobSpec, profiled: ProfiledModel, model) -> tuple[Plan, LatencyTable | None]:
     """Solve; a ``latency_ms`` budget gets a latency table measured on the target accelerator with the rest of
-    ``model``, and so bounds the whole model's latency."""
+    ``model``, and so bounds the whole model's latency. Returns the plan and that table (None without one)."""
     if spec.budget.latency_ms is None:
-        return solve_profiled(profiled, spec.budget, method=spec.solver, **spec.solver_options)
+        return solve_profiled(profiled, spec.budget, method=spec.solver, **spec.solver_options), None
     from .distributed import latency_table
 
     table = latency_table(spec, profiled.graph, model)
     return solve_profiled(profiled, spec.budget, method=spec.solver, latency_table=table, tokens=spec.latency.tokens,
-                          **spec.solver_options)
+                          **spec.solver_options), table

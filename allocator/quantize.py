@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
-from kernels import quantize_module, quantized_module_from_config
+from kernels import LatencyTable, quantize_module, quantized_module_from_config
+from kernels.latency import device_name, use_paths
+from kernels.memory import matrix_shape
 
 from .io import atomic_write, atomic_write_json, read_json
 from .plan import Plan, PlanError
@@ -19,6 +22,7 @@ PLAN_ATTR = "bitalloc_plan"
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "bitalloc.json"
+KERNELS_FILE = "kernels.json"
 FORMAT_VERSION = 1
 
 
@@ -58,9 +62,13 @@ def _plan_of(qmodel: nn.Module) -> Plan:
     return plan
 
 
-def save_quantized(qmodel: nn.Module, directory: str | os.PathLike) -> Path:
+def save_quantized(qmodel: nn.Module, directory: str | os.PathLike, latency_table: LatencyTable | None = None) -> Path:
     """Save a quantized model to ``directory``: model.safetensors (packed codes, scales, the float rest),
-    plan.json, bitalloc.json and, for Hugging Face models, config.json. Each file is written atomically."""
+    plan.json, bitalloc.json and, for Hugging Face models, config.json. Each file is written atomically.
+
+    latency_table: the table measured for this model's layers; its fastest of our kernel paths and tiles for them
+    go into kernels.json, which ``load_quantized`` installs, so the loaded model runs as the table predicts
+    (without it, the layers run the default tiles)."""
     plan = _plan_of(qmodel)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -71,18 +79,27 @@ def save_quantized(qmodel: nn.Module, directory: str | os.PathLike) -> Path:
         config = copy.deepcopy(config)
         config.architectures = config.architectures or [type(qmodel).__name__]
         atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp))
+    if latency_table is not None:
+        layers = [(layer.kind, matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d"
+                                            else layer.weight_shape), layer.choice) for layer in plan.layers]
+        atomic_write_json(directory / KERNELS_FILE, {"device": latency_table.device, "versions": latency_table.versions,
+                                                     "paths": latency_table.measured_paths(layers)})
+    else:
+        (directory / KERNELS_FILE).unlink(missing_ok=True)  # a previous save's paths belong to that table
     atomic_write_json(directory / MANIFEST_FILE, {
         "format_version": FORMAT_VERSION,
         "model_class": f"{type(qmodel).__module__}.{type(qmodel).__qualname__}",
         "huggingface": config is not None,
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "layers": {layer.name: qmodel.get_submodule(layer.name).config() for layer in plan.layers},
+        "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in _tensors(qmodel) if t.is_floating_point()},
     })
     return directory
 
 
 def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a model saved by ``save_quantized``; outputs are bit-for-bit those of the saved model.
+    """Load a model saved by ``save_quantized``; outputs are bit-for-bit those of the saved model. Measured
+    kernel paths saved with it (kernels.json) are installed for this process's CUDA layers.
 
     Hugging Face models are rebuilt from config.json; for any other model pass ``model``, an instance of the
     same float architecture (its weights are replaced).
@@ -108,11 +125,46 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
         if layer.name not in layers:
             raise ValueError(f"{directory / MANIFEST_FILE} lacks the quantized layer {layer.name!r} of the plan")
         _set_submodule(model, layer.name, quantized_module_from_config(layers[layer.name]))
+    _cast(model, manifest.get("dtypes", {}), directory / MANIFEST_FILE)
     missing, unexpected = load_model(model, directory / WEIGHTS_FILE, strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS_FILE} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if (directory / KERNELS_FILE).exists():
+        kernels = read_json(directory / KERNELS_FILE, "measured kernel paths")
+        try:
+            use_paths(kernels["paths"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{directory / KERNELS_FILE} is malformed: {e}") from None
+        here = device_name("cuda") if torch.cuda.is_available() else None
+        if here is not None and kernels.get("device") != here:
+            warnings.warn(f"{directory / KERNELS_FILE} holds kernel tiles measured on {kernels.get('device')}, not on "
+                          f"this {here}: they are correct here but may not be the fastest (measure a table here and "
+                          "save again)", stacklevel=2)
     setattr(model, PLAN_ATTR, plan)
     return model.eval()
+
+
+def _tensors(model: nn.Module):
+    """(name, tensor) of every parameter (tied ones once) and buffer, persistent or not."""
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _cast(model: nn.Module, dtypes: dict[str, str], manifest: Path) -> None:
+    """Give each float parameter and buffer the dtype it was saved in (a bfloat16 model's rest comes back in
+    bfloat16, and its non-persistent buffers, such as rotary frequencies, as they were), before the weights load."""
+    for name, t in _tensors(model):
+        want = dtypes.get(name)
+        if want is None or str(t.dtype).removeprefix("torch.") == want:
+            continue
+        dtype = getattr(torch, want, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"{manifest} gives {name!r} the dtype {want!r}, which is not a torch float dtype")
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf].data = t.data.to(dtype)
+        else:
+            module._buffers[leaf] = t.to(dtype)
 
 
 def _hf_skeleton(directory: Path, attn_implementation: str | None) -> nn.Module:

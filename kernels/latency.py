@@ -201,15 +201,24 @@ class LatencyTable:
         its `selected` entries timed. `measure` does this on CUDA; call it after loading a table in a new process
         (a table of another device installs tiles measured there). Other token counts take the path measured at
         the nearest count, with the default tile."""
-        from .gpu_backends import is_ours, use_measured
+        use_paths(self.measured_paths())
+
+    def measured_paths(self, layers: Iterable[tuple[str, tuple[int, int], str]] | None = None) -> list[dict[str, Any]]:
+        """The fastest of our paths per weight-only linear entry, as JSON records for `use_paths` ({"kind",
+        "shape": [N, K], "choice", "tokens", "path"}); `layers`: only these (kind, (N, K), choice label)."""
+        from .gpu_backends import is_ours
+        wanted = None if layers is None else {(kind, tuple(shape), label) for kind, shape, label in layers}
+        records = []
         for key, e in self.entries.items():
             kind, rest = key.split(":", 1)
-            shape, label, tokens = rest.split("|")
-            choice = Choice.parse(label)
+            shape_text, label, tokens = rest.split("|")
+            shape = tuple(int(v) for v in shape_text.split("x"))
             ours = {name: v for name, v in e.all_ms.items() if is_ours(name)}
-            if kind in ("linear", "hf_conv1d") and choice.abits is None and ours:
-                n, k = (int(v) for v in shape.split("x"))
-                use_measured(choice.spec_for(kind, k), (n, k), int(tokens), min(ours, key=ours.get))
+            if (kind in ("linear", "hf_conv1d") and Choice.parse(label).abits is None and ours
+                    and (wanted is None or (kind, shape, label) in wanted)):
+                records.append({"kind": kind, "shape": list(shape), "choice": label, "tokens": int(tokens),
+                                "path": min(ours, key=ours.get)})
+        return records
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "versions": self.versions, "skipped": self.skipped,
@@ -236,6 +245,20 @@ class LatencyTable:
     def load(cls, path: str | Path) -> "LatencyTable":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def use_paths(records: Iterable[dict[str, Any]]) -> None:
+    """Install measured paths (`LatencyTable.measured_paths` records) for "triton" layers in this process
+    (`gpu_backends.use_measured`); a malformed record raises a ValueError naming it."""
+    from .gpu_backends import use_measured
+    for r in records:
+        try:
+            kind, (n, k), label, tokens, path = r["kind"], r["shape"], r["choice"], r["tokens"], r["path"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, k, tokens)):
+                raise ValueError("shape and tokens must be integers >= 1")
+            use_measured(Choice.parse(label).spec_for(kind, k), (n, k), tokens, path)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"measured path {r!r} is malformed: {e}") from None
 
 
 def cache_path(cache_dir: str | Path, device: str | torch.device) -> Path:

@@ -11,7 +11,7 @@ from allocator import (Budget, Plan, PlanError, allocate, load_quantized, profil
 from allocator.report import stored_layer_bytes
 from kernels import Choice
 from solvers import InfeasibleError
-from tiny import FAST, lm_batches as batches, tiny_gpt2
+from tiny import FAST, lm_batches as batches, tiny_gpt2, tiny_llama
 
 @pytest.fixture(scope="module")
 def model():
@@ -57,6 +57,64 @@ def test_save_and_load_give_identical_outputs(plan, model, tmp_path):
     with torch.no_grad():
         assert torch.equal(qmodel(ids).logits, reloaded(ids).logits)
         assert not torch.equal(model(ids).logits, qmodel(ids).logits)
+
+
+def test_a_model_saved_with_its_latency_table_loads_with_the_measured_kernel_paths(plan, model, tmp_path,
+                                                                                  monkeypatch):
+    """save_quantized(..., latency_table=table) keeps the table's fastest kernel path and tile for each of the
+    model's layers (kernels.json); load_quantized installs them, so on a GPU the loaded model runs what the table
+    timed. A table's library paths (tinygemm) are never installed: a layer holds our weight layout."""
+    from kernels import LatencyTable, gpu_backends, triton_linear
+    from kernels.latency import LatencyEntry, entry_key
+    from kernels.memory import matrix_shape
+    monkeypatch.setattr(gpu_backends, "DISPATCH", {})
+    tile = "triton_fused[m1n256s8w2p1]"
+    layers = {(layer.kind, matrix_shape(layer.weight_shape[::-1]), layer.choice) for layer in plan.layers}
+    entries = {entry_key(shape, choice, 1, kind): LatencyEntry(0.005, "tinygemm_int4", {
+        "tinygemm_int4": 0.005, tile: 0.01, "triton_fused": 0.02, "triton": 0.01}, selected="triton")
+        for kind, shape, choice in layers}
+    entries[entry_key((7, 96), "w4", 1)] = LatencyEntry(0.01, tile, {tile: 0.01})  # another model's layer
+    save_quantized(plan.apply(model), tmp_path / "q", latency_table=LatencyTable("NVIDIA H200", {}, entries))
+    saved = json.loads((tmp_path / "q" / "kernels.json").read_text())
+    assert saved["device"] == "NVIDIA H200"
+    assert {(r["kind"], tuple(r["shape"]), r["choice"]) for r in saved["paths"]} == layers
+    assert {r["path"] for r in saved["paths"]} == {tile}
+
+    load_quantized(tmp_path / "q")
+    assert len(gpu_backends.DISPATCH) == len(layers)
+    assert set(gpu_backends.DISPATCH.values()) == {("triton_fused", triton_linear.Config.parse(tile[13:-1]))}
+
+    (tmp_path / "q" / "kernels.json").write_text(json.dumps({"paths": [{"kind": "linear", "shape": [8, 0]}]}))
+    with pytest.raises(ValueError, match="kernels.json is malformed"):
+        load_quantized(tmp_path / "q")
+    save_quantized(plan.apply(model), tmp_path / "q")  # no table: the old paths go with it
+    assert not (tmp_path / "q" / "kernels.json").exists()
+
+
+def test_a_bfloat16_model_reloads_in_bfloat16_bit_for_bit(tmp_path):
+    """The float rest (embeddings, norms, rotary frequencies) comes back in the dtype it was saved in, not the
+    float32 a rebuilt Hugging Face model starts in: the same outputs, and no float32 copy of the rest in memory."""
+    import numpy as np
+    from allocator import uniform_plan
+    from allocator.api import ProfiledModel
+    from profilers import Profile, build_layer_graph
+    model = tiny_llama().to(torch.bfloat16)
+    ids = batches(1, seed=3)[0]["input_ids"]
+    graph = build_layer_graph(model, {"input_ids": ids})
+    profile = Profile(layers=graph.names, choices=["w4"], cost=np.ones((len(graph), 1)), profiler="constant",
+                      settings={})
+    qmodel = uniform_plan(ProfiledModel.build(model, graph, profile), "w4").apply(model)
+    save_quantized(qmodel, tmp_path / "q")
+    reloaded = load_quantized(tmp_path / "q")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(qmodel(ids).logits, reloaded(ids).logits)
+
+    manifest = json.loads((tmp_path / "q" / "bitalloc.json").read_text())
+    manifest["dtypes"]["model.norm.weight"] = "int8"
+    (tmp_path / "q" / "bitalloc.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="'model.norm.weight' the dtype 'int8'"):
+        load_quantized(tmp_path / "q")
 
 
 def test_apply_leaves_the_float_model_alone(plan, model):
