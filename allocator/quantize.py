@@ -66,8 +66,8 @@ def save_quantized(qmodel: nn.Module, directory: str | os.PathLike, latency_tabl
     """Save a quantized model to ``directory``: model.safetensors (packed codes, scales, the float rest),
     plan.json, bitalloc.json and, for Hugging Face models, config.json. Each file is written atomically.
 
-    latency_table: the table measured for this model's layers; its fastest of our kernel paths and tiles for them
-    go into kernels.json, which ``load_quantized`` installs, so the loaded model runs as the table predicts
+    latency_table: the table measured for this model's layers; its fastest of our CUDA kernel paths and tiles for
+    them go into kernels.json, which ``load_quantized`` installs, so the loaded model runs as the table predicts
     (without it, the layers run the default tiles)."""
     plan = _plan_of(qmodel)
     directory = Path(directory)
@@ -79,13 +79,14 @@ def save_quantized(qmodel: nn.Module, directory: str | os.PathLike, latency_tabl
         config = copy.deepcopy(config)
         config.architectures = config.architectures or [type(qmodel).__name__]
         atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp))
-    if latency_table is not None:
-        layers = [(layer.kind, matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d"
-                                            else layer.weight_shape), layer.choice) for layer in plan.layers]
+    layers = [(layer.kind, matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d" else layer.weight_shape),
+               layer.choice) for layer in plan.layers]
+    paths = latency_table.measured_paths(layers) if latency_table is not None else []
+    if paths:
         atomic_write_json(directory / KERNELS_FILE, {"device": latency_table.device, "versions": latency_table.versions,
-                                                     "paths": latency_table.measured_paths(layers)})
-    else:
-        (directory / KERNELS_FILE).unlink(missing_ok=True)  # a previous save's paths belong to that table
+                                                     "paths": paths})
+    else:  # none measured (no table, or a CPU one); a previous save's paths belong to its table
+        (directory / KERNELS_FILE).unlink(missing_ok=True)
     atomic_write_json(directory / MANIFEST_FILE, {
         "format_version": FORMAT_VERSION,
         "model_class": f"{type(qmodel).__module__}.{type(qmodel).__qualname__}",
