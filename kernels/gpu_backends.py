@@ -51,13 +51,15 @@ def is_ours(path: str) -> bool:
 
 
 def pick(m: int, gw: GpuPackedWeight) -> tuple[str, tlin.Config | None]:
-    """The (path, tile) a "triton" layer runs for m token rows: the measured winner at m rows; else the path measured
-    at the nearest token count with the default tile (None); else dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M
-    rows and the fused kernel's default tile below."""
+    """The (path, tile) a "triton" layer runs for m token rows: the measured winner at m rows (a Gluon tile measured
+    on another device that cannot run Gluon: the default tile); else the path measured at the nearest token count
+    with the default tile (None); else dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M rows and the fused kernel's
+    default tile below."""
     layer = _key(gw.spec, gw.shape)
     exact = DISPATCH.get((*layer, m))
     if exact is not None:
-        return exact
+        path, tile = exact
+        return path, None if tile is not None and tile.gluon and not tlin.gluon_available(gw.scales.device) else tile
     near = [key for key in DISPATCH if key[:5] == layer]
     if near:
         return DISPATCH[min(near, key=lambda key: abs(key[5] - m))][0], None

@@ -156,6 +156,9 @@ def test_a_latency_table_sets_the_path_and_tile_layers_run(monkeypatch) -> None:
     assert gpu_backends.pick(1, gw) == ("triton_fused", tile)
     assert gpu_backends.pick(2, gw) == ("triton_fused", None)
     assert gpu_backends.pick(400, gw) == ("triton_dequant_cublas", None)
+    gluon = tlin.Config(4, 128, 4, 4, 1, mma=True, gluon=True)  # measured where Gluon runs: here only if it runs
+    gpu_backends.use_measured(qt.spec, (130, 300), 3, f"triton_fused[{gluon.label}]")
+    assert gpu_backends.pick(3, gw) == ("triton_fused", gluon if tlin.gluon_available(gw.scales.device) else None)
     x = torch.randn(1, 300).to(dtype).to(DEV)
     _check(_poisoned(lambda: gpu_backends.run_gpu_weight(x, gw)), x, qt, dtype)
     with pytest.raises(ValueError, match="not one of ours"):
