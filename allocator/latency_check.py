@@ -68,7 +68,7 @@ def _layers_ms(plan: Plan, table: LatencyTable, tokens: int, raw: bool) -> float
     figure = table.lookup if raw else table.layer_ms
     total = 0.0
     for layer in plan.layers:
-        shape = matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d" else layer.weight_shape)
+        shape = matrix_shape(layer.weight_shape, layer.kind)
         total += forward_ms(figure, layer, shape, layer.choice, tokens)
     return total
 

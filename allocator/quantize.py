@@ -79,8 +79,7 @@ def save_quantized(qmodel: nn.Module, directory: str | os.PathLike, latency_tabl
         config = copy.deepcopy(config)
         config.architectures = config.architectures or [type(qmodel).__name__]
         atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp))
-    layers = [(layer.kind, matrix_shape(layer.weight_shape[::-1] if layer.kind == "hf_conv1d" else layer.weight_shape),
-               layer.choice) for layer in plan.layers]
+    layers = [(layer.kind, matrix_shape(layer.weight_shape, layer.kind), layer.choice) for layer in plan.layers]
     paths = latency_table.measured_paths(layers) if latency_table is not None else []
     if paths:
         atomic_write_json(directory / KERNELS_FILE, {"device": latency_table.device, "versions": latency_table.versions,

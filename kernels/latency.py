@@ -206,18 +206,17 @@ class LatencyTable:
     def measured_paths(self, layers: Iterable[tuple[str, tuple[int, int], str]] | None = None) -> list[dict[str, Any]]:
         """The fastest of our paths per weight-only linear entry, as JSON records for `use_paths` ({"kind",
         "shape": [N, K], "choice", "tokens", "path"}); `layers`: only these (kind, (N, K), choice label)."""
-        from .gpu_backends import is_ours
         wanted = None if layers is None else {(kind, tuple(shape), label) for kind, shape, label in layers}
         records = []
         for key, e in self.entries.items():
             kind, rest = key.split(":", 1)
             shape_text, label, tokens = rest.split("|")
             shape = tuple(int(v) for v in shape_text.split("x"))
-            ours = {name: v for name, v in e.all_ms.items() if is_ours(name)}
-            if (kind in ("linear", "hf_conv1d") and Choice.parse(label).abits is None and ours
+            path = _fastest_ours(e.all_ms)
+            if (kind in ("linear", "hf_conv1d") and Choice.parse(label).abits is None and path is not None
                     and (wanted is None or (kind, shape, label) in wanted)):
                 records.append({"kind": kind, "shape": list(shape), "choice": label, "tokens": int(tokens),
-                                "path": min(ours, key=ours.get)})
+                                "path": path})
         return records
 
     def to_dict(self) -> dict[str, Any]:
@@ -552,7 +551,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 paths = {**fns, **tile_paths(t)}
                 last = paths.pop(selected.name) if selected is not None and selected.name in paths else None
                 ms, rejected = _time_paths(paths, x, expected, tol, reps, flush, t, dict(skipped))
-                if selected is not None and dev.type == "cuda" and ms:
+                if selected is not None and dev.type == "cuda":
                     _use_measured(qt.spec, shape, t, ms)
                 if last is not None:  # after the winners are installed: the path an emitted model runs
                     ms.update(_time_paths({selected.name: last}, x, expected, tol, reps, flush, t, rejected)[0])
@@ -589,9 +588,16 @@ def _time_paths(fns: dict[str, Callable], x: torch.Tensor, expected: torch.Tenso
     return ms, rejected
 
 
+def _fastest_ours(ms: dict[str, float]) -> str | None:
+    """The fastest of our paths (`gpu_backends.is_ours`) among measured ones; None when none is ours."""
+    from .gpu_backends import is_ours
+    ours = [name for name in ms if is_ours(name)]
+    return min(ours, key=ms.get) if ours else None
+
+
 def _use_measured(spec: QuantSpec, shape: tuple[int, int], tokens: int, ms: dict[str, float]) -> None:
     """Install the fastest of our measured paths (`gpu_backends.use_measured`)."""
-    from .gpu_backends import is_ours, use_measured
-    ours = {name: v for name, v in ms.items() if is_ours(name)}
-    if ours:
-        use_measured(spec, shape, tokens, min(ours, key=ours.get))
+    from .gpu_backends import use_measured
+    path = _fastest_ours(ms)
+    if path is not None:
+        use_measured(spec, shape, tokens, path)

@@ -12,9 +12,10 @@ from .packing import packed_nbytes
 SCALE_ITEMSIZE = {name: torch.empty(0, dtype=getattr(torch, name)).element_size() for name in ("float16", "bfloat16", "float32")}
 
 
-def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """[out, in] of a weight shape; conv shapes [out, in, *kernel] flatten to [out, in*prod(kernel)]."""
-    dims = tuple(int(d) for d in shape)
+def matrix_shape(shape: Sequence[int], kind: str = "linear") -> tuple[int, int]:
+    """[out, in] of a weight shape of a layer of `kind`; conv shapes [out, in, *kernel] flatten to
+    [out, in*prod(kernel)], and HF Conv1D weights ([in, out]) are read transposed."""
+    dims = tuple(int(d) for d in (shape[::-1] if kind == "hf_conv1d" else shape))
     if len(dims) < 2 or any(d <= 0 for d in dims):
         raise ValueError(f"shape={tuple(shape)} is not a weight shape; expected [out, in] or [out, in, *kernel] with positive sizes")
     return dims[0], math.prod(dims[1:])

@@ -35,7 +35,7 @@ class _QuantizedWeight(nn.Module):
             raise TypeError(f"spec={spec!r} must be a QuantSpec")
         self.kind = kind
         self.weight_shape = tuple(int(d) for d in weight_shape)
-        self.matrix_shape = matrix_shape(self.weight_shape if kind != "hf_conv1d" else self.weight_shape[::-1])
+        self.matrix_shape = matrix_shape(self.weight_shape, kind)
         self.spec = spec
         self.layout = DENSE
         out, inp = self.matrix_shape
