@@ -50,16 +50,18 @@ def is_ours(path: str) -> bool:
                                                                   and path.endswith("]"))
 
 
-def pick(m: int, gw: GpuPackedWeight) -> tuple[str, tlin.Config | None]:
-    """The (path, tile) a "triton" layer runs for m token rows: the measured winner at m rows (a Gluon tile measured
-    on another device that cannot run Gluon: the default tile); else the path measured at the nearest token count
-    with the default tile (None); else dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M rows and the fused kernel's
-    default tile below."""
+def pick(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> tuple[str, tlin.Config | None]:
+    """The (path, tile) a "triton" layer runs for m token rows of `dtype`: the measured winner at m rows (with the
+    default tile where the measured one cannot run here: a Gluon tile measured on a device with Gluon, a bfloat16
+    tensor-core tile for float16 rows); else the path measured at the nearest token count with the default tile
+    (None); else dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M rows and the fused kernel's default tile below."""
     layer = _key(gw.spec, gw.shape)
     exact = DISPATCH.get((*layer, m))
     if exact is not None:
         path, tile = exact
-        return path, None if tile is not None and tile.gluon and not tlin.gluon_available(gw.scales.device) else tile
+        if tile is not None and tlin.config_error(tile, m, gw, dtype, gw.scales.device) is not None:
+            return path, None
+        return path, tile
     near = [key for key in DISPATCH if key[:5] == layer]
     if near:
         return DISPATCH[min(near, key=lambda key: abs(key[5] - m))][0], None
@@ -74,8 +76,8 @@ def gpu_weight(qw: QuantizedWeightLike) -> GpuPackedWeight:
 
 
 def run_gpu_weight(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
-    """x [M, K] @ W^T by the path and tile `pick` chooses for M."""
-    path, tile = pick(x.shape[0], gw)
+    """x [M, K] @ W^T by the path and tile `pick` chooses for M rows of x's dtype."""
+    path, tile = pick(x.shape[0], gw, x.dtype)
     if path == "triton_dequant_cublas":
         return tlin.dequant_matmul(x, gw)
     return tlin.linear(x, gw, tile)

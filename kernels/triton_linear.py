@@ -596,6 +596,24 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
     return list(dict.fromkeys(tiles))
 
 
+def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why `linear` cannot run m rows of `dtype` on `device` with `cfg` (None: it can). Only the tensor-core decode
+    tiles have conditions: 2..6 bits, bfloat16, at most block_m rows; Gluon also needs a device that runs it."""
+    if not cfg.mma:
+        return None
+    if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or dtype != torch.bfloat16:
+        return (f"config {cfg.label} runs 2..6-bit weights and up to block_m (a power of 2) bfloat16 token rows; "
+                f"got {gw.bits}-bit, {m} rows of {dtype}")
+    if cfg.gluon:
+        if not gluon_available(device):
+            return (f"config {cfg.label} needs Triton >= 3.6 (Gluon) and a CUDA device of compute capability 8.0 or "
+                    "newer (Gluon does not run in the CPU interpreter)")
+        tiles = cfg.block_n // (16 * cfg.num_warps)
+        if cfg.block_n % (16 * cfg.num_warps) or tiles < 1 or tiles & (tiles - 1):
+            return f"config {cfg.label}: the Gluon kernel needs block_n = 16 * num_warps * a power of 2"
+    return None
+
+
 def split_for(programs: int, blocks: int, waves: int = 4, sms: int = 132) -> int:
     """K-slices giving about `waves` programs per SM, at least one K block per slice."""
     return max(1, min(-(-waves * sms // programs), blocks))
@@ -682,16 +700,9 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
                   stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0,
                   ASM=ASM, BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     if cfg.mma:
-        if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or x.dtype != torch.bfloat16:
-            raise ValueError(f"config {cfg.label} runs 2..6-bit weights and up to block_m (a power of 2) bfloat16 "
-                             f"token rows; got {gw.bits}-bit, {m} rows of {x.dtype}")
-        if cfg.gluon:
-            if not gluon_available(x.device):
-                raise ValueError(f"config {cfg.label} needs Triton >= 3.6 (Gluon) and a CUDA device of compute "
-                                 "capability 8.0 or newer (Gluon does not run in the CPU interpreter)")
-            tiles = cfg.block_n // (16 * cfg.num_warps)
-            if cfg.block_n % (16 * cfg.num_warps) or tiles < 1 or tiles & (tiles - 1):
-                raise ValueError(f"config {cfg.label}: the Gluon kernel needs block_n = 16 * num_warps * a power of 2")
+        error = config_error(cfg, m, gw, x.dtype, x.device)
+        if error is not None:
+            raise ValueError(error)
         grid = (triton.cdiv(n, cfg.block_n), split)
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
         run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group

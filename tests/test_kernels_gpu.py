@@ -161,6 +161,13 @@ def test_a_latency_table_sets_the_path_and_tile_layers_run(monkeypatch) -> None:
     assert gpu_backends.pick(3, gw) == ("triton_fused", gluon if tlin.gluon_available(gw.scales.device) else None)
     x = torch.randn(1, 300).to(dtype).to(DEV)
     _check(_poisoned(lambda: gpu_backends.run_gpu_weight(x, gw)), x, qt, dtype)
+    # a bfloat16 table's tensor-core tile, and a model that runs in float16 after all: the default tile, no error
+    mma = tlin.Config(2, 128, 2, 2, 1, mma=True)
+    gpu_backends.use_measured(qt.spec, (130, 300), 2, f"triton_fused[{mma.label}]")
+    assert gpu_backends.pick(2, gw, torch.bfloat16) == ("triton_fused", mma)
+    assert gpu_backends.pick(2, gw, torch.float16) == ("triton_fused", None)
+    x16 = torch.randn(2, 300).half().to(DEV)
+    _check(_poisoned(lambda: gpu_backends.run_gpu_weight(x16, gw)), x16, qt, torch.float16)
     with pytest.raises(ValueError, match="not one of ours"):
         gpu_backends.use_measured(qt.spec, (130, 300), 1, "tinygemm_int4")
     with pytest.raises(ValueError, match="not a Config label"):
