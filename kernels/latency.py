@@ -90,6 +90,14 @@ def entry_key(shape: tuple[int, int], choice: Choice | str, tokens: int, kind: s
     return f"{kind}:{shape[0]}x{shape[1]}|{label}|{tokens}"
 
 
+def parse_entry_key(key: str) -> tuple[str, tuple[int, int], str, int]:
+    """(kind, (N, K), choice label, tokens) of an `entry_key`."""
+    kind, rest = key.split(":", 1)
+    shape, label, tokens = rest.split("|")
+    n, k = (int(v) for v in shape.split("x"))
+    return kind, (n, k), label, int(tokens)
+
+
 @dataclass
 class LatencyEntry:
     """One measured (shape, choice, tokens): the fastest correct path, every path's median ms, and the path an
@@ -187,12 +195,9 @@ class LatencyTable:
         their geometry, which run one path)."""
         out = {}
         for key, e in self.entries.items():
-            kind, rest = key.split(":", 1)
-            if "(" in kind:
-                continue
-            shape, label, tokens = rest.split("|")
-            n, k = (int(v) for v in shape.split("x"))
-            out[(n, k, label, int(tokens))] = e.backend
+            kind, (n, k), label, tokens = parse_entry_key(key)
+            if "(" not in kind:
+                out[(n, k, label, tokens)] = e.backend
         return out
 
     def use_dispatch(self) -> None:
@@ -209,14 +214,11 @@ class LatencyTable:
         wanted = None if layers is None else {(kind, tuple(shape), label) for kind, shape, label in layers}
         records = []
         for key, e in self.entries.items():
-            kind, rest = key.split(":", 1)
-            shape_text, label, tokens = rest.split("|")
-            shape = tuple(int(v) for v in shape_text.split("x"))
+            kind, shape, label, tokens = parse_entry_key(key)
             path = _fastest_ours(e.all_ms)
             if (kind in ("linear", "hf_conv1d") and Choice.parse(label).abits is None and path is not None
                     and (wanted is None or (kind, shape, label) in wanted)):
-                records.append({"kind": kind, "shape": list(shape), "choice": label, "tokens": int(tokens),
-                                "path": path})
+                records.append({"kind": kind, "shape": list(shape), "choice": label, "tokens": tokens, "path": path})
         return records
 
     def to_dict(self) -> dict[str, Any]:
