@@ -1,0 +1,51 @@
+"""Run the one-token decode kernels once each between cudaProfilerStart/Stop, for Nsight Compute to profile:
+`ncu --profile-from-start off -k regex:gemv --section ... python3 benchmarks/profile_decode_gpu.py --tiles ...`.
+Each tile is checked against float64 first (and compiled outside the profiled range)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import QuantSpec, quantize  # noqa: E402
+from kernels import triton_linear as tlin  # noqa: E402
+from kernels.gpu_layout import repack_for_gpu  # noqa: E402
+from kernels.latency import L2_FLUSH_BYTES, flush_l2  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="28672x8192")
+    ap.add_argument("--tiles", default="4:m1n512s38w4p1,4:m1n256s10w4p1TG,2:m1n128s10w4p1TG,8:m1n256s10w2p1",
+                    help="bits:Config label, comma-separated")
+    a = ap.parse_args()
+    n, k = map(int, a.shape.split("x"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=gen)
+    x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    runs = []
+    for item in a.tiles.split(","):
+        bits, label = item.split(":")
+        qt = quantize(w, QuantSpec(int(bits), 128, True, "bfloat16"), clip_search=False)
+        gw = repack_for_gpu(qt, "cuda")
+        cfg = tlin.Config.parse(label)
+        ref = x.double() @ qt.dequantize(torch.float64).t()
+        err = float((tlin.linear(x, gw, cfg).double() - ref).norm() / ref.norm())
+        print(f"{bits}-bit {label}: rel err {err:.2e}", flush=True)
+        runs.append((gw, cfg))
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for gw, cfg in runs:
+        flush_l2(flush)
+        tlin.linear(x, gw, cfg)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
