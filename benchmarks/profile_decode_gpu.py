@@ -1,6 +1,13 @@
-"""Run the one-token decode kernels once each between cudaProfilerStart/Stop, for Nsight Compute to profile:
-`ncu --profile-from-start off -k regex:gemv --section ... python3 benchmarks/profile_decode_gpu.py --tiles ...`.
-Each tile is checked against float64 first (and compiled outside the profiled range)."""
+"""Run the one-token decode kernels once each between cudaProfilerStart/Stop, for Nsight Compute to profile.
+Each tile is checked against float64 first (and compiled outside the profiled range). Session 16's profile
+(docs/gpu_runs/ncu_decode_session16_h200.txt) came from
+
+    ncu --profile-from-start off -k regex:gemv --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
+        --section MemoryWorkloadAnalysis --section LaunchStats --metrics sass__inst_executed_per_opcode,\
+    smsp__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,smsp__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active \
+        --print-metric-instances values python3 benchmarks/profile_decode_gpu.py
+"""
 from __future__ import annotations
 
 import argparse

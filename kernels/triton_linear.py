@@ -61,12 +61,11 @@ class Config:
     wide: bool = False  # prefill kernel with one dot per K block (split_k must be 1)
     mma: bool = False  # decode on tensor cores (`_gemv_mma_kernel`, 2..6-bit, up to block_m tokens)
     gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
-    stream: bool = False  # one token: stream-K GEMV (`_gemv_stream_kernel`), split_k programs share all K blocks
 
     @property
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
-                + "W" * self.wide + "T" * self.mma + "G" * self.gluon + "K" * self.stream)
+                + "W" * self.wide + "T" * self.mma + "G" * self.gluon)
 
     @classmethod
     def parse(cls, label: str) -> "Config":
@@ -74,12 +73,12 @@ class Config:
         match = _LABEL.fullmatch(label)
         if match is None:
             raise ValueError(f"{label!r} is not a Config label (e.g. 'm1n128s10w4p1TG': block_m, block_n, "
-                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, K stream)")
+                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon)")
         bm, bn, split, warps, stages = (int(g) for g in match.groups()[:5])
         return cls(bm, bn, split, warps, stages, *(bool(g) for g in match.groups()[5:]))
 
 
-_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(K?)")
+_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)")
 
 
 if HAVE_TRITON:
@@ -272,64 +271,20 @@ if HAVE_TRITON:
         return first_m + (pid % width) % size_m, (pid % width) // size_m
 
     @triton.jit
-    def _finish(acc, out_ptrs, ws_ptrs, mask, cnt_ptr, MINE, TOTAL, ATOMIC: tl.constexpr):
-        """Store the tile, or (split-K) add it to the fp32 workspace and count its MINE of the tile's TOTAL K
-        slices (blocks, in stream-K); the part that completes the count writes the sum to `out` and zeroes its
-        workspace and counter again, so no memset or copy kernel runs."""
+    def _finish(acc, out_ptrs, ws_ptrs, mask, cnt_ptr, SPLIT, ATOMIC: tl.constexpr):
+        """Store the tile, or (split-K) add it to the fp32 workspace; the last K-slice of the tile to arrive
+        writes the sum to `out` and zeroes its workspace and counter again, so no memset or copy kernel runs."""
         if ATOMIC:
             tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
             tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr, MINE, sem="acq_rel")
-            if arrived + MINE == TOTAL:
+            arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
                 total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
                 tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
                 tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
         else:
             tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _gemv_block(x, p0, p1, s, z, r0, cols, nmask, K, KW, N, G, stride_sg, stride_sn, byte_magic, PER: tl.constexpr,
-                    W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, SPS: tl.constexpr,
-                    EVEN_K: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
-        """The one-token sums [BN] of K block r0 (word rows r0..r0+15) for columns `cols`; x points at the row."""
-        j = tl.arange(0, 16)
-        a, ahi, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
-        acc = tl.zeros([BN], dtype=tl.float32)
-        part = tl.zeros([16, BN], dtype=tl.float32)
-        xoff = tl.zeros([16], dtype=tl.float32)
-        xsum = tl.zeros([16], dtype=tl.float32)
-        for i in tl.static_range(PER):
-            col0 = r0 * PER + i * 16
-            if EVEN_K:
-                xi = tl.load(x + tl.multiple_of(col0, 16) + j).to(tl.float32)
-            else:
-                xi = tl.load(x + col0 + j, mask=col0 + j < K, other=0.0).to(tl.float32)
-            if SPS > 0:
-                # one scale per SPS slots: sum x * (2^e + code) over them (a LOP3 and an FMA a code), take off
-                # sum x * (2^e + zero) (x-side work shared by the thread's columns), then scale once
-                if i % SPS == 0:
-                    sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
-                part += xi[:, None] * _field(a, i, W0, 0, ASM, byte_magic)
-                if W1 > 0:
-                    part += xi[:, None] * _field(b, i, W1, W0, ASM, byte_magic)
-                xoff += xi * _slot_offset(i, W0, W1, ZERO, HAS_Z)
-                if HAS_Z:
-                    xsum += xi
-                if i % SPS == SPS - 1:
-                    tot = tl.sum(part, axis=0) - tl.sum(xoff, axis=0)
-                    if HAS_Z:
-                        tot -= zero * tl.sum(xsum, axis=0)
-                    acc += tot * sc
-                    part = tl.zeros([16, BN], dtype=tl.float32)
-                    xoff = tl.zeros([16], dtype=tl.float32)
-                    xsum = tl.zeros([16], dtype=tl.float32)
-            else:
-                sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
-                part += (xi[:, None] * sc[None, :]) * _slot(a, ahi, b, i, zero[None, :], W0, W1, ASM)
-        if SPS == 0:
-            acc += tl.sum(part, axis=0)
-        return acc
 
     @triton.jit(do_not_specialize=["K", "KW", "G", "rows_per_split", "SPLIT"])
     def _gemv_kernel(x, p0, p1, s, z, out, ws, cnt, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT, stride_xm,
@@ -341,44 +296,47 @@ if HAVE_TRITON:
         m = tl.program_id(2)
         cols = pid_n * BN + tl.arange(0, BN)
         nmask = cols < N
+        j = tl.arange(0, 16)
         acc = tl.zeros([BN], dtype=tl.float32)
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
         for r0 in range(r_lo, r_hi, 16):
-            acc += _gemv_block(x + m * stride_xm, p0, p1, s, z, r0, cols, nmask, K, KW, N, G, stride_sg, stride_sn,
-                               byte_magic, PER, W0, W1, ZERO, HAS_Z, SPS, EVEN_K, ASM, BN)
+            a, ahi, b = _load_block(p0, p1, r0, cols, nmask, N, KW, W1)
+            part = tl.zeros([16, BN], dtype=tl.float32)
+            xoff = tl.zeros([16], dtype=tl.float32)
+            xsum = tl.zeros([16], dtype=tl.float32)
+            for i in tl.static_range(PER):
+                col0 = r0 * PER + i * 16
+                if EVEN_K:
+                    xi = tl.load(x + m * stride_xm + tl.multiple_of(col0, 16) + j).to(tl.float32)
+                else:
+                    xi = tl.load(x + m * stride_xm + col0 + j, mask=col0 + j < K, other=0.0).to(tl.float32)
+                if SPS > 0:
+                    # one scale per SPS slots: sum x * (2^e + code) over them (a LOP3 and an FMA a code), take off
+                    # sum x * (2^e + zero) (x-side work shared by the thread's columns), then scale once
+                    if i % SPS == 0:
+                        sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                    part += xi[:, None] * _field(a, i, W0, 0, ASM, byte_magic)
+                    if W1 > 0:
+                        part += xi[:, None] * _field(b, i, W1, W0, ASM, byte_magic)
+                    xoff += xi * _slot_offset(i, W0, W1, ZERO, HAS_Z)
+                    if HAS_Z:
+                        xsum += xi
+                    if i % SPS == SPS - 1:
+                        tot = tl.sum(part, axis=0) - tl.sum(xoff, axis=0)
+                        if HAS_Z:
+                            tot -= zero * tl.sum(xsum, axis=0)
+                        acc += tot * sc
+                        part = tl.zeros([16, BN], dtype=tl.float32)
+                        xoff = tl.zeros([16], dtype=tl.float32)
+                        xsum = tl.zeros([16], dtype=tl.float32)
+                else:
+                    sc, zero = _group_scale(s, z, col0, K, G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                    part += (xi[:, None] * sc[None, :]) * _slot(a, ahi, b, i, zero[None, :], W0, W1, ASM)
+            if SPS == 0:
+                acc += tl.sum(part, axis=0)
         _finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * tl.num_programs(0) + pid_n,
-                1, SPLIT, ATOMIC)
-
-    @triton.jit(do_not_specialize=["K", "KW", "G", "BLOCKS"])
-    def _gemv_stream_kernel(x, p0, p1, s, z, out, ws, cnt, N, K, KW, G, stride_sg, stride_sn, BLOCKS, stride_xm,
-                            stride_om, byte_magic, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
-                            ZERO: tl.constexpr, HAS_Z: tl.constexpr, SPS: tl.constexpr, EVEN_K: tl.constexpr,
-                            ASM: tl.constexpr, BN: tl.constexpr):
-        """Stream-K one-token GEMV: the (column tile, K block) units, tile by tile, are cut into one equal run per
-        program, so every program streams the same number of blocks and no wave is left part-empty. A run adds
-        each tile it touches to the fp32 workspace; the run that completes a tile's BLOCKS blocks writes it."""
-        pid = tl.program_id(0)
-        m = tl.program_id(1)
-        units = tl.cdiv(N, BN) * BLOCKS
-        u = (pid * units) // tl.num_programs(0)
-        u_hi = ((pid + 1) * units) // tl.num_programs(0)
-        while u < u_hi:
-            tile = u // BLOCKS
-            stop = tl.minimum(u_hi, (tile + 1) * BLOCKS)
-            cols = tile * BN + tl.arange(0, BN)
-            nmask = cols < N
-            acc = tl.zeros([BN], dtype=tl.float32)
-            for unit in range(u, stop):
-                acc += _gemv_block(x + m * stride_xm, p0, p1, s, z, (unit - tile * BLOCKS) * 16, cols, nmask, K, KW,
-                                   N, G, stride_sg, stride_sn, byte_magic, PER, W0, W1, ZERO, HAS_Z, SPS, EVEN_K, ASM,
-                                   BN)
-            if stop - u == BLOCKS:
-                tl.store(out + m * stride_om + cols, acc.to(out.dtype.element_ty), mask=nmask)
-            else:
-                _finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * tl.cdiv(N, BN) + tile,
-                        stop - u, BLOCKS, True)
-            u = stop
+                SPLIT, ATOMIC)
 
     @triton.jit
     def _block_operand(ww, uu, W: tl.constexpr, W1: tl.constexpr, F: tl.constexpr, ASM: tl.constexpr):
@@ -456,7 +414,7 @@ if HAVE_TRITON:
         t = tl.arange(0, NC // (2 * NR))
         omask = nmask[:, None] & (t < M)[None, :]
         _finish(res, out + t[None, :] * stride_om + n[:, None], ws + t[None, :] * N + n[:, None], omask, cnt + pid_n,
-                1, SPLIT, ATOMIC)
+                SPLIT, ATOMIC)
 
     @triton.jit(do_not_specialize=["M", "K", "KW", "G", "rows_per_split", "SPLIT"])
     def _gemm_kernel(x, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
@@ -489,7 +447,7 @@ if HAVE_TRITON:
                 acc = tl.dot(xt, w.to(xt.dtype), acc)
         omask = (rm[:, None] < M) & nmask[None, :]
         _finish(acc, out + rm[:, None] * stride_om + cols[None, :], ws + rm[:, None] * N + cols[None, :], omask,
-                cnt + pid, 1, SPLIT, ATOMIC)
+                cnt + pid, SPLIT, ATOMIC)
 
     @triton.jit(do_not_specialize=["M", "K", "KW", "G"])
     def _gemm_wide_kernel(x, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_xm, stride_om,
@@ -639,11 +597,8 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
 
 
 def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why `linear` cannot run m rows of `dtype` on `device` with `cfg` (None: it can). The tensor-core decode tiles
-    run 2..6 bits, bfloat16, at most block_m rows, and Gluon needs a device that runs it; the stream-K GEMV runs
-    one token."""
-    if cfg.stream and (m > GEMV_MAX_M or cfg.block_m != 1 or cfg.mma or cfg.wide):
-        return f"config {cfg.label} (stream-K GEMV) runs block_m 1 and at most {GEMV_MAX_M} token row; got {m} rows"
+    """Why `linear` cannot run m rows of `dtype` on `device` with `cfg` (None: it can). Only the tensor-core decode
+    tiles have conditions: 2..6 bits, bfloat16, at most block_m rows; Gluon also needs a device that runs it."""
     if not cfg.mma:
         return None
     if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or dtype != torch.bfloat16:
@@ -760,15 +715,6 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
                                  TOK=cfg.block_m, WARPS=cfg.num_warps, **mma_args)
         else:
             _gemv_mma_kernel[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=nc, **mma_args)
-    elif cfg.stream:
-        error = config_error(cfg, m, gw, x.dtype, x.device)
-        if error is not None:
-            raise ValueError(error)
-        tiles, blocks = triton.cdiv(n, cfg.block_n), kw // WORD_ROWS
-        ws, cnt = _workspace(x.device, m * n, m * tiles)
-        stream_args = {a: v for a, v in common.items() if a not in ("rows_per_split", "SPLIT", "ATOMIC")}
-        _gemv_stream_kernel[(min(cfg.split_k, tiles * blocks), m)](x2, out=out, ws=ws, cnt=cnt, BLOCKS=blocks,
-                                                                   byte_magic=142 << 23, **stream_args)
     elif m <= GEMV_MAX_M and cfg.block_m == 1:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         ws, cnt = _workspace(x.device, m * n, m * grid[0]) if split > 1 else (out, out)
