@@ -24,9 +24,8 @@ from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 
 
-def check(gen: torch.Generator, bits_list: list[int], gluon: bool = False, stages: tuple[int, ...] = (1,)) -> list[str]:
-    """Relative errors vs float64 of the mma kernel and the default kernel on odd shapes, groups, zero points;
-    the Gluon kernel (gluon=True) at each of `stages` (its cp.async ring depth)."""
+def check(gen: torch.Generator, bits_list: list[int], gluon: bool = False) -> list[str]:
+    """Relative errors vs float64 of the mma kernel and the default kernel on odd shapes, groups, zero points."""
     lines = []
     for bits in bits_list:
         for n, k, g, sym in [(64, 256, 128, True), (67, 203, 32, False), (45, 600, None, True), (130, 512, 64, False),
@@ -35,9 +34,8 @@ def check(gen: torch.Generator, bits_list: list[int], gluon: bool = False, stage
             qt = quantize(w, QuantSpec(bits, g, sym, "bfloat16"), clip_search=False)
             gw = repack_for_gpu(qt, "cuda")
             for m in (1, 3, 8):
-                bm = 1 if m == 1 else 4 if m <= 4 else 8
-                configs = [tlin.Config(bm, 64, 3, 4, 1, mma=True)]
-                configs += [tlin.Config(bm, 64, 3, 4, st, mma=True, gluon=True) for st in stages] if gluon else []
+                configs = [tlin.Config(1 if m == 1 else 4 if m <= 4 else 8, 64, 3, 4, 1, mma=True, gluon=g)
+                           for g in ([False, True] if gluon else [False])]
                 configs += [tlin.Config(8, 256, 1, 4, 1, mma=True), tlin.Config(8, 128, 2, 2, 1, mma=True)]
                 for cfg in configs:
                     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16() + (30 if n == 40 else 0)
@@ -63,7 +61,6 @@ def main() -> None:
     ap.add_argument("--waves", default="4,8", help="programs per SM that set the K-split")
     ap.add_argument("--stages", default="1", help="software-pipelining stages (num_stages)")
     ap.add_argument("--gluon", action="store_true", help="also check and time the Gluon kernel (Config(gluon=True))")
-    ap.add_argument("--gluon-stages", default="1", help="cp.async ring depths (num_stages) of the Gluon kernel")
     ap.add_argument("--no-check", action="store_true")
     a = ap.parse_args()
     bits_list = [int(b) for b in a.bits.split(",")]
@@ -71,13 +68,12 @@ def main() -> None:
     tiles = [tuple(map(int, t.split("x"))) for t in a.tiles.split(",")]
     waves_list = [int(v) for v in a.waves.split(",")]
     stages_list = [int(v) for v in a.stages.split(",")]
-    gluon_stages = [int(v) for v in a.gluon_stages.split(",")]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     t0 = time.time()
     lines = [f"device {torch.cuda.get_device_name()} torch {torch.__version__}"]
-    lines += [] if a.no_check else check(gen, bits_list, a.gluon, tuple(gluon_stages))
+    lines += [] if a.no_check else check(gen, bits_list, a.gluon)
     fails = sum("FAIL" in s for s in lines)
     lines.append(f"checks: {fails} failed, {time.time() - t0:.0f} s")
     print("\n".join(lines[-3:]), flush=True)
@@ -98,9 +94,8 @@ def main() -> None:
                 cuda_core = time_cuda(lambda v: tlin.linear(v, gw, core), x, a.reps, flush)
                 best = None
                 best_of = {}
-                runs = [(t, w, st, False) for t, w, st in product(tiles, waves_list, stages_list)]
-                runs += [(t, w, st, True) for t, w, st in product(tiles, waves_list, gluon_stages)] if a.gluon else []
-                for (bn, warps), waves, stages, gluon in runs:
+                for (bn, warps), waves, stages, gluon in product(tiles, waves_list, stages_list,
+                                                                 [False, True] if a.gluon else [False]):
                     split = tlin.split_for(-(-n // bn), blocks, waves)
                     cfg = tlin.Config(m, bn, split, warps, stages, mma=True, gluon=gluon)
                     try:

@@ -16,7 +16,7 @@ from . import triton_linear as tlin
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     HAVE_GLUON = True
 except ImportError:  # CPU-only installs, older Triton
     HAVE_GLUON = False
@@ -63,7 +63,7 @@ if HAVE_GLUON:
                        stride_xm, stride_om, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                        ZERO: gl.constexpr, HAS_Z: gl.constexpr, ATOMIC: gl.constexpr, RUN: gl.constexpr,
                        EVEN_K: gl.constexpr, BN: gl.constexpr, NC: gl.constexpr, NCP: gl.constexpr,
-                       TOK: gl.constexpr, WARPS: gl.constexpr, STAGES: gl.constexpr):
+                       TOK: gl.constexpr, WARPS: gl.constexpr):
         HALF: gl.constexpr = PER // 2
         NR: gl.constexpr = HALF // RUN
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
@@ -100,44 +100,12 @@ if HAVE_GLUON:
         total = gl.zeros([BN, NCP], gl.float32, layout=mma)
         r_lo = pid_k * rows_per_split
         r_hi = gl.minimum(r_lo + rows_per_split, KW)
-        if STAGES > 1:
-            # the words of the next STAGES - 1 blocks stream into a shared-memory ring by cp.async, so more bytes
-            # are in flight than registers allow; each thread reads back what it copied (no barrier needed)
-            ring_l: gl.constexpr = gl.SwizzledSharedLayout(BN // (8 * WARPS), 1, 8, order=[0, 1])
-            ring0 = gl.allocate_shared_memory(p0.dtype.element_ty, [STAGES, BN, 16], ring_l)
-            if W1 > 0:
-                ring1 = gl.allocate_shared_memory(p1.dtype.element_ty, [STAGES, BN, 16], ring_l)
-            for st in gl.static_range(STAGES - 1):
-                rs = r_lo + 16 * st
-                offs = (rs + j16)[None, :] * N + n[:, None]
-                fetch = nmask[:, None] & (rs < r_hi)
-                async_copy.async_copy_global_to_shared(ring0.index(st), p0 + offs, mask=fetch)
-                if W1 > 0:
-                    async_copy.async_copy_global_to_shared(ring1.index(st), p1 + offs, mask=fetch)
-                async_copy.commit_group()
         for r0 in range(r_lo, r_hi, 16):
-            if STAGES > 1:
-                it = (r0 - r_lo) // 16
-                rs = r0 + 16 * (STAGES - 1)
-                offs = (rs + j16)[None, :] * N + n[:, None]
-                fetch = nmask[:, None] & (rs < r_hi)
-                async_copy.async_copy_global_to_shared(ring0.index((it + STAGES - 1) % STAGES), p0 + offs, mask=fetch)
-                if W1 > 0:
-                    async_copy.async_copy_global_to_shared(ring1.index((it + STAGES - 1) % STAGES), p1 + offs,
-                                                           mask=fetch)
-                async_copy.commit_group()
-                async_copy.wait_group(STAGES - 1)
-                w0 = ring0.index(it % STAGES).load(v_l)
-                if W1 > 0:
-                    w1 = ring1.index(it % STAGES).load(v_l)
-            else:
-                offs = (r0 + j16)[None, :] * N + n[:, None]
-                w0 = gl.load(p0 + offs, mask=nmask[:, None], other=0)
-                if W1 > 0:
-                    w1 = gl.load(p1 + offs, mask=nmask[:, None], other=0)
-            words = gl.convert_layout(_relabel(w0, BN, WARPS), w_l)
+            offs = (r0 + j16)[None, :] * N + n[:, None]
+            words = gl.convert_layout(_relabel(gl.load(p0 + offs, mask=nmask[:, None], other=0), BN, WARPS), w_l)
             if W1 > 0:
-                b1 = gl.convert_layout(_relabel(w1, BN, WARPS), w_l).to(gl.int32)
+                b1 = gl.convert_layout(_relabel(gl.load(p1 + offs, mask=nmask[:, None], other=0), BN, WARPS),
+                                       w_l).to(gl.int32)
                 hb: gl.constexpr = HALF * W1
                 spread = (b1 & ((1 << hb) - 1)) | ((b1 << (16 - hb)) & (((1 << hb) - 1) << 16))
             else:

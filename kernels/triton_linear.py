@@ -712,7 +712,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
             from .gluon_linear import gemv_mma_gluon  # Gluon: CUDA only (no CPU interpreter)
             del mma_args["ASM"]
             gemv_mma_gluon[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=nc, NCP=max(8, nc),
-                                 TOK=cfg.block_m, WARPS=cfg.num_warps, STAGES=cfg.num_stages, **mma_args)
+                                 TOK=cfg.block_m, WARPS=cfg.num_warps, **mma_args)
         else:
             _gemv_mma_kernel[grid](x2, out=out, ws=ws, cnt=cnt, M=m, RUN=run, NC=nc, **mma_args)
     elif m <= GEMV_MAX_M and cfg.block_m == 1:
