@@ -11,6 +11,7 @@ import numpy as np
 import torch.nn as nn
 
 from kernels import SUPPORTED_BITS, Choice, weight_nbytes
+from kernels.fileio import atomic_write_json
 from kernels.latency import LatencyTable, forward_ms
 from kernels.model_latency import model_key
 from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
@@ -18,7 +19,7 @@ from solvers import InfeasibleError, Problem, Solution, solve
 from solvers.solve import smallest as least_total
 
 from .budget import MIB, Budget
-from .io import atomic_write_json, read_json
+from .io import read_json
 from .model import model_identity, quantized_layer_bias_bytes, storage_bytes
 from .plan import LayerPlan, ModelIdentity, Plan
 

@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 
+from kernels.fileio import atomic_write_json
 from solvers import pareto, plot_pareto
 
 from .api import ProfiledModel, build_problem
 from .budget import MIB
-from .io import atomic_write_json
 
 
 def frontier(profile_path: str | os.PathLike, objective: str = "memory", out: str | os.PathLike | None = None,

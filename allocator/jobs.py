@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from kernels import Choice, LatencyTable
+from kernels.fileio import atomic_write_json
 from profilers import PROFILERS, Calibration, LayerGraph, build_layer_graph, model_hash, profile
 from solvers import SOLVERS
 
 from .api import ProfiledModel, parse_choices, solve_profiled
 from .budget import MIB, Budget
-from .io import atomic_write_json
 from .model import quantized_layer_bias_bytes, storage_bytes
 from .plan import Plan
 from .store import ProfileRequest, ResultStore

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kernels import SUPPORTED_BITS, QuantSpec
+from kernels.fileio import atomic_write_json
 from kernels.latency import conv_geometries
 
 from .budget import Budget
-from .io import atomic_write_json, read_json
+from .io import read_json
 
 if TYPE_CHECKING:
     import torch.nn as nn

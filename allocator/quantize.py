@@ -12,10 +12,11 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from kernels import LatencyTable, quantize_module, quantized_module_from_config
+from kernels.fileio import atomic_write, atomic_write_json
 from kernels.latency import device_name, use_paths
 from kernels.memory import matrix_shape
 
-from .io import atomic_write, atomic_write_json, read_json
+from .io import read_json
 from .plan import Plan, PlanError
 
 PLAN_ATTR = "bitalloc_plan"

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .io import atomic_write_json
+from kernels.fileio import atomic_write_json
+
 from .jobs import JobSpec
 from .plan import Plan
 

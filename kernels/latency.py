@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ import torch
 
 from .backends import BACKENDS, Backend, layer_view, select_backend
 from .choice import Choice, QuantSpec
+from .fileio import atomic_write_json
 from .gpu_layout import repack_for_gpu
 from .modules import QuantizedConv
 from .quantizer import QuantizedTensor, quantize
@@ -235,12 +234,7 @@ class LatencyTable:
                    float(d.get("replay_overhead_ms", 0.0)), int(d.get("graph_max_tokens", 0)))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":

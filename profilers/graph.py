@@ -21,10 +21,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from kernels.latency import conv_geometries
+from kernels.fileio import atomic_write_json
 from kernels.layout import module_kind
 
 from .calibration import Batch, call_model, describe
-from .profile import write_json_atomic
 
 KINDS = ("linear", "conv1d", "conv2d", "hf_conv1d")
 _TAG = "_bitalloc_producers"
@@ -97,7 +97,7 @@ class LayerGraph:
         return cls(layers, dict(d.get("skipped", {})), g)
 
     def save(self, path: str | os.PathLike) -> None:
-        write_json_atomic(path, self.to_dict())
+        atomic_write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerGraph":

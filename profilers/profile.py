@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+
+from kernels.fileio import atomic_write_json
 
 PAIR_SEP = "||"
 
@@ -93,8 +94,8 @@ class Profile:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write JSON atomically (temp file in the same directory, then os.replace)."""
-        write_json_atomic(path, self.to_dict())
+        """Write compact JSON atomically (`kernels.fileio`)."""
+        atomic_write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
@@ -105,21 +106,6 @@ class Profile:
     def merge(profiles: Sequence["Profile"]) -> "Profile":
         """Merge shards of one profiling request; see `merge`."""
         return merge(profiles)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """json.dump to a temp file next to `path`, then os.replace it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def merge(profiles: Sequence[Profile]) -> Profile:
