@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from allocator import Budget, check_latency, format_checks, predict_latency, uniform_plan  # noqa: E402
 from allocator.api import ProfiledModel, build_problem, plan_from_solution, solve_profiled  # noqa: E402
 from allocator.budget import MIB  # noqa: E402
-from kernels.fileio import atomic_write, atomic_write_json  # noqa: E402
 from allocator.model import storage_bytes  # noqa: E402
+from kernels.fileio import atomic_write, atomic_write_json  # noqa: E402
 from kernels.latency import (GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, default_dtype, device_name, measure,  # noqa: E402
                              time_cuda, versions)
 from kernels.model_latency import measure_rest, time_forward  # noqa: E402

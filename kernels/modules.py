@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_backends, gpu_backends  # noqa: F401  (importing them registers the backends)
+from . import cpu_backends, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
 from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_order, select_backend
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix
@@ -37,6 +37,7 @@ class _QuantizedWeight(nn.Module):
         self.weight_shape = tuple(int(d) for d in weight_shape)
         self.matrix_shape = matrix_shape(self.weight_shape, kind)
         self.spec = spec
+        self._spec_key = ops.spec_key(spec)
         self.layout = DENSE
         out, inp = self.matrix_shape
         n_groups = spec.n_groups(inp)
@@ -81,11 +82,20 @@ class _QuantizedWeight(nn.Module):
         return select_backend(self.spec, self.matrix_shape, device, dtype)
 
     def _linear(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [rows, in] @ W^T + bias on the backend `select` picks for x2's device and dtype."""
-        backend = self.select(x2.device, x2.dtype)
-        self._use_backend(backend)
-        self.backend = backend.name
-        y = backend.linear(x2, self)
+        """x2 [rows, in] @ W^T + bias on the backend `select` picks for x2's device and dtype. Under torch.compile
+        the backend of the last eager forward runs as one custom op (`kernels.ops`), so the graph does not break."""
+        if torch.compiler.is_compiling():
+            if self.backend is None:
+                raise RuntimeError("a quantized layer picks its backend and weight layout in its first forward: run "
+                                   "the model once eagerly on the target device and dtype before torch.compile")
+            out, inp = self.matrix_shape
+            y = torch.ops.bitalloc.quantized_linear(x2, self.qweight, self.scales, self.zeros, self._spec_key, out,
+                                                    inp, self.layout, self.backend)
+        else:
+            backend = self.select(x2.device, x2.dtype)
+            self._use_backend(backend)
+            self.backend = backend.name
+            y = backend.linear(x2, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _use_backend(self, backend: Backend) -> None:
