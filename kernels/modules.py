@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_backends, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
-from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_order, select_backend
+from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_order, layout_backend, select_backend
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix
 from .memory import matrix_shape
@@ -223,10 +223,16 @@ class QuantizedConv(_QuantizedWeight):
         """The weight [out, in] in `dtype`: on CUDA by the selected backend's dequantize kernel (codes kept in its
         layout), else from the dense packing."""
         if self.forced_backend is None and device.type == "cuda":
-            backend = self.select(device, dtype)
-            if backend.dequantize is not None:
-                self._use_backend(backend)
-                return backend.dequantize(self, dtype).contiguous()
+            if torch.compiler.is_compiling():  # the layout an eager forward chose, through a custom op (`kernels.ops`)
+                owner = layout_backend(self.layout)
+                if owner is not None and owner.dequantize is not None:
+                    return torch.ops.bitalloc.dequantize(self.qweight, self.scales, self.zeros, self._spec_key,
+                                                         *self.matrix_shape, self.layout, dtype)
+            else:
+                backend = self.select(device, dtype)
+                if backend.dequantize is not None:
+                    self._use_backend(backend)
+                    return backend.dequantize(self, dtype).contiguous()
         if self.layout != DENSE:  # codes in a layout without a dequantize kernel: back to the dense packing, once
             self.qweight = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, DENSE)
             self.layout = DENSE

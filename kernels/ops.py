@@ -1,8 +1,10 @@
-"""`torch.ops.bitalloc.quantized_linear`: a quantized layer's matmul as one opaque custom op, so that
-`torch.compile(qmodel, fullgraph=True)` traces a quantized model without a graph break per layer (the backend
-registry's Python dispatch and the Triton launches stay out of the traced graph) and fuses the float ops around it.
+"""Custom ops for torch.compile: `torch.ops.bitalloc.quantized_linear` (a quantized layer's matmul) and
+`torch.ops.bitalloc.dequantize` (a weight's float copy from a backend's own layout, for the convs that dequantize
+on CUDA). Each is opaque to the compiler, so `torch.compile(qmodel, fullgraph=True)` traces a quantized model
+without a graph break per layer (the backend registry's Python dispatch and the Triton launches stay out of the
+traced graph) and fuses the float ops around them.
 
-The op runs the backend a quantized layer chose in its last eager forward (`QuantizedLinear.backend`), on the
+The ops run the backend a quantized layer chose in its last eager forward (`QuantizedLinear.backend`), on the
 buffers as that backend holds them: one eager forward on the target device and dtype comes first.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .backends import get_backend
+from .backends import get_backend, layout_backend
 from .choice import QuantSpec
 
 
@@ -45,3 +47,20 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 @quantized_linear.register_fake
 def _(x, qweight, scales, zeros, spec, out_features, in_features, layout, backend):
     return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("bitalloc::dequantize", mutates_args=())
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: str, out_features: int,
+               in_features: int, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight [out, in] in `dtype` by the dequantize kernel of the backend that owns `layout`."""
+    owner = layout_backend(layout)
+    if owner is None or owner.dequantize is None:
+        raise ValueError(f"layout {layout!r} has no dequantize kernel")
+    layer = SimpleNamespace(qweight=qweight, scales=scales, zeros=zeros, spec=_spec(spec),
+                            matrix_shape=(out_features, in_features), layout=layout)
+    return owner.dequantize(layer, dtype).contiguous()
+
+
+@dequantize.register_fake
+def _(qweight, scales, zeros, spec, out_features, in_features, layout, dtype):
+    return qweight.new_empty((out_features, in_features), dtype=dtype)

@@ -320,3 +320,28 @@ def test_measure_cuda_small(tmp_path, monkeypatch) -> None:
     path, tile = gpu_backends.pick(1, gw)  # measure installed the fastest of ours, which the "triton" entry timed
     assert path == ours.split("[")[0] and (tile is None) == (ours == "triton_fused")
     assert LatencyTable.load(cache_path(tmp_path, "cuda")).to_dict() == table.to_dict()
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the CUDA layers' custom ops run on CUDA")
+def test_torch_compile_fullgraph_on_cuda() -> None:
+    """After one eager forward, a bfloat16 model of "triton" layers (linears, a pointwise and a 3x3 conv that
+    dequantizes) compiles with fullgraph=True under inductor and computes what the eager model computes."""
+    from torch import nn
+
+    from kernels import quantize_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1), nn.Flatten(),
+                        nn.Linear(16 * 64, 256), nn.GELU(), nn.Linear(256, 64))
+    specs = {0: QuantSpec(4, None), 2: QuantSpec(8, None, symmetric=False), 4: QuantSpec(4, 128),
+             6: QuantSpec(3, 64, symmetric=False)}
+    qnet = nn.Sequential(*(quantize_module(m, specs[i]) if i in specs else m for i, m in enumerate(net)))
+    qnet = qnet.to("cuda", torch.bfloat16)
+    x = torch.randn(2, 16, 8, 8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = qnet(x)
+        assert qnet[4].backend == "triton"
+        assert torch._dynamo.explain(qnet)(x).graph_break_count == 0
+        torch._dynamo.reset()
+        compiled = torch.compile(qnet, fullgraph=True)(x)
+    assert float((compiled.float() - eager.float()).norm() / eager.float().norm()) < 2e-2
