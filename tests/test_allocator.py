@@ -177,21 +177,6 @@ def test_plan_validation_errors(plan, model, tmp_path):
             Plan.load(tmp_path / "bad.json", model=model)
 
 
-def test_plan_save_is_atomic(plan, tmp_path, monkeypatch):
-    path = tmp_path / "plan.json"
-    plan.save(path)
-    before = path.read_text()
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(json, "dump", crash)
-    with pytest.raises(OSError):
-        plan.save(path)
-    assert path.read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
-
-
 def test_latency_budget_from_a_table_measured_on_this_device(model):
     from kernels.latency import measure
     from profilers import build_layer_graph
