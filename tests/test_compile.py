@@ -1,5 +1,5 @@
-"""torch.compile(qmodel, fullgraph=True): after one eager forward, a quantized model traces without a graph break
-(each quantized matmul is one custom op, `kernels.ops`) and computes what the eager model computes."""
+"""torch.compile(qmodel, fullgraph=True) and torch.export: after one eager forward, a quantized model traces without
+a graph break (each quantized matmul is one custom op, `kernels.ops`) and computes what the eager model computes."""
 import pytest
 import torch
 from torch import nn
@@ -47,3 +47,15 @@ def test_compiling_before_the_first_forward_says_what_to_do():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="run the model once eagerly"):
         torch.compile(qnet, fullgraph=True, backend="aot_eager")(torch.randn(2, 32))
+
+
+def test_torch_export_saves_a_program_that_runs_the_quantized_ops(tmp_path):
+    torch.manual_seed(0)
+    qnet = nn.Sequential(quantize_module(nn.Linear(32, 64), QuantSpec(4, 32)), nn.GELU(),
+                         quantize_module(nn.Linear(64, 8), QuantSpec(3, 32, symmetric=False)))
+    x = torch.randn(2, 32)
+    eager = qnet(x)
+    program = torch.export.export(qnet, (x,))
+    assert "bitalloc.quantized_linear" in program.graph_module.code
+    torch.export.save(program, tmp_path / "qnet.pt2")
+    torch.testing.assert_close(torch.export.load(tmp_path / "qnet.pt2").module()(x), eager)
