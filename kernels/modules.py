@@ -88,9 +88,8 @@ class _QuantizedWeight(nn.Module):
             if self.backend is None:
                 raise RuntimeError("a quantized layer picks its backend and weight layout in its first forward: run "
                                    "the model once eagerly on the target device and dtype before torch.compile")
-            out, inp = self.matrix_shape
-            y = torch.ops.bitalloc.quantized_linear(x2, self.qweight, self.scales, self.zeros, self._spec_key, out,
-                                                    inp, self.layout, self.backend)
+            y = torch.ops.bitalloc.quantized_linear(x2, self.qweight, self.scales, self.zeros, self._spec_key,
+                                                    *self.matrix_shape, self.layout, self.backend)
         else:
             backend = self.select(x2.device, x2.dtype)
             self._use_backend(backend)

@@ -24,6 +24,13 @@ def _spec(spec_json: str) -> QuantSpec:
     return QuantSpec.from_dict(json.loads(spec_json))
 
 
+def _layer(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: str, out_features: int,
+           in_features: int, layout: str) -> SimpleNamespace:
+    """The QuantizedWeightLike a backend reads, from the op's arguments."""
+    return SimpleNamespace(qweight=qweight, scales=scales, zeros=zeros, spec=_spec(spec),
+                           matrix_shape=(out_features, in_features), layout=layout)
+
+
 def spec_key(spec: QuantSpec) -> str:
     """The op's string form of a QuantSpec (custom ops take no dataclasses)."""
     return json.dumps(spec.to_dict(), sort_keys=True)
@@ -34,13 +41,11 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
                      spec: str, out_features: int, in_features: int, layout: str, backend: str) -> torch.Tensor:
     """x [M, in] @ W^T -> [M, out] by `backend` on a layer's buffers (codes in `layout`)."""
     chosen = get_backend(backend)
-    qspec = _spec(spec)
-    if chosen.layout != layout or not chosen.supports(qspec, (out_features, in_features), x.device, x.dtype):
+    layer = _layer(qweight, scales, zeros, spec, out_features, in_features, layout)
+    if chosen.layout != layout or not chosen.supports(layer.spec, layer.matrix_shape, x.device, x.dtype):
         raise ValueError(f"the layer last ran backend {backend!r} with its codes in layout {layout!r}, which cannot "
                          f"run {x.dtype} inputs on {x.device}; run one forward eagerly on this device and dtype "
                          "before torch.compile")
-    layer = SimpleNamespace(qweight=qweight, scales=scales, zeros=zeros, spec=qspec,
-                            matrix_shape=(out_features, in_features), layout=layout)
     return chosen.linear(x, layer)
 
 
@@ -56,8 +61,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     owner = layout_backend(layout)
     if owner is None or owner.dequantize is None:
         raise ValueError(f"layout {layout!r} has no dequantize kernel")
-    layer = SimpleNamespace(qweight=qweight, scales=scales, zeros=zeros, spec=_spec(spec),
-                            matrix_shape=(out_features, in_features), layout=layout)
+    layer = _layer(qweight, scales, zeros, spec, out_features, in_features, layout)
     return owner.dequantize(layer, dtype).contiguous()
 
 

@@ -20,8 +20,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from kernels.latency import conv_geometries
 from kernels.fileio import atomic_write_json
+from kernels.latency import conv_geometries
 from kernels.layout import module_kind
 
 from .calibration import Batch, call_model, describe
