@@ -61,11 +61,12 @@ class Config:
     wide: bool = False  # prefill kernel with one dot per K block (split_k must be 1)
     mma: bool = False  # decode on tensor cores (`_gemv_mma_kernel`, 2..6-bit, up to block_m tokens)
     gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
+    dp4a: bool = False  # decode on integer dot products (`dp4a_linear`; block_m 1, groups of whole or half K blocks)
 
     @property
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
-                + "W" * self.wide + "T" * self.mma + "G" * self.gluon)
+                + "W" * self.wide + "T" * self.mma + "G" * self.gluon + "D" * self.dp4a)
 
     @classmethod
     def parse(cls, label: str) -> "Config":
@@ -73,12 +74,12 @@ class Config:
         match = _LABEL.fullmatch(label)
         if match is None:
             raise ValueError(f"{label!r} is not a Config label (e.g. 'm1n128s10w4p1TG': block_m, block_n, "
-                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon)")
+                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, D dp4a)")
         bm, bn, split, warps, stages = (int(g) for g in match.groups()[:5])
         return cls(bm, bn, split, warps, stages, *(bool(g) for g in match.groups()[5:]))
 
 
-_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)")
+_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(D?)")
 
 
 if HAVE_TRITON:
@@ -528,6 +529,9 @@ _MMA_ONE_TOKEN_BITS = (2, 3, 5)
 # at 4 tokens 2- and 5-bit were 0.93-1.01x, and 4/6-bit slower: docs/kernels_gpu.md, "Session 13")
 _GLUON_MAX_M = {2: 2, 3: 4, 5: 2}
 _GLUON_TILE = (128, 4, 8)
+# integer-dot decode (`dp4a_linear`): the winners of a sweep on four LLM shapes of an H200, 1 token (2..8-bit, group
+# 128; docs/kernels_gpu.md, "Session 17"): (columns per program, warps, programs per SM that set the K-split)
+_DP4A_TILES = ((256, 2, 8), (512, 2, 4), (512, 4, 8), (512, 4, 16))
 TUNED_MAX_M = 16  # token counts up to which `tile_candidates` offers more than the default tile
 _GEMV_ALTERNATIVES = ((128, 4, 8), (256, 2, 8), (256, 4, 16), (512, 4, 8), (512, 4, 16))
 
@@ -568,7 +572,7 @@ def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloa
 
 def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> list[Config]:
     """The tiles a latency table times for m token rows: `default_config` first, then, for decode (m <=
-    TUNED_MAX_M), the near-winners of the tile sweeps that set the defaults (CUDA-core GEMV, Triton and Gluon
+    TUNED_MAX_M), the near-winners of the tile sweeps that set the defaults (CUDA-core GEMV, integer-dot GEMV, Triton and Gluon
     tensor-core decode, split-K GEMM) over a few K-splits. The sweeps ran on four LLM shapes of one H100 and one
     H200; other shapes (a 1B model's 512x2048) and devices get the tile measured best for them."""
     default = default_config(m, gw, dtype)
@@ -584,6 +588,10 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
     tiles = [default]
     if m <= GEMV_MAX_M:
         tiles += [tile(1, bn, warps, waves) for bn, warps, waves in _GEMV_ALTERNATIVES]
+        from .dp4a_linear import supported
+        if supported(gw):
+            tiles += [Config(1, bn, split_for(-(-n // bn), blocks, waves=waves), warps, 1, dp4a=True)
+                      for bn, warps, waves in _DP4A_TILES]
     else:
         tiles += [tile(16, bn, 4, waves, stages) for bn, waves, stages in ((64, 2, 3), (64, 4, 4), (128, 2, 3))]
     if dtype == torch.bfloat16 and m <= MMA_MAX_M and mma_supported(gw):
@@ -597,8 +605,15 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
 
 
 def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why `linear` cannot run m rows of `dtype` on `device` with `cfg` (None: it can). Only the tensor-core decode
-    tiles have conditions: 2..6 bits, bfloat16, at most block_m rows; Gluon also needs a device that runs it."""
+    """Why `linear` cannot run m rows of `dtype` on `device` with `cfg` (None: it can). The tensor-core decode
+    tiles have conditions: 2..6 bits, bfloat16, at most block_m rows; Gluon also needs a device that runs it. The
+    dp4a decode needs block_m 1 and groups of whole or half K blocks (`dp4a_linear.supported`)."""
+    if cfg.dp4a:
+        from .dp4a_linear import supported
+        if cfg.block_m != 1 or cfg.mma or cfg.wide or not supported(gw):
+            return (f"config {cfg.label} (dp4a) needs block_m 1 and groups of whole K blocks ({gw.block} columns), "
+                    f"or of half blocks below 8 bits; got block_m {cfg.block_m}, {gw.bits}-bit, group {gw.group}")
+        return None
     if not cfg.mma:
         return None
     if not mma_supported(gw) or m > cfg.block_m or cfg.block_m & (cfg.block_m - 1) or dtype != torch.bfloat16:
@@ -691,6 +706,12 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     if not fused_supported(gw):
         return _fallback(x2, gw, f"group width {gw.group} is not a multiple of 32").view(*lead, n)
     cfg = config or default_config(m, gw, x.dtype)
+    error = config_error(cfg, m, gw, x.dtype, x.device)
+    if error is not None:
+        raise ValueError(error)
+    if cfg.dp4a:
+        from . import dp4a_linear
+        return dp4a_linear.linear(x2, gw, cfg).view(*lead, n)
     kw = gw.planes[0].shape[0]
     rows_per_split = triton.cdiv(triton.cdiv(kw, cfg.split_k), WORD_ROWS) * WORD_ROWS
     split = triton.cdiv(kw, rows_per_split)
@@ -700,9 +721,6 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
                   stride_om=out.stride(0), ATOMIC=split > 1, SPS=_slots_per_scale(gw), EVEN_K=k % gw.block == 0,
                   ASM=ASM, BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     if cfg.mma:
-        error = config_error(cfg, m, gw, x.dtype, x.device)
-        if error is not None:
-            raise ValueError(error)
         grid = (triton.cdiv(n, cfg.block_n), split)
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
         run = math.gcd(gw.per // 2, gw.group // 16)  # fields of a half sharing one group

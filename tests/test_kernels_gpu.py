@@ -11,6 +11,7 @@ import torch
 
 from kernels import QuantSpec, quantize
 from kernels.gpu_layout import repack_for_gpu
+from kernels import dp4a_linear
 from kernels import triton_linear as tlin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -114,6 +115,44 @@ def test_tensor_core_decode(bits: int, symmetric: bool, gluon: bool) -> None:
                     _check(y, x, qt, torch.bfloat16)
                     ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
                     assert (y.double().cpu() - ref).norm() / ref.norm() < 6e-3  # bf16 output rounding, not 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dp4a_decode(bits: int, symmetric: bool) -> None:
+    """`Config(dp4a=True)`: decode on integer dot products, x as 16-bit fixed point per K block. Groups of whole
+    blocks, of half blocks (regrouped by byte permutes) and per-channel; odd sizes; split-K run twice (the workspace
+    must come back zeroed); float16 and bfloat16; activations far from zero and an outlier 2^10 times the rest of
+    its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are refused."""
+    gen = torch.Generator().manual_seed(90 + bits + symmetric)
+    configs = [tlin.Config(1, 64, 2, dp4a=True)]
+    if not INTERPRET:
+        configs += [tlin.Config(1, 32, 3, 2, dp4a=True), tlin.Config(1, 512, 4, 4, dp4a=True)]
+    shapes = SHAPES[:4] + [(70, 520, 128)] if INTERPRET else SHAPES + [(70, 520, 128), (48, 512, 256)]
+    ran = 0
+    for i, (n, k, group) in enumerate(shapes):
+        for dtype in [(torch.float16, torch.bfloat16)[i % 2]] if INTERPRET else (torch.float16, torch.bfloat16):
+            qt, gw = _case(n, k, group, bits, symmetric, dtype, gen)
+            if not tlin.fused_supported(gw):
+                continue  # dequantize + matmul, whatever the config (test_unsupported_group_falls_back_with_warning)
+            if not dp4a_linear.supported(gw):
+                with pytest.raises(ValueError, match="dp4a"):
+                    tlin.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, configs[0])
+                continue
+            ran += 1
+            for cfg in configs:
+                for shift in (0, 30):
+                    x = (torch.randn(2, k, generator=gen) + shift).to(dtype).to(DEV)
+                    x[1, min(3, k - 1)] = 1024.0
+                    y = _poisoned(lambda: tlin.linear(x, gw, cfg))
+                    ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
+                    assert torch.isfinite(y).all()
+                    assert (y.double().cpu() - ref).norm() / ref.norm() < 4e-3  # the output's rounding, not the digits
+            x[0, k // 2] = float("nan")
+            y = tlin.linear(x, gw, configs[0])
+            assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    assert ran >= 3  # whole-block, half-block and per-channel groups at every width
 
 
 @pytest.mark.gpu

@@ -1,0 +1,86 @@
+"""One-token decode: the dp4a kernel (`Config(dp4a=True)`) against today's best tile and cuBLAS bf16, in one run.
+
+For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
+tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps).
+Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
+    python benchmarks/bench_dp4a_gpu.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import QuantSpec, quantize  # noqa: E402
+from kernels import triton_linear as tlin  # noqa: E402
+from kernels.gpu_layout import repack_for_gpu  # noqa: E402
+from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+
+SHAPES = [(28672, 8192), (8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]
+DP4A_TILES = ((256, 2), (512, 4), (512, 2), (1024, 4), (1024, 8))  # (columns per program, warps)
+WAVES = (4, 8, 16, 32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--bits", default="2,3,4,5,6,8")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "dp4a.txt", "a")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    say(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tlin.triton.__version__}")
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, device="cuda", generator=gen)
+        wb = w.bfloat16()
+        x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
+        base = time_cuda(lambda x: F.linear(x, wb), x, args.reps, flush, graph=True)
+        for bits in (int(b) for b in args.bits.split(",")):
+            qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
+            gw = repack_for_gpu(qt, "cuda")
+            ref = (x.double() @ qt.dequantize(torch.float64).t().to("cuda")).cpu()
+            blocks = gw.planes[0].shape[0] // 16
+            tiles = {"best_today": tlin.tile_candidates(1, gw, torch.bfloat16)}
+            tiles["dp4a"] = [tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
+                             for bn, warps in DP4A_TILES for waves in WAVES]
+            best = {}
+            for family, cfgs in tiles.items():
+                for cfg in dict.fromkeys(cfgs):
+                    try:
+                        y = tlin.linear(x, gw, cfg)
+                        err = float((y.double().cpu() - ref).norm() / ref.norm())
+                        if not err < 6e-3:
+                            say(f"{n}x{k} w{bits} {cfg.label}: rel err {err:.2e} REJECTED")
+                            continue
+                        ms = time_cuda(lambda x: tlin.linear(x, gw, cfg), x, args.reps, flush, graph=True)
+                    except Exception as e:  # noqa: BLE001 - report and go on
+                        say(f"{n}x{k} w{bits} {cfg.label}: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    if family not in best or ms < best[family][0]:
+                        best[family] = (ms, cfg.label, err)
+            row = dict(N=n, K=k, bits=bits, bf16_us=base * 1e3,
+                       **{f: dict(us=v[0] * 1e3, tile=v[1], err=v[2]) for f, v in best.items()})
+            rows.append(row)
+            say(f"{n}x{k} w{bits}: bf16 {base * 1e3:.1f}us " + " ".join(
+                f"{f} {v[0] * 1e3:.1f}us ({base / v[0]:.2f}x bf16, {v[1]}, err {v[2]:.1e})" for f, v in best.items()))
+            del qt, gw
+    (out / "dp4a.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
