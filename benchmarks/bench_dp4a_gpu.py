@@ -78,7 +78,7 @@ def main() -> None:
             rows.append(row)
             say(f"{n}x{k} w{bits}: bf16 {base * 1e3:.1f}us " + " ".join(
                 f"{f} {v[0] * 1e3:.1f}us ({base / v[0]:.2f}x bf16, {v[1]}, err {v[2]:.1e})" for f, v in best.items()))
-            del qt, gw
+            del qt
     (out / "dp4a.json").write_text(json.dumps(rows, indent=1))
 
 
