@@ -159,16 +159,6 @@ if HAVE_TRITON:
         tl.store(xz + (m * NB + blk) * 2 + 1, tl.sum(tl.sum(tl.sum(tl.where(first, 0, fixed), axis=2), axis=1),
                                                      axis=0).to(tl.float32) * down)
 
-    @triton.jit
-    def _scale_zero(s, z, g, cols, mask, stride_sg, stride_sn, ZERO: tl.constexpr, HAS_Z: tl.constexpr):
-        offs = g * stride_sg + cols * stride_sn
-        sc = tl.load(s + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zero = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            zero = ZERO
-        return sc, zero
-
     @triton.jit(do_not_specialize=["K", "KW", "NB", "G", "rows_per_split", "SPLIT", "zero_word"])
     def _gemv_dp4a_kernel(xq, xs, xz, p0, p1, s, z, out, ws, cnt, N, K, KW, NB, G, stride_sg, stride_sn,
                           rows_per_split, SPLIT, stride_om, zero_word, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
@@ -232,14 +222,15 @@ if HAVE_TRITON:
             c0 = r0 * PER
             if REGROUP:
                 c1 = c0 + 8 * PER
-                sc0, zero0 = _scale_zero(s, z, c0 // G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
-                sc1, zero1 = _scale_zero(s, z, c1 // G, cols, nmask & (c1 < K), stride_sg, stride_sn, ZERO, HAS_Z)
+                sc0, zero0 = tlin._scale_zero(s, z, (c0 // G) * stride_sg + cols * stride_sn, nmask, ZERO, HAS_Z)
+                sc1, zero1 = tlin._scale_zero(s, z, (c1 // G) * stride_sg + cols * stride_sn, nmask & (c1 < K), ZERO,
+                                              HAS_Z)
                 t0 = (hi0.to(tl.float32) * 256.0 + lo0.to(tl.float32)) * down - zero0 * tl.load(xz + (m * NB + blk) * 2)
                 t1 = (hi1.to(tl.float32) * 256.0 + lo1.to(tl.float32)) * down - zero1 * tl.load(
                     xz + (m * NB + blk) * 2 + 1)
                 acc += t0 * sc0 + t1 * sc1
             else:
-                sc, zero = _scale_zero(s, z, c0 // G, cols, nmask, stride_sg, stride_sn, ZERO, HAS_Z)
+                sc, zero = tlin._scale_zero(s, z, (c0 // G) * stride_sg + cols * stride_sn, nmask, ZERO, HAS_Z)
                 xsum = tl.load(xz + (m * NB + blk) * 2) + tl.load(xz + (m * NB + blk) * 2 + 1)
                 acc += ((hi0.to(tl.float32) * 256.0 + lo0.to(tl.float32)) * down - zero * xsum) * sc
         tlin._finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * tl.num_programs(0) + pid_n,
