@@ -2,8 +2,10 @@
 
 For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
 tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps).
+cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
+is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
-    python benchmarks/bench_dp4a_gpu.py --out $OUT
+    python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4]
 """
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
 
-SHAPES = [(28672, 8192), (8192, 8192), (4096, 14336), (14336, 4096), (4096, 4096)]
-DP4A_TILES = ((256, 2), (512, 4), (512, 2), (1024, 4), (1024, 8))  # (columns per program, warps)
-WAVES = (4, 8, 16, 32)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels_gpu import copy_bandwidth  # noqa: E402
+
+SHAPES = "28672x8192,8192x8192,4096x14336,14336x4096,4096x4096"
+DP4A_TILES = ((256, 2), (512, 4), (256, 4), (512, 8), (128, 2), (128, 4))  # (columns per program, warps)
+WAVES = (4, 6, 8, 12, 16, 32)
 
 
 def main() -> None:
@@ -32,6 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default="out")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--bits", default="2,3,4,5,6,8")
+    ap.add_argument("--shapes", default=SHAPES)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,14 +48,17 @@ def main() -> None:
         log.write(line + "\n")
         log.flush()
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
-    say(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tlin.triton.__version__}")
+    bw = copy_bandwidth(flush)
+    say(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tlin.triton.__version__}; "
+        f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for n, k in SHAPES:
+    for n, k in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
         w = torch.randn(n, k, device="cuda", generator=gen)
         wb = w.bfloat16()
         x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
-        base = time_cuda(lambda x: F.linear(x, wb), x, args.reps, flush, graph=True)
+        bf16_before = time_cuda(lambda x: F.linear(x, wb), x, args.reps, flush, graph=True)
+        shape_rows = []
         for bits in (int(b) for b in args.bits.split(",")):
             qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
             gw = repack_for_gpu(qt, "cuda")
@@ -73,13 +82,27 @@ def main() -> None:
                         continue
                     if family not in best or ms < best[family][0]:
                         best[family] = (ms, cfg.label, err)
-            row = dict(N=n, K=k, bits=bits, bf16_us=base * 1e3,
-                       **{f: dict(us=v[0] * 1e3, tile=v[1], err=v[2]) for f, v in best.items()})
-            rows.append(row)
-            say(f"{n}x{k} w{bits}: bf16 {base * 1e3:.1f}us " + " ".join(
-                f"{f} {v[0] * 1e3:.1f}us ({base / v[0]:.2f}x bf16, {v[1]}, err {v[2]:.1e})" for f, v in best.items()))
+            nbytes = gw.nbytes + 2 * (n + k)
+            row = dict(N=n, K=k, bits=bits, bytes=nbytes,
+                       **{f: dict(us=v[0] * 1e3, tile=v[1], err=v[2], bw_frac=nbytes / (v[0] * 1e-3) / bw)
+                          for f, v in best.items()})
+            shape_rows.append(row)
+            say(f"{n}x{k} w{bits}: " + " ".join(
+                f"{f} {v[0] * 1e3:.1f}us ({v[1]}, err {v[2]:.1e}, {row[f]['bw_frac']:.0%} of copy bw)"
+                for f, v in best.items()))
             del qt
-    (out / "dp4a.json").write_text(json.dumps(rows, indent=1))
+        bf16_after = time_cuda(lambda x: F.linear(x, wb), x, args.reps, flush, graph=True)
+        base = (bf16_before + bf16_after) / 2
+        say(f"{n}x{k}: bf16 {bf16_before * 1e3:.1f}us before, {bf16_after * 1e3:.1f}us after "
+            f"({2 * n * k / (base * 1e-3) / bw:.0%} of copy bw)")
+        for row in shape_rows:
+            row.update(bf16_us=base * 1e3, bf16_before_us=bf16_before * 1e3, bf16_after_us=bf16_after * 1e3)
+            say(f"{n}x{k} w{row['bits']} vs bf16 {base * 1e3:.1f}us: " + " ".join(
+                f"{f} {base * 1e3 / v['us']:.2f}x" for f, v in row.items() if isinstance(v, dict)))
+        rows.extend(shape_rows)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=tlin.triton.__version__,
+                copy_bw_TBps=bw / 1e12)
+    (out / "dp4a.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

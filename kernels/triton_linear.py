@@ -529,9 +529,11 @@ _MMA_ONE_TOKEN_BITS = (2, 3, 5)
 # at 4 tokens 2- and 5-bit were 0.93-1.01x, and 4/6-bit slower: docs/kernels_gpu.md, "Session 13")
 _GLUON_MAX_M = {2: 2, 3: 4, 5: 2}
 _GLUON_TILE = (128, 4, 8)
-# integer-dot decode (`dp4a_linear`): the winners of a sweep on four LLM shapes of an H200, 1 token (2..8-bit, group
-# 128; docs/kernels_gpu.md, "Session 17"): (columns per program, warps, programs per SM that set the K-split)
-_DP4A_TILES = ((256, 2, 8), (512, 2, 4), (512, 4, 8), (512, 4, 16))
+# integer-dot decode (`dp4a_linear`): the winners of sweeps on LLM shapes of an H200, 1 token (2..8-bit, group
+# 128; docs/kernels_gpu.md, "Session 17" and "Session 18"): (columns per program, warps, programs per SM that set
+# the K-split)
+_DP4A_TILES = ((256, 2, 8), (512, 2, 4), (512, 4, 4), (512, 4, 8), (512, 4, 16), (512, 8, 4), (128, 2, 8),
+               (128, 2, 32))
 TUNED_MAX_M = 16  # token counts up to which `tile_candidates` offers more than the default tile
 _GEMV_ALTERNATIVES = ((128, 4, 8), (256, 2, 8), (256, 4, 16), (512, 4, 8), (512, 4, 16))
 
