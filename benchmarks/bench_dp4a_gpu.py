@@ -1,7 +1,8 @@
 """One-token decode: the dp4a kernel (`Config(dp4a=True)`) against today's best tile and cuBLAS bf16, in one run.
 
 For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
-tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps).
+tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps);
+with --ring, also the TMA-ring decode (`kernels/gluon_dp4a.py`) at RING_TILES.
 cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
 is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
+from kernels import gluon_dp4a  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
@@ -30,6 +33,8 @@ from bench_kernels_gpu import copy_bandwidth  # noqa: E402
 SHAPES = "28672x8192,8192x8192,4096x14336,14336x4096,4096x4096"
 DP4A_TILES = ((256, 2), (512, 4), (256, 4), (512, 8), (128, 2), (128, 4))  # (columns per program, warps)
 WAVES = (4, 6, 8, 12, 16, 32)
+RING_TILES = ((256, 4, 3), (256, 4, 4), (256, 8, 4), (128, 4, 4), (128, 2, 4), (256, 2, 3))  # (columns, warps, slots)
+RING_WAVES = (1, 2, 3, 4, 6, 8, 16)
 
 
 def main() -> None:
@@ -38,6 +43,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--bits", default="2,3,4,5,6,8")
     ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--ring", action="store_true", help="also the TMA-ring decode (kernels/gluon_dp4a.py)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,24 +70,32 @@ def main() -> None:
             gw = repack_for_gpu(qt, "cuda")
             ref = (x.double() @ qt.dequantize(torch.float64).t().to("cuda")).cpu()
             blocks = gw.planes[0].shape[0] // 16
-            tiles = {"best_today": tlin.tile_candidates(1, gw, torch.bfloat16)}
-            tiles["dp4a"] = [tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
-                             for bn, warps in DP4A_TILES for waves in WAVES]
+            runs = {"best_today": {c.label: partial(tlin.linear, gw=gw, config=c)
+                                   for c in tlin.tile_candidates(1, gw, torch.bfloat16)}}
+            runs["dp4a"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
+                tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
+                for bn, warps in DP4A_TILES for waves in WAVES)}
+            if args.ring:
+                runs["dp4a_ring"] = {
+                    f"ring n{bn}s{split}w{warps}p{stages}": partial(gluon_dp4a.linear, gw=gw, block_n=bn,
+                                                                     split_k=split, num_warps=warps, stages=stages)
+                    for bn, warps, stages in RING_TILES for split in {tlin.split_for(-(-n // bn), blocks, waves)
+                                                                      for waves in RING_WAVES}}
             best = {}
-            for family, cfgs in tiles.items():
-                for cfg in dict.fromkeys(cfgs):
+            for family, fns in runs.items():
+                for label, fn in fns.items():
                     try:
-                        y = tlin.linear(x, gw, cfg)
+                        y = fn(x)
                         err = float((y.double().cpu() - ref).norm() / ref.norm())
                         if not err < 6e-3:
-                            say(f"{n}x{k} w{bits} {cfg.label}: rel err {err:.2e} REJECTED")
+                            say(f"{n}x{k} w{bits} {label}: rel err {err:.2e} REJECTED")
                             continue
-                        ms = time_cuda(lambda x: tlin.linear(x, gw, cfg), x, args.reps, flush, graph=True)
+                        ms = time_cuda(fn, x, args.reps, flush, graph=True)
                     except Exception as e:  # noqa: BLE001 - report and go on
-                        say(f"{n}x{k} w{bits} {cfg.label}: {type(e).__name__}: {str(e)[:200]}")
+                        say(f"{n}x{k} w{bits} {label}: {type(e).__name__}: {str(e)[:200]}")
                         continue
                     if family not in best or ms < best[family][0]:
-                        best[family] = (ms, cfg.label, err)
+                        best[family] = (ms, label, err)
             nbytes = gw.nbytes + 2 * (n + k)
             row = dict(N=n, K=k, bits=bits, bytes=nbytes,
                        **{f: dict(us=v[0] * 1e3, tile=v[1], err=v[2], bw_frac=nbytes / (v[0] * 1e-3) / bw)

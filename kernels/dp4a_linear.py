@@ -98,7 +98,7 @@ if HAVE_TRITON:
     @triton.jit
     def _dp4a(codes, xw, acc, SIGNED: tl.constexpr, ASM: tl.constexpr):
         """acc + sum over the 4 bytes of codes (unsigned) * xw (signed bytes if SIGNED, else unsigned)."""
-        xb = tl.zeros_like(acc) + xw
+        xb = (acc & 0) + xw  # x broadcast to acc's shape (no layout needed: also callable from Gluon)
         if ASM:
             if SIGNED:
                 return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [codes, xb, acc],

@@ -282,7 +282,7 @@ if HAVE_TRITON:
             if arrived == SPLIT - 1:
                 total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-                tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+                tl.store(ws_ptrs, tl.where(mask, 0.0, 0.0), mask=mask)  # zeros shaped like mask (Gluon too)
                 tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
         else:
             tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)

@@ -11,7 +11,7 @@ import torch
 
 from kernels import QuantSpec, quantize
 from kernels.gpu_layout import repack_for_gpu
-from kernels import dp4a_linear
+from kernels import dp4a_linear, gluon_dp4a
 from kernels import triton_linear as tlin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -153,6 +153,39 @@ def test_dp4a_decode(bits: int, symmetric: bool) -> None:
             y = tlin.linear(x, gw, configs[0])
             assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     assert ran >= 3  # whole-block, half-block and per-channel groups at every width
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_dp4a_ring_decode(bits: int) -> None:
+    """`gluon_dp4a.linear`: the dp4a decode with its word tiles streamed through a TMA ring of 2..4 slots. Against
+    float64 at odd K, more K blocks than slots and fewer, split-K run twice, asymmetric and symmetric, float16 and
+    bfloat16, an outlier; NaN in a token gives NaN in that token only. Weights TMA cannot address (rows not 16-byte
+    aligned) and tiles wider than one TMA copy are refused with the reason."""
+    probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
+    if gluon_dp4a.unsupported_reason(probe, 128, torch.device(DEV)) is not None:
+        pytest.skip(gluon_dp4a.unsupported_reason(probe, 128, torch.device(DEV)))
+    gen = torch.Generator().manual_seed(190 + bits)
+    ran = 0
+    for i, (n, k, group) in enumerate(SHAPES + [(64, 8200, 128), (256, 520, 128)]):
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        qt, gw = _case(n, k, group, bits, i % 3 == 0, dtype, gen)
+        if gluon_dp4a.unsupported_reason(gw, 128, torch.device(DEV)) is not None:
+            with pytest.raises(ValueError, match="dp4a|TMA"):
+                gluon_dp4a.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, 128, 1, 4, 3)
+            continue
+        ran += 1
+        for block_n, split, warps, stages in ((128, 1, 4, 2), (256, 3, 4, 3), (64, 2, 2, 4)):
+            for _ in range(2):
+                x = torch.randn(2, k, generator=gen).to(dtype).to(DEV)
+                x[1, min(3, k - 1)] = 1024.0
+                _check(_poisoned(lambda: gluon_dp4a.linear(x, gw, block_n, split, warps, stages)), x, qt, dtype)
+        x[0, k // 2] = float("nan")
+        y = gluon_dp4a.linear(x, gw, 128, 2, 4, 3)
+        assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    assert ran >= 3
+    with pytest.raises(ValueError, match="at most 256"):
+        gluon_dp4a.linear(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), probe, 512, 1, 4, 3)
 
 
 @pytest.mark.gpu
