@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .packing import pack_bits, unpack_bits
+from .packing import pack_bits, unpack_bits, unpack_float
 from .quantizer import dequantize_codes
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,7 +40,7 @@ INT4_ROW_BLOCK = 64  # rows the CPU int4 kernels tile N by (a multiple of their 
 def dequantized_matrix(qw: QuantizedWeightLike, dtype: torch.dtype) -> torch.Tensor:
     """The [out, in] float weight of a dense-layout layer, in `dtype`."""
     out, inp = qw.matrix_shape
-    codes = unpack_bits(qw.qweight, qw.spec.bits, out * inp).view(out, inp)
+    codes = unpack_float(qw.qweight, qw.spec.bits, out * inp).view(out, inp)
     return dequantize_codes(codes, qw.scales, qw.zeros, qw.spec).to(dtype)
 
 

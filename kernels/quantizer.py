@@ -46,7 +46,8 @@ class QuantizedTensor:
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """float32 [out, in] from uint8 codes [out, in], scales and zero points [out, n_groups]: (q - z) * s."""
+    """float32 [out, in] from codes [out, in] (uint8, or float32 as `unpack_float` gives them; float32 is
+    overwritten), scales and zero points [out, n_groups]: (q - z) * s."""
     out, inp = codes.shape
     width = spec.group_width(inp)
     full = inp // width

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
+from kernels.packing import unpack_float
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -14,6 +15,8 @@ def test_round_trip_every_width_and_odd_sizes(bits, n):
     assert packed.dtype == torch.uint8 and packed.numel() == -(-n * bits // 8) == packed_nbytes(n, bits)
     assert packed.untyped_storage().nbytes() == packed.numel()  # no hidden padding kept alive
     assert torch.equal(unpack_bits(packed, bits, n), codes)
+    as_float = unpack_float(packed, bits, n)  # the table lookup at 2 and 3 bits, unpack + convert otherwise
+    assert as_float.dtype == torch.float32 and torch.equal(as_float, codes.float())
 
 
 def test_stream_is_little_endian_and_unpadded():
@@ -34,3 +37,7 @@ def test_bad_arguments_are_named():
         pack_bits(torch.zeros(3, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="need 2"):
         unpack_bits(torch.zeros(1, dtype=torch.uint8), 4, 4)
+    with pytest.raises(ValueError, match="need 3"):
+        unpack_float(torch.zeros(2, dtype=torch.uint8), 3, 8)
+    with pytest.raises(TypeError, match="packed.dtype=torch.int32"):
+        unpack_float(torch.zeros(3, dtype=torch.int32), 2, 4)
