@@ -68,15 +68,21 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.uint8).view(-1)[: packed_nbytes(n, bits)].clone()  # own storage of exactly that size
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `numel` codes of the stream, as a 1-D uint8 tensor."""
+def _stream(packed: torch.Tensor, bits: int, numel: int, caller: str) -> tuple[torch.Tensor, int]:
+    """The packed bytes as 1-D and how many of them `numel` codes take, after checking the arguments."""
     _check(bits)
     if packed.dtype != torch.uint8:
-        raise TypeError(f"packed.dtype={packed.dtype} is not supported; unpack_bits wants torch.uint8")
+        raise TypeError(f"packed.dtype={packed.dtype} is not supported; {caller} wants torch.uint8")
     flat = packed.reshape(-1)
     need = packed_nbytes(numel, bits)
     if flat.numel() < need:
         raise ValueError(f"packed has {flat.numel()} bytes but numel={numel} codes of {bits} bits need {need}")
+    return flat, need
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `numel` codes of the stream, as a 1-D uint8 tensor."""
+    flat, need = _stream(packed, bits, numel, "unpack_bits")
     if bits == 8:
         return flat[:numel].clone()
     mask = (1 << bits) - 1
@@ -112,13 +118,7 @@ def unpack_float(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     4 codes (2 bits: the byte is the row; 3 bits: 3 bytes are two 12-bit rows), not from unpacking then converting."""
     if bits not in _LUT_BITS:
         return unpack_bits(packed, bits, numel).float()
-    _check(bits)
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed.dtype={packed.dtype} is not supported; unpack_float wants torch.uint8")
-    flat = packed.reshape(-1)
-    need = packed_nbytes(numel, bits)
-    if flat.numel() < need:
-        raise ValueError(f"packed has {flat.numel()} bytes but numel={numel} codes of {bits} bits need {need}")
+    flat, need = _stream(packed, bits, numel, "unpack_float")
     if bits == 2:
         rows = flat[:need].long()
     else:
