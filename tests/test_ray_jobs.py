@@ -22,13 +22,17 @@ from profilers.hessian import combine, hessian
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[1]
+# A head node (ray.cluster_utils.Cluster, not ray.init: only it takes the job agent's port, which must be free;
+# an agent of an earlier test's cluster still shutting down can hold Ray's default 52365)
 HEAD = textwrap.dedent("""
-    import sys, ray
-    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=int(sys.argv[1]), _node_ip_address="127.0.0.1")
+    import sys
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
+        dashboard_port=int(sys.argv[1]), dashboard_agent_listen_port=int(sys.argv[2]), node_ip_address="127.0.0.1"))
     print("ready", flush=True)
     sys.stdin.read()  # until the test closes our stdin
-    ray.shutdown()
+    cluster.shutdown()
 """)
 
 
@@ -53,8 +57,8 @@ def head():
     port = free_port()
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", HEAD, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=env, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HEAD, str(port), str(free_port())], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, text=True)
     address = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
