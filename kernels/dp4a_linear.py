@@ -159,6 +159,60 @@ if HAVE_TRITON:
         tl.store(xz + (m * NB + blk) * 2 + 1, tl.sum(tl.sum(tl.sum(tl.where(first, 0, fixed), axis=2), axis=1),
                                                      axis=0).to(tl.float32) * down)
 
+    @triton.jit
+    def _block_sums(words, spread, xrow, lo0, hi0, lo1, hi1, CPB: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                    REGROUP: tl.constexpr, ASM: tl.constexpr):
+        """A K block's digit sums added to the accumulators: low digit (lo*) and high digit (hi*), of the block
+        (lo0, hi0) or of its two halves (REGROUP: *0 and *1). `words` / `spread`: its 16 word rows of plane 0 and the
+        spread plane 1; `xrow`: its digit words from `prepare_x`. Each field is summed over the 16 rows for the low
+        digit, then again for the high one, which keeps the rows' loads ahead of their first use."""
+        if REGROUP:
+            for p in tl.static_range(CPB // 2):
+                firsts = ()
+                seconds = ()
+                for j in tl.static_range(16):
+                    ea = _fields(words[j], spread[j], 2 * p, W0, W1)
+                    eb = _fields(words[j], spread[j], 2 * p + 1, W0, W1)
+                    firsts = firsts + (_prmt(ea, eb, 0x5410, ASM),)
+                    seconds = seconds + (_prmt(ea, eb, 0x7632, ASM),)
+                    lo0 = _dp4a(firsts[j], tl.load(xrow + 2 * CPB * j + 4 * p), lo0, False, ASM)
+                    lo1 = _dp4a(seconds[j], tl.load(xrow + 2 * CPB * j + 4 * p + 2), lo1, False, ASM)
+                for j in tl.static_range(16):
+                    hi0 = _dp4a(firsts[j], tl.load(xrow + 2 * CPB * j + 4 * p + 1), hi0, True, ASM)
+                    hi1 = _dp4a(seconds[j], tl.load(xrow + 2 * CPB * j + 4 * p + 3), hi1, True, ASM)
+        else:
+            for f in tl.static_range(CPB):
+                codes = ()
+                for j in tl.static_range(16):
+                    codes = codes + (_fields(words[j], spread[j], f, W0, W1),)
+                    lo0 = _dp4a(codes[j], tl.load(xrow + 2 * CPB * j + 2 * f), lo0, False, ASM)
+                for j in tl.static_range(16):
+                    hi0 = _dp4a(codes[j], tl.load(xrow + 2 * CPB * j + 2 * f + 1), hi0, True, ASM)
+        return lo0, hi0, lo1, hi1
+
+    @triton.jit
+    def _add_block(acc, lo0, hi0, lo1, hi1, r0, m, s, z, xs, xz, cols, nmask, K, NB, G, stride_sg, stride_sn,
+                   PER: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, REGROUP: tl.constexpr):
+        """acc + the K block at word row r0, in float: its digit sums times 2^(e - S), less zero point x sum of v,
+        times the group's scale (per half block when REGROUP)."""
+        blk = r0 // 16
+        down = tl.load(xs + m * NB + blk)
+        c0 = r0 * PER
+        if REGROUP:
+            c1 = c0 + 8 * PER
+            sc0, zero0 = tlin._scale_zero(s, z, (c0 // G) * stride_sg + cols * stride_sn, nmask, ZERO, HAS_Z)
+            sc1, zero1 = tlin._scale_zero(s, z, (c1 // G) * stride_sg + cols * stride_sn, nmask & (c1 < K), ZERO,
+                                          HAS_Z)
+            t0 = (hi0.to(tl.float32) * 256.0 + lo0.to(tl.float32)) * down - zero0 * tl.load(xz + (m * NB + blk) * 2)
+            t1 = (hi1.to(tl.float32) * 256.0 + lo1.to(tl.float32)) * down - zero1 * tl.load(
+                xz + (m * NB + blk) * 2 + 1)
+            acc += t0 * sc0 + t1 * sc1
+        else:
+            sc, zero = tlin._scale_zero(s, z, (c0 // G) * stride_sg + cols * stride_sn, nmask, ZERO, HAS_Z)
+            xsum = tl.load(xz + (m * NB + blk) * 2) + tl.load(xz + (m * NB + blk) * 2 + 1)
+            acc += ((hi0.to(tl.float32) * 256.0 + lo0.to(tl.float32)) * down - zero * xsum) * sc
+        return acc
+
     @triton.jit(do_not_specialize=["K", "KW", "NB", "G", "rows_per_split", "SPLIT", "zero_word"])
     def _gemv_dp4a_kernel(xq, xs, xz, p0, p1, s, z, out, ws, cnt, N, K, KW, NB, G, stride_sg, stride_sn,
                           rows_per_split, SPLIT, stride_om, zero_word, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
@@ -194,45 +248,10 @@ if HAVE_TRITON:
                 for j in tl.static_range(1, 16):
                     folded = folded ^ words[j]
                 lo0 = folded & zero_word
-            xrow = xq + ((m * KW + r0) * CPB) * 2
-            if REGROUP:
-                for p in tl.static_range(CPB // 2):
-                    firsts = ()
-                    seconds = ()
-                    for j in tl.static_range(16):
-                        ea = _fields(words[j], spread[j], 2 * p, W0, W1)
-                        eb = _fields(words[j], spread[j], 2 * p + 1, W0, W1)
-                        firsts = firsts + (_prmt(ea, eb, 0x5410, ASM),)
-                        seconds = seconds + (_prmt(ea, eb, 0x7632, ASM),)
-                        lo0 = _dp4a(firsts[j], tl.load(xrow + 2 * CPB * j + 4 * p), lo0, False, ASM)
-                        lo1 = _dp4a(seconds[j], tl.load(xrow + 2 * CPB * j + 4 * p + 2), lo1, False, ASM)
-                    for j in tl.static_range(16):
-                        hi0 = _dp4a(firsts[j], tl.load(xrow + 2 * CPB * j + 4 * p + 1), hi0, True, ASM)
-                        hi1 = _dp4a(seconds[j], tl.load(xrow + 2 * CPB * j + 4 * p + 3), hi1, True, ASM)
-            else:
-                for f in tl.static_range(CPB):
-                    codes = ()
-                    for j in tl.static_range(16):
-                        codes = codes + (_fields(words[j], spread[j], f, W0, W1),)
-                        lo0 = _dp4a(codes[j], tl.load(xrow + 2 * CPB * j + 2 * f), lo0, False, ASM)
-                    for j in tl.static_range(16):
-                        hi0 = _dp4a(codes[j], tl.load(xrow + 2 * CPB * j + 2 * f + 1), hi0, True, ASM)
-            blk = r0 // 16
-            down = tl.load(xs + m * NB + blk)
-            c0 = r0 * PER
-            if REGROUP:
-                c1 = c0 + 8 * PER
-                sc0, zero0 = tlin._scale_zero(s, z, (c0 // G) * stride_sg + cols * stride_sn, nmask, ZERO, HAS_Z)
-                sc1, zero1 = tlin._scale_zero(s, z, (c1 // G) * stride_sg + cols * stride_sn, nmask & (c1 < K), ZERO,
-                                              HAS_Z)
-                t0 = (hi0.to(tl.float32) * 256.0 + lo0.to(tl.float32)) * down - zero0 * tl.load(xz + (m * NB + blk) * 2)
-                t1 = (hi1.to(tl.float32) * 256.0 + lo1.to(tl.float32)) * down - zero1 * tl.load(
-                    xz + (m * NB + blk) * 2 + 1)
-                acc += t0 * sc0 + t1 * sc1
-            else:
-                sc, zero = tlin._scale_zero(s, z, (c0 // G) * stride_sg + cols * stride_sn, nmask, ZERO, HAS_Z)
-                xsum = tl.load(xz + (m * NB + blk) * 2) + tl.load(xz + (m * NB + blk) * 2 + 1)
-                acc += ((hi0.to(tl.float32) * 256.0 + lo0.to(tl.float32)) * down - zero * xsum) * sc
+            lo0, hi0, lo1, hi1 = _block_sums(words, spread, xq + ((m * KW + r0) * CPB) * 2, lo0, hi0, lo1, hi1, CPB, W0,
+                                             W1, REGROUP, ASM)
+            acc = _add_block(acc, lo0, hi0, lo1, hi1, r0, m, s, z, xs, xz, cols, nmask, K, NB, G, stride_sg, stride_sn,
+                             PER, ZERO, HAS_Z, REGROUP)
         tlin._finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * tl.num_programs(0) + pid_n,
                 SPLIT, ATOMIC)
 
@@ -258,8 +277,7 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, cfg: "tlin.Config") -> torch.T
     m, k = x2.shape
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
-    rows_per_split = triton.cdiv(triton.cdiv(kw, cfg.split_k), WORD_ROWS) * WORD_ROWS
-    split = triton.cdiv(kw, rows_per_split)
+    rows_per_split, split = tlin.k_slices(kw, cfg.split_k)
     xq, xs, xz = prepare_x(x2, gw)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(n, cfg.block_n), split, m)

@@ -100,54 +100,11 @@ if HAVE_GLUON:
             _issue(d0, d1, ring0, ring1, bars, slot, r_lo + 16 * (b + STAGES), c0, b + STAGES < nblk, W1, TX_BYTES)
 
             r0 = r_lo + 16 * b
-            xrow = xq + ((m * KW + r0) * CPB) * 2
-            lo0 = gl.zeros([1, BN], gl.int32, row_l)
-            hi0 = gl.zeros([1, BN], gl.int32, row_l)
-            lo1 = gl.zeros([1, BN], gl.int32, row_l)
-            hi1 = gl.zeros([1, BN], gl.int32, row_l)
-            if REGROUP:
-                for p in gl.static_range(CPB // 2):
-                    for j in gl.static_range(16):
-                        ea = dl._fields(words[j], spread[j], 2 * p, W0, W1)
-                        eb = dl._fields(words[j], spread[j], 2 * p + 1, W0, W1)
-                        first = dl._prmt(ea, eb, 0x5410, True)
-                        second = dl._prmt(ea, eb, 0x7632, True)
-                        row = xrow + 2 * CPB * j + 4 * p
-                        lo0 = dl._dp4a(first, gl.load(row), lo0, False, True)
-                        lo1 = dl._dp4a(second, gl.load(row + 2), lo1, False, True)
-                        hi0 = dl._dp4a(first, gl.load(row + 1), hi0, True, True)
-                        hi1 = dl._dp4a(second, gl.load(row + 3), hi1, True, True)
-            else:
-                for f in gl.static_range(CPB):
-                    for j in gl.static_range(16):
-                        codes = dl._fields(words[j], spread[j], f, W0, W1)
-                        row = xrow + 2 * CPB * j + 2 * f
-                        lo0 = dl._dp4a(codes, gl.load(row), lo0, False, True)
-                        hi0 = dl._dp4a(codes, gl.load(row + 1), hi0, True, True)
-
-            blk = r0 // 16
-            down = gl.load(xs + m * NB + blk)
-            g0 = r0 * PER
-            sc0 = gl.load(s + (g0 // G) * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(gl.float32)
-            if HAS_Z:
-                zero0 = gl.load(z + (g0 // G) * stride_sg + cols * stride_sn, mask=nmask, other=0.0).to(gl.float32)
-            else:
-                zero0 = ZERO
-            if REGROUP:
-                g1 = g0 + 8 * PER
-                m1 = nmask & (g1 < K)
-                sc1 = gl.load(s + (g1 // G) * stride_sg + cols * stride_sn, mask=m1, other=0.0).to(gl.float32)
-                if HAS_Z:
-                    zero1 = gl.load(z + (g1 // G) * stride_sg + cols * stride_sn, mask=m1, other=0.0).to(gl.float32)
-                else:
-                    zero1 = ZERO
-                t0 = (hi0.to(gl.float32) * 256.0 + lo0.to(gl.float32)) * down - zero0 * gl.load(xz + (m * NB + blk) * 2)
-                t1 = (hi1.to(gl.float32) * 256.0 + lo1.to(gl.float32)) * down - zero1 * gl.load(
-                    xz + (m * NB + blk) * 2 + 1)
-                acc += t0 * sc0 + t1 * sc1
-            else:
-                xsum = gl.load(xz + (m * NB + blk) * 2) + gl.load(xz + (m * NB + blk) * 2 + 1)
-                acc += ((hi0.to(gl.float32) * 256.0 + lo0.to(gl.float32)) * down - zero0 * xsum) * sc0
+            zeros = gl.zeros([1, BN], gl.int32, row_l)
+            lo0, hi0, lo1, hi1 = dl._block_sums(words, spread, xq + ((m * KW + r0) * CPB) * 2, zeros, zeros, zeros,
+                                                zeros, CPB, W0, W1, REGROUP, True)
+            acc = dl._add_block(acc, lo0, hi0, lo1, hi1, r0, m, s, z, xs, xz, cols, nmask, K, NB, G, stride_sg,
+                                stride_sn, PER, ZERO, HAS_Z, REGROUP)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
         tlin._finish(acc, out + m * stride_om + cols, ws + m * N + cols, nmask, cnt + m * gl.num_programs(0) + pid_n,
@@ -170,8 +127,7 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, nu
     m, k = x2.shape
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
-    rows_per_split = -(-(-(-kw // split_k)) // WORD_ROWS) * WORD_ROWS
-    split = -(-kw // rows_per_split)
+    rows_per_split, split = tlin.k_slices(kw, split_k)
     xq, xs, xz = dl.prepare_x(x2, gw)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (-(-n // block_n), split, m)

@@ -253,7 +253,7 @@ if HAVE_TRITON:
         if HAS_Z:
             zero = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            zero = tl.full(sc.shape, ZERO, tl.float32)
+            zero = tl.where(mask, ZERO, ZERO)  # shaped like the scales (Gluon too)
         return sc, zero
 
     @triton.jit
@@ -631,6 +631,12 @@ def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, d
     return None
 
 
+def k_slices(kw: int, split_k: int) -> tuple[int, int]:
+    """(word rows per K-slice, a whole number of K blocks; slices) for `kw` word rows cut about `split_k` ways."""
+    rows = -(-(-(-kw // split_k)) // WORD_ROWS) * WORD_ROWS
+    return rows, -(-kw // rows)
+
+
 def split_for(programs: int, blocks: int, waves: int = 4, sms: int = 132) -> int:
     """K-slices giving about `waves` programs per SM, at least one K block per slice."""
     return max(1, min(-(-waves * sms // programs), blocks))
@@ -715,8 +721,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         from . import dp4a_linear
         return dp4a_linear.linear(x2, gw, cfg).view(*lead, n)
     kw = gw.planes[0].shape[0]
-    rows_per_split = triton.cdiv(triton.cdiv(kw, cfg.split_k), WORD_ROWS) * WORD_ROWS
-    split = triton.cdiv(kw, rows_per_split)
+    rows_per_split, split = k_slices(kw, cfg.split_k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tensors, consts = _args(gw)
     common = dict(N=n, K=k, KW=kw, G=gw.group, rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0),
