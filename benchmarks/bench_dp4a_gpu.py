@@ -2,11 +2,12 @@
 
 For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
 tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps);
-with --ring, also the TMA-ring decode (`kernels/gluon_dp4a.py`) at RING_TILES.
+with --ring, also the TMA-ring decode (`kernels/gluon_dp4a.py`) at RING_TILES; with --fuse, also every dp4a tile
+with `fuse_x` (no `prepare_x` launch: each program writes its K-slice's x digits).
 cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
 is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
-    python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4]
+    python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4] [--ring] [--fuse]
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3,4,5,6,8")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--ring", action="store_true", help="also the TMA-ring decode (kernels/gluon_dp4a.py)")
+    ap.add_argument("--fuse", action="store_true", help="also the dp4a tiles with fuse_x (no prepare_x launch)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,10 @@ def main() -> None:
             runs["dp4a"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
                 tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
                 for bn, warps in DP4A_TILES for waves in WAVES)}
+            if args.fuse:
+                runs["dp4a_fused"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
+                    tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True, fuse_x=True)
+                    for bn, warps in DP4A_TILES for waves in WAVES)}
             if args.ring:
                 runs["dp4a_ring"] = {
                     f"ring n{bn}s{split}w{warps}p{stages}": partial(gluon_dp4a.linear, gw=gw, block_n=bn,

@@ -4,10 +4,10 @@ The float GEMV (`triton_linear._gemv_kernel`) spends a LOP3 and an FMA on every 
 not by bytes. Here the codes stay integers: `dp4a` multiplies the 4 byte fields of one register by 4 activation
 bytes and adds them into an int32, so the integer work per code drops to a mask and half a `dp4a` per digit.
 
-Activations: `prepare_x` (one small kernel) writes x as 16-bit fixed point per K block of the GPU layout (16 word
-rows, `GpuPackedWeight.block` input columns): v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and
-S = 14, split into a signed high byte and an unsigned low byte ("digits"), each packed 4 to a word in the order the
-weight's byte fields come out. The error is at most 2^-15 of the block's largest |x|, 128 times finer than
+Activations: `prepare_x` (one small kernel; with `Config.fuse_x` the GEMV's programs themselves) writes x as
+16-bit fixed point per K block of the GPU layout (16 word rows, `GpuPackedWeight.block` input columns):
+v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and S = 14, split into a signed high byte and an
+unsigned low byte ("digits"), each packed 4 to a word in the order the weight's byte fields come out. The error is at most 2^-15 of the block's largest |x|, 128 times finer than
 bfloat16's own resolution at that element; elements within 2^7 of the block's largest are exact. It also writes
 each block's 2^(e - S) and the sum of its v per half block (the zero point comes off through it).
 
@@ -36,6 +36,7 @@ except ImportError:  # CPU-only installs
 
 FRACTION_BITS = 14  # S: |v| <= 2^14, so the high digit fits a signed byte
 E_MIN, E_MAX = -100, 129  # block exponents are clamped here (2^(S - e) and 2^(e - S) stay normal floats)
+PREP_ELEMENTS = 16  # x elements per thread at a time when a program writes its own digits (`Config.fuse_x`)
 
 
 def supported(gw: GpuPackedWeight) -> bool:
@@ -124,40 +125,58 @@ if HAVE_TRITON:
             return tl.load(p + row * N + cols, mask=nmask, other=0).to(tl.int32)
 
     @triton.jit
-    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, PER: tl.constexpr, CPB: tl.constexpr,
-                     REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
-        """One K block of one token: digits [16 word rows, CPB words, 2], 2^(e - S), sum of v per half."""
-        blk = tl.program_id(0)
-        m = tl.program_id(1)
-        j = tl.arange(0, 16)[:, None, None]
-        q = tl.arange(0, CPB)[None, :, None]
-        lane = tl.arange(0, 4)[None, None, :]
-        if REGROUP:  # word q: fields 2 (q // 2) + lane // 2 of bytes 2 (q % 2) + lane % 2
-            slot = CPB * (2 * (q % 2) + lane % 2) + 2 * (q // 2) + lane // 2
-        else:  # word q: field q of byte `lane`
-            slot = CPB * lane + q
-        col = blk * 16 * PER + 16 * slot + j
-        v = tl.load(x + m * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
-        amax = tl.max(tl.max(tl.max(tl.abs(v), axis=2), axis=1), axis=0)
+    def _max_and_sum(a0, b0, a1, b1):
+        return tl.maximum(a0, a1), b0 + b1
+
+    @triton.jit
+    def _sums(a0, b0, a1, b1):
+        return a0 + a1, b0 + b1
+
+    @triton.jit
+    def _prep_blocks(x, xq, xs, xz, b0, b_end, m, K, KW, NB, stride_xm, XB: tl.constexpr, PER: tl.constexpr,
+                     CPB: tl.constexpr, REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
+                     E_HI: tl.constexpr):
+        """K blocks b0 .. b0 + XB - 1 (those below b_end) of token m: digits [16 word rows, CPB words, 2] (each
+        element stores its two bytes), 2^(e - S), sum of v per half."""
+        b = b0 + tl.arange(0, XB)
+        bmask = b < b_end
+        i = tl.arange(0, 16 * PER)[None, :]  # the block's input columns in order: slot i // 16, word row i % 16
+        col = b[:, None] * 16 * PER + i
+        v = tl.load(x + m * stride_xm + col, mask=(col < K) & bmask[:, None], other=0.0).to(tl.float32)
+        amax, poison = tl.reduce((tl.abs(v), v * 0.0), 1, _max_and_sum)  # poison: NaN if x has NaN / Inf
         e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 126  # amax < 2^e
         e = tl.minimum(tl.maximum(e, E_LO), E_HI)
         up = ((127 + S - e) << 23).to(tl.float32, bitcast=True)
         down = ((127 + e - S) << 23).to(tl.float32, bitcast=True)
-        nonfinite = tl.sum(tl.sum(tl.sum(tl.where(tl.abs(v) < float("inf"), 0, 1), axis=2), axis=1), axis=0)
-        down = tl.where(nonfinite == 0, down, float("nan"))  # NaN / Inf in x give NaN out
-        fixed = tl.floor(v * up + 0.5)
+        down = down + poison  # NaN / Inf in x give NaN out
+        fixed = tl.floor(v * up[:, None] + 0.5)
         fixed = tl.where(fixed == fixed, fixed, 0.0).to(tl.int32)
-        lo = tl.sum((fixed & 255) << (8 * lane), axis=2)
-        hi = tl.sum(((fixed >> 8) & 255) << (8 * lane), axis=2)
-        out = xq + ((m * KW + blk * 16 + tl.arange(0, 16)[:, None]) * CPB + tl.arange(0, CPB)[None, :]) * 2
-        tl.store(out, lo)
-        tl.store(out + 1, hi)
-        tl.store(xs + m * NB + blk, down)
-        first = slot < PER // 2
-        tl.store(xz + (m * NB + blk) * 2, tl.sum(tl.sum(tl.sum(tl.where(first, fixed, 0), axis=2), axis=1),
-                                                 axis=0).to(tl.float32) * down)
-        tl.store(xz + (m * NB + blk) * 2 + 1, tl.sum(tl.sum(tl.sum(tl.where(first, 0, fixed), axis=2), axis=1),
-                                                     axis=0).to(tl.float32) * down)
+        slot = i // 16
+        if REGROUP:  # slot CPB (2 (q % 2) + lane % 2) + 2 (q // 2) + lane // 2 sits in byte `lane` of word q
+            hi_u, lo_v = slot // CPB, slot % CPB
+            q = 2 * (lo_v // 2) + hi_u // 2
+            lane = 2 * (lo_v % 2) + hi_u % 2
+        else:  # slot CPB lane + q sits in byte `lane` of word q
+            q = slot % CPB
+            lane = slot // CPB
+        word = (m * KW + b[:, None] * 16 + i % 16) * CPB + q
+        byte = xq.to(tl.pointer_type(tl.int8)) + word * 8 + lane
+        smask = bmask[:, None] & (i >= 0)
+        tl.store(byte, (fixed & 255).to(tl.int8), mask=smask)
+        tl.store(byte + 4, (fixed >> 8).to(tl.int8), mask=smask)
+        tl.store(xs + m * NB + b, down, mask=bmask)
+        first = i < 8 * PER
+        half0, half1 = tl.reduce((tl.where(first, fixed, 0), tl.where(first, 0, fixed)), 1, _sums)
+        tl.store(xz + (m * NB + b) * 2, half0.to(tl.float32) * down, mask=bmask)
+        tl.store(xz + (m * NB + b) * 2 + 1, half1.to(tl.float32) * down, mask=bmask)
+
+    @triton.jit
+    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, PER: tl.constexpr, CPB: tl.constexpr,
+                     REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
+        """One K block of one token (`_prep_blocks`)."""
+        blk = tl.program_id(0)
+        _prep_blocks(x, xq, xs, xz, blk, blk + 1, tl.program_id(1), K, KW, NB, stride_xm, 1, PER, CPB, REGROUP, S,
+                     E_LO, E_HI)
 
     @triton.jit
     def _block_sums(words, spread, xrow, lo0, hi0, lo1, hi1, CPB: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
@@ -214,10 +233,12 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit(do_not_specialize=["K", "KW", "NB", "G", "rows_per_split", "SPLIT", "zero_word"])
-    def _gemv_dp4a_kernel(xq, xs, xz, p0, p1, s, z, out, ws, cnt, N, K, KW, NB, G, stride_sg, stride_sn,
-                          rows_per_split, SPLIT, stride_om, zero_word, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
-                          ZERO: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC: tl.constexpr, REGROUP: tl.constexpr,
-                          EVEN_N: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
+    def _gemv_dp4a_kernel(x, xq, xs, xz, p0, p1, s, z, out, ws, cnt, N, K, KW, NB, G, stride_sg, stride_sn,
+                          rows_per_split, SPLIT, stride_xm, stride_om, zero_word, PER: tl.constexpr, W0: tl.constexpr,
+                          W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC: tl.constexpr,
+                          REGROUP: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr,
+                          FUSE_X: tl.constexpr, XB: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
+                          E_HI: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
@@ -227,6 +248,11 @@ if HAVE_TRITON:
         acc = tl.zeros([BN], dtype=tl.float32)
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
+        if FUSE_X:  # this K-slice's digits
+            for b0 in range(r_lo // 16, r_hi // 16, XB):
+                _prep_blocks(x, xq, xs, xz, b0, r_hi // 16, m, K, KW, NB, stride_xm, XB, PER, CPB, REGROUP, S, E_LO,
+                             E_HI)
+            tl.debug_barrier()
         for r0 in range(r_lo, r_hi, 16):
             lo0 = tl.zeros([BN], dtype=tl.int32)
             hi0 = tl.zeros([BN], dtype=tl.int32)
@@ -256,16 +282,25 @@ if HAVE_TRITON:
                 SPLIT, ATOMIC)
 
 
+def _x_buffers(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...]:
+    """Uninitialised digits int32 [M, KW, c, 2], 2^(e - S) float32 [M, blocks], sums of v per half block float32
+    [M, blocks, 2]."""
+    m = x2.shape[0]
+    kw = gw.planes[0].shape[0]
+    nb = kw // WORD_ROWS
+    return (torch.empty(m, kw, 8 // gw.widths[0], 2, dtype=torch.int32, device=x2.device),
+            torch.empty(m, nb, dtype=torch.float32, device=x2.device),
+            torch.empty(m, nb, 2, dtype=torch.float32, device=x2.device))
+
+
 def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...]:
-    """x [M, K] (float16 / bfloat16, unit stride along K) as the dp4a decode reads it: digits int32 [M, KW, c, 2],
-    2^(e - S) float32 [M, blocks], sums of v per half block float32 [M, blocks, 2]."""
+    """x [M, K] (float16 / bfloat16, unit stride along K) as the dp4a decode reads it (`_x_buffers`), by one
+    program per K block and token."""
     m, k = x2.shape
     kw = gw.planes[0].shape[0]
     nb = kw // WORD_ROWS
     cpb = 8 // gw.widths[0]
-    xq = torch.empty(m, kw, cpb, 2, dtype=torch.int32, device=x2.device)
-    xs = torch.empty(m, nb, dtype=torch.float32, device=x2.device)
-    xz = torch.empty(m, nb, 2, dtype=torch.float32, device=x2.device)
+    xq, xs, xz = _x_buffers(x2, gw)
     _prep_kernel[(nb, m)](x2, xq, xs, xz, k, kw, nb, x2.stride(0), PER=gw.per, CPB=cpb, REGROUP=_regroup(gw),
                           S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=1)
     return xq, xs, xz
@@ -273,19 +308,27 @@ def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...]
 
 def linear(x2: torch.Tensor, gw: GpuPackedWeight, cfg: "tlin.Config") -> torch.Tensor:
     """y = x2 @ W^T for x2 [M, K] (float16 / bfloat16, unit stride along K): `prepare_x`, then one program per
-    (column tile, K-slice, token); split-K sums go through `triton_linear`'s workspace."""
+    (column tile, K-slice, token); split-K sums go through `triton_linear`'s workspace. With `cfg.fuse_x` there is
+    no `prepare_x` launch: each program first writes its K-slice's digits itself (`_prep_blocks`, XB blocks at a
+    time; a CTA barrier after). Programs of one K-slice write the same values to the same bytes, so which write a
+    program reads back does not matter."""
     m, k = x2.shape
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
     rows_per_split, split = tlin.k_slices(kw, cfg.split_k)
-    xq, xs, xz = prepare_x(x2, gw)
+    xq, xs, xz = _x_buffers(x2, gw) if cfg.fuse_x else prepare_x(x2, gw)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(n, cfg.block_n), split, m)
     ws, cnt = tlin._workspace(x2.device, m * n, m * grid[0]) if split > 1 else (out, out)
     tensors, consts = tlin._args(gw)
-    _gemv_dp4a_kernel[grid](xq, xs, xz, out=out, ws=ws, cnt=cnt, N=n, K=k, KW=kw, NB=kw // WORD_ROWS, G=gw.group,
-                            rows_per_split=rows_per_split, SPLIT=split, stride_om=out.stride(0), zero_word=0,
-                            ATOMIC=split > 1,
-                            REGROUP=_regroup(gw), EVEN_N=n % cfg.block_n == 0, ASM=tlin.ASM, BN=cfg.block_n, num_warps=cfg.num_warps,
+    xb = 1
+    if cfg.fuse_x:  # a power of 2, at most PREP_ELEMENTS x elements a thread, at most a slice's K blocks rounded up
+        per_thread = max(1, PREP_ELEMENTS * 32 * cfg.num_warps // gw.block)
+        xb = min(1 << (rows_per_split // WORD_ROWS - 1).bit_length(), 1 << (per_thread.bit_length() - 1))
+    _gemv_dp4a_kernel[grid](x2, xq, xs, xz, out=out, ws=ws, cnt=cnt, N=n, K=k, KW=kw, NB=kw // WORD_ROWS, G=gw.group,
+                            rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0), stride_om=out.stride(0),
+                            zero_word=0, ATOMIC=split > 1, REGROUP=_regroup(gw), EVEN_N=n % cfg.block_n == 0,
+                            ASM=tlin.ASM, BN=cfg.block_n, FUSE_X=cfg.fuse_x, XB=xb,
+                            S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages, **tensors, **consts)
     return out

@@ -124,11 +124,13 @@ def test_dp4a_decode(bits: int, symmetric: bool) -> None:
     """`Config(dp4a=True)`: decode on integer dot products, x as 16-bit fixed point per K block. Groups of whole
     blocks, of half blocks (regrouped by byte permutes) and per-channel; odd sizes; split-K run twice (the workspace
     must come back zeroed); float16 and bfloat16; activations far from zero and an outlier 2^10 times the rest of
-    its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are refused."""
+    its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are refused. Some
+    configs are `fuse_x` (the GEMV's programs write the x digits, in several chunks per K-slice in the first)."""
     gen = torch.Generator().manual_seed(90 + bits + symmetric)
-    configs = [tlin.Config(1, 64, 2, dp4a=True)]
+    configs = [tlin.Config(1, 64, 2, dp4a=True), tlin.Config(1, 64, 1, 1, 1, dp4a=True, fuse_x=True)]
     if not INTERPRET:
-        configs += [tlin.Config(1, 32, 3, 2, dp4a=True), tlin.Config(1, 512, 4, 4, dp4a=True)]
+        configs += [tlin.Config(1, 32, 3, 2, dp4a=True), tlin.Config(1, 512, 4, 4, dp4a=True),
+                    tlin.Config(1, 512, 4, 4, dp4a=True, fuse_x=True), tlin.Config(1, 256, 7, 2, dp4a=True, fuse_x=True)]
     shapes = SHAPES[:4] + [(70, 520, 128)] if INTERPRET else SHAPES + [(70, 520, 128), (48, 512, 256)]
     ran = 0
     for i, (n, k, group) in enumerate(shapes):
@@ -150,9 +152,14 @@ def test_dp4a_decode(bits: int, symmetric: bool) -> None:
                     assert torch.isfinite(y).all()
                     assert (y.double().cpu() - ref).norm() / ref.norm() < 4e-3  # the output's rounding, not the digits
             x[0, k // 2] = float("nan")
-            y = tlin.linear(x, gw, configs[0])
-            assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+            for cfg in configs[:2]:
+                y = tlin.linear(x, gw, cfg)
+                assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     assert ran >= 3  # whole-block, half-block and per-channel groups at every width
+    assert [tlin.Config.parse(c.label) for c in configs] == configs
+    _, gw = _case(64, 128, 128, bits, True, torch.float16, gen)
+    with pytest.raises(ValueError, match="fuse_x"):
+        tlin.linear(torch.zeros(1, 128, dtype=torch.float16, device=DEV), gw, tlin.Config(1, 64, 2, fuse_x=True))
 
 
 @pytest.mark.gpu
