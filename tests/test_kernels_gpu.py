@@ -124,13 +124,11 @@ def test_dp4a_decode(bits: int, symmetric: bool) -> None:
     """`Config(dp4a=True)`: decode on integer dot products, x as 16-bit fixed point per K block. Groups of whole
     blocks, of half blocks (regrouped by byte permutes) and per-channel; odd sizes; split-K run twice (the workspace
     must come back zeroed); float16 and bfloat16; activations far from zero and an outlier 2^10 times the rest of
-    its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are refused. Some
-    configs are `fuse_x` (the GEMV's programs write the x digits, in several chunks per K-slice in the first)."""
+    its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are refused."""
     gen = torch.Generator().manual_seed(90 + bits + symmetric)
-    configs = [tlin.Config(1, 64, 2, dp4a=True), tlin.Config(1, 64, 1, 1, 1, dp4a=True, fuse_x=True)]
+    configs = [tlin.Config(1, 64, 2, dp4a=True)]
     if not INTERPRET:
-        configs += [tlin.Config(1, 32, 3, 2, dp4a=True), tlin.Config(1, 512, 4, 4, dp4a=True),
-                    tlin.Config(1, 512, 4, 4, dp4a=True, fuse_x=True), tlin.Config(1, 256, 7, 2, dp4a=True, fuse_x=True)]
+        configs += [tlin.Config(1, 32, 3, 2, dp4a=True), tlin.Config(1, 512, 4, 4, dp4a=True)]
     shapes = SHAPES[:4] + [(70, 520, 128)] if INTERPRET else SHAPES + [(70, 520, 128), (48, 512, 256)]
     ran = 0
     for i, (n, k, group) in enumerate(shapes):
@@ -152,14 +150,42 @@ def test_dp4a_decode(bits: int, symmetric: bool) -> None:
                     assert torch.isfinite(y).all()
                     assert (y.double().cpu() - ref).norm() / ref.norm() < 4e-3  # the output's rounding, not the digits
             x[0, k // 2] = float("nan")
-            for cfg in configs[:2]:
-                y = tlin.linear(x, gw, cfg)
-                assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+            y = tlin.linear(x, gw, configs[0])
+            assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     assert ran >= 3  # whole-block, half-block and per-channel groups at every width
-    assert [tlin.Config.parse(c.label) for c in configs] == configs
-    _, gw = _case(64, 128, 128, bits, True, torch.float16, gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_dp4a_fuse_x_matches_prepare_x(bits: int) -> None:
+    """`Config(dp4a=True, fuse_x=True)`: the GEMV's programs write the x digits of their K-slice themselves (no
+    `prepare_x` launch). Against float64, and bit for bit the two-launch decode's output where the sum order is
+    fixed (no split-K): K-slices of one and of two prologue chunks (the last chunk part empty), half-block and
+    whole-block groups, per-channel; NaN in a token gives NaN in that token only. fuse_x without dp4a is refused."""
+    gen = torch.Generator().manual_seed(120 + bits)
+    shapes = [(70, 520, 128), (130, 300, 64)] + ([] if INTERPRET else [(45, 96, None), (1000, 1030, 128),
+                                                                        (512, 4104, 64)])
+    tiles = [(64, 1, 1)] + ([] if INTERPRET else [(512, 4, 4), (256, 7, 2), (128, 1, 2)])  # columns, split, warps
+    for n, k, group in shapes:
+        qt, gw = _case(n, k, group, bits, False, torch.bfloat16, gen)
+        if not dp4a_linear.supported(gw):
+            continue
+        x = (torch.randn(2, k, generator=gen) + 3).bfloat16().to(DEV)
+        x[1, 3] = 1024.0
+        for block_n, split, warps in tiles:
+            plain = tlin.linear(x, gw, tlin.Config(1, block_n, split, warps, 1, dp4a=True))
+            cfg = tlin.Config(1, block_n, split, warps, 1, dp4a=True, fuse_x=True)
+            assert tlin.Config.parse(cfg.label) == cfg
+            fused = _poisoned(lambda: tlin.linear(x, gw, cfg))
+            _check(fused, x, qt, torch.bfloat16)
+            if split == 1:
+                assert torch.equal(fused, plain)
+        x[0, k // 2] = float("nan")
+        y = tlin.linear(x, gw, tlin.Config(1, 64, 1, 1, 1, dp4a=True, fuse_x=True))
+        assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     with pytest.raises(ValueError, match="fuse_x"):
-        tlin.linear(torch.zeros(1, 128, dtype=torch.float16, device=DEV), gw, tlin.Config(1, 64, 2, fuse_x=True))
+        tlin.linear(torch.zeros(1, gw.shape[1], dtype=torch.bfloat16, device=DEV), gw, tlin.Config(1, 64, 2,
+                                                                                                   fuse_x=True))
 
 
 @pytest.mark.gpu
