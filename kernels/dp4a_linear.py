@@ -7,9 +7,10 @@ bytes and adds them into an int32, so the integer work per code drops to a mask 
 Activations: `prepare_x` (one small kernel; with `Config.fuse_x` the GEMV's programs themselves) writes x as
 16-bit fixed point per K block of the GPU layout (16 word rows, `GpuPackedWeight.block` input columns):
 v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and S = 14, split into a signed high byte and an
-unsigned low byte ("digits"), each packed 4 to a word in the order the weight's byte fields come out. The error is at most 2^-15 of the block's largest |x|, 128 times finer than
-bfloat16's own resolution at that element; elements within 2^7 of the block's largest are exact. It also writes
-each block's 2^(e - S) and the sum of its v per half block (the zero point comes off through it).
+unsigned low byte ("digits"), each packed 4 to a word in the order the weight's byte fields come out. The error
+is at most 2^-15 of the block's largest |x|, 128 times finer than bfloat16's own resolution at that element;
+elements within 2^7 of the block's largest are exact. It also writes each block's 2^(e - S) and the sum of its v
+per half block (the zero point comes off through it).
 
 Weights: field f of every byte of a plane-0 word is one mask (and a shift): codes of slots f, c + f, 2c + f,
 3c + f (c codes per byte). A second plane (3 = 2+1, 5 = 4+1, 6 = 4+2) is spread so that its fields sit in the
