@@ -74,12 +74,9 @@ def main() -> None:
             blocks = gw.planes[0].shape[0] // 16
             runs = {"best_today": {c.label: partial(tlin.linear, gw=gw, config=c)
                                    for c in tlin.tile_candidates(1, gw, torch.bfloat16)}}
-            runs["dp4a"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
-                tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
-                for bn, warps in DP4A_TILES for waves in WAVES)}
-            if args.fuse:
-                runs["dp4a_fused"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
-                    tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True, fuse_x=True)
+            for family, fuse_x in (("dp4a", False), ("dp4a_fused", True))[:1 + args.fuse]:
+                runs[family] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
+                    tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True, fuse_x=fuse_x)
                     for bn, warps in DP4A_TILES for waves in WAVES)}
             if args.ring:
                 runs["dp4a_ring"] = {

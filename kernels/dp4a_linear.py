@@ -162,9 +162,8 @@ if HAVE_TRITON:
             lane = slot // CPB
         word = (m * KW + b[:, None] * 16 + i % 16) * CPB + q
         byte = xq.to(tl.pointer_type(tl.int8)) + word * 8 + lane
-        smask = bmask[:, None] & (i >= 0)
-        tl.store(byte, (fixed & 255).to(tl.int8), mask=smask)
-        tl.store(byte + 4, (fixed >> 8).to(tl.int8), mask=smask)
+        tl.store(byte, (fixed & 255).to(tl.int8), mask=bmask[:, None])
+        tl.store(byte + 4, (fixed >> 8).to(tl.int8), mask=bmask[:, None])
         tl.store(xs + m * NB + b, down, mask=bmask)
         first = i < 8 * PER
         half0, half1 = tl.reduce((tl.where(first, fixed, 0), tl.where(first, 0, fixed)), 1, _sums)
@@ -298,11 +297,9 @@ def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...]
     """x [M, K] (float16 / bfloat16, unit stride along K) as the dp4a decode reads it (`_x_buffers`), by one
     program per K block and token."""
     m, k = x2.shape
-    kw = gw.planes[0].shape[0]
-    nb = kw // WORD_ROWS
-    cpb = 8 // gw.widths[0]
     xq, xs, xz = _x_buffers(x2, gw)
-    _prep_kernel[(nb, m)](x2, xq, xs, xz, k, kw, nb, x2.stride(0), PER=gw.per, CPB=cpb, REGROUP=_regroup(gw),
+    kw, nb = xq.shape[1], xs.shape[1]
+    _prep_kernel[(nb, m)](x2, xq, xs, xz, k, kw, nb, x2.stride(0), PER=gw.per, CPB=xq.shape[2], REGROUP=_regroup(gw),
                           S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=1)
     return xq, xs, xz
 

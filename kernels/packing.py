@@ -107,9 +107,9 @@ _LUT_BITS = {2: 8, 3: 12}  # widths unpacked by table, and the stream bits per t
 
 
 @functools.cache
-def _float_table(bits: int) -> torch.Tensor:
-    """[2^span, 4] float32: row i holds the 4 codes of the `span`-bit field value i."""
-    i = torch.arange(1 << _LUT_BITS[bits])
+def _float_table(bits: int, device: torch.device) -> torch.Tensor:
+    """[2^span, 4] float32 on `device`: row i holds the 4 codes of the `span`-bit field value i."""
+    i = torch.arange(1 << _LUT_BITS[bits], device=device)
     return torch.stack([((i >> (bits * j)) & ((1 << bits) - 1)).float() for j in range(4)], 1)
 
 
@@ -126,4 +126,4 @@ def unpack_float(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         b[:need] = flat[:need]
         b = b.view(-1, 3)
         rows = torch.stack((b[:, 0] | ((b[:, 1] & 15) << 8), (b[:, 1] >> 4) | (b[:, 2] << 4)), 1).view(-1)
-    return _float_table(bits).to(flat.device).index_select(0, rows).view(-1)[:numel]
+    return _float_table(bits, flat.device).index_select(0, rows).view(-1)[:numel]
