@@ -3,11 +3,14 @@
 For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
 tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps);
 with --ring, also the TMA-ring decode (`kernels/gluon_dp4a.py`) at RING_TILES; with --fuse, also every dp4a tile
-with `fuse_x` (no `prepare_x` launch: each program writes its K-slice's x digits).
+with `fuse_x` (no `prepare_x` launch: each program writes its K-slice's x digits); with --imma, also the decode on
+int8 tensor cores (`kernels/gluon_imma.py`) at IMMA_TILES. --tokens times that many tokens (the int8 tensor-core
+decode takes up to 4 in one launch, the dp4a decode runs a program per token).
 cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
 is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
     python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4] [--ring] [--fuse]
+        [--imma] [--tokens 1]
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
-from kernels import gluon_dp4a  # noqa: E402
+from kernels import gluon_dp4a, gluon_imma  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
@@ -36,6 +39,7 @@ DP4A_TILES = ((256, 2), (512, 4), (256, 4), (512, 8), (128, 2), (128, 4))  # (co
 WAVES = (4, 6, 8, 12, 16, 32)
 RING_TILES = ((256, 4, 3), (256, 4, 4), (256, 8, 4), (128, 4, 4), (128, 2, 4), (256, 2, 3))  # (columns, warps, slots)
 RING_WAVES = (1, 2, 3, 4, 6, 8, 16)
+IMMA_TILES = ((128, 4), (64, 2), (128, 2), (256, 4), (64, 4), (32, 1))  # (columns per program, warps)
 
 
 def main() -> None:
@@ -46,6 +50,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--ring", action="store_true", help="also the TMA-ring decode (kernels/gluon_dp4a.py)")
     ap.add_argument("--fuse", action="store_true", help="also the dp4a tiles with fuse_x (no prepare_x launch)")
+    ap.add_argument("--imma", action="store_true", help="also the int8 tensor-core decode (kernels/gluon_imma.py)")
+    ap.add_argument("--tokens", type=int, default=1)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +70,7 @@ def main() -> None:
     for n, k in (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
         w = torch.randn(n, k, device="cuda", generator=gen)
         wb = w.bfloat16()
-        x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
+        x = torch.randn(args.tokens, k, device="cuda", generator=gen).bfloat16()
         bf16_before = time_cuda(lambda x: F.linear(x, wb), x, args.reps, flush, graph=True)
         shape_rows = []
         for bits in (int(b) for b in args.bits.split(",")):
@@ -73,7 +79,7 @@ def main() -> None:
             ref = (x.double() @ qt.dequantize(torch.float64).t().to("cuda")).cpu()
             blocks = gw.planes[0].shape[0] // 16
             runs = {"best_today": {c.label: partial(tlin.linear, gw=gw, config=c)
-                                   for c in tlin.tile_candidates(1, gw, torch.bfloat16)}}
+                                   for c in tlin.tile_candidates(args.tokens, gw, torch.bfloat16)}}
             for family, fuse_x in (("dp4a", False), ("dp4a_fused", True))[:1 + args.fuse]:
                 runs[family] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
                     tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True, fuse_x=fuse_x)
@@ -84,6 +90,11 @@ def main() -> None:
                                                                      split_k=split, num_warps=warps, stages=stages)
                     for bn, warps, stages in RING_TILES for split in {tlin.split_for(-(-n // bn), blocks, waves)
                                                                       for waves in RING_WAVES}}
+            if args.imma:
+                runs["imma"] = {f"imma n{bn}s{split}w{warps}": partial(gluon_imma.linear, gw=gw, block_n=bn,
+                                                                       split_k=split, num_warps=warps)
+                                for bn, warps in IMMA_TILES for split in {tlin.split_for(-(-n // bn), blocks, waves)
+                                                                          for waves in WAVES}}
             best = {}
             for family, fns in runs.items():
                 for label, fn in fns.items():
@@ -99,7 +110,7 @@ def main() -> None:
                         continue
                     if family not in best or ms < best[family][0]:
                         best[family] = (ms, label, err)
-            nbytes = gw.nbytes + 2 * (n + k)
+            nbytes = gw.nbytes + 2 * args.tokens * (n + k)
             row = dict(N=n, K=k, bits=bits, bytes=nbytes,
                        **{f: dict(us=v[0] * 1e3, tile=v[1], err=v[2], bw_frac=nbytes / (v[0] * 1e-3) / bw)
                           for f, v in best.items()})

@@ -8,8 +8,8 @@ Activations: `prepare_x` (one small kernel; with `Config.fuse_x` the GEMV's prog
 16-bit fixed point per K block of the GPU layout (16 word rows, `GpuPackedWeight.block` input columns):
 v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and S = 14, split into a signed high byte and an
 unsigned low byte ("digits"), each packed 4 to a word in the order the weight's byte fields come out. The error
-is at most 2^-15 of the block's largest |x|, 128 times finer than bfloat16's own resolution at that element;
-elements within 2^7 of the block's largest are exact. It also writes each block's 2^(e - S) and the sum of its v
+is at most half a step, 2^(e - 15), under 2^-14 of the block's largest |x| and 64 times finer than bfloat16's own
+resolution at that element; elements within 2^6 of the block's largest are exact. It also writes each block's 2^(e - S) and the sum of its v
 per half block (the zero point comes off through it).
 
 Weights: field f of every byte of a plane-0 word is one mask (and a shift): codes of slots f, c + f, 2c + f,
@@ -75,15 +75,16 @@ if HAVE_TRITON:
         return (t | (t << (8 - C))) & _byte_mask(C, 0)
 
     @triton.jit
-    def _fields(w, s1, f: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr):
+    def _fields(w, s1, f: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, AT: tl.constexpr):
         """Field f of each byte of plane-0 words w (the codes of slots f, c + f, 2c + f, 3c + f), with the second
-        plane's field f of the spread words s1 above it (W1 > 0)."""
+        plane's field f of the spread words s1 above it (W1 > 0), at bit AT of each byte (code x 2^AT: a shift
+        fewer when the field already sits there)."""
         if W0 == 8:
             e = w
         else:
-            e = (w >> (f * W0)) & _byte_mask(W0, 0)
+            e = _shift(w, f * W0 - AT) & _byte_mask(W0, AT)
         if W1 > 0:
-            e = e | (_shift(s1, f * W1 - W0) & _byte_mask(W1, W0))
+            e = e | (_shift(s1, f * W1 - W0 - AT) & _byte_mask(W1, W0 + AT))
         return e
 
     @triton.jit
@@ -134,14 +135,12 @@ if HAVE_TRITON:
         return a0 + a1, b0 + b1
 
     @triton.jit
-    def _prep_blocks(x, xq, xs, xz, b0, b_end, m, K, KW, NB, stride_xm, XB: tl.constexpr, PER: tl.constexpr,
-                     CPB: tl.constexpr, REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
+    def _fixed_point(x, b, bmask, m, K, stride_xm, PER: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
                      E_HI: tl.constexpr):
-        """K blocks b0 .. b0 + XB - 1 (those below b_end) of token m: digits [16 word rows, CPB words, 2] (each
-        element stores its two bytes), 2^(e - S), sum of v per half."""
-        b = b0 + tl.arange(0, XB)
-        bmask = b < b_end
-        i = tl.arange(0, 16 * PER)[None, :]  # the block's input columns in order: slot i // 16, word row i % 16
+        """K blocks b (a vector; those where bmask) of token m as v = round(x 2^(S - e)): (v int32 [len(b), 16 PER]
+        with the block's input columns in order (slot i // 16, word row i % 16), i, 2^(e - S) (NaN when the
+        block holds NaN / Inf), sum of v per half block (two vectors))."""
+        i = tl.arange(0, 16 * PER)[None, :]
         col = b[:, None] * 16 * PER + i
         v = tl.load(x + m * stride_xm + col, mask=(col < K) & bmask[:, None], other=0.0).to(tl.float32)
         amax, poison = tl.reduce((tl.abs(v), v * 0.0), 1, _max_and_sum)  # poison: NaN if x has NaN / Inf
@@ -152,6 +151,19 @@ if HAVE_TRITON:
         down = down + poison  # NaN / Inf in x give NaN out
         fixed = tl.floor(v * up[:, None] + 0.5)
         fixed = tl.where(fixed == fixed, fixed, 0.0).to(tl.int32)
+        first = i < 8 * PER
+        half0, half1 = tl.reduce((tl.where(first, fixed, 0), tl.where(first, 0, fixed)), 1, _sums)
+        return fixed, i, down, half0, half1
+
+    @triton.jit
+    def _prep_blocks(x, xq, xs, xz, b0, b_end, m, K, KW, NB, stride_xm, XB: tl.constexpr, PER: tl.constexpr,
+                     CPB: tl.constexpr, REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
+                     E_HI: tl.constexpr):
+        """K blocks b0 .. b0 + XB - 1 (those below b_end) of token m: digits [16 word rows, CPB words, 2] (each
+        element stores its two bytes), 2^(e - S), sum of v per half."""
+        b = b0 + tl.arange(0, XB)
+        bmask = b < b_end
+        fixed, i, down, half0, half1 = _fixed_point(x, b, bmask, m, K, stride_xm, PER, S, E_LO, E_HI)
         slot = i // 16
         if REGROUP:  # slot CPB (2 (q % 2) + lane % 2) + 2 (q // 2) + lane // 2 sits in byte `lane` of word q
             hi_u, lo_v = slot // CPB, slot % CPB
@@ -165,8 +177,6 @@ if HAVE_TRITON:
         tl.store(byte, (fixed & 255).to(tl.int8), mask=bmask[:, None])
         tl.store(byte + 4, (fixed >> 8).to(tl.int8), mask=bmask[:, None])
         tl.store(xs + m * NB + b, down, mask=bmask)
-        first = i < 8 * PER
-        half0, half1 = tl.reduce((tl.where(first, fixed, 0), tl.where(first, 0, fixed)), 1, _sums)
         tl.store(xz + (m * NB + b) * 2, half0.to(tl.float32) * down, mask=bmask)
         tl.store(xz + (m * NB + b) * 2 + 1, half1.to(tl.float32) * down, mask=bmask)
 
@@ -190,8 +200,8 @@ if HAVE_TRITON:
                 firsts = ()
                 seconds = ()
                 for j in tl.static_range(16):
-                    ea = _fields(words[j], spread[j], 2 * p, W0, W1)
-                    eb = _fields(words[j], spread[j], 2 * p + 1, W0, W1)
+                    ea = _fields(words[j], spread[j], 2 * p, W0, W1, 0)
+                    eb = _fields(words[j], spread[j], 2 * p + 1, W0, W1, 0)
                     firsts = firsts + (_prmt(ea, eb, 0x5410, ASM),)
                     seconds = seconds + (_prmt(ea, eb, 0x7632, ASM),)
                     lo0 = _dp4a(firsts[j], tl.load(xrow + 2 * CPB * j + 4 * p), lo0, False, ASM)
@@ -203,7 +213,7 @@ if HAVE_TRITON:
             for f in tl.static_range(CPB):
                 codes = ()
                 for j in tl.static_range(16):
-                    codes = codes + (_fields(words[j], spread[j], f, W0, W1),)
+                    codes = codes + (_fields(words[j], spread[j], f, W0, W1, 0),)
                     lo0 = _dp4a(codes[j], tl.load(xrow + 2 * CPB * j + 2 * f), lo0, False, ASM)
                 for j in tl.static_range(16):
                     hi0 = _dp4a(codes[j], tl.load(xrow + 2 * CPB * j + 2 * f + 1), hi0, True, ASM)

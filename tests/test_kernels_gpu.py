@@ -11,7 +11,7 @@ import torch
 
 from kernels import QuantSpec, quantize
 from kernels.gpu_layout import repack_for_gpu
-from kernels import dp4a_linear, gluon_dp4a
+from kernels import dp4a_linear, gluon_dp4a, gluon_imma
 from kernels import triton_linear as tlin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -219,6 +219,83 @@ def test_dp4a_ring_decode(bits: int) -> None:
     assert ran >= 3
     with pytest.raises(ValueError, match="at most 256"):
         gluon_dp4a.linear(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), probe, 512, 1, 4, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_imma_prepare_x_writes_the_b_operand(bits: int) -> None:
+    """`gluon_imma.prepare_x`: x as two signed bytes per element (v = 256 hi + lo = round(x 2^(S - e)) per K block),
+    each in its (field class, half block, digit) column at the B operand's register order, zero in the others; the
+    block's 2^(e - S) and the sums of v per half. Reading the bytes back gives x within half a step (under 2^-14
+    of the block's largest |x|), for 1..3 tokens, whole-block, half-block and per-channel groups, both field classes."""
+    gen = torch.Generator().manual_seed(200 + bits)
+    for n, k, group in [(64, 520, 128), (32, 300, 64), (32, 200, None)]:
+        gw = _case(n, k, group, bits, True, torch.bfloat16, gen)[1]
+        if not dp4a_linear.supported(gw):
+            continue
+        for m in range(1, gluon_imma.max_tokens(gw) if INTERPRET else 4):
+            ncls = gluon_imma.classes(gw, m)
+            x = (torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, k)[torch.randperm(k, generator=gen)])
+            x = x.bfloat16().to(DEV)
+            xb, xs, xz = gluon_imma.prepare_x(x, gw, ncls)
+            halves, cpb, nb, block = gluon_imma.halves(gw), 8 // gw.widths[0], xs.shape[1], gw.block
+            digits = xb.cpu().view(torch.int8).reshape(m, nb, ncls, halves, 2, 4, cpb, 2, 2, 4).long()
+            t, f, s, p, lane = torch.meshgrid(*(torch.arange(d) for d in (4, cpb, 2, 2, 4)), indexing="ij")
+            own = ((f % ncls)[None, None] == torch.arange(ncls)[:, None, None, None, None, None, None]) & (
+                ((lane // 2) % halves)[None, None] == torch.arange(halves)[None, :, None, None, None, None, None])
+            own = own[None, None, :, :, None]  # [1, 1, class, half, 1 (digit), t, f, s, p, lane]
+            assert (digits[~own.expand_as(digits)] == 0).all(), "a byte outside its own column"
+            v = (digits * own).sum((2, 3))  # [m, nb, digit, t, f, s, p, lane]
+            v = 256 * v[:, :, 1] + v[:, :, 0]
+            col = 16 * (lane * cpb + f) + 8 * s + 4 * p + t
+            fixed = torch.zeros(m, nb, block, dtype=torch.long)
+            fixed[:, :, col.flatten()] = v.reshape(m, nb, -1)
+            down = xs.cpu().double()
+            back = (fixed.double() * down[:, :, None]).reshape(m, -1)[:, :k]
+            half_step = (down[:, :, None] / 2).expand(-1, -1, block).reshape(m, -1)[:, :k]  # 2^(e - 15)
+            assert ((back - x.cpu().double()).abs() <= half_step).all()
+            blocks = torch.nn.functional.pad(x.cpu().double(), (0, nb * block - k)).reshape(m, nb, block)
+            assert (down <= blocks.abs().amax(2) * 2.0 ** -13).all()  # 2^e < 2 |x|max: error < 2^-14 |x|max
+            halves_sum = fixed.reshape(m, nb, 2, block // 2).sum(3).double() * down[:, :, None]
+            assert torch.allclose(xz.cpu().double(), halves_sum, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_imma_decode(bits: int) -> None:
+    """`gluon_imma.linear`: the integer decode on int8 tensor cores, 1..4 tokens in one launch. Against float64 at
+    odd N and K, whole-block, half-block and per-channel groups, split-K run twice, asymmetric and symmetric,
+    float16 and bfloat16, an outlier; NaN in a token gives NaN in that token only. More tokens than the columns
+    hold, and tiles that are not 16 x num_warps x a power of 2, are refused with the reason."""
+    probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
+    reason = gluon_imma.unsupported_reason(probe, 1, 128, 4, torch.device(DEV))
+    if reason is not None:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(210 + bits)
+    ran = 0
+    for i, (n, k, group) in enumerate(SHAPES + [(64, 8200, 128), (256, 520, 128)]):
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        qt, gw = _case(n, k, group, bits, i % 3 == 0, dtype, gen)
+        if not dp4a_linear.supported(gw):
+            with pytest.raises(ValueError, match="dp4a"):
+                gluon_imma.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, 128, 1, 4)
+            continue
+        ran += 1
+        for m in range(1, gluon_imma.max_tokens(gw) + 1):
+            for block_n, split, warps in ((128, 1, 4), (256, 3, 4), (64, 2, 2), (32, 5, 1)):
+                for _ in range(2):
+                    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+                    x[-1, min(3, k - 1)] = 1024.0
+                    _check(_poisoned(lambda: gluon_imma.linear(x, gw, block_n, split, warps)), x, qt, dtype)
+        x = torch.randn(2, k, generator=gen).to(dtype).to(DEV)
+        x[0, k // 2] = float("nan")
+        y = gluon_imma.linear(x, gw, 128, 2, 4)
+        assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+        with pytest.raises(ValueError, match="tokens"):
+            gluon_imma.linear(torch.zeros(gluon_imma.max_tokens(gw) + 1, k, dtype=dtype, device=DEV), gw, 128, 1, 4)
+    assert ran >= 3
+    with pytest.raises(ValueError, match="power of 2"):
+        gluon_imma.linear(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), probe, 96, 1, 4)
 
 
 @pytest.mark.gpu
