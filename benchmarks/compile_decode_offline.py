@@ -1,0 +1,119 @@
+"""Compile the one-token decode kernels for sm_90a without a GPU and count what one K block costs a thread.
+
+For each (kernel, bits, tile): registers, stack (spills), and the instructions of the K loop (the innermost
+backward branch of the SASS) per plane-0 word a thread handles in one K block, with the loop's most frequent
+opcodes. The counts are static: a statement about the code ptxas emits, not a timing. Needs Triton (with its
+bundled ptxas and cuobjdump) and, for the int8 tensor-core decode, Triton's Gluon; no CUDA device.
+    python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import dp4a_linear as dl  # noqa: E402
+from kernels import gluon_imma  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+PLANES = {2: (2, 0), 3: (2, 1), 4: (4, 0), 5: (4, 1), 6: (4, 2), 8: (8, 0)}
+PLANE1 = {0: "*i32", 1: "*i8", 2: "*i16"}
+# (bits -> (columns, warps)) at group 128: the dp4a tiles session 18 measured fastest at 28672x8192, and the int8
+# tensor-core decode at 2 row tiles per warp
+DP4A_TILES = {2: (512, 4), 3: (256, 4), 4: (512, 2), 5: (256, 2), 6: (512, 4), 8: (256, 2)}
+IMMA_TILES = {b: (128, 4) for b in PLANES}
+
+
+def _pointers(bits: int) -> dict[str, str]:
+    w0, w1 = PLANES[bits]
+    p1 = "*i16" if bits in (3, 6) else PLANE1[w1]
+    return dict(p0="*i32", p1=p1, s="*bf16", z="*bf16", out="*bf16", ws="*fp32", cnt="*i32")
+
+
+def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
+    for key in consts:
+        sig[key] = "constexpr"
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n in ("N", "stride_sg", "stride_om")}
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+        src = GluonASTSource(fn, sig, consts, attrs)
+    else:
+        src = ASTSource(fn, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+
+
+def dp4a(bits: int, regroup: bool):
+    w0, w1 = PLANES[bits]
+    bn, warps = DP4A_TILES[bits]
+    sig = dict(x="*bf16", xq="*i32", xs="*fp32", xz="*fp32", **_pointers(bits), N="i32", K="i32", KW="i32", NB="i32",
+               G="i32", stride_sg="i32", stride_sn="i32", rows_per_split="i32", SPLIT="i32", stride_xm="i32",
+               stride_om="i32", zero_word="i32")
+    consts = dict(stride_sn=1, PER=32 // w0, W0=w0, W1=w1, ZERO=float(1 << (bits - 1)), HAS_Z=False, ATOMIC=True,
+                  REGROUP=regroup, EVEN_N=True, ASM=True, BN=bn, FUSE_X=False, XB=1, S=dl.FRACTION_BITS,
+                  E_LO=dl.E_MIN, E_HI=dl.E_MAX)
+    return _compile(dl._gemv_dp4a_kernel, sig, consts, warps, False), f"n{bn}w{warps}", bn // (32 * warps) * 16
+
+
+def imma(bits: int, regroup: bool):
+    w0, w1 = PLANES[bits]
+    bn, warps = IMMA_TILES[bits]
+    halves = 2 if regroup else 1
+    ptrs = _pointers(bits)
+    sig = dict(xb="*i32", xs="*fp32", xz="*fp32", p0=ptrs.pop("p0"), p1=ptrs.pop("p1"), s="*bf16", z="*bf16",
+               out="*bf16", ws="*fp32", cnt="*i32", M="i32", N="i32", K="i32", KW="i32", NB="i32", stride_sg="i32",
+               stride_sn="i32", inv_g="fp32", rows_per_split="i32", SPLIT="i32", stride_om="i32")
+    classes = 2 if w0 == 2 else 1  # one token
+    consts = dict(stride_sn=1, PER=32 // w0, W0=w0, W1=w1, ZERO=float(1 << (bits - 1)), HAS_Z=False, ATOMIC=True,
+                  HALVES=halves, CLASSES=classes, TOK=gluon_imma.COLUMNS // (2 * halves), EVEN_N=True, BN=bn,
+                  WARPS=warps)
+    return _compile(gluon_imma._gemv_imma_kernel, sig, consts, warps, True), f"n{bn}w{warps}", bn * 16 // (32 * warps)
+
+
+def _sass_loop(cubin: bytes) -> tuple[str, str, collections.Counter]:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        Path(path).write_bytes(cubin)
+        res = subprocess.run([BIN / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([BIN / "cuobjdump", "-sass", path], capture_output=True, text=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in re.finditer(
+        r"/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass)]
+    loop = collections.Counter()
+    for addr, op, rest in ins:  # the last backward branch closes the K loop
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            loop = collections.Counter(o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr)
+    return re.search(r"REG:(\d+)", res).group(1), re.search(r"STACK:(\d+)", res).group(1), loop
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="2,3,4,5,6,8")
+    ap.add_argument("--kernels", default="dp4a,imma")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, sm_90a; group 128 (half a K block at 2 and 3 bits)")
+    for bits in (int(b) for b in args.bits.split(",")):
+        for name in args.kernels.split(","):
+            regroup = bits in (2, 3)
+            kernel, tile, words = {"dp4a": dp4a, "imma": imma}[name](bits, regroup)
+            regs, stack, loop = _sass_loop(kernel.asm["cubin"])
+            total = sum(loop.values())
+            print(f"{bits}-bit {name} {tile}: {regs} registers, stack {stack}; K loop {total} instructions for "
+                  f"{words} words a thread = {total / words:.1f} per word; "
+                  + ", ".join(f"{op} {c}" for op, c in loop.most_common(6)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
