@@ -4,7 +4,7 @@ For each (kernel, bits, tile): registers, stack (spills), and the instructions o
 backward branch of the SASS) per plane-0 word a thread handles in one K block, with the loop's most frequent
 opcodes. The counts are static: a statement about the code ptxas emits, not a timing. Needs Triton (with its
 bundled ptxas and cuobjdump) and, for the int8 tensor-core decode, Triton's Gluon; no CUDA device.
-    python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma]
+    python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma,imma_prefetch]
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,7 +68,7 @@ def dp4a(bits: int, regroup: bool):
     return _compile(dl._gemv_dp4a_kernel, sig, consts, warps, False), f"n{bn}w{warps}", bn // (32 * warps) * 16
 
 
-def imma(bits: int, regroup: bool):
+def imma(bits: int, regroup: bool, prefetch: bool = False):
     w0, w1 = PLANES[bits]
     bn, warps = IMMA_TILES[bits]
     halves = 2 if regroup else 1
@@ -77,7 +78,7 @@ def imma(bits: int, regroup: bool):
                stride_sn="i32", inv_g="fp32", rows_per_split="i32", SPLIT="i32", stride_om="i32")
     classes = 2 if w0 == 2 else 1  # one token
     consts = dict(stride_sn=1, PER=32 // w0, W0=w0, W1=w1, ZERO=float(1 << (bits - 1)), HAS_Z=False, ATOMIC=True,
-                  HALVES=halves, CLASSES=classes, TOK=gluon_imma.COLUMNS // (2 * halves), EVEN_N=True, BN=bn,
+                  HALVES=halves, CLASSES=classes, TOK=gluon_imma.COLUMNS // (2 * halves), EVEN_N=True, PREFETCH=prefetch, BN=bn,
                   WARPS=warps)
     return _compile(gluon_imma._gemv_imma_kernel, sig, consts, warps, True), f"n{bn}w{warps}", bn * 16 // (32 * warps)
 
@@ -101,13 +102,14 @@ def _sass_loop(cubin: bytes) -> tuple[str, str, collections.Counter]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="2,3,4,5,6,8")
-    ap.add_argument("--kernels", default="dp4a,imma")
+    ap.add_argument("--kernels", default="dp4a,imma,imma_prefetch")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_90a; group 128 (half a K block at 2 and 3 bits)")
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.kernels.split(","):
             regroup = bits in (2, 3)
-            kernel, tile, words = {"dp4a": dp4a, "imma": imma}[name](bits, regroup)
+            kernel, tile, words = {"dp4a": dp4a, "imma": imma, "imma_prefetch": partial(imma, prefetch=True)}[name](
+                bits, regroup)
             regs, stack, loop = _sass_loop(kernel.asm["cubin"])
             total = sum(loop.values())
             print(f"{bits}-bit {name} {tile}: {regs} registers, stack {stack}; K loop {total} instructions for "

@@ -143,11 +143,23 @@ if HAVE_GLUON:
             warp_bases=[[0, 0]] * (WARPS.bit_length() - 1), block_bases=[], shape=[8, 16 * CPB])
 
     @gluon.jit
-    def _load_words(ptrs, nmask, EVEN_N: gl.constexpr):
-        if EVEN_N:
-            return gl.load(ptrs)
+    def _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, valid, W1: gl.constexpr, EVEN_N: gl.constexpr,
+                    GUARD: gl.constexpr):
+        """A K block's words (both planes; the first again when there is no second) and B words, as loaded. With
+        GUARD, nothing is loaded where `valid` is false (a prefetch past the K-slice). Masked-off values are left
+        undefined: a column past N only feeds its own row of the mma, which is never stored."""
+        if GUARD:
+            bmask = valid
+            wmask = nmask[:, None] & valid
         else:
-            return gl.load(ptrs, mask=nmask[:, None], other=0)
+            bmask = None
+            wmask = None if EVEN_N else nmask[:, None]
+        w0 = gl.load(w0_ptrs, mask=wmask)
+        if W1 > 0:
+            w1 = gl.load(w1_ptrs, mask=wmask)
+        else:
+            w1 = w0
+        return w0, w1, gl.load(b_ptrs, mask=bmask)
 
     @gluon.jit
     def _as_bytes(e):
@@ -181,8 +193,8 @@ if HAVE_GLUON:
     def _gemv_imma_kernel(xb, xs, xz, p0, p1, s, z, out, ws, cnt, M, N, K, KW, NB, stride_sg, stride_sn, inv_g,
                           rows_per_split, SPLIT, stride_om, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                           ZERO: gl.constexpr, HAS_Z: gl.constexpr, ATOMIC: gl.constexpr, HALVES: gl.constexpr,
-                          CLASSES: gl.constexpr, TOK: gl.constexpr, EVEN_N: gl.constexpr, BN: gl.constexpr,
-                          WARPS: gl.constexpr):
+                          CLASSES: gl.constexpr, TOK: gl.constexpr, EVEN_N: gl.constexpr, PREFETCH: gl.constexpr,
+                          BN: gl.constexpr, WARPS: gl.constexpr):
         CPB: gl.constexpr = 8 // W0
         NCT: gl.constexpr = 2 * HALVES * CLASSES  # columns per token
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
@@ -220,18 +232,27 @@ if HAVE_GLUON:
         w0_ptrs = p0 + offs
         w1_ptrs = p1 + offs
         b_ptrs += (r_lo // 16) * (NCT * 16 * CPB)
+        if PREFETCH:
+            raw0, raw1, raw_b = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, r_lo < r_hi, W1, EVEN_N, True)
         for r0 in range(r_lo, r_hi, 16):
-            words = gl.convert_layout(_relabel(_load_words(w0_ptrs, nmask, EVEN_N), BN, WARPS), w_l).to(gl.int32)
+            if PREFETCH:  # this block's words were loaded last iteration; the next block's go out now
+                w0, w1, bw = raw0, raw1, raw_b
+                w0_ptrs += 16 * N
+                w1_ptrs += 16 * N
+                b_ptrs += NCT * 16 * CPB
+                raw0, raw1, raw_b = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, r0 + 16 < r_hi, W1, EVEN_N, True)
+            else:
+                w0, w1, bw = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, True, W1, EVEN_N, False)
+                w0_ptrs += 16 * N
+                w1_ptrs += 16 * N
+                b_ptrs += NCT * 16 * CPB
+            words = gl.convert_layout(_relabel(w0, BN, WARPS), w_l).to(gl.int32)
             if W1 > 0:
-                spread = dl._spread(gl.convert_layout(_relabel(_load_words(w1_ptrs, nmask, EVEN_N), BN, WARPS),
-                                                      w_l).to(gl.int32), W1 * CPB)
+                spread = dl._spread(gl.convert_layout(_relabel(w1, BN, WARPS), w_l).to(gl.int32), W1 * CPB)
             else:
                 spread = words
             blk = r0 // 16
-            b_ops = _b_operands(gl.load(b_ptrs), wb_l, CPB)
-            w0_ptrs += 16 * N
-            w1_ptrs += 16 * N
-            b_ptrs += NCT * 16 * CPB
+            b_ops = _b_operands(bw, wb_l, CPB)
             acc = gl.zeros([BN, 8], gl.int32, layout=mma)
             for f in gl.static_range(CPB):
                 codes = dl._fields(words, spread, f, W0, W1, W0 * (f % CLASSES))
@@ -277,10 +298,12 @@ if HAVE_GLUON:
                 gl.atomic_xchg(cnt + pid_n, 0, sem="relaxed")
 
 
-def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, num_warps: int) -> torch.Tensor:
+def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, num_warps: int,
+           prefetch: bool = False) -> torch.Tensor:
     """y = x2 @ W^T for x2 [M, K] (float16 / bfloat16, unit stride along K; M up to `max_tokens(gw)`): `prepare_x`,
     then one program per (column tile, K-slice) for all M tokens; split-K sums go through `triton_linear`'s
-    workspace."""
+    workspace. With `prefetch`, each iteration loads the next K block's words before it works on its own (the
+    registers this costs are cheap here: 56-99 without)."""
     m, k = x2.shape
     reason = unsupported_reason(gw, m, block_n, num_warps, x2.device)
     if reason is not None:
@@ -297,5 +320,5 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, nu
     _gemv_imma_kernel[grid](xb, xs, xz, tensors["p0"], tensors["p1"], tensors["s"], tensors["z"], out, ws, cnt, m, n,
                             k, kw, xs.shape[1], tensors["stride_sg"], tensors["stride_sn"], 1.0 / gw.group,
                             rows_per_split, split, out.stride(0), ATOMIC=split > 1, HALVES=halves(gw), CLASSES=ncls,
-                            TOK=max_tokens(gw), EVEN_N=n % block_n == 0, BN=block_n, WARPS=num_warps, num_warps=num_warps, **consts)
+                            TOK=max_tokens(gw), EVEN_N=n % block_n == 0, PREFETCH=prefetch, BN=block_n, WARPS=num_warps, num_warps=num_warps, **consts)
     return out

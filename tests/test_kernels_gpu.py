@@ -265,7 +265,8 @@ def test_imma_prepare_x_writes_the_b_operand(bits: int) -> None:
 def test_imma_decode(bits: int) -> None:
     """`gluon_imma.linear`: the integer decode on int8 tensor cores, 1..4 tokens in one launch. Against float64 at
     odd N and K, whole-block, half-block and per-channel groups, split-K run twice, asymmetric and symmetric,
-    float16 and bfloat16, an outlier; NaN in a token gives NaN in that token only. More tokens than the columns
+    float16 and bfloat16, an outlier, with and without the next block's prefetch; NaN in a token gives NaN in that
+    token only. More tokens than the columns
     hold, and tiles that are not 16 x num_warps x a power of 2, are refused with the reason."""
     probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
     reason = gluon_imma.unsupported_reason(probe, 1, 128, 4, torch.device(DEV))
@@ -282,11 +283,13 @@ def test_imma_decode(bits: int) -> None:
             continue
         ran += 1
         for m in range(1, gluon_imma.max_tokens(gw) + 1):
-            for block_n, split, warps in ((128, 1, 4), (256, 3, 4), (64, 2, 2), (32, 5, 1)):
+            for block_n, split, warps, prefetch in ((128, 1, 4, False), (256, 3, 4, True), (64, 2, 2, False),
+                                                    (32, 5, 1, True), (128, 1, 2, True)):
                 for _ in range(2):
                     x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
                     x[-1, min(3, k - 1)] = 1024.0
-                    _check(_poisoned(lambda: gluon_imma.linear(x, gw, block_n, split, warps)), x, qt, dtype)
+                    _check(_poisoned(lambda: gluon_imma.linear(x, gw, block_n, split, warps, prefetch)), x, qt,
+                           dtype)
         x = torch.randn(2, k, generator=gen).to(dtype).to(DEV)
         x[0, k // 2] = float("nan")
         y = gluon_imma.linear(x, gw, 128, 2, 4)
