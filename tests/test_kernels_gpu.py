@@ -282,9 +282,8 @@ def test_imma_decode(bits: int) -> None:
                 gluon_imma.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, 128, 1, 4)
             continue
         ran += 1
-        for m in range(1, gluon_imma.max_tokens(gw) + 1):
-            for block_n, split, warps, prefetch in ((128, 1, 4, False), (256, 3, 4, True), (64, 2, 2, False),
-                                                    (32, 5, 1, True), (128, 1, 2, True)):
+        for m in sorted({1, 2, gluon_imma.max_tokens(gw)}):
+            for block_n, split, warps, prefetch in ((128, 1, 4, False), (256, 3, 4, True), (32, 5, 1, False)):
                 for _ in range(2):
                     x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
                     x[-1, min(3, k - 1)] = 1024.0
