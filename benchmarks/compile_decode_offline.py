@@ -4,7 +4,7 @@ For each (kernel, bits, tile): registers, stack (spills), and the instructions o
 backward branch of the SASS) per plane-0 word a thread handles in one K block, with the loop's most frequent
 opcodes. The counts are static: a statement about the code ptxas emits, not a timing. Needs Triton (with its
 bundled ptxas and cuobjdump) and, for the int8 tensor-core decode, Triton's Gluon; no CUDA device.
-    python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma,imma_prefetch]
+    python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma,imma_prefetch] [--tokens 16]
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
 
 
-def dp4a(bits: int, regroup: bool):
+def dp4a(bits: int, regroup: bool, tokens: int):
     w0, w1 = PLANES[bits]
     bn, warps = DP4A_TILES[bits]
     sig = dict(x="*bf16", xq="*i32", xs="*fp32", xz="*fp32", **_pointers(bits), N="i32", K="i32", KW="i32", NB="i32",
@@ -68,7 +68,7 @@ def dp4a(bits: int, regroup: bool):
     return _compile(dl._gemv_dp4a_kernel, sig, consts, warps, False), f"n{bn}w{warps}", bn // (32 * warps) * 16
 
 
-def imma(bits: int, regroup: bool, prefetch: bool = False):
+def imma(bits: int, regroup: bool, tokens: int, prefetch: bool = False):
     w0, w1 = PLANES[bits]
     bn, warps = IMMA_TILES[bits]
     halves = 2 if regroup else 1
@@ -76,9 +76,13 @@ def imma(bits: int, regroup: bool, prefetch: bool = False):
     sig = dict(xb="*i32", xs="*fp32", xz="*fp32", p0=ptrs.pop("p0"), p1=ptrs.pop("p1"), s="*bf16", z="*bf16",
                out="*bf16", ws="*fp32", cnt="*i32", M="i32", N="i32", K="i32", KW="i32", NB="i32", stride_sg="i32",
                stride_sn="i32", inv_g="fp32", rows_per_split="i32", SPLIT="i32", stride_om="i32")
-    classes = 2 if w0 == 2 else 1  # one token
+    classes = 2 if w0 == 2 and 4 * halves * tokens <= gluon_imma.MIN_COLUMNS else 1  # as gluon_imma.classes
+    columns = max(gluon_imma.MIN_COLUMNS, 1 << (2 * halves * classes * tokens - 1).bit_length())
+    if columns > gluon_imma.MAX_COLUMNS:
+        raise SystemExit(f"{tokens} tokens at {bits} bits need {columns} columns; a launch has at most "
+                         f"{gluon_imma.MAX_COLUMNS} ({gluon_imma.MAX_COLUMNS // (2 * halves)} tokens)")
     consts = dict(stride_sn=1, PER=32 // w0, W0=w0, W1=w1, ZERO=float(1 << (bits - 1)), HAS_Z=False, ATOMIC=True,
-                  HALVES=halves, CLASSES=classes, TOK=gluon_imma.COLUMNS // (2 * halves), EVEN_N=True, PREFETCH=prefetch, BN=bn,
+                  HALVES=halves, CLASSES=classes, NC=columns, EVEN_N=True, PREFETCH=prefetch, BN=bn,
                   WARPS=warps)
     return _compile(gluon_imma._gemv_imma_kernel, sig, consts, warps, True), f"n{bn}w{warps}", bn * 16 // (32 * warps)
 
@@ -103,13 +107,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="2,3,4,5,6,8")
     ap.add_argument("--kernels", default="dp4a,imma,imma_prefetch")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per launch of the int8 tensor-core decode")
     args = ap.parse_args()
-    print(f"triton {triton.__version__}, sm_90a; group 128 (half a K block at 2 and 3 bits)")
+    print(f"triton {triton.__version__}, sm_90a; group 128 (half a K block at 2 and 3 bits); dp4a: 1 token, "
+          f"int8 tensor cores: {args.tokens}")
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.kernels.split(","):
             regroup = bits in (2, 3)
             kernel, tile, words = {"dp4a": dp4a, "imma": imma, "imma_prefetch": partial(imma, prefetch=True)}[name](
-                bits, regroup)
+                bits, regroup, args.tokens)
             regs, stack, loop = _sass_loop(kernel.asm["cubin"])
             total = sum(loop.values())
             print(f"{bits}-bit {name} {tile}: {regs} registers, stack {stack}; K loop {total} instructions for "

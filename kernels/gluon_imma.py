@@ -2,7 +2,8 @@
 
 `dp4a_linear` multiplies 4 codes by 4 activation bytes per `dp4a`, per thread and output column: at 2 bits that is
 26 instructions per 16-code word, and session 18's profile found it latency-bound with too few resident warps. Here
-one int8 mma multiplies the codes of 16 output columns x 32 input columns by 8 activation columns:
+one int8 mma multiplies the codes of 16 output columns x 32 input columns by 8 activation columns (a launch has
+8, 16 or 32 such columns, `columns`):
 - A (the weight): a field of a word (`dp4a_linear._fields`: 4 codes, one per byte) is already a register of the
   int8 A operand once the words are loaded in mma_v2's operand layout (`gluon_linear._word_layout`): a mask (and a
   shift for some fields) per 4 codes, no shared memory. At 2 and 3 bits the odd fields stay where they sit (code x
@@ -15,7 +16,7 @@ one int8 mma multiplies the codes of 16 output columns x 32 input columns by 8 a
 Per block, the int32 sums of each column become float once: times 2^(e - S) (and 256 for a high digit, 1/4 for the
 odd-field class), less zero point x sum of v (once per token and half), times the group's scale; a token's columns
 are added at the end. 8-bit codes do not fit a signed byte: they go in as code - 128, and the zero point moves by
-128. One launch takes up to 4 tokens (fewer with half-block groups or field classes).
+128. One launch takes up to 16 tokens (8 with half-block groups).
 Needs Triton's Gluon and a CUDA device with mma.sync (compute capability 8.0 or newer) for the GEMV; `prepare_x`
 is plain Triton (it also runs in the CPU interpreter). Not dispatched: written and compiled for sm_90a in session
 20, not yet run on a GPU (docs/kernels_gpu.md, "Session 20").
@@ -45,7 +46,7 @@ try:
 except ImportError:  # Triton without Gluon, or no Triton
     HAVE_GLUON = False
 
-COLUMNS = 8  # the mma's n
+MIN_COLUMNS, MAX_COLUMNS = 8, 32  # the mma's n is 8; 64 columns spill registers (offline sm_90a compile)
 
 
 def halves(gw: GpuPackedWeight) -> int:
@@ -54,14 +55,19 @@ def halves(gw: GpuPackedWeight) -> int:
 
 
 def max_tokens(gw: GpuPackedWeight) -> int:
-    """Tokens one launch takes: 8 columns / (2 digits x halves)."""
-    return COLUMNS // (2 * halves(gw))
+    """Tokens one launch takes: MAX_COLUMNS / (2 digits x halves)."""
+    return MAX_COLUMNS // (2 * halves(gw))
 
 
 def classes(gw: GpuPackedWeight, m: int) -> int:
     """Field classes for m tokens: 2 (odd fields unshifted, code x 4, in columns of their own) for 2 and 3 bits
-    when the columns leave room, else 1."""
-    return 2 if gw.widths[0] == 2 and 4 * halves(gw) * m <= COLUMNS else 1
+    when that needs no more than the 8 columns of one mma, else 1."""
+    return 2 if gw.widths[0] == 2 and 4 * halves(gw) * m <= MIN_COLUMNS else 1
+
+
+def columns(gw: GpuPackedWeight, m: int) -> int:
+    """Activation columns of a launch for m tokens: a power of 2, at least the mma's 8."""
+    return max(MIN_COLUMNS, 1 << (2 * halves(gw) * classes(gw, m) * m - 1).bit_length())
 
 
 def unsupported_reason(gw: GpuPackedWeight, m: int, block_n: int, num_warps: int,
@@ -134,13 +140,15 @@ def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight, ncls: int = 1) -> tuple[tor
 
 if HAVE_GLUON:
     @gluon.constexpr_function
-    def _b_layout(CPB, WARPS):
-        """Layout of the B words [8 columns, 16 CPB (t, f, s, p)] as loaded: each thread's 4 CPB words are
-        consecutive (vector loads); lanes: t, then the column; every warp holds all of it."""
+    def _b_layout(NC, CPB, WARPS):
+        """Layout of the B words [NC columns, 16 CPB (t, f, s, p)] as loaded: each thread's 4 CPB words of a column
+        are consecutive (vector loads); registers: those, then columns 8, 16, ...; lanes: t, then columns 1, 2, 4;
+        every warp holds all of it."""
         return gl.DistributedLinearLayout(
-            reg_bases=[[0, 1 << b] for b in range((4 * CPB).bit_length() - 1)],
+            reg_bases=[[0, 1 << b] for b in range((4 * CPB).bit_length() - 1)]
+            + [[8 << b, 0] for b in range((NC // 8).bit_length() - 1)],
             lane_bases=[[0, 4 * CPB], [0, 8 * CPB], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[0, 0]] * (WARPS.bit_length() - 1), block_bases=[], shape=[8, 16 * CPB])
+            warp_bases=[[0, 0]] * (WARPS.bit_length() - 1), block_bases=[], shape=[NC, 16 * CPB])
 
     @gluon.jit
     def _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, valid, W1: gl.constexpr, EVEN_N: gl.constexpr,
@@ -168,54 +176,55 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [e4], dtype=gl.int8, is_pure=True, pack=4)
 
     @gluon.jit
-    def _b_operands(bw, w_l: gl.constexpr, CPB: gl.constexpr):
-        """B words [8, 16 CPB] -> per field the int8 [32 x 2 K steps, 8] operand (row 4 (8 s + 4 p + t) + byte).
-        Each field's [16, 8] words go to w_l (the int32 B operand layout, the same registers) before `_as_bytes`,
+    def _b_operands(bw, w_l: gl.constexpr, NC: gl.constexpr, CPB: gl.constexpr):
+        """B words [NC, 16 CPB] -> per field the int8 [32 x 2 K steps, NC] operand (row 4 (8 s + 4 p + t) + byte).
+        Each field's [16, NC] words go to w_l (the int32 B operand layout, the same registers) before `_as_bytes`,
         so that the bytes of one word become one register."""
-        w = gl.permute(gl.reshape(bw, [8, 4, CPB, 2, 2]), (3, 4, 1, 0, 2))  # [s, p, t, column, field]
-        w = gl.reshape(w, [16, 8, CPB])
+        w = gl.permute(gl.reshape(bw, [NC, 4, CPB, 2, 2]), (3, 4, 1, 0, 2))  # [s, p, t, column, field]
+        w = gl.reshape(w, [16, NC, CPB])
         if CPB == 1:
-            fields = (gl.reshape(w, [16, 8]),)
+            fields = (gl.reshape(w, [16, NC]),)
         elif CPB == 2:
             fields = gl.split(w)
         else:
-            even, odd = gl.split(gl.reshape(w, [16, 8, 2, 2]))  # field 2a + b: split b, then a
+            even, odd = gl.split(gl.reshape(w, [16, NC, 2, 2]))  # field 2a + b: split b, then a
             f0, f2 = gl.split(even)
             f1, f3 = gl.split(odd)
             fields = (f0, f1, f2, f3)
         out = ()
         for f in gl.static_range(CPB):
             e = gl.convert_layout(fields[f], w_l, assert_trivial=True)
-            out = out + (gl.reshape(gl.permute(_as_bytes(e), (0, 2, 3, 1)), [64, 8]),)
+            out = out + (gl.reshape(gl.permute(_as_bytes(e), (0, 2, 3, 1)), [64, NC]),)
         return out
 
     @gluon.jit
     def _gemv_imma_kernel(xb, xs, xz, p0, p1, s, z, out, ws, cnt, M, N, K, KW, NB, stride_sg, stride_sn, inv_g,
                           rows_per_split, SPLIT, stride_om, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                           ZERO: gl.constexpr, HAS_Z: gl.constexpr, ATOMIC: gl.constexpr, HALVES: gl.constexpr,
-                          CLASSES: gl.constexpr, TOK: gl.constexpr, EVEN_N: gl.constexpr, PREFETCH: gl.constexpr,
+                          CLASSES: gl.constexpr, NC: gl.constexpr, EVEN_N: gl.constexpr, PREFETCH: gl.constexpr,
                           BN: gl.constexpr, WARPS: gl.constexpr):
         CPB: gl.constexpr = 8 // W0
         NCT: gl.constexpr = 2 * HALVES * CLASSES  # columns per token
+        TOK: gl.constexpr = NC // NCT
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
         b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
         w_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
         wb_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=1)
         v_l: gl.constexpr = _word_layout(BN, WARPS)
-        x_l: gl.constexpr = _b_layout(CPB, WARPS)
+        x_l: gl.constexpr = _b_layout(NC, CPB, WARPS)
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
         n = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, v_l))
         nmask = n < N
         j16 = gl.arange(0, 16, layout=gl.SliceLayout(0, v_l))
-        bc = gl.arange(0, 8, layout=gl.SliceLayout(1, x_l))
+        bc = gl.arange(0, NC, layout=gl.SliceLayout(1, x_l))
         # columns of absent tokens read token 0's (finite integers, weighted by 0 below): no masked loads
         btok = gl.where(bc // NCT < M, bc // NCT, 0)
         b_ptrs = xb + ((btok * NB * NCT + bc % NCT)[:, None] * (16 * CPB)
                        + gl.arange(0, 16 * CPB, layout=gl.SliceLayout(0, x_l))[None, :])
 
-        oc = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+        oc = gl.arange(0, NC, layout=gl.SliceLayout(0, mma))
         otok = oc // NCT
         tmask = otok < M
         digit = oc % 2
@@ -225,7 +234,7 @@ if HAVE_GLUON:
         first = (digit == 0) & (ocls == 0)  # the column that takes the zero point off, once per token and half
         on = pid_n * BN + _column_of_row(gl.arange(0, BN, layout=gl.SliceLayout(1, mma)), BN, WARPS)
         onmask = on < N
-        total = gl.zeros([BN, 8], gl.float32, layout=mma)
+        total = gl.zeros([BN, NC], gl.float32, layout=mma)
         r_lo = pid_k * rows_per_split
         r_hi = gl.minimum(r_lo + rows_per_split, KW)
         offs = (r_lo + j16)[None, :] * N + n[:, None]  # pointers advance with the loop (no per-block address math)
@@ -252,8 +261,8 @@ if HAVE_GLUON:
             else:
                 spread = words
             blk = r0 // 16
-            b_ops = _b_operands(bw, wb_l, CPB)
-            acc = gl.zeros([BN, 8], gl.int32, layout=mma)
+            b_ops = _b_operands(bw, wb_l, NC, CPB)
+            acc = gl.zeros([BN, NC], gl.int32, layout=mma)
             for f in gl.static_range(CPB):
                 codes = dl._fields(words, spread, f, W0, W1, W0 * (f % CLASSES))
                 if W0 == 8:
@@ -320,5 +329,6 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, nu
     _gemv_imma_kernel[grid](xb, xs, xz, tensors["p0"], tensors["p1"], tensors["s"], tensors["z"], out, ws, cnt, m, n,
                             k, kw, xs.shape[1], tensors["stride_sg"], tensors["stride_sn"], 1.0 / gw.group,
                             rows_per_split, split, out.stride(0), ATOMIC=split > 1, HALVES=halves(gw), CLASSES=ncls,
-                            TOK=max_tokens(gw), EVEN_N=n % block_n == 0, PREFETCH=prefetch, BN=block_n, WARPS=num_warps, num_warps=num_warps, **consts)
+                            NC=columns(gw, m), EVEN_N=n % block_n == 0, PREFETCH=prefetch, BN=block_n,
+                            WARPS=num_warps, num_warps=num_warps, **consts)
     return out
