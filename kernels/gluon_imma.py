@@ -41,7 +41,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .gluon_linear import _column_of_row, _relabel, _word_layout
+    from .gluon_linear import _column_of_row, _relabel, _store_tokens, _word_layout
     HAVE_GLUON = True
 except ImportError:  # Triton without Gluon, or no Triton
     HAVE_GLUON = False
@@ -288,23 +288,7 @@ if HAVE_GLUON:
             if W0 == 8:
                 zero = zero - 128.0
             total += (acc.to(gl.float32) * (weight * down)[None, :] - zero * xsum[None, :]) * sc
-        for t in gl.static_range(TOK):
-            res = gl.sum(gl.where((otok == t)[None, :], total, 0.0), axis=1)
-            omask = onmask & (t < M)
-            if ATOMIC:
-                gl.atomic_add(ws + t * N + on, res, mask=omask, sem="relaxed")
-            else:
-                gl.store(out + t * stride_om + on, res.to(out.dtype.element_ty), mask=omask)
-        if ATOMIC:
-            gl.thread_barrier()
-            arrived = gl.atomic_add(cnt + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                for t in gl.static_range(TOK):
-                    omask = onmask & (t < M)
-                    done = gl.load(ws + t * N + on, mask=omask, other=0.0, cache_modifier=".cg")
-                    gl.store(out + t * stride_om + on, done.to(out.dtype.element_ty), mask=omask)
-                    gl.store(ws + t * N + on, gl.zeros_like(done), mask=omask)
-                gl.atomic_xchg(cnt + pid_n, 0, sem="relaxed")
+        _store_tokens(total, otok, on, onmask, out, ws, cnt + pid_n, M, N, SPLIT, stride_om, TOK, ATOMIC)
 
 
 def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, num_warps: int,

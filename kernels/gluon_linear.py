@@ -59,6 +59,30 @@ if HAVE_GLUON:
                                              is_pure=True, pack=2)
 
     @gluon.jit
+    def _store_tokens(total, tcol, on, onmask, out, ws, cnt_ptr, M, N, SPLIT, stride_om, TOK: gl.constexpr,
+                      ATOMIC: gl.constexpr):
+        """Token t's output at rows `on` is the sum of the columns of `total` [rows, columns] where tcol == t:
+        stored, or (split-K) added to the fp32 workspace, the last K-slice to arrive storing the sum and zeroing
+        its workspace and counter again (as `triton_linear._finish`)."""
+        if ATOMIC:
+            for t in gl.static_range(TOK):
+                res = gl.sum(gl.where((tcol == t)[None, :], total, 0.0), axis=1)
+                gl.atomic_add(ws + t * N + on, res, mask=onmask & (t < M), sem="relaxed")
+            gl.thread_barrier()
+            arrived = gl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                for t in gl.static_range(TOK):
+                    omask = onmask & (t < M)
+                    done = gl.load(ws + t * N + on, mask=omask, other=0.0, cache_modifier=".cg")
+                    gl.store(out + t * stride_om + on, done.to(out.dtype.element_ty), mask=omask)
+                    gl.store(ws + t * N + on, gl.zeros_like(done), mask=omask)
+                gl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
+        else:
+            for t in gl.static_range(TOK):
+                res = gl.sum(gl.where((tcol == t)[None, :], total, 0.0), axis=1)
+                gl.store(out + t * stride_om + on, res.to(out.dtype.element_ty), mask=onmask & (t < M))
+
+    @gluon.jit
     def gemv_mma_gluon(x, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, rows_per_split, SPLIT,
                        stride_xm, stride_om, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                        ZERO: gl.constexpr, HAS_Z: gl.constexpr, ATOMIC: gl.constexpr, RUN: gl.constexpr,
@@ -140,21 +164,4 @@ if HAVE_GLUON:
                 zero = gl.load(z + soffs, mask=smask, other=0.0).to(gl.float32)
                 part = part - zero * xs_s.load(gl.SliceLayout(0, mma))[None, :]
             total += part * sc
-        tcol = oc // (2 * NR)
-        if ATOMIC:
-            for t in gl.static_range(TOK):
-                res = gl.sum(gl.where((tcol == t)[None, :], total, 0.0), axis=1)
-                gl.atomic_add(ws + t * N + on, res, mask=onmask & (t < M), sem="relaxed")
-            gl.thread_barrier()
-            arrived = gl.atomic_add(cnt + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                for t in gl.static_range(TOK):
-                    omask = onmask & (t < M)
-                    done = gl.load(ws + t * N + on, mask=omask, other=0.0, cache_modifier=".cg")
-                    gl.store(out + t * stride_om + on, done.to(out.dtype.element_ty), mask=omask)
-                    gl.store(ws + t * N + on, gl.zeros_like(done), mask=omask)
-                gl.atomic_xchg(cnt + pid_n, 0, sem="relaxed")
-        else:
-            for t in gl.static_range(TOK):
-                res = gl.sum(gl.where((tcol == t)[None, :], total, 0.0), axis=1)
-                gl.store(out + t * stride_om + on, res.to(out.dtype.element_ty), mask=onmask & (t < M))
+        _store_tokens(total, oc // (2 * NR), on, onmask, out, ws, cnt + pid_n, M, N, SPLIT, stride_om, TOK, ATOMIC)
