@@ -48,3 +48,23 @@ def test_documented_slot_mapping() -> None:
         for i in range(per):
             col = b * 16 * per + 16 * i + j
             assert (int(words[row]) >> (8 * i)) & 255 == (col if col < k else 0)
+
+
+def test_int8_decode_columns_per_launch_and_refusal_without_a_gpu() -> None:
+    """`gluon_imma`: a launch has 8, 16 or 32 activation columns (2 digits x half blocks x field classes per token),
+    so 16 tokens (8 with half-block groups); the 2/3-bit field classes only while one mma's 8 columns hold them.
+    Where Gluon or a CUDA device is missing, `linear` refuses with the reason, not a Triton error."""
+    from kernels import gluon_imma
+
+    def weight(bits: int, group: int):
+        return repack_for_gpu(quantize(torch.randn(8, 512), QuantSpec(bits, group), clip_search=False))
+    w2h, w2, w4, w8 = weight(2, 128), weight(2, 256), weight(4, 128), weight(8, 128)
+    assert [gluon_imma.halves(g) for g in (w2h, w2, w4, w8)] == [2, 1, 1, 1]
+    assert [gluon_imma.max_tokens(g) for g in (w2h, w2, w4, w8)] == [8, 16, 16, 16]
+    assert [gluon_imma.classes(w2h, m) for m in (1, 2)] == [2, 1]
+    assert [gluon_imma.classes(w2, m) for m in (1, 2, 3)] == [2, 2, 1]
+    assert [gluon_imma.columns(w4, m) for m in (1, 4, 5, 8, 9, 16)] == [8, 8, 16, 16, 32, 32]
+    assert [gluon_imma.columns(w2h, m) for m in (1, 2, 3, 8)] == [8, 8, 16, 32]
+    if not gluon_imma.HAVE_GLUON or not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="Gluon"):
+            gluon_imma.linear(torch.zeros(1, 512, dtype=torch.bfloat16), w4, 128, 1, 4)
