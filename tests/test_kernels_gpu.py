@@ -261,6 +261,75 @@ def test_imma_prepare_x_writes_the_b_operand(bits: int) -> None:
             assert torch.allclose(xz.cpu().double(), halves_sum, rtol=1e-6, atol=0)
 
 
+def _imma_emulated(x: torch.Tensor, gw) -> torch.Tensor:
+    """What `gluon_imma._gemv_imma_kernel` computes, at the tensor level in torch (float64 float step): per K block
+    and field, A [N, 64] = the codes of input column 16 (4 byte + field) + word row (x 4 for the odd field class,
+    - 128 at 8 bits) and B [64, columns] = `prepare_x`'s real bytes; their int product per column, times 2^(e - S),
+    256 for a high digit, 1/4 for the odd class, less zero point x half sum, times the group's scale; a token's
+    columns summed. Without the Gluon layouts, which the compile checks (`assert_trivial`)."""
+    m, k = x.shape
+    n = gw.shape[0]
+    ncls = gluon_imma.classes(gw, m)
+    xb, xs, xz = (t.cpu() for t in gluon_imma.prepare_x(x, gw, ncls))
+    halves, cpb, nb, nc = gluon_imma.halves(gw), 8 // gw.widths[0], xs.shape[1], gluon_imma.columns(gw, m)
+    nct = 2 * halves * ncls
+    codes = torch.nn.functional.pad(gw.codes().cpu().long(), (0, nb * gw.block - k)) - (128 if gw.bits == 8 else 0)
+    digits = xb.view(torch.int8).reshape(m, nb, nct, 4, cpb, 2, 2, 4).long()  # tok, blk, column, t, f, s, p, byte
+    c = torch.arange(nc)
+    tok, lc = c // nct, c % nct
+    present = tok < m
+    tok = tok.clamp(max=m - 1)
+    half, first = (lc // 2) % halves, (lc % 2 == 0) & (lc // (2 * halves) == 0)
+    weight = torch.where(lc % 2 == 1, 256.0, 1.0) * torch.where(lc // (2 * halves) == 1, 0.25, 1.0)
+    j, byte = torch.arange(16)[:, None], torch.arange(4)[None, :]
+    scales = gw.scales.cpu().double()
+    zeros = gw.zeros.cpu().double() if gw.zeros is not None else torch.full_like(scales, 1 << (gw.bits - 1))
+    zeros = zeros - (128 if gw.bits == 8 else 0)
+    total = torch.zeros(n, nc, dtype=torch.float64)
+    for b in range(nb):
+        acc = torch.zeros(n, nc, dtype=torch.long)
+        for f in range(cpb):
+            a = codes[:, (b * gw.block + 16 * (byte * cpb + f) + j).flatten()] << (gw.widths[0] * (f % ncls))
+            bmat = digits[tok, b, lc][:, j % 4, f, j // 8, (j // 4) % 2, byte].reshape(nc, 64).t() * present
+            acc += a @ bmat
+        start = b * gw.block + half * (gw.block // 2)
+        down = xs[tok, b].double() * present
+        xsum = (xz[tok, b, half] if halves == 2 else xz[tok, b].sum(-1)).double() * first * present
+        grp = (start // gw.group).clamp(max=scales.shape[0] - 1)
+        sc = scales[grp].t() * (start < k)
+        total += (acc.double() * weight * down - zeros[grp].t() * xsum) * sc
+    return torch.stack([total[:, (c // nct) == t].sum(1) for t in range(m)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+def test_imma_arithmetic_matches_float64(bits: int) -> None:
+    """The int8 tensor-core decode's arithmetic (`_imma_emulated`: its field classes, half-block columns, 8-bit
+    offset and zero points, on `prepare_x`'s real B operand) is float64's product of the weight and x as the digits
+    hold it (rounded to 2^(e - 14) per K block), for 1, 2 and the most tokens, symmetric and asymmetric,
+    whole-block, half-block and per-channel groups."""
+    gen = torch.Generator().manual_seed(230 + bits)
+    ran = 0
+    for n, k, group, symmetric in [(64, 520, 128, False), (32, 300, 64, True), (24, 200, None, False),
+                                   (16, 1000, 256, True)]:
+        qt, gw = _case(n, k, group, bits, symmetric, torch.bfloat16, gen)
+        if not dp4a_linear.supported(gw):
+            continue
+        ran += 1
+        for m in sorted({1, 2, gluon_imma.max_tokens(gw)}):
+            x = (torch.randn(m, k, generator=gen) + 2).bfloat16()
+            x[-1, 3] = 512.0
+            blocks = torch.nn.functional.pad(x.double(), (0, -k % gw.block)).reshape(m, -1, gw.block)
+            step = torch.exp2((torch.frexp(blocks.abs().amax(-1, keepdim=True))[1] - 14).double())
+            x_digits = (torch.floor(blocks / step + 0.5) * step).reshape(m, -1)[:, :k]  # 2^e above |x|max
+            ref = x_digits @ qt.dequantize(torch.float64).t()
+            err = (_imma_emulated(x.to(DEV), gw) - ref).norm() / ref.norm()
+            assert err < 1e-12, f"{m} tokens, group {group}: relative error {err:.1e} against x in digits"
+            exact = x.double() @ qt.dequantize(torch.float64).t()
+            assert (ref - exact).norm() / exact.norm() < 2e-3  # the digits' rounding (an outlier in block 0)
+    assert ran >= 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_imma_decode(bits: int) -> None:
