@@ -1,7 +1,7 @@
 """Decode on int8 tensor cores (Gluon): the dp4a decode's integer arithmetic, done by `mma.sync` m16n8k32.
 
 `dp4a_linear` multiplies 4 codes by 4 activation bytes per `dp4a`, per thread and output column: at 2 bits that is
-26 instructions per 16-code word, and session 18's profile found it latency-bound with too few resident warps. Here
+24-26 instructions per 16-code word, and session 18's profile found it short of resident warps. Here
 one int8 mma multiplies the codes of 16 output columns x 32 input columns by 8 activation columns (a launch has
 8, 16 or 32 such columns, `columns`):
 - A (the weight): a field of a word (`dp4a_linear._fields`: 4 codes, one per byte) is already a register of the
