@@ -63,12 +63,13 @@ class Config:
     gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
     dp4a: bool = False  # decode on integer dot products (`dp4a_linear`; block_m 1, groups of whole or half K blocks)
     fuse_x: bool = False  # with dp4a: each program writes its own x digits (no `dp4a_linear.prepare_x` launch)
+    imma: bool = False  # decode on int8 tensor cores (`gluon_imma`, up to block_m tokens; num_stages 2: prefetch)
 
     @property
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
                 + "W" * self.wide + "T" * self.mma + "G" * self.gluon + "D" * self.dp4a
-                + "X" * self.fuse_x)
+                + "X" * self.fuse_x + "I" * self.imma)
 
     @classmethod
     def parse(cls, label: str) -> "Config":
@@ -76,12 +77,13 @@ class Config:
         match = _LABEL.fullmatch(label)
         if match is None:
             raise ValueError(f"{label!r} is not a Config label (e.g. 'm1n128s10w4p1TG': block_m, block_n, "
-                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, D dp4a, X fuse_x)")
+                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, D dp4a, X fuse_x, "
+                             "I imma)")
         bm, bn, split, warps, stages = (int(g) for g in match.groups()[:5])
         return cls(bm, bn, split, warps, stages, *(bool(g) for g in match.groups()[5:]))
 
 
-_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(D?)(X?)")
+_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(D?)(X?)(I?)")
 
 
 if HAVE_TRITON:
@@ -611,7 +613,15 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
 def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why `linear` cannot run m rows of `dtype` on `device` with `cfg` (None: it can). The tensor-core decode
     tiles have conditions: 2..6 bits, bfloat16, at most block_m rows; Gluon also needs a device that runs it. The
-    dp4a decode needs block_m 1 and groups of whole or half K blocks (`dp4a_linear.supported`)."""
+    dp4a decode needs block_m 1 and groups of whole or half K blocks (`dp4a_linear.supported`); the int8
+    tensor-core decode, also a device that runs Gluon and at most block_m tokens (`gluon_imma.unsupported_reason`)."""
+    if cfg.imma:
+        from .gluon_imma import unsupported_reason
+        if cfg.dp4a or cfg.mma or cfg.wide or cfg.gluon or m > cfg.block_m:
+            return (f"config {cfg.label} (imma) is its own decode: no D, T, W or G, and at most block_m tokens; "
+                    f"got {m} rows")
+        reason = unsupported_reason(gw, cfg.block_m, cfg.block_n, cfg.num_warps, device)
+        return None if reason is None else f"config {cfg.label}: {reason}"
     if cfg.fuse_x and not cfg.dp4a:
         return f"config {cfg.label}: fuse_x (X) is a variant of the dp4a decode (D)"
     if cfg.dp4a:
@@ -724,6 +734,9 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     if cfg.dp4a:
         from . import dp4a_linear
         return dp4a_linear.linear(x2, gw, cfg).view(*lead, n)
+    if cfg.imma:
+        from . import gluon_imma
+        return gluon_imma.linear(x2, gw, cfg.block_n, cfg.split_k, cfg.num_warps, cfg.num_stages > 1).view(*lead, n)
     kw = gw.planes[0].shape[0]
     rows_per_split, split = k_slices(kw, cfg.split_k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

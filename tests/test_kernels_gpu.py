@@ -336,8 +336,9 @@ def test_imma_decode(bits: int) -> None:
     """`gluon_imma.linear`: the integer decode on int8 tensor cores, 1..16 tokens in one launch. Against float64 at
     odd N and K, whole-block, half-block and per-channel groups, split-K run twice, asymmetric and symmetric,
     float16 and bfloat16, an outlier, with and without the next block's prefetch; NaN in a token gives NaN in that
-    token only. More tokens than the columns
-    hold, and tiles that are not 16 x num_warps x a power of 2, are refused with the reason."""
+    token only; `Config(imma=True)` runs the same kernel through `triton_linear.linear` (2 K-slices: the same
+    sums). More tokens than the columns hold, and tiles that are not 16 x num_warps x a power of 2, are refused
+    with the reason."""
     probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
     reason = gluon_imma.unsupported_reason(probe, 1, 128, 4, torch.device(DEV))
     if reason is not None:
@@ -360,6 +361,8 @@ def test_imma_decode(bits: int) -> None:
                     _check(_poisoned(lambda: gluon_imma.linear(x, gw, block_n, split, warps, prefetch)), x, qt,
                            dtype)
         x = torch.randn(2, k, generator=gen).to(dtype).to(DEV)
+        cfg = tlin.Config(2, 128, 2, 4, 2, imma=True)
+        assert torch.equal(tlin.linear(x, gw, cfg), gluon_imma.linear(x, gw, 128, 2, 4, prefetch=True))
         x[0, k // 2] = float("nan")
         y = gluon_imma.linear(x, gw, 128, 2, 4)
         assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()

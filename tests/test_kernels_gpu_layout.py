@@ -53,8 +53,10 @@ def test_documented_slot_mapping() -> None:
 def test_int8_decode_columns_per_launch_and_refusal_without_a_gpu() -> None:
     """`gluon_imma`: a launch has 8, 16 or 32 activation columns (2 digits x half blocks x field classes per token),
     so 16 tokens (8 with half-block groups); the 2/3-bit field classes only while one mma's 8 columns hold them.
-    Where Gluon or a CUDA device is missing, `linear` refuses with the reason, not a Triton error."""
+    `Config(imma=True)` (label suffix I) names it for `triton_linear.linear`. Where Gluon or a CUDA device is
+    missing, `linear` refuses with the reason, not a Triton error."""
     from kernels import gluon_imma
+    from kernels import triton_linear as tlin
 
     def weight(bits: int, group: int):
         return repack_for_gpu(quantize(torch.randn(8, 512), QuantSpec(bits, group), clip_search=False))
@@ -65,6 +67,12 @@ def test_int8_decode_columns_per_launch_and_refusal_without_a_gpu() -> None:
     assert [gluon_imma.classes(w2, m) for m in (1, 2, 3)] == [2, 2, 1]
     assert [gluon_imma.columns(w4, m) for m in (1, 4, 5, 8, 9, 16)] == [8, 8, 16, 16, 32, 32]
     assert [gluon_imma.columns(w2h, m) for m in (1, 2, 3, 8)] == [8, 8, 16, 32]
+    cfg = tlin.Config(4, 128, 2, 4, 2, imma=True)  # up to 4 tokens, with the next block's prefetch
+    assert cfg.label == "m4n128s2w4p2I" and tlin.Config.parse(cfg.label) == cfg
+    assert "at most block_m" in tlin.config_error(cfg, 5, w4, torch.bfloat16, torch.device("cuda"))
+    assert "no D, T" in tlin.config_error(tlin.Config(1, 128, imma=True, dp4a=True), 1, w4, torch.bfloat16,
+                                          torch.device("cuda"))
     if not gluon_imma.HAVE_GLUON or not torch.cuda.is_available():
         with pytest.raises(ValueError, match="Gluon"):
             gluon_imma.linear(torch.zeros(1, 512, dtype=torch.bfloat16), w4, 128, 1, 4)
+        assert "Gluon" in tlin.config_error(cfg, 1, w4, torch.bfloat16, torch.device("cpu"))
