@@ -1,7 +1,7 @@
 """Run the one-token decode kernels once each between cudaProfilerStart/Stop, for Nsight Compute to profile.
 Each tile is checked against float64 first (and compiled outside the profiled range). Session 16's profile
-(docs/gpu_runs/ncu_decode_session16_h200.txt) came from the command below (`-k regex:gemv` also matches the int8
-tensor-core decode, `_gemv_imma_kernel`, whose tiles are named imma-n<columns>s<split>w<warps>)
+(docs/gpu_runs/ncu_decode_session16_h200.txt) came from the command below; `-k regex:gemv` also matches the int8
+tensor-core decode (`_gemv_imma_kernel`, Config labels ending in I, e.g. 2:m1n128s16w4p1I)
 
     ncu --profile-from-start off -k regex:gemv --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
@@ -12,16 +12,14 @@ tensor-core decode, `_gemv_imma_kernel`, whose tiles are named imma-n<columns>s<
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import QuantSpec, gluon_imma, quantize  # noqa: E402
+from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, flush_l2  # noqa: E402
@@ -31,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="28672x8192")
     ap.add_argument("--tiles", default="4:m1n512s38w4p1,4:m1n256s10w4p1TG,2:m1n128s10w4p1TG,8:m1n256s10w2p1",
-                    help="bits:Config label (or imma-n<columns>s<split>w<warps>), comma-separated")
+                    help="bits:Config label, comma-separated")
     a = ap.parse_args()
     n, k = map(int, a.shape.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -43,21 +41,16 @@ def main() -> None:
         bits, label = item.split(":")
         qt = quantize(w, QuantSpec(int(bits), 128, True, "bfloat16"), clip_search=False)
         gw = repack_for_gpu(qt, "cuda")
-        imma = re.fullmatch(r"imma-n(\d+)s(\d+)w(\d+)", label)
-        if imma:
-            bn, split, warps = map(int, imma.groups())
-            fn = partial(gluon_imma.linear, gw=gw, block_n=bn, split_k=split, num_warps=warps)
-        else:
-            fn = partial(tlin.linear, gw=gw, config=tlin.Config.parse(label))
+        cfg = tlin.Config.parse(label)
         ref = x.double() @ qt.dequantize(torch.float64).t()
-        err = float((fn(x).double() - ref).norm() / ref.norm())
+        err = float((tlin.linear(x, gw, cfg).double() - ref).norm() / ref.norm())
         print(f"{bits}-bit {label}: rel err {err:.2e}", flush=True)
-        runs.append(fn)
+        runs.append((gw, cfg))
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for fn in runs:
+    for gw, cfg in runs:
         flush_l2(flush)
-        fn(x)
+        tlin.linear(x, gw, cfg)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 
