@@ -4,9 +4,9 @@ For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile b
 tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps);
 with --ring, also the TMA-ring decode (`kernels/gluon_dp4a.py`) at RING_TILES; with --fuse, also every dp4a tile
 with `fuse_x` (no `prepare_x` launch: each program writes its K-slice's x digits); with --imma, also the decode on
-int8 tensor cores (`kernels/gluon_imma.py`) at IMMA_TILES, without and with the next block's prefetch. --tokens
-times that many tokens (the int8 tensor-core decode takes up to 4 in one launch, the dp4a decode runs a program
-per token).
+int8 tensor cores (`kernels/gluon_imma.py`, `Config(imma=True)`) at IMMA_TILES, without and with the next
+block's prefetch. --tokens times that many tokens (the int8 tensor-core decode takes up to 16 in one launch, 8
+with half-block groups; the dp4a decode runs a program per token).
 cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
 is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
-from kernels import gluon_dp4a, gluon_imma  # noqa: E402
+from kernels import gluon_dp4a  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
@@ -91,11 +91,11 @@ def main() -> None:
                                                                      split_k=split, num_warps=warps, stages=stages)
                     for bn, warps, stages in RING_TILES for split in {tlin.split_for(-(-n // bn), blocks, waves)
                                                                       for waves in RING_WAVES}}
-            for family, prefetch in (("imma", False), ("imma_prefetch", True))[:2 * args.imma]:
-                runs[family] = {f"{family} n{bn}s{split}w{warps}": partial(
-                    gluon_imma.linear, gw=gw, block_n=bn, split_k=split, num_warps=warps, prefetch=prefetch)
-                    for bn, warps in IMMA_TILES for split in {tlin.split_for(-(-n // bn), blocks, waves)
-                                                              for waves in WAVES}}
+            for family, stages in (("imma", 1), ("imma_prefetch", 2))[:2 * args.imma]:
+                runs[family] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
+                    tlin.Config(args.tokens, bn, split, warps, stages, imma=True)
+                    for bn, warps in IMMA_TILES for split in sorted({tlin.split_for(-(-n // bn), blocks, waves)
+                                                                     for waves in WAVES}))}
             best = {}
             for family, fns in runs.items():
                 for label, fn in fns.items():
