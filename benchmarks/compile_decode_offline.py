@@ -20,26 +20,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import dp4a_linear as dl  # noqa: E402
 from kernels import gluon_imma  # noqa: E402
+from kernels import triton_linear as tlin  # noqa: E402
+from kernels.gpu_layout import GpuPackedWeight, repack_for_gpu  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-PLANES = {2: (2, 0), 3: (2, 1), 4: (4, 0), 5: (4, 1), 6: (4, 2), 8: (8, 0)}
-PLANE1 = {0: "*i32", 1: "*i8", 2: "*i16"}
 # (bits -> (columns, warps)) at group 128: the dp4a tiles session 18 measured fastest at 28672x8192, and the int8
 # tensor-core decode at 2 row tiles per warp
 DP4A_TILES = {2: (512, 4), 3: (256, 4), 4: (512, 2), 5: (256, 2), 6: (512, 4), 8: (256, 2)}
-IMMA_TILES = {b: (128, 4) for b in PLANES}
+IMMA_TILES = {b: (128, 4) for b in DP4A_TILES}
+POINTER = {torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32"}
 
 
-def _pointers(bits: int) -> dict[str, str]:
-    w0, w1 = PLANES[bits]
-    p1 = "*i16" if bits in (3, 6) else PLANE1[w1]
-    return dict(p0="*i32", p1=p1, s="*bf16", z="*bf16", out="*bf16", ws="*fp32", cnt="*i32")
+def _weight(bits: int) -> GpuPackedWeight:
+    """A small group-128 weight in the GPU layout: the kernels' constants come from it as `linear` takes them."""
+    return repack_for_gpu(quantize(torch.randn(16, 512), QuantSpec(bits, 128), clip_search=False))
+
+
+def _operands(gw: GpuPackedWeight) -> tuple[dict, dict]:
+    """Signature entries of the weight's pointers, and the weight's constants (`triton_linear._args`)."""
+    _, consts = tlin._args(gw)
+    return dict(p0="*i32", p1=POINTER[gw.planes[-1].dtype], s="*bf16", z="*bf16"), consts
 
 
 def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
@@ -56,34 +64,27 @@ def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
 
 
-def dp4a(bits: int, regroup: bool, tokens: int):
-    w0, w1 = PLANES[bits]
-    bn, warps = DP4A_TILES[bits]
-    sig = dict(x="*bf16", xq="*i32", xs="*fp32", xz="*fp32", **_pointers(bits), N="i32", K="i32", KW="i32", NB="i32",
-               G="i32", stride_sg="i32", stride_sn="i32", rows_per_split="i32", SPLIT="i32", stride_xm="i32",
-               stride_om="i32", zero_word="i32")
-    consts = dict(stride_sn=1, PER=32 // w0, W0=w0, W1=w1, ZERO=float(1 << (bits - 1)), HAS_Z=False, ATOMIC=True,
-                  REGROUP=regroup, EVEN_N=True, ASM=True, BN=bn, FUSE_X=False, XB=1, S=dl.FRACTION_BITS,
-                  E_LO=dl.E_MIN, E_HI=dl.E_MAX)
+def dp4a(gw: GpuPackedWeight, tokens: int):
+    bn, warps = DP4A_TILES[gw.bits]
+    ptrs, consts = _operands(gw)
+    sig = dict(x="*bf16", xq="*i32", xs="*fp32", xz="*fp32", **ptrs, out="*bf16", ws="*fp32", cnt="*i32", N="i32",
+               K="i32", KW="i32", NB="i32", G="i32", stride_sg="i32", stride_sn="i32", rows_per_split="i32",
+               SPLIT="i32", stride_xm="i32", stride_om="i32", zero_word="i32")
+    consts.update(stride_sn=1, ATOMIC=True, REGROUP=dl._regroup(gw), EVEN_N=True, ASM=True, BN=bn, FUSE_X=False,
+                  XB=1, S=dl.FRACTION_BITS, E_LO=dl.E_MIN, E_HI=dl.E_MAX)
     return _compile(dl._gemv_dp4a_kernel, sig, consts, warps, False), f"n{bn}w{warps}", bn // (32 * warps) * 16
 
 
-def imma(bits: int, regroup: bool, tokens: int, prefetch: bool = False):
-    w0, w1 = PLANES[bits]
-    bn, warps = IMMA_TILES[bits]
-    halves = 2 if regroup else 1
-    ptrs = _pointers(bits)
-    sig = dict(xb="*i32", xs="*fp32", xz="*fp32", p0=ptrs.pop("p0"), p1=ptrs.pop("p1"), s="*bf16", z="*bf16",
-               out="*bf16", ws="*fp32", cnt="*i32", M="i32", N="i32", K="i32", KW="i32", NB="i32", stride_sg="i32",
-               stride_sn="i32", inv_g="fp32", rows_per_split="i32", SPLIT="i32", stride_om="i32")
-    classes = 2 if w0 == 2 and 4 * halves * tokens <= gluon_imma.MIN_COLUMNS else 1  # as gluon_imma.classes
-    columns = max(gluon_imma.MIN_COLUMNS, 1 << (2 * halves * classes * tokens - 1).bit_length())
-    if columns > gluon_imma.MAX_COLUMNS:
-        raise SystemExit(f"{tokens} tokens at {bits} bits need {columns} columns; a launch has at most "
-                         f"{gluon_imma.MAX_COLUMNS} ({gluon_imma.MAX_COLUMNS // (2 * halves)} tokens)")
-    consts = dict(stride_sn=1, PER=32 // w0, W0=w0, W1=w1, ZERO=float(1 << (bits - 1)), HAS_Z=False, ATOMIC=True,
-                  HALVES=halves, CLASSES=classes, NC=columns, EVEN_N=True, PREFETCH=prefetch, BN=bn,
-                  WARPS=warps)
+def imma(gw: GpuPackedWeight, tokens: int, prefetch: bool = False):
+    bn, warps = IMMA_TILES[gw.bits]
+    if tokens > gluon_imma.max_tokens(gw):
+        raise SystemExit(f"{tokens} tokens at {gw.bits} bits: a launch takes at most {gluon_imma.max_tokens(gw)}")
+    ptrs, consts = _operands(gw)
+    sig = dict(xb="*i32", xs="*fp32", xz="*fp32", **ptrs, out="*bf16", ws="*fp32", cnt="*i32", M="i32", N="i32",
+               K="i32", KW="i32", NB="i32", stride_sg="i32", stride_sn="i32", inv_g="fp32", rows_per_split="i32",
+               SPLIT="i32", stride_om="i32")
+    consts.update(stride_sn=1, ATOMIC=True, HALVES=gluon_imma.halves(gw), CLASSES=gluon_imma.classes(gw, tokens),
+                  NC=gluon_imma.columns(gw, tokens), EVEN_N=True, PREFETCH=prefetch, BN=bn, WARPS=warps)
     return _compile(gluon_imma._gemv_imma_kernel, sig, consts, warps, True), f"n{bn}w{warps}", bn * 16 // (32 * warps)
 
 
@@ -113,9 +114,8 @@ def main() -> None:
           f"int8 tensor cores: {args.tokens}")
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.kernels.split(","):
-            regroup = bits in (2, 3)
             kernel, tile, words = {"dp4a": dp4a, "imma": imma, "imma_prefetch": partial(imma, prefetch=True)}[name](
-                bits, regroup, args.tokens)
+                _weight(bits), args.tokens)
             regs, stack, loop = _sass_loop(kernel.asm["cubin"])
             total = sum(loop.values())
             print(f"{bits}-bit {name} {tile}: {regs} registers, stack {stack}; K loop {total} instructions for "

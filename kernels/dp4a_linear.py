@@ -9,8 +9,8 @@ Activations: `prepare_x` (one small kernel; with `Config.fuse_x` the GEMV's prog
 v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and S = 14, split into a signed high byte and an
 unsigned low byte ("digits"), each packed 4 to a word in the order the weight's byte fields come out. The error
 is at most half a step, 2^(e - 15), under 2^-14 of the block's largest |x| and 64 times finer than bfloat16's own
-resolution at that element; elements within 2^6 of the block's largest are exact. It also writes each block's 2^(e - S) and the sum of its v
-per half block (the zero point comes off through it).
+resolution at that element; elements within 2^6 of the block's largest are exact. It also writes each block's
+2^(e - S) and the sum of its v per half block (the zero point comes off through it).
 
 Weights: field f of every byte of a plane-0 word is one mask (and a shift): codes of slots f, c + f, 2c + f,
 3c + f (c codes per byte). A second plane (3 = 2+1, 5 = 4+1, 6 = 4+2) is spread so that its fields sit in the

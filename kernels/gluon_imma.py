@@ -244,17 +244,15 @@ if HAVE_GLUON:
         if PREFETCH:
             raw0, raw1, raw_b = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, r_lo < r_hi, W1, EVEN_N, True)
         for r0 in range(r_lo, r_hi, 16):
-            if PREFETCH:  # this block's words were loaded last iteration; the next block's go out now
+            if PREFETCH:  # this block's words were loaded last iteration
                 w0, w1, bw = raw0, raw1, raw_b
-                w0_ptrs += 16 * N
-                w1_ptrs += 16 * N
-                b_ptrs += NCT * 16 * CPB
-                raw0, raw1, raw_b = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, r0 + 16 < r_hi, W1, EVEN_N, True)
             else:
                 w0, w1, bw = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, True, W1, EVEN_N, False)
-                w0_ptrs += 16 * N
-                w1_ptrs += 16 * N
-                b_ptrs += NCT * 16 * CPB
+            w0_ptrs += 16 * N
+            w1_ptrs += 16 * N
+            b_ptrs += NCT * 16 * CPB
+            if PREFETCH:  # the next block's go out now
+                raw0, raw1, raw_b = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, r0 + 16 < r_hi, W1, EVEN_N, True)
             words = gl.convert_layout(_relabel(w0, BN, WARPS), w_l).to(gl.int32)
             if W1 > 0:
                 spread = dl._spread(gl.convert_layout(_relabel(w1, BN, WARPS), w_l).to(gl.int32), W1 * CPB)
