@@ -540,6 +540,9 @@ _DP4A_TILES = ((256, 2, 8), (512, 2, 4), (512, 4, 4), (512, 4, 8), (512, 4, 16),
                (128, 2, 32))
 TUNED_MAX_M = 16  # token counts up to which `tile_candidates` offers more than the default tile
 _GEMV_ALTERNATIVES = ((128, 4, 8), (256, 2, 8), (256, 4, 16), (512, 4, 8), (512, 4, 16))
+# (columns, warps, waves, stages; 2 = prefetch): the int8 tensor-core decode's winners at 1, 4 and 16 tokens on
+# 28672x8192 and 8192x8192 (H200, session 21)
+_IMMA_TILES = ((128, 2, 4, 2), (128, 4, 6, 2), (64, 2, 6, 2), (64, 2, 12, 1), (32, 1, 16, 2), (32, 1, 4, 1))
 
 
 @functools.cache
@@ -579,7 +582,7 @@ def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloa
 def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> list[Config]:
     """The tiles a latency table times for m token rows: `default_config` first, then, for decode (m <=
     TUNED_MAX_M), the near-winners of the tile sweeps that set the defaults (CUDA-core GEMV, integer-dot GEMV, Triton and Gluon
-    tensor-core decode, split-K GEMM) over a few K-splits. The sweeps ran on four LLM shapes of one H100 and one
+    tensor-core decode, int8 tensor-core decode, split-K GEMM) over a few K-splits. The sweeps ran on four LLM shapes of one H100 and one
     H200; other shapes (a 1B model's 512x2048) and devices get the tile measured best for them."""
     default = default_config(m, gw, dtype)
     if m > TUNED_MAX_M:
@@ -600,6 +603,10 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
                       for bn, warps, waves in _DP4A_TILES]
     else:
         tiles += [tile(16, bn, 4, waves, stages) for bn, waves, stages in ((64, 2, 3), (64, 4, 4), (128, 2, 3))]
+    from .gluon_imma import unsupported_reason
+    tiles += [Config(m, bn, split_for(-(-n // bn), blocks, waves=waves), warps, stages, imma=True)
+              for bn, warps, waves, stages in _IMMA_TILES
+              if unsupported_reason(gw, m, bn, warps, gw.scales.device) is None]
     if dtype == torch.bfloat16 and m <= MMA_MAX_M and mma_supported(gw):
         bm = 1 << (m - 1).bit_length()
         bn, warps, waves = _MMA_TILES[gw.bits]
