@@ -393,6 +393,22 @@ def test_every_tile_a_latency_table_tries(bits: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET, reason="an LLM-sized weight, run 16 times per tile: CUDA only")
+def test_split_k_gemm_with_a_part_block_of_rows_is_right_every_call() -> None:
+    """The split-K GEMM at 4 token rows of a 16-row block, 28672x8192: session 21 saw a quarter of the pipelined
+    calls sum a tile wrong; `linear` runs that case unpipelined. Each of 16 calls per tile matches float64."""
+    gen = torch.Generator(device=DEV).manual_seed(21)
+    w = torch.randn(28672, 8192, device=DEV, generator=gen)
+    qt = quantize(w, QuantSpec(4, 128, True, "bfloat16"), clip_search=False)
+    gw = repack_for_gpu(qt, DEV)
+    x = torch.randn(4, 8192, device=DEV, generator=gen).bfloat16()
+    ref = x.double() @ qt.dequantize(torch.float64).t().to(DEV)
+    for cfg in (tlin.Config(16, 64, 2, 4, 4), tlin.Config(16, 128, 2, 4, 3), tlin.Config(16, 64, 3, 4, 2)):
+        errs = [float((tlin.linear(x, gw, cfg).double() - ref).norm() / ref.norm()) for _ in range(16)]
+        assert max(errs) < 6e-3, f"{cfg.label}: relative errors {errs}"
+
+
+@pytest.mark.gpu
 def test_a_latency_table_sets_the_path_and_tile_layers_run(monkeypatch) -> None:
     """`LatencyTable.use_dispatch` (which `measure` calls on CUDA) makes "triton" layers run the fastest of our
     measured paths (never a library's, whose weight layout a layer does not hold): at a measured token count with
