@@ -2,16 +2,14 @@
 
 For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
 tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps);
-with --ring, also the TMA-ring decode (`kernels/gluon_dp4a.py`) at RING_TILES; with --fuse, also every dp4a tile
-with `fuse_x` (no `prepare_x` launch: each program writes its K-slice's x digits); with --imma, also the decode on
-int8 tensor cores (`kernels/gluon_imma.py`, `Config(imma=True)`) at IMMA_TILES, without and with the next
-block's prefetch. --tokens times that many tokens (the int8 tensor-core decode takes up to 16 in one launch, 8
-with half-block groups; the dp4a decode runs a program per token).
+with --imma, also the decode on int8 tensor cores (`kernels/gluon_imma.py`, `Config(imma=True)`) at IMMA_TILES,
+without and with the next block's prefetch. --tokens times that many tokens (the int8 tensor-core decode takes up
+to 16 in one launch, 8 with half-block groups; the dp4a decode runs a program per token).
 cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
 is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
-    python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4] [--ring] [--fuse]
-        [--imma] [--tokens 1]
+    python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4] [--imma]
+        [--tokens 1]
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
-from kernels import gluon_dp4a  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
@@ -38,8 +35,6 @@ from bench_kernels_gpu import copy_bandwidth  # noqa: E402
 SHAPES = "28672x8192,8192x8192,4096x14336,14336x4096,4096x4096"
 DP4A_TILES = ((256, 2), (512, 4), (256, 4), (512, 8), (128, 2), (128, 4))  # (columns per program, warps)
 WAVES = (4, 6, 8, 12, 16, 32)
-RING_TILES = ((256, 4, 3), (256, 4, 4), (256, 8, 4), (128, 4, 4), (128, 2, 4), (256, 2, 3))  # (columns, warps, slots)
-RING_WAVES = (1, 2, 3, 4, 6, 8, 16)
 IMMA_TILES = ((128, 4), (64, 2), (128, 2), (256, 4), (64, 4), (32, 1))  # (columns per program, warps)
 
 
@@ -49,8 +44,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--bits", default="2,3,4,5,6,8")
     ap.add_argument("--shapes", default=SHAPES)
-    ap.add_argument("--ring", action="store_true", help="also the TMA-ring decode (kernels/gluon_dp4a.py)")
-    ap.add_argument("--fuse", action="store_true", help="also the dp4a tiles with fuse_x (no prepare_x launch)")
     ap.add_argument("--imma", action="store_true", help="also the int8 tensor-core decode (kernels/gluon_imma.py)")
     ap.add_argument("--tokens", type=int, default=1)
     args = ap.parse_args()
@@ -81,16 +74,9 @@ def main() -> None:
             blocks = gw.planes[0].shape[0] // 16
             runs = {"best_today": {c.label: partial(tlin.linear, gw=gw, config=c)
                                    for c in tlin.tile_candidates(args.tokens, gw, torch.bfloat16)}}
-            for family, fuse_x in (("dp4a", False), ("dp4a_fused", True))[:1 + args.fuse]:
-                runs[family] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
-                    tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True, fuse_x=fuse_x)
-                    for bn, warps in DP4A_TILES for waves in WAVES)}
-            if args.ring:
-                runs["dp4a_ring"] = {
-                    f"ring n{bn}s{split}w{warps}p{stages}": partial(gluon_dp4a.linear, gw=gw, block_n=bn,
-                                                                     split_k=split, num_warps=warps, stages=stages)
-                    for bn, warps, stages in RING_TILES for split in {tlin.split_for(-(-n // bn), blocks, waves)
-                                                                      for waves in RING_WAVES}}
+            runs["dp4a"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
+                tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
+                for bn, warps in DP4A_TILES for waves in WAVES)}
             for family, stages in (("imma", 1), ("imma_prefetch", 2))[:2 * args.imma]:
                 runs[family] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
                     tlin.Config(args.tokens, bn, split, warps, stages, imma=True)

@@ -67,11 +67,10 @@ def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
 def dp4a(gw: GpuPackedWeight, tokens: int):
     bn, warps = DP4A_TILES[gw.bits]
     ptrs, consts = _operands(gw)
-    sig = dict(x="*bf16", xq="*i32", xs="*fp32", xz="*fp32", **ptrs, out="*bf16", ws="*fp32", cnt="*i32", N="i32",
+    sig = dict(xq="*i32", xs="*fp32", xz="*fp32", **ptrs, out="*bf16", ws="*fp32", cnt="*i32", N="i32",
                K="i32", KW="i32", NB="i32", G="i32", stride_sg="i32", stride_sn="i32", rows_per_split="i32",
-               SPLIT="i32", stride_xm="i32", stride_om="i32", zero_word="i32")
-    consts.update(stride_sn=1, ATOMIC=True, REGROUP=dl._regroup(gw), EVEN_N=True, ASM=True, BN=bn, FUSE_X=False,
-                  XB=1, S=dl.FRACTION_BITS, E_LO=dl.E_MIN, E_HI=dl.E_MAX)
+               SPLIT="i32", stride_om="i32", zero_word="i32")
+    consts.update(stride_sn=1, ATOMIC=True, REGROUP=dl._regroup(gw), EVEN_N=True, ASM=True, BN=bn)
     return _compile(dl._gemv_dp4a_kernel, sig, consts, warps, False), f"n{bn}w{warps}", bn // (32 * warps) * 16
 
 

@@ -4,8 +4,7 @@ The float GEMV (`triton_linear._gemv_kernel`) spends a LOP3 and an FMA on every 
 not by bytes. Here the codes stay integers: `dp4a` multiplies the 4 byte fields of one register by 4 activation
 bytes and adds them into an int32, so the integer work per code drops to a mask and half a `dp4a` per digit.
 
-Activations: `prepare_x` (one small kernel; with `Config.fuse_x` the GEMV's programs themselves) writes x as
-16-bit fixed point per K block of the GPU layout (16 word rows, `GpuPackedWeight.block` input columns):
+Activations: `prepare_x` (one small kernel) writes x as 16-bit fixed point per K block of the GPU layout (16 word rows, `GpuPackedWeight.block` input columns):
 v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and S = 14, split into a signed high byte and an
 unsigned low byte ("digits"), each packed 4 to a word in the order the weight's byte fields come out. The error
 is at most half a step, 2^(e - 15), under 2^-14 of the block's largest |x| and 64 times finer than bfloat16's own
@@ -37,7 +36,6 @@ except ImportError:  # CPU-only installs
 
 FRACTION_BITS = 14  # S: |v| <= 2^14, so the high digit fits a signed byte
 E_MIN, E_MAX = -100, 129  # block exponents are clamped here (2^(S - e) and 2^(e - S) stay normal floats)
-PREP_ELEMENTS = 16  # x elements per thread at a time when a program writes its own digits (`Config.fuse_x`)
 
 
 def supported(gw: GpuPackedWeight) -> bool:
@@ -243,12 +241,10 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit(do_not_specialize=["K", "KW", "NB", "G", "rows_per_split", "SPLIT", "zero_word"])
-    def _gemv_dp4a_kernel(x, xq, xs, xz, p0, p1, s, z, out, ws, cnt, N, K, KW, NB, G, stride_sg, stride_sn,
-                          rows_per_split, SPLIT, stride_xm, stride_om, zero_word, PER: tl.constexpr, W0: tl.constexpr,
+    def _gemv_dp4a_kernel(xq, xs, xz, p0, p1, s, z, out, ws, cnt, N, K, KW, NB, G, stride_sg, stride_sn,
+                          rows_per_split, SPLIT, stride_om, zero_word, PER: tl.constexpr, W0: tl.constexpr,
                           W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC: tl.constexpr,
-                          REGROUP: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr,
-                          FUSE_X: tl.constexpr, XB: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
-                          E_HI: tl.constexpr):
+                          REGROUP: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
@@ -258,11 +254,6 @@ if HAVE_TRITON:
         acc = tl.zeros([BN], dtype=tl.float32)
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
-        if FUSE_X:  # this K-slice's digits
-            for b0 in range(r_lo // 16, r_hi // 16, XB):
-                _prep_blocks(x, xq, xs, xz, b0, r_hi // 16, m, K, KW, NB, stride_xm, XB, PER, CPB, REGROUP, S, E_LO,
-                             E_HI)
-            tl.debug_barrier()
         for r0 in range(r_lo, r_hi, 16):
             lo0 = tl.zeros([BN], dtype=tl.int32)
             hi0 = tl.zeros([BN], dtype=tl.int32)
@@ -316,27 +307,18 @@ def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...]
 
 def linear(x2: torch.Tensor, gw: GpuPackedWeight, cfg: "tlin.Config") -> torch.Tensor:
     """y = x2 @ W^T for x2 [M, K] (float16 / bfloat16, unit stride along K): `prepare_x`, then one program per
-    (column tile, K-slice, token); split-K sums go through `triton_linear`'s workspace. With `cfg.fuse_x` there is
-    no `prepare_x` launch: each program first writes its K-slice's digits itself (`_prep_blocks`, XB blocks at a
-    time; a CTA barrier after). Programs of one K-slice write the same values to the same bytes, so which write a
-    program reads back does not matter."""
+    (column tile, K-slice, token); split-K sums go through `triton_linear`'s workspace."""
     m, k = x2.shape
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
     rows_per_split, split = tlin.k_slices(kw, cfg.split_k)
-    xq, xs, xz = _x_buffers(x2, gw) if cfg.fuse_x else prepare_x(x2, gw)
+    xq, xs, xz = prepare_x(x2, gw)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(n, cfg.block_n), split, m)
     ws, cnt = tlin._workspace(x2.device, m * n, m * grid[0]) if split > 1 else (out, out)
     tensors, consts = tlin._args(gw)
-    xb = 1
-    if cfg.fuse_x:  # a power of 2, at most PREP_ELEMENTS x elements a thread, at most a slice's K blocks rounded up
-        per_thread = max(1, PREP_ELEMENTS * 32 * cfg.num_warps // gw.block)
-        xb = min(1 << (rows_per_split // WORD_ROWS - 1).bit_length(), 1 << (per_thread.bit_length() - 1))
-    _gemv_dp4a_kernel[grid](x2, xq, xs, xz, out=out, ws=ws, cnt=cnt, N=n, K=k, KW=kw, NB=kw // WORD_ROWS, G=gw.group,
-                            rows_per_split=rows_per_split, SPLIT=split, stride_xm=x2.stride(0), stride_om=out.stride(0),
-                            zero_word=0, ATOMIC=split > 1, REGROUP=_regroup(gw), EVEN_N=n % cfg.block_n == 0,
-                            ASM=tlin.ASM, BN=cfg.block_n, FUSE_X=cfg.fuse_x, XB=xb,
-                            S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages, **tensors, **consts)
+    _gemv_dp4a_kernel[grid](xq, xs, xz, out=out, ws=ws, cnt=cnt, N=n, K=k, KW=kw, NB=kw // WORD_ROWS, G=gw.group,
+                            rows_per_split=rows_per_split, SPLIT=split, stride_om=out.stride(0), zero_word=0,
+                            ATOMIC=split > 1, REGROUP=_regroup(gw), EVEN_N=n % cfg.block_n == 0, ASM=tlin.ASM,
+                            BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     return out

@@ -62,14 +62,12 @@ class Config:
     mma: bool = False  # decode on tensor cores (`_gemv_mma_kernel`, 2..6-bit, up to block_m tokens)
     gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
     dp4a: bool = False  # decode on integer dot products (`dp4a_linear`; block_m 1, groups of whole or half K blocks)
-    fuse_x: bool = False  # with dp4a: each program writes its own x digits (no `dp4a_linear.prepare_x` launch)
     imma: bool = False  # decode on int8 tensor cores (`gluon_imma`, up to block_m tokens; num_stages 2: prefetch)
 
     @property
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
-                + "W" * self.wide + "T" * self.mma + "G" * self.gluon + "D" * self.dp4a
-                + "X" * self.fuse_x + "I" * self.imma)
+                + "W" * self.wide + "T" * self.mma + "G" * self.gluon + "D" * self.dp4a + "I" * self.imma)
 
     @classmethod
     def parse(cls, label: str) -> "Config":
@@ -77,13 +75,12 @@ class Config:
         match = _LABEL.fullmatch(label)
         if match is None:
             raise ValueError(f"{label!r} is not a Config label (e.g. 'm1n128s10w4p1TG': block_m, block_n, "
-                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, D dp4a, X fuse_x, "
-                             "I imma)")
+                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, D dp4a, I imma)")
         bm, bn, split, warps, stages = (int(g) for g in match.groups()[:5])
         return cls(bm, bn, split, warps, stages, *(bool(g) for g in match.groups()[5:]))
 
 
-_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(D?)(X?)(I?)")
+_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(D?)(I?)")
 
 
 if HAVE_TRITON:
@@ -629,8 +626,6 @@ def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, d
                     f"got {m} rows")
         reason = unsupported_reason(gw, cfg.block_m, cfg.block_n, cfg.num_warps, device)
         return None if reason is None else f"config {cfg.label}: {reason}"
-    if cfg.fuse_x and not cfg.dp4a:
-        return f"config {cfg.label}: fuse_x (X) is a variant of the dp4a decode (D)"
     if cfg.dp4a:
         from .dp4a_linear import supported
         if cfg.block_m != 1 or cfg.mma or cfg.wide or not supported(gw):

@@ -11,7 +11,7 @@ import torch
 
 from kernels import QuantSpec, quantize
 from kernels.gpu_layout import repack_for_gpu
-from kernels import dp4a_linear, gluon_dp4a, gluon_imma
+from kernels import dp4a_linear, gluon_imma
 from kernels import triton_linear as tlin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -153,72 +153,6 @@ def test_dp4a_decode(bits: int, symmetric: bool) -> None:
             y = tlin.linear(x, gw, configs[0])
             assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     assert ran >= 3  # whole-block, half-block and per-channel groups at every width
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bits", BITS)
-def test_dp4a_fuse_x_matches_prepare_x(bits: int) -> None:
-    """`Config(dp4a=True, fuse_x=True)`: the GEMV's programs write the x digits of their K-slice themselves (no
-    `prepare_x` launch). Against float64, and bit for bit the two-launch decode's output where the sum order is
-    fixed (no split-K): K-slices of one and of two prologue chunks (the last chunk part empty), half-block and
-    whole-block groups, per-channel; NaN in a token gives NaN in that token only. fuse_x without dp4a is refused."""
-    gen = torch.Generator().manual_seed(120 + bits)
-    shapes = [(70, 520, 128), (130, 300, 64)] + ([] if INTERPRET else [(45, 96, None), (1000, 1030, 128),
-                                                                        (512, 4104, 64)])
-    tiles = [(64, 1, 1)] + ([] if INTERPRET else [(512, 4, 4), (256, 7, 2), (128, 1, 2)])  # columns, split, warps
-    for n, k, group in shapes:
-        qt, gw = _case(n, k, group, bits, False, torch.bfloat16, gen)
-        if not dp4a_linear.supported(gw):
-            continue
-        x = (torch.randn(2, k, generator=gen) + 3).bfloat16().to(DEV)
-        x[1, 3] = 1024.0
-        for block_n, split, warps in tiles:
-            plain = tlin.linear(x, gw, tlin.Config(1, block_n, split, warps, 1, dp4a=True))
-            cfg = tlin.Config(1, block_n, split, warps, 1, dp4a=True, fuse_x=True)
-            assert tlin.Config.parse(cfg.label) == cfg
-            fused = _poisoned(lambda: tlin.linear(x, gw, cfg))
-            _check(fused, x, qt, torch.bfloat16)
-            if split == 1:
-                assert torch.equal(fused, plain)
-        x[0, k // 2] = float("nan")
-        y = tlin.linear(x, gw, tlin.Config(1, 64, 1, 1, 1, dp4a=True, fuse_x=True))
-        assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
-    with pytest.raises(ValueError, match="fuse_x"):
-        tlin.linear(torch.zeros(1, gw.shape[1], dtype=torch.bfloat16, device=DEV), gw, tlin.Config(1, 64, 2,
-                                                                                                   fuse_x=True))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bits", BITS)
-def test_dp4a_ring_decode(bits: int) -> None:
-    """`gluon_dp4a.linear`: the dp4a decode with its word tiles streamed through a TMA ring of 2..4 slots. Against
-    float64 at odd K, more K blocks than slots and fewer, split-K run twice, asymmetric and symmetric, float16 and
-    bfloat16, an outlier; NaN in a token gives NaN in that token only. Weights TMA cannot address (rows not 16-byte
-    aligned) and tiles wider than one TMA copy are refused with the reason."""
-    probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
-    if gluon_dp4a.unsupported_reason(probe, 128, torch.device(DEV)) is not None:
-        pytest.skip(gluon_dp4a.unsupported_reason(probe, 128, torch.device(DEV)))
-    gen = torch.Generator().manual_seed(190 + bits)
-    ran = 0
-    for i, (n, k, group) in enumerate(SHAPES + [(64, 8200, 128), (256, 520, 128)]):
-        dtype = (torch.float16, torch.bfloat16)[i % 2]
-        qt, gw = _case(n, k, group, bits, i % 3 == 0, dtype, gen)
-        if gluon_dp4a.unsupported_reason(gw, 128, torch.device(DEV)) is not None:
-            with pytest.raises(ValueError, match="dp4a|TMA"):
-                gluon_dp4a.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, 128, 1, 4, 3)
-            continue
-        ran += 1
-        for block_n, split, warps, stages in ((128, 1, 4, 2), (256, 3, 4, 3), (64, 2, 2, 4)):
-            for _ in range(2):
-                x = torch.randn(2, k, generator=gen).to(dtype).to(DEV)
-                x[1, min(3, k - 1)] = 1024.0
-                _check(_poisoned(lambda: gluon_dp4a.linear(x, gw, block_n, split, warps, stages)), x, qt, dtype)
-        x[0, k // 2] = float("nan")
-        y = gluon_dp4a.linear(x, gw, 128, 2, 4, 3)
-        assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
-    assert ran >= 3
-    with pytest.raises(ValueError, match="at most 256"):
-        gluon_dp4a.linear(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), probe, 512, 1, 4, 3)
 
 
 @pytest.mark.gpu
