@@ -154,14 +154,13 @@ if HAVE_TRITON:
         return fixed, i, down, half0, half1
 
     @triton.jit
-    def _prep_blocks(x, xq, xs, xz, b0, b_end, m, K, KW, NB, stride_xm, XB: tl.constexpr, PER: tl.constexpr,
-                     CPB: tl.constexpr, REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
-                     E_HI: tl.constexpr):
-        """K blocks b0 .. b0 + XB - 1 (those below b_end) of token m: digits [16 word rows, CPB words, 2] (each
-        element stores its two bytes), 2^(e - S), sum of v per half."""
-        b = b0 + tl.arange(0, XB)
-        bmask = b < b_end
-        fixed, i, down, half0, half1 = _fixed_point(x, b, bmask, m, K, stride_xm, PER, S, E_LO, E_HI)
+    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, PER: tl.constexpr, CPB: tl.constexpr,
+                     REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
+        """One K block of one token: digits [16 word rows, CPB words, 2] (each element stores its two bytes),
+        2^(e - S), sum of v per half."""
+        m = tl.program_id(1)
+        b = tl.program_id(0) + tl.arange(0, 1)
+        fixed, i, down, half0, half1 = _fixed_point(x, b, b >= 0, m, K, stride_xm, PER, S, E_LO, E_HI)
         slot = i // 16
         if REGROUP:  # slot CPB (2 (q % 2) + lane % 2) + 2 (q // 2) + lane // 2 sits in byte `lane` of word q
             hi_u, lo_v = slot // CPB, slot % CPB
@@ -172,19 +171,11 @@ if HAVE_TRITON:
             lane = slot // CPB
         word = (m * KW + b[:, None] * 16 + i % 16) * CPB + q
         byte = xq.to(tl.pointer_type(tl.int8)) + word * 8 + lane
-        tl.store(byte, (fixed & 255).to(tl.int8), mask=bmask[:, None])
-        tl.store(byte + 4, (fixed >> 8).to(tl.int8), mask=bmask[:, None])
-        tl.store(xs + m * NB + b, down, mask=bmask)
-        tl.store(xz + (m * NB + b) * 2, half0.to(tl.float32) * down, mask=bmask)
-        tl.store(xz + (m * NB + b) * 2 + 1, half1.to(tl.float32) * down, mask=bmask)
-
-    @triton.jit
-    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, PER: tl.constexpr, CPB: tl.constexpr,
-                     REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
-        """One K block of one token (`_prep_blocks`)."""
-        blk = tl.program_id(0)
-        _prep_blocks(x, xq, xs, xz, blk, blk + 1, tl.program_id(1), K, KW, NB, stride_xm, 1, PER, CPB, REGROUP, S,
-                     E_LO, E_HI)
+        tl.store(byte, (fixed & 255).to(tl.int8))
+        tl.store(byte + 4, (fixed >> 8).to(tl.int8))
+        tl.store(xs + m * NB + b, down)
+        tl.store(xz + (m * NB + b) * 2, half0.to(tl.float32) * down)
+        tl.store(xz + (m * NB + b) * 2 + 1, half1.to(tl.float32) * down)
 
     @triton.jit
     def _block_sums(words, spread, xrow, lo0, hi0, lo1, hi1, CPB: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
