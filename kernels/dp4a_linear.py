@@ -4,12 +4,13 @@ The float GEMV (`triton_linear._gemv_kernel`) spends a LOP3 and an FMA on every 
 not by bytes. Here the codes stay integers: `dp4a` multiplies the 4 byte fields of one register by 4 activation
 bytes and adds them into an int32, so the integer work per code drops to a mask and half a `dp4a` per digit.
 
-Activations: `prepare_x` (one small kernel) writes x as 16-bit fixed point per K block of the GPU layout (16
-word rows, `GpuPackedWeight.block` input columns): v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and S = 14, split into a signed high byte and an
-unsigned low byte ("digits"), each packed 4 to a word in the order the weight's byte fields come out. The error
-is at most half a step, 2^(e - 15), under 2^-14 of the block's largest |x| and 64 times finer than bfloat16's own
-resolution at that element; elements within 2^6 of the block's largest are exact. It also writes each block's
-2^(e - S) and the sum of its v per half block (the zero point comes off through it).
+Activations: `prepare_x` (one small kernel) writes x as 16-bit fixed point per K block of the GPU layout (16 word
+rows, `GpuPackedWeight.block` input columns): v = round(x * 2^(S - e)) with 2^e above the block's largest |x| and S
+= 14, split into a signed high byte and an unsigned low byte ("digits"), each packed 4 to a word in the order the
+weight's byte fields come out. The error is at most half a step, 2^(e - 15), under 2^-14 of the block's largest |x|
+and 64 times finer than bfloat16's own resolution at that element; elements within 2^6 of the block's largest are
+exact. It also writes each block's 2^(e - S) and the sum of its v per half block (the zero point comes off through
+it).
 
 Weights: field f of every byte of a plane-0 word is one mask (and a shift): codes of slots f, c + f, 2c + f,
 3c + f (c codes per byte). A second plane (3 = 2+1, 5 = 4+1, 6 = 4+2) is spread so that its fields sit in the
