@@ -134,14 +134,14 @@ if HAVE_TRITON:
         return a0 + a1, b0 + b1
 
     @triton.jit
-    def _fixed_point(x, b, bmask, m, K, stride_xm, PER: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
+    def _fixed_point(x, b, m, K, stride_xm, PER: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
                      E_HI: tl.constexpr):
-        """K blocks b (a vector; those where bmask) of token m as v = round(x 2^(S - e)): (v int32 [len(b), 16 PER]
+        """K blocks b (a vector) of token m as v = round(x 2^(S - e)): (v int32 [len(b), 16 PER]
         with the block's input columns in order (slot i // 16, word row i % 16), i, 2^(e - S) (NaN when the
         block holds NaN / Inf), sum of v per half block (two vectors))."""
         i = tl.arange(0, 16 * PER)[None, :]
         col = b[:, None] * 16 * PER + i
-        v = tl.load(x + m * stride_xm + col, mask=(col < K) & bmask[:, None], other=0.0).to(tl.float32)
+        v = tl.load(x + m * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
         amax, poison = tl.reduce((tl.abs(v), v * 0.0), 1, _max_and_sum)  # poison: NaN if x has NaN / Inf
         e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 126  # amax < 2^e
         e = tl.minimum(tl.maximum(e, E_LO), E_HI)
@@ -161,7 +161,7 @@ if HAVE_TRITON:
         2^(e - S), sum of v per half."""
         m = tl.program_id(1)
         b = tl.program_id(0) + tl.arange(0, 1)
-        fixed, i, down, half0, half1 = _fixed_point(x, b, b >= 0, m, K, stride_xm, PER, S, E_LO, E_HI)
+        fixed, i, down, half0, half1 = _fixed_point(x, b, m, K, stride_xm, PER, S, E_LO, E_HI)
         slot = i // 16
         if REGROUP:  # slot CPB (2 (q % 2) + lane % 2) + 2 (q // 2) + lane // 2 sits in byte `lane` of word q
             hi_u, lo_v = slot // CPB, slot % CPB

@@ -95,7 +95,7 @@ if HAVE_TRITON:
         blk = tl.program_id(0)
         m = tl.program_id(1)
         b = blk + tl.arange(0, 1)
-        fixed, i, down, half0, half1 = dl._fixed_point(x, b, b >= 0, m, K, stride_xm, PER, S, E_LO, E_HI)
+        fixed, i, down, half0, half1 = dl._fixed_point(x, b, m, K, stride_xm, PER, S, E_LO, E_HI)
         lo = fixed & 255  # v = 256 hi + lo with both signed bytes: lo's bits are v's low byte
         hi = (fixed + 128) >> 8
         slot = i // 16
