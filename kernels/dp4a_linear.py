@@ -37,6 +37,7 @@ except ImportError:  # CPU-only installs
 
 FRACTION_BITS = 14  # S: |v| <= 2^14, so the high digit fits a signed byte
 E_MIN, E_MAX = -100, 129  # block exponents are clamped here (2^(S - e) and 2^(e - S) stay normal floats)
+L2_PREFETCH_BYTES = 16 << 20  # weight bytes the prep kernel asks L2 for while it runs (docs/kernels_gpu.md)
 
 
 def supported(gw: GpuPackedWeight) -> bool:
@@ -126,6 +127,37 @@ if HAVE_TRITON:
             return tl.load(p + row * N + cols, mask=nmask, other=0).to(tl.int32)
 
     @triton.jit
+    def _prefetch_l2(p, row_bytes, KW, rows_per_split, rows, SPLIT, first, step):
+        """Ask L2 for word rows [s rows_per_split, + rows) of each K-slice s of plane p (`row_bytes` bytes a row):
+        the rows the GEMV's programs load first. Pieces of PIECE bytes, 32 per step, one per lane; piece q >=
+        `first` in steps of `step` (so the prep kernel's programs share them). A hint (`cp.async.bulk.prefetch.L2`,
+        sm_90+): nothing waits for it."""
+        PIECE: tl.constexpr = 16384  # bytes per bulk prefetch instruction
+        base = p.to(tl.pointer_type(tl.int8))
+        end = (KW.to(tl.int64) * row_bytes) // 16 * 16
+        span = rows.to(tl.int64) * row_bytes
+        pieces = tl.cdiv(span, PIECE)
+        for q0 in range(first, SPLIT * pieces, step):
+            q = q0 + tl.arange(0, 32)
+            start = (q // pieces) * rows_per_split * row_bytes
+            lo = start + (q % pieces) * PIECE
+            hi = tl.minimum(tl.minimum(lo + PIECE, start + span), end)
+            lo = lo // 16 * 16
+            hi = tl.minimum((hi + 15) // 16 * 16, end)
+            size = tl.where((q < SPLIT * pieces) & (hi > lo), hi - lo, 0).to(tl.int32)
+            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; "
+                                      "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+                                      "=r,l,r", [base + lo, size], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_slices(blk, m, NB, pf0, pf1, row0, row1, KW, rows_per_split, pf_rows, SPLIT, W1: tl.constexpr):
+        """Token 0's prep programs prefetch the first `pf_rows` word rows of every K-slice of both planes."""
+        if m == 0:
+            _prefetch_l2(pf0, row0, KW, rows_per_split, pf_rows, SPLIT, blk * 32, NB * 32)
+            if W1 > 0:
+                _prefetch_l2(pf1, row1, KW, rows_per_split, pf_rows, SPLIT, blk * 32, NB * 32)
+
+    @triton.jit
     def _max_and_sum(a0, b0, a1, b1):
         return tl.maximum(a0, a1), b0 + b1
 
@@ -155,11 +187,14 @@ if HAVE_TRITON:
         return fixed, i, down, half0, half1
 
     @triton.jit
-    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, PER: tl.constexpr, CPB: tl.constexpr,
-                     REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
+    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, pf0, pf1, row0, row1, rows_per_split, pf_rows, SPLIT,
+                     PER: tl.constexpr, CPB: tl.constexpr, REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
+                     E_HI: tl.constexpr, L2PF: tl.constexpr, W1: tl.constexpr):
         """One K block of one token: digits [16 word rows, CPB words, 2] (each element stores its two bytes),
-        2^(e - S), sum of v per half."""
+        2^(e - S), sum of v per half; with L2PF, first the L2 prefetch of the weight (`_prefetch_slices`)."""
         m = tl.program_id(1)
+        if L2PF:
+            _prefetch_slices(tl.program_id(0), m, NB, pf0, pf1, row0, row1, KW, rows_per_split, pf_rows, SPLIT, W1)
         b = tl.program_id(0) + tl.arange(0, 1)
         fixed, i, down, half0, half1 = _fixed_point(x, b, m, K, stride_xm, PER, S, E_LO, E_HI)
         slot = i // 16
@@ -286,14 +321,31 @@ def _x_buffers(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...
             torch.empty(m, nb, 2, dtype=torch.float32, device=x2.device))
 
 
-def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...]:
+def prefetch_args(gw: GpuPackedWeight, rows_per_split: int = 0, split: int = 0) -> dict:
+    """The prep kernels' L2 prefetch arguments for a GEMV over `split` K-slices of `rows_per_split` word rows:
+    the first rows of every slice, L2_PREFETCH_BYTES in all (both planes), where the device has
+    `cp.async.bulk.prefetch` (compute capability 9.0 or newer; not in the CPU interpreter). Without a split
+    (or with L2_PREFETCH_BYTES = 0) the prep kernel prefetches nothing."""
+    p0, p1 = gw.planes[0], gw.planes[-1]
+    row0, row1 = p0.shape[1] * p0.element_size(), p1.shape[1] * p1.element_size()
+    per_row = split * (row0 + (row1 if len(gw.planes) > 1 else 0))
+    rows = min(rows_per_split, L2_PREFETCH_BYTES // per_row) if per_row else 0
+    on = rows > 0 and tlin.ASM and p0.is_cuda and torch.cuda.get_device_capability(p0.device) >= (9, 0)
+    return dict(pf0=p0, pf1=p1, row0=row0, row1=row1, rows_per_split=max(rows_per_split, 1), pf_rows=rows,
+                SPLIT=max(split, 1), L2PF=on, W1=gw.widths[1] if len(gw.planes) > 1 else 0)
+
+
+def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight, rows_per_split: int = 0,
+              split: int = 0) -> tuple[torch.Tensor, ...]:
     """x [M, K] (float16 / bfloat16, unit stride along K) as the dp4a decode reads it (`_x_buffers`), by one
-    program per K block and token."""
+    program per K block and token; given the GEMV's K-slices, it also prefetches their first rows into L2
+    (`prefetch_args`)."""
     m, k = x2.shape
     xq, xs, xz = _x_buffers(x2, gw)
     kw, nb = xq.shape[1], xs.shape[1]
     _prep_kernel[(nb, m)](x2, xq, xs, xz, k, kw, nb, x2.stride(0), PER=gw.per, CPB=xq.shape[2], REGROUP=_regroup(gw),
-                          S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=1)
+                          S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=1,
+                          **prefetch_args(gw, rows_per_split, split))
     return xq, xs, xz
 
 
@@ -304,7 +356,7 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, cfg: "tlin.Config") -> torch.T
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
     rows_per_split, split = tlin.k_slices(kw, cfg.split_k)
-    xq, xs, xz = prepare_x(x2, gw)
+    xq, xs, xz = prepare_x(x2, gw, rows_per_split, split)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(n, cfg.block_n), split, m)
     ws, cnt = tlin._workspace(x2.device, m * n, m * grid[0]) if split > 1 else (out, out)
