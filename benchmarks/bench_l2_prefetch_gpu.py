@@ -6,10 +6,12 @@ meanwhile. With a prefetch budget, the prep kernel first asks L2 (`cp.async.bulk
 first word rows of every K-slice the GEMV will read, so its first loads hit L2.
 For each shape and bit width (group 128, symmetric, bf16; --tokens tokens): every tile a latency table tries
 (`tile_candidates`) is checked against float64 and timed with no prefetch ("today"); the dp4a and int8 tiles
-among them again at each --budgets value (MiB), interleaved per tile, each checked again. CUDA graph replay, L2
-flushed before each run, median of --reps. cuBLAS bf16 before and after each shape; ratios against their mean.
+among them again at each --budgets value (MiB), interleaved per tile, each checked again (--integer-only: only
+the dp4a and int8 tiles, "today" the best of them). CUDA graph replay, L2 flushed before each run, median of
+--reps. cuBLAS bf16 before and after each shape; ratios against their mean.
 Lines go to --out/l2_prefetch.txt as measured; l2_prefetch.json at the end.
     python benchmarks/bench_l2_prefetch_gpu.py --out $OUT [--shapes 28672x8192] [--bits 2,4] [--budgets 8,16,32]
+        [--integer-only]
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="28672x8192,8192x8192")
     ap.add_argument("--budgets", default="8,16,24,32", help="prefetch budgets to try, MiB")
     ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--integer-only", action="store_true", help="time only the dp4a and int8 tiles (faster)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,8 @@ def main() -> None:
             ref = (x.double() @ qt.dequantize(torch.float64).t().to("cuda")).cpu()
             best: dict[str, tuple[float, str]] = {}
             for cfg in tlin.tile_candidates(args.tokens, gw, torch.bfloat16):
+                if args.integer_only and not (cfg.dp4a or cfg.imma):
+                    continue
                 fn = partial(tlin.linear, gw=gw, config=cfg)
                 for mib in budgets if (cfg.dp4a or cfg.imma) else [0]:
                     dl.L2_PREFETCH_BYTES = mib << 20
