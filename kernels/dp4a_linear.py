@@ -37,7 +37,7 @@ except ImportError:  # CPU-only installs
 
 FRACTION_BITS = 14  # S: |v| <= 2^14, so the high digit fits a signed byte
 E_MIN, E_MAX = -100, 129  # block exponents are clamped here (2^(S - e) and 2^(e - S) stay normal floats)
-L2_PREFETCH_BYTES = 0  # weight bytes the prep kernel asks L2 for while it runs: off until measured (docs/kernels_gpu.md)
+L2_PREFETCH_BYTES = 0  # weight bytes the prep kernel asks L2 for: off until a device run measures it
 
 
 def supported(gw: GpuPackedWeight) -> bool:
