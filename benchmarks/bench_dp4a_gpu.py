@@ -3,13 +3,15 @@
 For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
 tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps);
 with --imma, also the decode on int8 tensor cores (`kernels/gluon_imma.py`, `Config(imma=True)`) at IMMA_TILES,
-without and with the next block's prefetch. --tokens times that many tokens (the int8 tensor-core decode takes up
-to 16 in one launch, 8 with half-block groups; the dp4a decode runs a program per token).
+without and with the next block's prefetch. --l2-budgets adds the integer tiles a table tries with the prep
+kernel's L2 prefetch (`dp4a_linear.L2_PREFETCH_BYTES`) at each budget; --no-sweep times only the table's tiles.
+--tokens times that many tokens (the int8 tensor-core decode takes up to 16 in one launch, 8 with half-block
+groups; the dp4a decode runs a program per token).
 cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
 is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
     python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4] [--imma]
-        [--tokens 1]
+        [--tokens 1] [--l2-budgets 8,16,32] [--no-sweep]
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
+from kernels import dp4a_linear as dl  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
@@ -38,6 +41,15 @@ WAVES = (4, 6, 8, 12, 16, 32)
 IMMA_TILES = ((128, 4), (64, 2), (128, 2), (256, 4), (64, 4), (32, 1))  # (columns per program, warps)
 
 
+def with_l2_budget(nbytes: int, fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) with the integer decodes' L2 prefetch at `nbytes` (read when the call launches its prep kernel)."""
+    before, dl.L2_PREFETCH_BYTES = dl.L2_PREFETCH_BYTES, nbytes
+    try:
+        return fn(x)
+    finally:
+        dl.L2_PREFETCH_BYTES = before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
@@ -46,7 +58,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--imma", action="store_true", help="also the int8 tensor-core decode (kernels/gluon_imma.py)")
     ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--l2-budgets", default="", help="MiB, comma-separated: also the table's dp4a and int8 tiles "
+                    "with the prep kernel's L2 prefetch (dp4a_linear.L2_PREFETCH_BYTES) at each budget")
+    ap.add_argument("--no-sweep", action="store_true", help="only the tiles a latency table tries")
     args = ap.parse_args()
+    budgets = [int(b) for b in args.l2_budgets.split(",") if b]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "dp4a.txt", "a")
@@ -72,12 +88,17 @@ def main() -> None:
             gw = repack_for_gpu(qt, "cuda")
             ref = (x.double() @ qt.dequantize(torch.float64).t().to("cuda")).cpu()
             blocks = gw.planes[0].shape[0] // 16
-            runs = {"best_today": {c.label: partial(tlin.linear, gw=gw, config=c)
-                                   for c in tlin.tile_candidates(args.tokens, gw, torch.bfloat16)}}
-            runs["dp4a"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
-                tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
-                for bn, warps in DP4A_TILES for waves in WAVES)}
-            for family, stages in (("imma", 1), ("imma_prefetch", 2))[:2 * args.imma]:
+            candidates = tlin.tile_candidates(args.tokens, gw, torch.bfloat16)
+            runs = {"best_today": {c.label: partial(tlin.linear, gw=gw, config=c) for c in candidates}}
+            for mib in budgets:  # the integer tiles a table tries, with the prep kernel's L2 prefetch
+                runs[f"l2_{mib}MiB"] = {c.label: partial(with_l2_budget, mib << 20,
+                                                         partial(tlin.linear, gw=gw, config=c))
+                                        for c in candidates if c.dp4a or c.imma}
+            if not args.no_sweep:
+                runs["dp4a"] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
+                    tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)
+                    for bn, warps in DP4A_TILES for waves in WAVES)}
+            for family, stages in (("imma", 1), ("imma_prefetch", 2))[:2 * args.imma * (not args.no_sweep)]:
                 runs[family] = {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
                     tlin.Config(args.tokens, bn, split, warps, stages, imma=True)
                     for bn, warps in IMMA_TILES for split in sorted({tlin.split_for(-(-n // bn), blocks, waves)
