@@ -209,7 +209,7 @@ if HAVE_GLUON:
                           rows_per_split, SPLIT, stride_om, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                           ZERO: gl.constexpr, HAS_Z: gl.constexpr, ATOMIC: gl.constexpr, HALVES: gl.constexpr,
                           CLASSES: gl.constexpr, NC: gl.constexpr, EVEN_N: gl.constexpr, PREFETCH: gl.constexpr,
-                          BN: gl.constexpr, WARPS: gl.constexpr):
+                          BN: gl.constexpr, WARPS: gl.constexpr, AHEAD: gl.constexpr = 0):
         CPB: gl.constexpr = 8 // W0
         NCT: gl.constexpr = 2 * HALVES * CLASSES  # columns per token
         TOK: gl.constexpr = NC // NCT
@@ -248,9 +248,14 @@ if HAVE_GLUON:
         w0_ptrs = p0 + offs
         w1_ptrs = p1 + offs
         b_ptrs += (r_lo // 16) * (NCT * 16 * CPB)
+        nil = gl.zeros([1], gl.int64, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+        for d in gl.static_range(1, AHEAD):  # the slice's first blocks (the loop asks for AHEAD blocks ahead)
+            dl._ahead(p0, p1, r_lo + 16 * d, r_hi, N, pid_n, gl.num_programs(0), nil, W1)
         if PREFETCH:
             raw0, raw1, raw_b = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, r_lo < r_hi, W1, EVEN_N, True)
         for r0 in range(r_lo, r_hi, 16):
+            if AHEAD > 0:
+                dl._ahead(p0, p1, r0 + 16 * AHEAD, r_hi, N, pid_n, gl.num_programs(0), nil, W1)
             if PREFETCH:  # this block's words were loaded last iteration
                 w0, w1, bw = raw0, raw1, raw_b
             else:
@@ -319,5 +324,5 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, nu
                             k, kw, xs.shape[1], tensors["stride_sg"], tensors["stride_sn"], 1.0 / gw.group,
                             rows_per_split, split, out.stride(0), ATOMIC=split > 1, HALVES=halves(gw), CLASSES=ncls,
                             NC=columns(gw, m), EVEN_N=n % block_n == 0, PREFETCH=prefetch, BN=block_n,
-                            WARPS=num_warps, num_warps=num_warps, **consts)
+                            WARPS=num_warps, AHEAD=dl.ahead_blocks(x2.device), num_warps=num_warps, **consts)
     return out
