@@ -349,9 +349,9 @@ def test_split_k_gemm_with_a_part_block_of_rows_is_right_every_call() -> None:
 def test_the_l2_prefetches_change_no_output(bits: int, family: str, monkeypatch) -> None:
     """The integer decodes ask L2 for their words ahead of use: the prep kernel for the first rows of every
     K-slice (`dp4a_linear.L2_PREFETCH_BYTES`), each GEMV program for its share of the block L2_AHEAD_BLOCKS
-    ahead. Both are hints, so a table's first tile of each decode and its most K-split one stay right with them (budgets that
-    cover part of a slice and more than the weight, a last slice past K, blocks ahead past the slice's end, the
-    dp4a decode at 3 tokens) and without them."""
+    ahead. Both are hints, so a table's first tile of each decode and its most K-split one stay right with them
+    (budgets that cover part of a slice and more than the weight, a last slice past K, blocks ahead past the
+    slice's end, the dp4a decode at 3 tokens) and without them."""
     from kernels import dp4a_linear
     gen = torch.Generator(device=DEV).manual_seed(22)
     w = torch.randn(4100, 5000, device=DEV, generator=gen)
