@@ -3,17 +3,14 @@
 For each LLM shape and bit width (group 128, symmetric, bf16): every dp4a tile below and every tile a latency table
 tries (`tile_candidates`) is checked against float64 and timed (CUDA graph replay, L2 flushed, median of --reps);
 with --imma, also the decode on int8 tensor cores (`kernels/gluon_imma.py`, `Config(imma=True)`) at IMMA_TILES,
-without and with the next block's prefetch. --l2-budgets adds the integer tiles a table tries with the prep
-kernel's L2 prefetch (`dp4a_linear.L2_PREFETCH_BYTES`) at each budget, --l2-ahead with each GEMV program's L2
-prefetch that many K blocks ahead (`dp4a_linear.L2_AHEAD_BLOCKS`), and each distance with the largest budget,
-each with the --l2-tiles integer tiles that were fastest without them; --no-sweep times only the table's tiles.
---tokens times that many tokens (the int8 tensor-core decode takes up to 16 in one launch, 8 with half-block
-groups; the dp4a decode runs a program per token).
+without and with the next block's prefetch; --no-sweep times only the table's tiles. --tokens times that many
+tokens (the int8 tensor-core decode takes up to 16 in one launch, 8 with half-block groups; the dp4a decode runs a
+program per token).
 cuBLAS bf16 is timed before and after each shape's sweep, and ratios are against the mean of the two. Bandwidth
 is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Lines are appended to --out/dp4a.txt as they are measured; dp4a.json at the end.
     python benchmarks/bench_dp4a_gpu.py --out $OUT [--shapes 28672x8192,8192x8192] [--bits 2,4] [--imma]
-        [--tokens 1] [--l2-budgets 8,16,32] [--l2-ahead 2,4,8] [--no-sweep]
+        [--tokens 1] [--no-sweep]
 """
 from __future__ import annotations
 
@@ -29,7 +26,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
-from kernels import dp4a_linear as dl  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
@@ -43,17 +39,6 @@ WAVES = (4, 6, 8, 12, 16, 32)
 IMMA_TILES = ((128, 4), (64, 2), (128, 2), (256, 4), (64, 4), (32, 1))  # (columns per program, warps)
 
 
-def with_l2(nbytes: int, ahead: int, fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x) with the integer decodes' L2 prefetches: `nbytes` by the prep kernel, `ahead` K blocks by each GEMV
-    program (read when the call launches its kernels)."""
-    before = dl.L2_PREFETCH_BYTES, dl.L2_AHEAD_BLOCKS
-    dl.L2_PREFETCH_BYTES, dl.L2_AHEAD_BLOCKS = nbytes, ahead
-    try:
-        return fn(x)
-    finally:
-        dl.L2_PREFETCH_BYTES, dl.L2_AHEAD_BLOCKS = before
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
@@ -62,16 +47,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--imma", action="store_true", help="also the int8 tensor-core decode (kernels/gluon_imma.py)")
     ap.add_argument("--tokens", type=int, default=1)
-    ap.add_argument("--l2-budgets", default="", help="MiB, comma-separated: also the table's dp4a and int8 tiles "
-                    "with the prep kernel's L2 prefetch (dp4a_linear.L2_PREFETCH_BYTES) at each budget")
-    ap.add_argument("--l2-ahead", default="", help="K blocks, comma-separated: also the table's dp4a and int8 "
-                    "tiles with each GEMV program asking L2 for its words that far ahead (dp4a_linear.L2_AHEAD_BLOCKS)")
-    ap.add_argument("--l2-tiles", type=int, default=3, help="how many of the fastest integer tiles the L2 "
-                    "prefetch settings are timed with")
     ap.add_argument("--no-sweep", action="store_true", help="only the tiles a latency table tries")
     args = ap.parse_args()
-    budgets = [int(b) for b in args.l2_budgets.split(",") if b]
-    aheads = [int(a) for a in args.l2_ahead.split(",") if a]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "dp4a.txt", "a")
@@ -98,7 +75,7 @@ def main() -> None:
             ref = (x.double() @ qt.dequantize(torch.float64).t().to("cuda")).cpu()
             blocks = gw.planes[0].shape[0] // 16
             candidates = tlin.tile_candidates(args.tokens, gw, torch.bfloat16)
-            best, times = {}, {}
+            best = {}
 
             def run(family: str, fns: dict) -> None:
                 for label, fn in fns.items():
@@ -112,26 +89,9 @@ def main() -> None:
                     except Exception as e:  # noqa: BLE001 - report and go on
                         say(f"{n}x{k} w{bits} {label}: {type(e).__name__}: {str(e)[:200]}")
                         continue
-                    times[family, label] = ms
                     if family not in best or ms < best[family][0]:
                         best[family] = (ms, label, err)
             run("best_today", {c.label: partial(tlin.linear, gw=gw, config=c) for c in candidates})
-            # the --l2-tiles fastest integer tiles of those, with the L2 prefetches: each budget, each distance,
-            # and each distance with the largest budget
-            fastest = sorted((c for c in candidates if (c.dp4a or c.imma) and ("best_today", c.label) in times),
-                             key=lambda c: times["best_today", c.label])[:args.l2_tiles]
-            settings = [(0, 0)] * bool(budgets or aheads)  # the same tiles again without: a control in this pass
-            settings += [(mib, 0) for mib in budgets] + [(0, a) for a in aheads]
-            settings += [(max(budgets), a) for a in aheads if budgets]
-            for mib, ahead in settings:
-                run(f"l2_{mib}MiB_ahead{ahead}", {c.label: partial(with_l2, mib << 20, ahead,
-                                                                   partial(tlin.linear, gw=gw, config=c))
-                                                  for c in fastest})
-            if settings:  # each tile at each setting: prep-kernel MiB / blocks ahead
-                names = {"best_today": "first pass", **{f"l2_{m}MiB_ahead{a}": f"{m}/{a}" for m, a in settings}}
-                say(f"{n}x{k} w{bits} L2 prefetch (MiB/blocks ahead: us): " + "; ".join(
-                    c.label + " " + " ".join(f"{name} {times[fam, c.label] * 1e3:.1f}" for fam, name in names.items()
-                                             if (fam, c.label) in times) for c in fastest))
             if not args.no_sweep:
                 run("dp4a", {c.label: partial(tlin.linear, gw=gw, config=c) for c in (
                     tlin.Config(1, bn, tlin.split_for(-(-n // bn), blocks, waves), warps, 1, dp4a=True)

@@ -5,7 +5,6 @@ backward branch of the SASS) per plane-0 word a thread handles in one K block, w
 opcodes. The counts are static: a statement about the code ptxas emits, not a timing. Needs Triton (with its
 bundled ptxas and cuobjdump) and, for the int8 tensor-core decode, Triton's Gluon; no CUDA device.
     python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma,imma_prefetch] [--tokens 16]
-        [--ahead 4]
 """
 from __future__ import annotations
 
@@ -65,17 +64,17 @@ def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
 
 
-def dp4a(gw: GpuPackedWeight, tokens: int, ahead: int = 0):
+def dp4a(gw: GpuPackedWeight, tokens: int):
     bn, warps = DP4A_TILES[gw.bits]
     ptrs, consts = _operands(gw)
     sig = dict(xq="*i32", xs="*fp32", xz="*fp32", **ptrs, out="*bf16", ws="*fp32", cnt="*i32", N="i32",
                K="i32", KW="i32", NB="i32", G="i32", stride_sg="i32", stride_sn="i32", rows_per_split="i32",
                SPLIT="i32", stride_om="i32", zero_word="i32")
-    consts.update(stride_sn=1, ATOMIC=True, REGROUP=dl._regroup(gw), EVEN_N=True, ASM=True, BN=bn, AHEAD=ahead)
+    consts.update(stride_sn=1, ATOMIC=True, REGROUP=dl._regroup(gw), EVEN_N=True, ASM=True, BN=bn)
     return _compile(dl._gemv_dp4a_kernel, sig, consts, warps, False), f"n{bn}w{warps}", bn // (32 * warps) * 16
 
 
-def imma(gw: GpuPackedWeight, tokens: int, ahead: int = 0, prefetch: bool = False):
+def imma(gw: GpuPackedWeight, tokens: int, prefetch: bool = False):
     bn, warps = IMMA_TILES[gw.bits]
     if tokens > gluon_imma.max_tokens(gw):
         raise SystemExit(f"{tokens} tokens at {gw.bits} bits: a launch takes at most {gluon_imma.max_tokens(gw)}")
@@ -84,7 +83,7 @@ def imma(gw: GpuPackedWeight, tokens: int, ahead: int = 0, prefetch: bool = Fals
                K="i32", KW="i32", NB="i32", stride_sg="i32", stride_sn="i32", inv_g="fp32", rows_per_split="i32",
                SPLIT="i32", stride_om="i32")
     consts.update(stride_sn=1, ATOMIC=True, HALVES=gluon_imma.halves(gw), CLASSES=gluon_imma.classes(gw, tokens),
-                  NC=gluon_imma.columns(gw, tokens), EVEN_N=True, PREFETCH=prefetch, BN=bn, WARPS=warps, AHEAD=ahead)
+                  NC=gluon_imma.columns(gw, tokens), EVEN_N=True, PREFETCH=prefetch, BN=bn, WARPS=warps)
     return _compile(gluon_imma._gemv_imma_kernel, sig, consts, warps, True), f"n{bn}w{warps}", bn * 16 // (32 * warps)
 
 
@@ -109,14 +108,13 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3,4,5,6,8")
     ap.add_argument("--kernels", default="dp4a,imma,imma_prefetch")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per launch of the int8 tensor-core decode")
-    ap.add_argument("--ahead", type=int, default=0, help="K blocks ahead each program asks L2 for (AHEAD)")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_90a; group 128 (half a K block at 2 and 3 bits); dp4a: 1 token, "
           f"int8 tensor cores: {args.tokens}")
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.kernels.split(","):
             kernel, tile, words = {"dp4a": dp4a, "imma": imma, "imma_prefetch": partial(imma, prefetch=True)}[name](
-                _weight(bits), args.tokens, args.ahead)
+                _weight(bits), args.tokens)
             regs, stack, loop = _sass_loop(kernel.asm["cubin"])
             total = sum(loop.values())
             print(f"{bits}-bit {name} {tile}: {regs} registers, stack {stack}; K loop {total} instructions for "

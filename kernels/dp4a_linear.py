@@ -22,8 +22,6 @@ plain integer operations.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import triton_linear as tlin
@@ -39,8 +37,6 @@ except ImportError:  # CPU-only installs
 
 FRACTION_BITS = 14  # S: |v| <= 2^14, so the high digit fits a signed byte
 E_MIN, E_MAX = -100, 129  # block exponents are clamped here (2^(S - e) and 2^(e - S) stay normal floats)
-L2_PREFETCH_BYTES = 0  # weight bytes the prep kernel asks L2 for: off until a device run measures it
-L2_AHEAD_BLOCKS = 0  # K blocks ahead that each GEMV program asks L2 for its words: off until measured
 
 
 def supported(gw: GpuPackedWeight) -> bool:
@@ -130,64 +126,6 @@ if HAVE_TRITON:
             return tl.load(p + row * N + cols, mask=nmask, other=0).to(tl.int32)
 
     @triton.jit
-    def _prefetch_l2(p, row_bytes, KW, rows_per_split, rows, SPLIT, first, step):
-        """Ask L2 for word rows [s rows_per_split, + rows) of each K-slice s of plane p (`row_bytes` bytes a row):
-        the rows the GEMV's programs load first. Pieces of PIECE bytes, 32 per step, one per lane; piece q >=
-        `first` in steps of `step` (so the prep kernel's programs share them). A hint (`cp.async.bulk.prefetch.L2`,
-        sm_90+): nothing waits for it."""
-        PIECE: tl.constexpr = 16384  # bytes per bulk prefetch instruction
-        base = p.to(tl.pointer_type(tl.int8))
-        end = (KW.to(tl.int64) * row_bytes) // 16 * 16
-        span = rows.to(tl.int64) * row_bytes
-        pieces = tl.cdiv(span, PIECE)
-        for q0 in range(first, SPLIT * pieces, step):
-            q = q0 + tl.arange(0, 32)
-            start = (q // pieces) * rows_per_split * row_bytes
-            lo = start + (q % pieces) * PIECE
-            hi = tl.minimum(tl.minimum(lo + PIECE, start + span), end)
-            lo = lo // 16 * 16
-            hi = tl.minimum((hi + 15) // 16 * 16, end)
-            size = tl.where((q < SPLIT * pieces) & (hi > lo), hi - lo, 0).to(tl.int32)
-            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; "
-                                      "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-                                      "=r,l,r", [base + lo, size], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_ahead(p, r, r_hi, N, piece, pieces, zero):
-        """Ask L2 for this program's share of the 16 word rows from r (those below r_hi) of plane p: the rows are
-        one contiguous span, cut into `pieces` pieces, one per program of the K-slice (they move through the slice
-        together, so between them the slice's programs ask for every column of the block). One
-        `cp.async.bulk.prefetch.L2` (sm_90+) from the program's first thread; `zero`: an int64 0 of one element
-        in the caller's layout. A hint: nothing waits for it, and it holds no registers or shared memory, so a
-        program can have blocks in flight far beyond the one its registers hold."""
-        ESIZE: tl.constexpr = p.dtype.element_ty.primitive_bitwidth // 8
-        row = N.to(tl.int64) * ESIZE
-        end = tl.minimum(r + 16, r_hi) * row // 16 * 16
-        share = (16 * row // pieces + 15) // 16 * 16
-        lo = r * row + piece * share + zero
-        size = tl.where(end > lo, tl.minimum(share, end - lo), 0).to(tl.int32)
-        tl.inline_asm_elementwise("{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.ne.s32 p, $2, 0; "
-                                  "setp.eq.and.u32 p, t, 0, p; "
-                                  "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-                                  "=r,l,r", [p.to(tl.pointer_type(tl.int8)) + lo, size], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
-    def _ahead(p0, p1, r, r_hi, N, piece, pieces, zero, W1: tl.constexpr):
-        """`_prefetch_ahead` of both planes."""
-        _prefetch_ahead(p0, r, r_hi, N, piece, pieces, zero)
-        if W1 > 0:
-            _prefetch_ahead(p1, r, r_hi, N, piece, pieces, zero)
-
-    @triton.jit
-    def _prefetch_slices(blk, m, NB, pf0, pf1, row0, row1, KW, rows_per_split, pf_rows, SPLIT, W1: tl.constexpr):
-        """Token 0's prep programs prefetch the first `pf_rows` word rows of every K-slice of both planes."""
-        if m == 0:
-            _prefetch_l2(pf0, row0, KW, rows_per_split, pf_rows, SPLIT, blk * 32, NB * 32)
-            if W1 > 0:
-                _prefetch_l2(pf1, row1, KW, rows_per_split, pf_rows, SPLIT, blk * 32, NB * 32)
-
-    @triton.jit
     def _max_and_sum(a0, b0, a1, b1):
         return tl.maximum(a0, a1), b0 + b1
 
@@ -217,14 +155,11 @@ if HAVE_TRITON:
         return fixed, i, down, half0, half1
 
     @triton.jit
-    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, pf0, pf1, row0, row1, rows_per_split, pf_rows, SPLIT,
-                     PER: tl.constexpr, CPB: tl.constexpr, REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr,
-                     E_HI: tl.constexpr, L2PF: tl.constexpr, W1: tl.constexpr):
+    def _prep_kernel(x, xq, xs, xz, K, KW, NB, stride_xm, PER: tl.constexpr, CPB: tl.constexpr,
+                     REGROUP: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
         """One K block of one token: digits [16 word rows, CPB words, 2] (each element stores its two bytes),
-        2^(e - S), sum of v per half; with L2PF, first the L2 prefetch of the weight (`_prefetch_slices`)."""
+        2^(e - S), sum of v per half."""
         m = tl.program_id(1)
-        if L2PF:
-            _prefetch_slices(tl.program_id(0), m, NB, pf0, pf1, row0, row1, KW, rows_per_split, pf_rows, SPLIT, W1)
         b = tl.program_id(0) + tl.arange(0, 1)
         fixed, i, down, half0, half1 = _fixed_point(x, b, m, K, stride_xm, PER, S, E_LO, E_HI)
         slot = i // 16
@@ -301,8 +236,7 @@ if HAVE_TRITON:
     def _gemv_dp4a_kernel(xq, xs, xz, p0, p1, s, z, out, ws, cnt, N, K, KW, NB, G, stride_sg, stride_sn,
                           rows_per_split, SPLIT, stride_om, zero_word, PER: tl.constexpr, W0: tl.constexpr,
                           W1: tl.constexpr, ZERO: tl.constexpr, HAS_Z: tl.constexpr, ATOMIC: tl.constexpr,
-                          REGROUP: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr,
-                          AHEAD: tl.constexpr = 0):
+                          REGROUP: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BN: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = tl.program_id(2)
@@ -312,13 +246,7 @@ if HAVE_TRITON:
         acc = tl.zeros([BN], dtype=tl.float32)
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
-        ahead = AHEAD if m == 0 else 0  # the tokens' programs read the same words: token 0's ask for them
-        for d in tl.static_range(1, AHEAD):  # the slice's first blocks (the loop asks for AHEAD blocks ahead)
-            if ahead > 0:
-                _ahead(p0, p1, r_lo + 16 * d, r_hi, N, pid_n, tl.num_programs(0), tl.zeros([1], tl.int64), W1)
         for r0 in range(r_lo, r_hi, 16):
-            if ahead > 0:
-                _ahead(p0, p1, r0 + 16 * AHEAD, r_hi, N, pid_n, tl.num_programs(0), tl.zeros([1], tl.int64), W1)
             lo0 = tl.zeros([BN], dtype=tl.int32)
             hi0 = tl.zeros([BN], dtype=tl.int32)
             lo1 = tl.zeros([BN], dtype=tl.int32)
@@ -358,44 +286,14 @@ def _x_buffers(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...
             torch.empty(m, nb, 2, dtype=torch.float32, device=x2.device))
 
 
-@functools.cache
-def _bulk_prefetch(device: torch.device) -> bool:
-    """Whether `cp.async.bulk.prefetch.L2` runs on `device`: inline PTX (not the CPU interpreter) and compute
-    capability 9.0 or newer."""
-    return tlin.ASM and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def ahead_blocks(device: torch.device) -> int:
-    """K blocks ahead that a GEMV program asks L2 for its words (`_prefetch_ahead`): L2_AHEAD_BLOCKS where the
-    device has the bulk prefetch, else 0."""
-    return L2_AHEAD_BLOCKS if L2_AHEAD_BLOCKS and _bulk_prefetch(device) else 0
-
-
-def prefetch_args(gw: GpuPackedWeight, rows_per_split: int = 0, split: int = 0) -> dict:
-    """The prep kernels' L2 prefetch arguments for a GEMV over `split` K-slices of `rows_per_split` word rows:
-    the first rows of every slice, L2_PREFETCH_BYTES in all (both planes), where the device has
-    `cp.async.bulk.prefetch` (compute capability 9.0 or newer; not in the CPU interpreter). Without a split
-    (or with L2_PREFETCH_BYTES = 0) the prep kernel prefetches nothing."""
-    p0, p1 = gw.planes[0], gw.planes[-1]
-    row0, row1 = p0.shape[1] * p0.element_size(), p1.shape[1] * p1.element_size()
-    per_row = split * (row0 + (row1 if len(gw.planes) > 1 else 0))
-    rows = min(rows_per_split, L2_PREFETCH_BYTES // per_row) if per_row else 0
-    on = rows > 0 and _bulk_prefetch(p0.device)
-    return dict(pf0=p0, pf1=p1, row0=row0, row1=row1, rows_per_split=max(rows_per_split, 1), pf_rows=rows,
-                SPLIT=max(split, 1), L2PF=on, W1=gw.widths[1] if len(gw.planes) > 1 else 0)
-
-
-def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight, rows_per_split: int = 0,
-              split: int = 0) -> tuple[torch.Tensor, ...]:
+def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight) -> tuple[torch.Tensor, ...]:
     """x [M, K] (float16 / bfloat16, unit stride along K) as the dp4a decode reads it (`_x_buffers`), by one
-    program per K block and token; given the GEMV's K-slices, it also prefetches their first rows into L2
-    (`prefetch_args`)."""
+    program per K block and token."""
     m, k = x2.shape
     xq, xs, xz = _x_buffers(x2, gw)
     kw, nb = xq.shape[1], xs.shape[1]
     _prep_kernel[(nb, m)](x2, xq, xs, xz, k, kw, nb, x2.stride(0), PER=gw.per, CPB=xq.shape[2], REGROUP=_regroup(gw),
-                          S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=1,
-                          **prefetch_args(gw, rows_per_split, split))
+                          S=FRACTION_BITS, E_LO=E_MIN, E_HI=E_MAX, num_warps=1)
     return xq, xs, xz
 
 
@@ -406,7 +304,7 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, cfg: "tlin.Config") -> torch.T
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
     rows_per_split, split = tlin.k_slices(kw, cfg.split_k)
-    xq, xs, xz = prepare_x(x2, gw, rows_per_split, split)
+    xq, xs, xz = prepare_x(x2, gw)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(n, cfg.block_n), split, m)
     ws, cnt = tlin._workspace(x2.device, m * n, m * grid[0]) if split > 1 else (out, out)
@@ -414,6 +312,5 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, cfg: "tlin.Config") -> torch.T
     _gemv_dp4a_kernel[grid](xq, xs, xz, out=out, ws=ws, cnt=cnt, N=n, K=k, KW=kw, NB=kw // WORD_ROWS, G=gw.group,
                             rows_per_split=rows_per_split, SPLIT=split, stride_om=out.stride(0), zero_word=0,
                             ATOMIC=split > 1, REGROUP=_regroup(gw), EVEN_N=n % cfg.block_n == 0, ASM=tlin.ASM,
-                            BN=cfg.block_n, AHEAD=ahead_blocks(x2.device), num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages, **tensors, **consts)
+                            BN=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tensors, **consts)
     return out

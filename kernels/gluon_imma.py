@@ -89,15 +89,11 @@ def unsupported_reason(gw: GpuPackedWeight, m: int, block_n: int, num_warps: int
 
 if HAVE_TRITON:
     @triton.jit
-    def _prep_kernel(x, xb, xs, xz, K, NB, stride_xm, pf0, pf1, row0, row1, KW, rows_per_split, pf_rows, SPLIT,
-                     PER: tl.constexpr, CPB: tl.constexpr, HALVES: tl.constexpr, CLASSES: tl.constexpr,
-                     S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr, L2PF: tl.constexpr, W1: tl.constexpr):
-        """One K block of one token: `dp4a_linear._fixed_point`, then every byte of the B operand (`_x_buffers`);
-        with L2PF, first the L2 prefetch of the weight (`dp4a_linear._prefetch_slices`)."""
+    def _prep_kernel(x, xb, xs, xz, K, NB, stride_xm, PER: tl.constexpr, CPB: tl.constexpr, HALVES: tl.constexpr,
+                     CLASSES: tl.constexpr, S: tl.constexpr, E_LO: tl.constexpr, E_HI: tl.constexpr):
+        """One K block of one token: `dp4a_linear._fixed_point`, then every byte of the B operand (`_x_buffers`)."""
         blk = tl.program_id(0)
         m = tl.program_id(1)
-        if L2PF:
-            dl._prefetch_slices(blk, m, NB, pf0, pf1, row0, row1, KW, rows_per_split, pf_rows, SPLIT, W1)
         b = blk + tl.arange(0, 1)
         fixed, i, down, half0, half1 = dl._fixed_point(x, b, m, K, stride_xm, PER, S, E_LO, E_HI)
         lo = fixed & 255  # v = 256 hi + lo with both signed bytes: lo's bits are v's low byte
@@ -131,17 +127,14 @@ def _x_buffers(m: int, gw: GpuPackedWeight, device: torch.device, ncls: int) -> 
             torch.empty(m, nb, 2, dtype=torch.float32, device=device))
 
 
-def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight, ncls: int = 1, rows_per_split: int = 0,
-              split: int = 0) -> tuple[torch.Tensor, ...]:
+def prepare_x(x2: torch.Tensor, gw: GpuPackedWeight, ncls: int = 1) -> tuple[torch.Tensor, ...]:
     """x [M, K] (float16 / bfloat16, unit stride along K) as the int8 tensor-core decode reads it (`_x_buffers`),
-    by one program per K block and token; `ncls` field classes (`classes`). Given the GEMV's K-slices, it also
-    prefetches their first rows into L2 (`dp4a_linear.prefetch_args`)."""
+    by one program per K block and token; `ncls` field classes (`classes`)."""
     m, k = x2.shape
     xb, xs, xz = _x_buffers(m, gw, x2.device, ncls)
-    _prep_kernel[(xs.shape[1], m)](x2, xb, xs, xz, k, xs.shape[1], x2.stride(0), KW=gw.planes[0].shape[0],
-                                   PER=gw.per, CPB=xb.shape[4], HALVES=halves(gw), CLASSES=ncls,
-                                   S=dl.FRACTION_BITS, E_LO=dl.E_MIN, E_HI=dl.E_MAX, num_warps=1,
-                                   **dl.prefetch_args(gw, rows_per_split, split))
+    _prep_kernel[(xs.shape[1], m)](x2, xb, xs, xz, k, xs.shape[1], x2.stride(0), PER=gw.per, CPB=xb.shape[4],
+                                   HALVES=halves(gw), CLASSES=ncls, S=dl.FRACTION_BITS, E_LO=dl.E_MIN,
+                                   E_HI=dl.E_MAX, num_warps=1)
     return xb, xs, xz
 
 
@@ -209,7 +202,7 @@ if HAVE_GLUON:
                           rows_per_split, SPLIT, stride_om, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                           ZERO: gl.constexpr, HAS_Z: gl.constexpr, ATOMIC: gl.constexpr, HALVES: gl.constexpr,
                           CLASSES: gl.constexpr, NC: gl.constexpr, EVEN_N: gl.constexpr, PREFETCH: gl.constexpr,
-                          BN: gl.constexpr, WARPS: gl.constexpr, AHEAD: gl.constexpr = 0):
+                          BN: gl.constexpr, WARPS: gl.constexpr):
         CPB: gl.constexpr = 8 // W0
         NCT: gl.constexpr = 2 * HALVES * CLASSES  # columns per token
         TOK: gl.constexpr = NC // NCT
@@ -248,14 +241,9 @@ if HAVE_GLUON:
         w0_ptrs = p0 + offs
         w1_ptrs = p1 + offs
         b_ptrs += (r_lo // 16) * (NCT * 16 * CPB)
-        nil = gl.zeros([1], gl.int64, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-        for d in gl.static_range(1, AHEAD):  # the slice's first blocks (the loop asks for AHEAD blocks ahead)
-            dl._ahead(p0, p1, r_lo + 16 * d, r_hi, N, pid_n, gl.num_programs(0), nil, W1)
         if PREFETCH:
             raw0, raw1, raw_b = _load_block(w0_ptrs, w1_ptrs, b_ptrs, nmask, r_lo < r_hi, W1, EVEN_N, True)
         for r0 in range(r_lo, r_hi, 16):
-            if AHEAD > 0:
-                dl._ahead(p0, p1, r0 + 16 * AHEAD, r_hi, N, pid_n, gl.num_programs(0), nil, W1)
             if PREFETCH:  # this block's words were loaded last iteration
                 w0, w1, bw = raw0, raw1, raw_b
             else:
@@ -315,7 +303,7 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, nu
     kw = gw.planes[0].shape[0]
     rows_per_split, split = tlin.k_slices(kw, split_k)
     ncls = classes(gw, m)
-    xb, xs, xz = prepare_x(x2, gw, ncls, rows_per_split, split)
+    xb, xs, xz = prepare_x(x2, gw, ncls)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (-(-n // block_n), split)
     ws, cnt = tlin._workspace(x2.device, m * n, grid[0]) if split > 1 else (out, out)
@@ -324,5 +312,5 @@ def linear(x2: torch.Tensor, gw: GpuPackedWeight, block_n: int, split_k: int, nu
                             k, kw, xs.shape[1], tensors["stride_sg"], tensors["stride_sn"], 1.0 / gw.group,
                             rows_per_split, split, out.stride(0), ATOMIC=split > 1, HALVES=halves(gw), CLASSES=ncls,
                             NC=columns(gw, m), EVEN_N=n % block_n == 0, PREFETCH=prefetch, BN=block_n,
-                            WARPS=num_warps, AHEAD=dl.ahead_blocks(x2.device), num_warps=num_warps, **consts)
+                            WARPS=num_warps, num_warps=num_warps, **consts)
     return out

@@ -343,33 +343,6 @@ def test_split_k_gemm_with_a_part_block_of_rows_is_right_every_call() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(INTERPRET, reason="cp.async.bulk.prefetch is inline PTX (sm_90+): CUDA only")
-@pytest.mark.parametrize("bits", [2, 3, 8])
-@pytest.mark.parametrize("family", ["dp4a", "imma"])
-def test_the_l2_prefetches_change_no_output(bits: int, family: str, monkeypatch) -> None:
-    """The integer decodes ask L2 for their words ahead of use: the prep kernel for the first rows of every
-    K-slice (`dp4a_linear.L2_PREFETCH_BYTES`), each GEMV program for its share of the block L2_AHEAD_BLOCKS
-    ahead. Both are hints, so a table's first tile of each decode and its most K-split one stay right with them
-    (budgets that cover part of a slice and more than the weight, a last slice past K, blocks ahead past the
-    slice's end, the dp4a decode at 3 tokens) and without them."""
-    from kernels import dp4a_linear
-    gen = torch.Generator(device=DEV).manual_seed(22)
-    w = torch.randn(4100, 5000, device=DEV, generator=gen)
-    qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
-    gw = repack_for_gpu(qt, DEV)
-    x = torch.randn(3, 5000, device=DEV, generator=gen).bfloat16()
-    offered = [c for c in tlin.tile_candidates(1, gw, torch.bfloat16) if getattr(c, family)]
-    tiles = list(dict.fromkeys([offered[0], max(offered, key=lambda c: c.split_k)]))
-    assert tiles[-1].split_k > 1
-    for cfg in tiles:
-        for budget, ahead in ((0, 0), (1 << 16, 0), (1 << 30, 0), (1 << 20, 3), (0, 8)):
-            monkeypatch.setattr(dp4a_linear, "L2_PREFETCH_BYTES", budget)
-            monkeypatch.setattr(dp4a_linear, "L2_AHEAD_BLOCKS", ahead)
-            rows = x if cfg.dp4a else x[:1]
-            _check(_poisoned(lambda: tlin.linear(rows, gw, cfg)), rows, qt, torch.bfloat16)
-
-
-@pytest.mark.gpu
 def test_a_latency_table_sets_the_path_and_tile_layers_run(monkeypatch) -> None:
     """`LatencyTable.use_dispatch` (which `measure` calls on CUDA) makes "triton" layers run the fastest of our
     measured paths (never a library's, whose weight layout a layer does not hold): at a measured token count with
