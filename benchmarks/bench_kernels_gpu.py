@@ -68,8 +68,39 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
 
+def unfused(fns: dict, qt) -> dict:
+    """The baseline of the activation-quantized paths: x quantized, and the int8 product scaled, in torch ops
+    (about ten kernels a call) around the same matmuls."""
+    from kernels import gpu_activation_quant as gaq
+    codes = qt.codes().to(torch.int16) - (1 << (qt.spec.bits - 1))
+    sw = qt.scales.float().view(1, -1).cuda()
+    out = {}
+
+    def pad(x: torch.Tensor, multiple: int, minimum: int) -> torch.Tensor:
+        rows = max(minimum, -(-x.shape[0] // multiple) * multiple)
+        return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])]) if rows > x.shape[0] else x
+    if "int8_int_mm" in fns:
+        w8 = codes.to(torch.int8).cuda().t()
+
+        def int8(x: torch.Tensor) -> torch.Tensor:
+            sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / gaq.INT8_MAX
+            xq = pad(torch.round(x.float() / sx).to(torch.int8), 8, 24)
+            return (torch._int_mm(xq, w8)[:x.shape[0]].float() * sx * sw).to(x.dtype)
+        out["int8_int_mm_unfused"] = int8
+    if "fp8_scaled_mm" in fns:
+        wf = codes.float().to(torch.float8_e4m3fn).cuda().t()
+
+        def fp8(x: torch.Tensor) -> torch.Tensor:
+            sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / gaq.E4M3_MAX
+            xq = pad((x.float() / sx).to(torch.float8_e4m3fn), 16, 16)
+            return torch._scaled_mm(xq, wf, scale_a=pad(sx, 16, 16), scale_b=sw, out_dtype=x.dtype)[:x.shape[0]]
+        out["fp8_scaled_mm_unfused"] = fp8
+    return out
+
+
 def activation_quantized(shapes, tokens, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
-    """w4gca8 / w8gca8 through torch._int_mm and torch._scaled_mm vs bf16, checked against float64."""
+    """w4gca8 / w8gca8 through torch._int_mm and torch._scaled_mm (x quantized by our kernel; also the torch-op
+    baseline, `unfused`) vs bf16, checked against float64."""
     from kernels import Choice
     from kernels import gpu_activation_quant as gaq
     rows = []
@@ -81,6 +112,7 @@ def activation_quantized(shapes, tokens, reps: int, flush: torch.Tensor, gen: to
             qt = quantize(w, choice.spec_for("linear", k), clip_search=False)
             wdq = qt.dequantize(torch.float64)
             fns, skipped = gaq.candidates(qt, choice, torch.bfloat16)
+            fns.update(unfused(fns, qt))
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
                 ref = x.double() @ wdq.t()
@@ -115,7 +147,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    bits_list = [int(b) for b in args.bits.split(",")]
+    bits_list = [int(b) for b in args.bits.split(",") if b]  # --bits "": only bf16 and the activation-quantized
     tokens = [int(t) for t in args.tokens.split(",")]
     dtype = torch.bfloat16
     t_start = time.time()
@@ -207,14 +239,16 @@ def main() -> None:
         path = "fused" if r["best_ours"] == "triton_fused" else "deq+cuBLAS"
         lines.append(f"| {r['N']}x{r['K']} | {r['bits']} | {r['tokens']} | {r['bf16_ms'] * 1e3:.1f} | "
                      f"{r['best_ours_ms'] * 1e3:.1f} ({path}) | {r['speedup_vs_bf16']:.2f}x | {anc} | {va} | {bwf} |")
-    lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds:", "",
-              "| N x K | choice | tokens | bf16 | int8 _int_mm | fp8 _scaled_mm | best x bf16 |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds; x quantized "
+              "by our kernel, and (unfused) in torch ops:", "",
+              "| N x K | choice | tokens | bf16 | int8 _int_mm | unfused | fp8 _scaled_mm | unfused | best x bf16 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    paths = ("int8_int_mm", "int8_int_mm_unfused", "fp8_scaled_mm", "fp8_scaled_mm_unfused")
     for r in act_rows:
-        got = [v for v in r["ms"].values()]
-        us = {name: f"{r['ms'][name] * 1e3:.1f}" if name in r["ms"] else "-" for name in ("int8_int_mm", "fp8_scaled_mm")}
+        got = [v for name, v in r["ms"].items() if not name.endswith("_unfused")]
+        us = " | ".join(f"{r['ms'][name] * 1e3:.1f}" if name in r["ms"] else "-" for name in paths)
         best = f"{r['bf16_ms'] / min(got):.2f}x" if got else "-"
-        lines.append(f"| {r['N']}x{r['K']} | {r['choice']} | {r['tokens']} | {r['bf16_ms'] * 1e3:.1f} | "
-                     f"{us['int8_int_mm']} | {us['fp8_scaled_mm']} | {best} |")
+        lines.append(f"| {r['N']}x{r['K']} | {r['choice']} | {r['tokens']} | {r['bf16_ms'] * 1e3:.1f} | {us} | {best} |")
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print(f"done in {time.time() - t_start:.0f} s")
 

@@ -483,7 +483,7 @@ def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: 
     tiles(m) gives our fused kernel at the other tiles it tries for m token rows (`gpu_backends.tile_fns`)."""
     if choice.abits is not None:
         from . import gpu_activation_quant as gaq
-        return (*gaq.candidates(qt, choice, dtype), _no_tiles)
+        return (*gaq.candidates(qt, choice, dtype, device), _no_tiles)
     if device.type == "cuda":
         from .gpu_backends import gpu_candidates, tile_fns
         gw = repack_for_gpu(qt, "cuda")

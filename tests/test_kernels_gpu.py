@@ -28,6 +28,7 @@ SHAPES = [(64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64), (96, 16
     (64, 128, 128), (67, 203, 32), (45, 96, None), (130, 300, 64), (1000, 1030, 128), (257, 2080, None),
     (512, 4104, 64), (96, 160, 100)]
 TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
+FP8_INTERPRETER = "Triton 3.6's interpreter rounds float32 -> e4m3 wrongly just below a power of two (7.89 -> 4)"
 
 
 def _case(n: int, k: int, group: int | None, bits: int, symmetric: bool, dtype: torch.dtype, gen: torch.Generator):
@@ -443,25 +444,58 @@ def test_unsupported_group_falls_back_with_warning() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(DEV != "cuda", reason="torch._int_mm / _scaled_mm need CUDA")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_activation_quantized_paths(bits: int) -> None:
+    """w<b>gca8: x quantized per token by one Triton kernel (rows padded with zeros to what the matmul takes),
+    then int8 x int8 (`torch._int_mm`, its int32 product scaled by a second kernel) or e4m3 x e4m3
+    (`torch._scaled_mm`), against float64 at token counts around the padding (1, 16, 17, 100), a K of no power
+    of two, x far from zero and strided; FP8 where K and N are multiples of 16."""
     from kernels import Choice
     from kernels import gpu_activation_quant as gaq
     gen = torch.Generator().manual_seed(11)
     choice = Choice(bits, 8, None)
-    assert gaq.unsupported_reason(choice, torch.device("cuda")) is None
-    assert "per-channel" in gaq.unsupported_reason(Choice(bits, 8), torch.device("cuda"))
-    qt = quantize(torch.randn(264, 512, generator=gen), choice.spec_for("linear", 512), clip_search=False)
-    fns, skipped = gaq.candidates(qt, choice, torch.bfloat16)
-    assert "int8_int_mm" in fns
-    for m in (1, 16, 17, 100):
-        x = torch.randn(m, 512, generator=gen).bfloat16().cuda()
-        ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
-        for name, fn in fns.items():
-            y = fn(x).double().cpu()
-            err = float((y - ref).norm() / ref.norm())
-            assert y.shape == ref.shape and err < (2e-2 if name.startswith("int8") else 6e-2), (name, m, err)
+    if DEV == "cuda":
+        assert gaq.unsupported_reason(choice, torch.device("cuda")) is None
+        assert "per-channel" in gaq.unsupported_reason(Choice(bits, 8), torch.device("cuda"))
+    for n, k in ((272, 512), (264, 1032)):  # the second: K and N not multiples of 16, so no FP8
+        qt = quantize(torch.randn(n, k, generator=gen), choice.spec_for("linear", k), clip_search=False)
+        fns, skipped = gaq.candidates(qt, choice, torch.bfloat16, DEV)
+        assert "int8_int_mm" in fns and ("fp8_scaled_mm" in fns) == (bits <= 4 and k == 512), skipped
+        for m in (1, 16, 17) if INTERPRET else (1, 16, 17, 100):
+            x = (torch.randn(m, k + 8, generator=gen)[:, 4:k + 4] + 2).bfloat16().to(DEV)
+            ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
+            for name, fn in fns.items():
+                if name.startswith("fp8") and INTERPRET:
+                    continue  # FP8_INTERPRETER
+                y = fn(x)
+                assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+                err = float((y.double().cpu() - ref).norm() / ref.norm())
+                assert err < (2e-2 if name.startswith("int8") else 6e-2), (name, m, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_activation_quantization_kernel(fp8: bool) -> None:
+    """`quantize_rows`: each token's absmax maps to the largest code (127, or 448 in e4m3), codes round to
+    nearest, an all-zero token and the padding rows are zeros (the padding with scale 0)."""
+    from kernels import gpu_activation_quant as gaq
+    if fp8 and INTERPRET:
+        pytest.skip(FP8_INTERPRETER)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 3000, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 0.0]).view(-1, 1)).to(DEV)
+    xq, sx = gaq.quantize_rows(x.bfloat16(), fp8=fp8, multiple=16, minimum=16)
+    assert xq.shape == (16, 3000) and sx.shape == (16, 1)
+    xd, s = x.bfloat16().double().cpu(), sx.double().cpu()
+    qmax = gaq.E4M3_MAX if fp8 else gaq.INT8_MAX
+    amax = xd.abs().amax(dim=1, keepdim=True)
+    assert torch.allclose(s[:5], amax.clamp_min(1e-12) / qmax, rtol=1e-6) and not s[5:].any()
+    codes = xq.cpu().double()
+    assert not codes[5:].any() and not codes[4].any()
+    assert torch.equal(codes[:4].abs().amax(dim=1), torch.full((4,), qmax, dtype=torch.float64))
+    exact = xd[:4] / s[:4]
+    # half a step of the code grid (e4m3: 3 mantissa bits, subnormal below 2^-6), and x / s rounds in float32
+    step = 2.0 ** (exact.abs().clamp_min(2.0 ** -6).log2().floor() - 3) if fp8 else torch.ones_like(exact)
+    assert ((codes[:4] - exact).abs() <= step / 2 * (1 + 1e-4) + 1e-12).all()
 
 
 @pytest.mark.gpu
