@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from kernels import SUPPORTED_BITS, Choice, weight_nbytes
 from kernels.fileio import atomic_write_json
+from kernels.gpu_activation_quant import unsupported_reason as act_unsupported_reason
 from kernels.latency import LatencyTable, forward_ms
 from kernels.model_latency import model_key
 from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
@@ -79,6 +80,9 @@ def parse_choices(bits: Iterable[int] | None, choices: Iterable[Choice | str] | 
         out = [Choice(int(b)) for b in sorted(set(bits))]
     if not out:
         raise ValueError("give at least one candidate in bits= or choices=")
+    for c in out:
+        if c.abits is not None and (reason := act_unsupported_reason(c)) is not None:
+            raise ValueError(f"choices: {reason}")
     return out
 
 

@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
-from kernels import LatencyTable, quantize_module, quantized_module_from_config
+from kernels import Choice, LatencyTable, quantize_module, quantized_module_from_config
 from kernels.fileio import atomic_write, atomic_write_json
+from kernels.gpu_activation_quant import INT8_ACT, unsupported_reason
 from kernels.latency import device_name, use_paths
 from kernels.memory import matrix_shape
 
 from .io import read_json
-from .plan import Plan, PlanError
+from .plan import LayerPlan, Plan, PlanError
 
 PLAN_ATTR = "bitalloc_plan"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,12 +43,26 @@ def apply(model: nn.Module, plan: Plan, inplace: bool = False, check_hash: bool 
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an allocator.Plan, got {type(plan).__name__}")
     plan.validate(model, check_hash=check_hash)
+    backends = {layer.name: _backend_for(layer) for layer in plan.layers}
     qmodel = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for layer in plan.layers:
-            _set_submodule(qmodel, layer.name, quantize_module(qmodel.get_submodule(layer.name), layer.spec))
+            _set_submodule(qmodel, layer.name, quantize_module(qmodel.get_submodule(layer.name), layer.spec,
+                                                               backend=backends[layer.name]))
     setattr(qmodel, PLAN_ATTR, plan)
     return qmodel
+
+
+def _backend_for(layer: LayerPlan) -> str | None:
+    """The backend a planned layer is forced onto: "int8_act" for a linear layer whose choice quantizes activations
+    (w8gca8: int8 x int8), None (the registry's pick) otherwise. Convs run such choices weight-only, as their
+    latency entries time them."""
+    if layer.abits is None or layer.kind not in ("linear", "hf_conv1d"):
+        return None
+    reason = unsupported_reason(Choice.parse(layer.choice))
+    if reason is not None:
+        raise ValueError(f"plan layer {layer.name!r}: {reason}")
+    return INT8_ACT.name
 
 
 def quantized_bytes(qmodel: nn.Module) -> dict[str, int]:

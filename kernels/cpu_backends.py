@@ -64,7 +64,7 @@ def _int8_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
     return torch._weight_int8pack_mm(x.contiguous(), w, qw.scales.reshape(-1).to(x.dtype))
 
 
-def _flip_sign_bit(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
+def flip_sign_bit(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
     return qweight ^ 0x80
 
 
@@ -152,6 +152,6 @@ def _int4_from_layout(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, 
 
 DEQUANT = register_backend(Backend("dequant", lambda spec, shape, device, dtype: dtype.is_floating_point, _dequant_linear, priority=0))
 CPU_INT8 = register_backend(Backend("cpu_int8", _int8_supports, _int8_linear, priority=10, layout="int8_signed",
-                                    to_layout=_flip_sign_bit, from_layout=_flip_sign_bit, fast=_bf16_only))
+                                    to_layout=flip_sign_bit, from_layout=flip_sign_bit, fast=_bf16_only))
 CPU_INT4 = register_backend(Backend("cpu_int4", _int4_supports, _int4_linear, priority=10, layout="cpu_int4pack",
                                     to_layout=_int4_to_layout, from_layout=_int4_from_layout, fast=_bf16_only))

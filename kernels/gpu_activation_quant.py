@@ -1,12 +1,16 @@
-"""Activation-quantized choices (w<b>gca8) on CUDA: int8 x int8 through torch._int_mm, FP8 e4m3 through torch._scaled_mm.
+"""Activation-quantized choices (w<b>gca8): int8 x int8 through torch._int_mm, FP8 e4m3 through torch._scaled_mm.
 
 Activations are quantized per token (absmax), weights use their per-channel codes shifted to signed
 (q - 2^(b-1)), exact in int8 for every b and in e4m3 for b <= 4; the per-token and per-channel scales are
-applied to the integer / fp8 product. Quantizing x is one Triton kernel (absmax, scale and codes of a token
-per program, rows padded to what the matmul takes), and so is the int8 product's scaling (int32 -> x's dtype):
-done in torch ops they were about ten kernels a call, each reading or writing x or the int32 product.
-Choices the device cannot run are reported by `unsupported_reason` (and left out of the latency table), never
-raised in the middle of a solve.
+applied to the integer / fp8 product. On CUDA quantizing x is one Triton kernel (absmax, scale and codes of a
+token per program, rows padded to what the matmul takes), and so is the int8 product's scaling (int32 -> x's
+dtype): done in torch ops (as on the CPU) they were about ten kernels a call.
+
+A plan's w8gca8 layers run int8 x int8 in the model: backend "int8_act" (never picked automatically; `apply`
+forces it for layers whose choice has 8-bit activations), which holds the codes as signed bytes (the dense
+packing's size). Other weight widths with 8-bit activations would need their codes a byte each, or a fused
+W4A8 kernel we do not have, so `unsupported_reason` removes them from the candidate set (their int8 / FP8
+timings are in benchmarks/bench_kernels_gpu.py only), never raising in the middle of a solve.
 """
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-from .choice import Choice
+from . import triton_linear as tlin
+from .backends import Backend, QuantizedWeightLike, layer_view, register_backend
+from .choice import Choice, QuantSpec
+from .cpu_backends import flip_sign_bit
 from .quantizer import QuantizedTensor
 from .triton_linear import HAVE_TRITON, tl, triton
 
@@ -27,18 +34,19 @@ def fp8_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
 
 
-def unsupported_reason(choice: Choice, device: torch.device) -> str | None:
-    """Why `device` cannot run the activation-quantized `choice` (None: it can)."""
-    if device.type != "cuda":
-        return f"{choice.label}: activation-quantized choices run only on CUDA (torch._int_mm / _scaled_mm); removed on {device.type}"
-    if not HAVE_TRITON:
-        return f"{choice.label}: activation-quantized choices quantize x in a Triton kernel; install triton"
+def unsupported_reason(choice: Choice, device: torch.device | None = None) -> str | None:
+    """Why the activation-quantized `choice` cannot be an emitted layer (on `device`, if given); None: it can."""
     if choice.abits != 8:
-        return f"{choice.label}: only 8-bit activations are implemented (int8 or fp8 e4m3)"
+        return f"{choice.label}: only 8-bit activations are implemented (int8)"
+    if choice.wbits != 8:
+        return (f"{choice.label}: 8-bit activations run with 8-bit weights only (int8 x int8); {choice.wbits}-bit "
+                f"codes would need a byte each or a fused W{choice.wbits}A8 kernel, which we do not have")
     if choice.group_size is not None:
-        return f"{choice.label}: int8/fp8 matmuls take per-channel weight scales only; use w{choice.wbits}gca8"
+        return f"{choice.label}: int8 matmuls take per-channel weight scales only; use w{choice.wbits}gca8"
     if not choice.symmetric:
         return f"{choice.label}: activation-quantized matmuls need symmetric weights"
+    if device is not None and device.type not in ("cuda", "cpu"):
+        return f"{choice.label}: activation-quantized layers run on CUDA and the CPU only; removed on {device.type}"
     return None
 
 
@@ -76,7 +84,7 @@ if HAVE_TRITON:
         n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = n < N
         y = tl.load(acc + m * N + n, mask=mask, other=0).to(tl.float32) * tl.load(sx + m)
-        y = y * tl.load(sw + n, mask=mask, other=0.0)
+        y = y * tl.load(sw + n, mask=mask, other=0.0).to(tl.float32)
         tl.store(out + m * stride_om + n, y.to(out.dtype.element_ty), mask=mask)
 
 
@@ -101,14 +109,27 @@ def scale_int_product(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, m: 
     return out
 
 
-def _int8(qt: QuantizedTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    w_t = _signed_weight(qt).to(torch.int8).to(device).t()          # [K, N], column-major as _int_mm wants
-    sw = qt.scales.float().reshape(-1).to(device)
+def int8_matmul(x: torch.Tensor, w_t: torch.Tensor, sw: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T in x's dtype, x quantized to int8 per token: w_t [K, N] signed codes (column-major, as
+    torch._int_mm takes them), sw [N] per-channel scales. fused: x quantized and the product scaled by our Triton
+    kernels (default: on CUDA, and in Triton's CPU interpreter), else in torch ops."""
+    m = x.shape[0]
+    if fused is None:
+        fused = HAVE_TRITON and (x.is_cuda or not tlin.ASM)
+    if fused:
+        xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=8, minimum=24)  # CUDA's _int_mm: > 16 rows
+        return scale_int_product(torch._int_mm(xq, w_t), sx, sw, m, x.dtype)
+    sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT8_MAX
+    xq = torch.round(x.float() / sx).to(torch.int8)
+    if x.is_cuda and m <= 16:
+        xq = torch.cat([xq, xq.new_zeros(24 - m, xq.shape[1])])
+    return (torch._int_mm(xq, w_t)[:m].float() * sx * sw.float()).to(x.dtype)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=8, minimum=24)  # _int_mm needs > 16 rows
-        return scale_int_product(torch._int_mm(xq, w_t), sx, sw, x.shape[0], x.dtype)
-    return run
+
+def _int8(qt: QuantizedTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    w_t = _signed_weight(qt).to(torch.int8).to(device).t()
+    sw = qt.scales.float().reshape(-1).to(device)
+    return lambda x: int8_matmul(x, w_t, sw)
 
 
 def _fp8(qt: QuantizedTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -121,15 +142,38 @@ def _fp8(qt: QuantizedTensor, device: torch.device) -> Callable[[torch.Tensor], 
     return run
 
 
+def _int8_act_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    out, inp = shape
+    shapes_ok = device.type == "cpu" or (device.type == "cuda" and HAVE_TRITON and out % 8 == 0 and inp % 8 == 0)
+    return (shapes_ok and dtype.is_floating_point and spec.bits == 8 and spec.symmetric and spec.group_size is None
+            and hasattr(torch, "_int_mm"))
+
+
+def _int8_act_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
+    out, inp = qw.matrix_shape
+    return int8_matmul(x, qw.qweight.view(torch.int8).view(out, inp).t(), qw.scales.reshape(-1))
+
+
+def _never(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    return False
+
+
+INT8_ACT = register_backend(Backend("int8_act", _int8_act_supports, _int8_act_linear, layout="int8_signed",
+                                    to_layout=flip_sign_bit, from_layout=flip_sign_bit, fast=_never))
+
+
 def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype,
                device: torch.device | str = "cuda") -> tuple[dict[str, Callable], dict[str, str]]:
-    """name -> fn(x [M, K]) for the int8 and fp8 paths of `qt` on `device`, and name -> reason skipped. (Off
-    CUDA only Triton's CPU interpreter runs them, for tests.)"""
+    """name -> fn(x [M, K]) for the int8 and fp8 paths of `qt` on `device`, and name -> reason skipped. At 8 bits
+    the int8 path is the "int8_act" layer's own; the others (and FP8 off CUDA) are for benchmarks."""
     n, k = qt.shape
     dev = torch.device(device)
     fns: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
-    if k % 8 or n % 8:
+    if INT8_ACT.supports(qt.spec, qt.shape, dev, dtype):
+        view = layer_view(qt, INT8_ACT, dev)
+        fns["int8_int_mm"] = lambda x: INT8_ACT.linear(x, view)
+    elif dev.type == "cuda" and (k % 8 or n % 8):
         skipped["int8_int_mm"] = f"torch._int_mm needs K and N multiples of 8 (N {n}, K {k})"
     else:
         fns["int8_int_mm"] = _int8(qt, dev)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_backends, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
+from . import cpu_backends, gpu_activation_quant, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
 from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_order, layout_backend, select_backend
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix
@@ -130,8 +130,12 @@ class _QuantizedWeight(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """JSON-able metadata that, with the state dict, rebuilds this layer (see `quantized_module_from_config`)."""
-        return {"kind": self.kind, "weight_shape": list(self.weight_shape), "spec": self.spec.to_dict(),
-                "bias": self.bias is not None, "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else None}
+        config = {"kind": self.kind, "weight_shape": list(self.weight_shape), "spec": self.spec.to_dict(),
+                  "bias": self.bias is not None,
+                  "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else None}
+        if self.forced_backend is not None:  # e.g. "int8_act": a w8a8 layer stays one when it is loaded
+            config["backend"] = self.forced_backend
+        return config
 
 
 class QuantizedLinear(_QuantizedWeight):
@@ -272,7 +276,9 @@ def quantize_module(module: nn.Module, spec: QuantSpec, clip_search: bool = True
 
 def quantized_module_from_config(config: dict[str, Any], device: torch.device | str | None = None,
                                  backend: str | None = None) -> nn.Module:
-    """An empty quantized layer from `module.config()`; fill it with `load_state_dict`. `backend` forces one (linear only)."""
+    """An empty quantized layer from `module.config()`; fill it with `load_state_dict`. `backend` forces one (default:
+    the config's, if it names one)."""
+    backend = backend or config.get("backend")
     try:
         kind, shape, spec = config["kind"], tuple(config["weight_shape"]), QuantSpec.from_dict(config["spec"])
         bias_dtype = getattr(torch, config.get("bias_dtype") or "float32")

@@ -474,6 +474,26 @@ def test_activation_quantized_paths(bits: int) -> None:
 
 
 @pytest.mark.gpu
+def test_a_w8a8_layer_runs_int8_on_the_device() -> None:
+    """A QuantizedLinear forced onto "int8_act" (what `apply` does for a plan's w8gca8 layers), in bfloat16: x
+    quantized by our Triton kernel, int8 x int8, the product scaled by our kernel, against float64 with the bias;
+    rebuilt from its config and state dict it stays on that backend and gives the same output."""
+    from kernels import quantize_module, quantized_module_from_state
+    torch.manual_seed(0)
+    q = quantize_module(torch.nn.Linear(264, 136), QuantSpec(8, None, True, "bfloat16"), backend="int8_act")
+    q = q.to(DEV).bfloat16()
+    w64 = q.quantized_tensor().dequantize(torch.float64).cpu()
+    for m in (1, 17) if INTERPRET else (1, 17, 100):
+        x = torch.randn(m, 264).bfloat16().to(DEV)
+        y = q(x)
+        ref = x.double().cpu() @ w64.t() + q.bias.double().cpu()
+        assert q.backend == "int8_act" and y.dtype == torch.bfloat16
+        assert float((y.double().cpu() - ref).norm() / ref.norm()) < 2e-2
+    again = quantized_module_from_state(q.config(), q.state_dict(), device=DEV).bfloat16()
+    assert torch.equal(again(x), y) and again.backend == "int8_act"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
 def test_activation_quantization_kernel(fp8: bool) -> None:
     """`quantize_rows`: each token's absmax maps to the largest code (127, or 448 in e4m3), codes round to
