@@ -75,25 +75,19 @@ def unfused(fns: dict, qt) -> dict:
     codes = qt.codes().to(torch.int16) - (1 << (qt.spec.bits - 1))
     sw = qt.scales.float().view(1, -1).cuda()
     out = {}
-
-    def pad(x: torch.Tensor, multiple: int, minimum: int) -> torch.Tensor:
-        rows = max(minimum, -(-x.shape[0] // multiple) * multiple)
-        return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])]) if rows > x.shape[0] else x
     if "int8_int_mm" in fns:
         w8 = codes.to(torch.int8).cuda().t()
-
-        def int8(x: torch.Tensor) -> torch.Tensor:
-            sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / gaq.INT8_MAX
-            xq = pad(torch.round(x.float() / sx).to(torch.int8), 8, 24)
-            return (torch._int_mm(xq, w8)[:x.shape[0]].float() * sx * sw).to(x.dtype)
-        out["int8_int_mm_unfused"] = int8
+        out["int8_int_mm_unfused"] = lambda x: gaq.int8_matmul(x, w8, sw.view(-1), fused=False)
     if "fp8_scaled_mm" in fns:
         wf = codes.float().to(torch.float8_e4m3fn).cuda().t()
 
         def fp8(x: torch.Tensor) -> torch.Tensor:
+            m = x.shape[0]
             sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / gaq.E4M3_MAX
-            xq = pad((x.float() / sx).to(torch.float8_e4m3fn), 16, 16)
-            return torch._scaled_mm(xq, wf, scale_a=pad(sx, 16, 16), scale_b=sw, out_dtype=x.dtype)[:x.shape[0]]
+            xq = (x.float() / sx).to(torch.float8_e4m3fn)
+            if m % 16:
+                xq, sx = (torch.cat([t, t.new_zeros(16 - m % 16, t.shape[1])]) for t in (xq, sx))
+            return torch._scaled_mm(xq, wf, scale_a=sx, scale_b=sw, out_dtype=x.dtype)[:m]
         out["fp8_scaled_mm_unfused"] = fp8
     return out
 
