@@ -121,8 +121,9 @@ def int8_matmul(x: torch.Tensor, w_t: torch.Tensor, sw: torch.Tensor, fused: boo
         return scale_int_product(torch._int_mm(xq, w_t), sx, sw, m, x.dtype)
     sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT8_MAX
     xq = torch.round(x.float() / sx).to(torch.int8)
-    if x.is_cuda and m <= 16:
-        xq = torch.cat([xq, xq.new_zeros(24 - m, xq.shape[1])])
+    rows = max(24, -(-m // 8) * 8) if x.is_cuda else m  # as quantize_rows pads for CUDA's _int_mm
+    if rows > m:
+        xq = torch.cat([xq, xq.new_zeros(rows - m, xq.shape[1])])
     return (torch._int_mm(xq, w_t)[:m].float() * sx * sw.float()).to(x.dtype)
 
 
