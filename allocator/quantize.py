@@ -13,7 +13,7 @@ from safetensors.torch import load_model, save_model
 
 from kernels import Choice, LatencyTable, quantize_module, quantized_module_from_config
 from kernels.fileio import atomic_write, atomic_write_json
-from kernels.gpu_activation_quant import INT8_ACT, unsupported_reason
+from kernels.gpu_activation_quant import ACT_QUANT_KINDS, INT8_ACT, unsupported_reason
 from kernels.latency import device_name, use_paths
 from kernels.memory import matrix_shape
 
@@ -57,7 +57,7 @@ def _backend_for(layer: LayerPlan) -> str | None:
     """The backend a planned layer is forced onto: "int8_act" for a linear layer whose choice quantizes activations
     (w8gca8: int8 x int8), None (the registry's pick) otherwise. Convs run such choices weight-only, as their
     latency entries time them."""
-    if layer.abits is None or layer.kind not in ("linear", "hf_conv1d"):
+    if layer.abits is None or layer.kind not in ACT_QUANT_KINDS:
         return None
     reason = unsupported_reason(Choice.parse(layer.choice))
     if reason is not None:

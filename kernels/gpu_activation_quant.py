@@ -25,6 +25,7 @@ from .cpu_backends import flip_sign_bit
 from .quantizer import QuantizedTensor
 from .triton_linear import HAVE_TRITON, tl, triton
 
+ACT_QUANT_KINDS = ("linear", "hf_conv1d")  # layer kinds whose emitted module quantizes its input (convs: weight-only)
 FP8_MAX_EXACT_BITS = 4   # signed codes of <= 4 bits are exact in float8_e4m3fn
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
@@ -48,6 +49,15 @@ def unsupported_reason(choice: Choice, device: torch.device | None = None) -> st
     if device is not None and device.type not in ("cuda", "cpu"):
         return f"{choice.label}: activation-quantized layers run on CUDA and the CPU only; removed on {device.type}"
     return None
+
+
+def round_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """x rounded as an 8-bit-activation layer rounds its input (float reference, x's dtype): per token (last
+    dimension) to integers of `bits` bits scaled by absmax / (2^(bits-1) - 1)."""
+    qmax = float(2 ** (bits - 1) - 1)
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+    return (torch.round(xf / s) * s).to(x.dtype)
 
 
 def _signed_weight(qt: QuantizedTensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Measured single-layer deltas (the ground truth): quantize one layer at a time at each
 choice and measure the change of the mean calibration loss (task loss with labels, else
-self-distillation against the float model, which is 0 at the float weights)."""
+self-distillation against the float model, which is 0 at the float weights). A choice with quantized
+activations (w8gca8) also rounds the layer's input as its emitted module does."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ from kernels import Choice
 
 from .calibration import Calibration
 from .graph import LayerGraph
-from .perturb import check_finite_loss, perturbed, squared_errors, weight_deltas
+from .perturb import activations_rounded, check_finite_loss, perturbed, squared_errors, weight_deltas
 from .profile import Profile
 from .progress import progress
 from .registry import register_profiler, shard_batches, shard_layers
@@ -57,7 +58,7 @@ def measured(model: nn.Module, calib: Calibration, graph: LayerGraph, choices: l
         loss_sums = np.zeros((len(layers), len(choices)))
         for i, layer in enumerate(progress(layers, desc="measured: one layer at a time", unit="layer")):
             for j, d in enumerate(deltas[i]):
-                with perturbed(model, {layer.name: d}):
+                with perturbed(model, {layer.name: d}), activations_rounded(model, layer, choices[j]):
                     loss_sums[i, j] = total_loss()
     n = np.full(len(layers), float(len(batches)))
     return _finish([l.name for l in layers], [c.label for c in choices], np.full(len(layers), base), loss_sums, n,

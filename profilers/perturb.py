@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kernels import Choice, fake_quantize, matrix_to_weight, weight_matrix
+from kernels.gpu_activation_quant import ACT_QUANT_KINDS, round_activations
 
 from .graph import LayerInfo
 
@@ -49,6 +50,21 @@ def perturbed(model: nn.Module, changes: dict[str, torch.Tensor]) -> Iterator[No
         with torch.no_grad():
             for name, w0 in saved.items():
                 model.get_submodule(name).weight.copy_(w0)
+
+
+@contextmanager
+def activations_rounded(model: nn.Module, info: LayerInfo, choice: Choice) -> Iterator[None]:
+    """While inside, layer `info` rounds its input per token to `choice.abits` bits, as its emitted module does
+    for a choice with quantized activations (linear kinds; convs run such choices weight-only); otherwise nothing."""
+    if choice.abits is None or info.kind not in ACT_QUANT_KINDS:
+        yield
+        return
+    hook = model.get_submodule(info.name).register_forward_pre_hook(
+        lambda module, args: (round_activations(args[0], choice.abits), *args[1:]))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @contextmanager

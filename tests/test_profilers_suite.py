@@ -39,6 +39,32 @@ def test_measured_is_the_loss_change_of_quantizing_one_layer():
     np.testing.assert_allclose(merged.cost, prof.cost, rtol=1e-9, atol=1e-12)
 
 
+def test_measured_rounds_the_input_of_a_layer_with_8_bit_activations():
+    """w8gca8 costs what its emitted layer does: w8gc's weight rounding, and the layer's input rounded per token
+    to integers of 8 bits (absmax / 127 a step)."""
+    net = mlp()
+    xs, ys = [torch.randn(16, 6) for _ in range(3)], [torch.randint(0, 3, (16,)) for _ in range(3)]
+    prof = profile(net, Calibration(xs, labels=ys), build_layer_graph(net, xs[0]), ["w8gc", "w8gca8"],
+                   profiler="measured")
+    w2 = net[2].weight.detach()
+    w2q = fake_quantize(w2, Choice.parse("w8gc").spec_for("linear", 8))
+
+    def mean_loss(w, rounded: bool):
+        losses = []
+        for x, y in zip(xs, ys):
+            h = torch.tanh(net[0](x))
+            if rounded:
+                step = h.abs().amax(dim=1, keepdim=True) / 127
+                h = torch.round(h / step) * step
+            losses.append(F.cross_entropy(h @ w.T + net[2].bias, y).item())
+        return np.mean(losses)
+
+    base = mean_loss(w2, False)
+    np.testing.assert_allclose(prof.cost[1], [mean_loss(w2q, False) - base, mean_loss(w2q, True) - base],
+                               rtol=1e-5, atol=1e-7)
+    assert prof.cost[1, 1] != prof.cost[1, 0] and torch.equal(net[2].weight, w2)
+
+
 def test_measured_without_labels_is_the_distillation_loss_of_the_quantized_model():
     net = mlp()
     x = torch.randn(16, 6)
