@@ -15,6 +15,7 @@ float model, and memory vs the plans' predicted bytes, in one run.
    allocator bytes (resident and peak) vs the plan's predicted bytes. Decode = the 1-token forward. Predicted is
    the library's (`LatencyTable.layer_ms`: graph-timed entries less the table's replay overhead); the raw sum of
    the isolated entries is shown beside it.
+--extra-choices w8gca8 adds choices to the table, a uniform plan of each, and the solved plans' candidates.
 Writes bench.json, bench.md and latency.json under --out. `--tiny --device cpu` runs a tiny config on the CPU.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from allocator import Budget, check_latency, format_checks, predict_latency, uni
 from allocator.api import ProfiledModel, build_problem, plan_from_solution, solve_profiled  # noqa: E402
 from allocator.budget import MIB  # noqa: E402
 from allocator.model import storage_bytes  # noqa: E402
+from kernels import Choice  # noqa: E402
 from kernels.fileio import atomic_write, atomic_write_json  # noqa: E402
 from kernels.latency import (GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, default_dtype, device_name, measure,  # noqa: E402
                              time_cuda, versions)
@@ -98,11 +100,11 @@ def role_weight(name: str, n_blocks: int) -> float:
     return w
 
 
-def synthetic_profiled(model, graph, n_blocks: int) -> ProfiledModel:
+def synthetic_profiled(model, graph, n_blocks: int, choices: list[str]) -> ProfiledModel:
     """A ProfiledModel with cost params x 4^-bits x role weight (quantization noise power; no calibration)."""
-    bits = np.array([int(c[1:]) for c in CHOICES], dtype=float)
+    bits = np.array([Choice.parse(c).wbits for c in choices], dtype=float)
     cost = np.array([[l.params * role_weight(l.name, n_blocks) * 4.0 ** -b for b in bits] for l in graph.layers])
-    prof = Profile(layers=graph.names, choices=list(CHOICES), cost=cost, profiler="synthetic",
+    prof = Profile(layers=graph.names, choices=list(choices), cost=cost, profiler="synthetic",
                    settings={"cost": "params x 4^-bits x role weight"})
     return ProfiledModel.build(model, graph, prof)
 
@@ -176,6 +178,8 @@ def main() -> None:
     ap.add_argument("--tokens", help="comma-separated token counts (default 1,16,512; --tiny: 1,8)")
     ap.add_argument("--reps", type=int, help="timed runs per median (default: 30 on CUDA, 5 on the CPU)")
     ap.add_argument("--method", default="pareto", help="solver for the budgeted plans (default pareto: exact, no pulp)")
+    ap.add_argument("--extra-choices", default="", help="choice labels besides w2,w3,w4,w8, each also a uniform "
+                    "plan and a candidate of the solved ones (e.g. w8gca8: int8 activations)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -187,6 +191,8 @@ def main() -> None:
     if 1 not in tokens:
         sys.exit(f"--tokens must include 1 (the decode figure), got {tokens}")
     reps = args.reps or (30 if device.type == "cuda" else 5)
+    extra = [Choice.parse(c).label for c in args.extra_choices.split(",") if c]
+    choices = list(CHOICES) + extra
     out = Path(args.out)
     dtype = default_dtype(device)
     stages: dict[str, float] = {}
@@ -204,7 +210,7 @@ def main() -> None:
     log(f"{device_name(device)}: Llama {n_params / 1e9:.3f} B params, {len(graph)} quantizable layers, {dtype}")
 
     t0 = time.perf_counter()
-    table = measure(graph, CHOICES, tokens=tokens, device=device, reps=reps)
+    table = measure(graph, choices, tokens=tokens, device=device, reps=reps)
     stage("latency table (quantized linears)", t0)
     t0 = time.perf_counter()
     float_linear = time_float_linears(graph, tokens, device, dtype, reps)
@@ -215,9 +221,10 @@ def main() -> None:
     table.save(out / "latency.json")
 
     t0 = time.perf_counter()
-    profiled = synthetic_profiled(model, graph, n_blocks)
+    profiled = synthetic_profiled(model, graph, n_blocks, choices)
     plans = {"uniform w4": uniform_plan(profiled, "w4"), "uniform w8": uniform_plan(profiled, "w8"),
              "pattern 2/3/4/8": fixed_plan(profiled, pattern_labels(graph.names, n_blocks))}
+    plans.update({f"uniform {c}": uniform_plan(profiled, c) for c in extra})
     solved, notes = solved_plans(profiled, plans, table, args.method)
     plans.update(solved)
     stage("plans", t0)
@@ -250,14 +257,14 @@ def main() -> None:
     for n, k in shapes:
         for t in tokens:
             row = {"shape": f"{n}x{k}", "tokens": t, "float_ms": float_linear[(n, k, t)]}
-            for c in CHOICES:
+            for c in choices:
                 e = table.entries[f"linear:{n}x{k}|{c}|{t}"]
-                row[c] = {"model_ms": e.model_ms, "model_path": e.selected, "fastest_ms": e.ms, "fastest_path": e.backend,
+                row[c] = {"model_ms": e.model_ms, "model_path": e.selected or e.backend, "fastest_ms": e.ms, "fastest_path": e.backend,
                           "all_ms": e.all_ms, "rejected": e.rejected}
             kernels.append(row)
     meta = {"device": device_name(device), "versions": {**versions(), "transformers": transformers.__version__},
             "config": {k: getattr(config, k) for k in FULL}, "params": n_params, "dtype": str(dtype), "tokens": tokens,
-            "reps": reps, "stages_s": stages, "total_s": time.perf_counter() - START,
+            "reps": reps, "choices": choices, "stages_s": stages, "total_s": time.perf_counter() - START,
             "timer": "CUDA events, L2 flushed before each" if device.type == "cuda" else "time.perf_counter",
             "replay_overhead_ms": table.replay_overhead_ms, "graph_max_tokens": table.graph_max_tokens,
             "notes": "batch 1, no KV cache; decode = the 1-token forward"}
@@ -276,6 +283,7 @@ def main() -> None:
 
 def markdown(result: dict, rows: list[dict], checks, decode: list[dict], kernels: list[dict]) -> str:
     meta = result["meta"]
+    choices = meta["choices"]
     v = meta["versions"]
     correction = (f"each layer's table entry less the fixed cost of one timed graph replay "
                   f"({meta['replay_overhead_ms']:.4f} ms, measured once per table) where it was graph-timed "
@@ -308,11 +316,11 @@ def markdown(result: dict, rows: list[dict], checks, decode: list[dict], kernels
                      f"{c.peak_bytes / MIB:.1f} |")
     lines += [""] + [f"- {note}" for note in result["notes"]] if result["notes"] else []
     lines += ["", "## Layer table: the path the model runs vs the fastest measured, ms", "",
-              "| N x K | tokens | float | " + " | ".join(f"{c} model (path) | {c} fastest (path)" for c in CHOICES) + " |",
-              "|---|---|---|" + "---|---|" * len(CHOICES)]
+              "| N x K | tokens | float | " + " | ".join(f"{c} model (path) | {c} fastest (path)" for c in choices) + " |",
+              "|---|---|---|" + "---|---|" * len(choices)]
     for r in kernels:
         cells = [f"{r[c]['model_ms']:.4f} ({r[c]['model_path']}) | {r[c]['fastest_ms']:.4f} ({r[c]['fastest_path']})"
-                 for c in CHOICES]
+                 for c in choices]
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['float_ms']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
