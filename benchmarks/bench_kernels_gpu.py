@@ -83,10 +83,11 @@ def unfused(fns: dict, qt) -> dict:
 
         def fp8(x: torch.Tensor) -> torch.Tensor:
             m = x.shape[0]
-            sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / gaq.E4M3_MAX
+            sx = gaq.token_scales(x, gaq.E4M3_MAX)
             xq = (x.float() / sx).to(torch.float8_e4m3fn)
-            if m % 16:
-                xq, sx = (torch.cat([t, t.new_zeros(16 - m % 16, t.shape[1])]) for t in (xq, sx))
+            pad = gaq.padded_rows(m, 16, 16) - m
+            if pad:
+                xq, sx = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (xq, sx))
             return torch._scaled_mm(xq, wf, scale_a=sx, scale_b=sw, out_dtype=x.dtype)[:m]
         out["fp8_scaled_mm_unfused"] = fp8
     return out

@@ -51,13 +51,21 @@ def unsupported_reason(choice: Choice, device: torch.device | None = None) -> st
     return None
 
 
+def token_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Per-token (last dimension) quantization steps of x in float32: absmax / qmax (torch ops)."""
+    return x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+
+
+def padded_rows(m: int, multiple: int, minimum: int) -> int:
+    """Rows a matmul of m token rows takes: at least `minimum`, a multiple of `multiple`."""
+    return max(minimum, -(-m // multiple) * multiple)
+
+
 def round_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """x rounded as an 8-bit-activation layer rounds its input (float reference, x's dtype): per token (last
     dimension) to integers of `bits` bits scaled by absmax / (2^(bits-1) - 1)."""
-    qmax = float(2 ** (bits - 1) - 1)
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
-    return (torch.round(xf / s) * s).to(x.dtype)
+    s = token_scales(x, float(2 ** (bits - 1) - 1))
+    return (torch.round(x.float() / s) * s).to(x.dtype)
 
 
 def _signed_weight(qt: QuantizedTensor) -> torch.Tensor:
@@ -102,7 +110,7 @@ def quantize_rows(x: torch.Tensor, fp8: bool, multiple: int, minimum: int) -> tu
     """x [M, K] (unit stride along K) -> (codes [P, K] int8 or float8_e4m3fn, scales [P, 1] float32), quantized
     per row by its absmax, with P >= max(M, minimum) a multiple of `multiple`; rows M.. are zeros."""
     m, k = x.shape
-    rows = max(minimum, -(-m // multiple) * multiple)
+    rows = padded_rows(m, multiple, minimum)
     xq = torch.empty(rows, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     sx = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block = min(triton.next_power_of_2(k), 2048)
@@ -129,9 +137,9 @@ def int8_matmul(x: torch.Tensor, w_t: torch.Tensor, sw: torch.Tensor, fused: boo
     if fused:
         xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=8, minimum=24)  # CUDA's _int_mm: > 16 rows
         return scale_int_product(torch._int_mm(xq, w_t), sx, sw, m, x.dtype)
-    sx = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT8_MAX
+    sx = token_scales(x, INT8_MAX)
     xq = torch.round(x.float() / sx).to(torch.int8)
-    rows = max(24, -(-m // 8) * 8) if x.is_cuda else m  # as quantize_rows pads for CUDA's _int_mm
+    rows = padded_rows(m, 8, 24) if x.is_cuda else m
     if rows > m:
         xq = torch.cat([xq, xq.new_zeros(rows - m, xq.shape[1])])
     return (torch._int_mm(xq, w_t)[:m].float() * sx * sw.float()).to(x.dtype)
