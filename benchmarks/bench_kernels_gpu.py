@@ -93,37 +93,67 @@ def unfused(fns: dict, qt) -> dict:
     return out
 
 
-def activation_quantized(shapes, tokens, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
-    """w4gca8 / w8gca8 through torch._int_mm and torch._scaled_mm (x quantized by our kernel; also the torch-op
-    baseline, `unfused`) vs bf16, checked against float64."""
-    from kernels import Choice
+def a8_sweep(m: int, gw) -> list[tlin.Config]:
+    """Tiles (block_m tokens x block_n weight rows) of the fused W<b>A8 kernel tried besides
+    `a8_linear.default_config`: split-K decode tiles up to 64 rows (and one without split-K), 64..256 x 64..256
+    prefill tiles above."""
+    n, blocks = gw.shape[0], gw.planes[0].shape[0] // 16
+
+    def cfg(bm: int, bn: int, warps: int, stages: int, waves: int) -> tlin.Config:
+        split = 1 if waves == 0 else tlin.split_for(-(-n // bn) * -(-m // bm), blocks, waves)
+        return tlin.Config(bm, bn, split, warps, stages)
+    bm = 16 if m <= 16 else 64
+    if m <= 64:
+        return [cfg(bm, 128, 4, 1, 2), cfg(bm, 64, 4, 1, 4), cfg(bm, 256, 8, 1, 2), cfg(bm, 128, 4, 3, 0)]
+    return [cfg(64, 128, 4, 3, 0), cfg(128, 256, 8, 3, 0), cfg(256, 128, 8, 3, 0), cfg(128, 64, 4, 3, 0),
+            cfg(64, 256, 8, 3, 0), cfg(128, 128, 8, 4, 0)]
+
+
+def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
+    """w<b>gca8 through the emitted layers' paths (the fused W<b>A8 kernel below 8 bits, with a tile sweep;
+    torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
+    our kernel; also the torch-op baseline, `unfused`) vs bf16, checked against float64."""
+    from kernels import Choice, a8_linear
     from kernels import gpu_activation_quant as gaq
     rows = []
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", generator=gen)
         w_bf16 = w.bfloat16()
-        for label in ("w4gca8", "w8gca8"):
+        for label in labels:
             choice = Choice.parse(label)
             qt = quantize(w, choice.spec_for("linear", k), clip_search=False)
             wdq = qt.dequantize(torch.float64)
-            fns, skipped = gaq.candidates(qt, choice, torch.bfloat16)
+            fns, skipped = gaq.candidates(qt, choice, torch.bfloat16, benchmark=True)
             fns.update(unfused(fns, qt))
+            gw = repack_for_gpu(qt, "cuda") if "int8_packed" in fns else None
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
                 ref = x.double() @ wdq.t()
+                paths = dict(fns)
+                if gw is not None:
+                    paths.update({f"int8_packed[{c.label}]": (lambda x, c=c, gw=gw: a8_linear.linear(x, gw, c))
+                                  for c in a8_sweep(m, gw)})
                 ms, errs = {}, dict(skipped)
-                for name, fn in fns.items():
-                    e = rel_err(fn(x), ref)
+                for name, fn in paths.items():
+                    try:
+                        e = rel_err(fn(x), ref)
+                    except Exception as ex:  # noqa: BLE001 - reported in the table
+                        errs[name] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                        continue
                     if e > 8e-2:
                         errs[name] = f"rel err {e:.2e}"
                         continue
                     ms[name] = time_cuda(fn, x, reps, flush, graph=m <= GRAPH_MAX_TOKENS)
                 base = time_cuda(lambda x: F.linear(x, w_bf16), x, reps, flush, graph=m <= GRAPH_MAX_TOKENS)
-                rows.append(dict(N=n, K=k, choice=label, tokens=m, bf16_ms=base, ms=ms, rejected=errs))
+                tiles = {name: t for name, t in ms.items() if name.startswith("int8_packed[")}
+                best_tile = min(tiles, key=tiles.get) if tiles else None
+                rows.append(dict(N=n, K=k, choice=label, tokens=m, bf16_ms=base, ms=ms, rejected=errs,
+                                 default_a8=None if gw is None else a8_linear.default_config(m, gw).label,
+                                 best_a8_tile=best_tile))
                 print(f"{n}x{k} {label} M={m}: bf16 {base * 1e3:.1f}us " +
                       " ".join(f"{a} {b * 1e3:.1f}us" for a, b in ms.items()) + (f" rejected {errs}" if errs else ""),
                       flush=True)
-            del qt, wdq, fns
+            del qt, wdq, fns, gw
     return rows
 
 
@@ -136,6 +166,7 @@ def main() -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-act", action="store_true", help="leave out the int8 / FP8 activation-quantized paths")
+    ap.add_argument("--act-choices", default="w4gca8,w8gca8", help="activation-quantized choices timed")
     ap.add_argument("--no-gemlite", action="store_true",
                     help="leave gemlite out (it autotunes every new shape/bits/tokens: minutes per shape)")
     args = ap.parse_args()
@@ -219,7 +250,7 @@ def main() -> None:
                     print("   rejected:", json.dumps(errs)[:400], flush=True)
             del qt, wdq, fns, gw
             torch.cuda.empty_cache()
-    act_rows = [] if args.no_act else activation_quantized(shapes, tokens, args.reps, flush, gen)
+    act_rows = [] if args.no_act else activation_quantized(shapes, tokens, args.act_choices.split(","), args.reps, flush, gen)
     meta = dict(device=dev, torch=torch.__version__, triton=tlin.triton.__version__, copy_bw_TBps=bw / 1e12,
                 reps=args.reps, seconds=time.time() - t_start)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, activation_quantized=act_rows), indent=1))
@@ -236,12 +267,16 @@ def main() -> None:
                      f"{r['best_ours_ms'] * 1e3:.1f} ({path}) | {r['speedup_vs_bf16']:.2f}x | {anc} | {va} | {bwf} |")
     lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds; x quantized "
               "by our kernel, and (unfused) in torch ops:", "",
-              "| N x K | choice | tokens | bf16 | int8 _int_mm | unfused | fp8 _scaled_mm | unfused | best x bf16 |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    paths = ("int8_int_mm", "int8_int_mm_unfused", "fp8_scaled_mm", "fp8_scaled_mm_unfused")
+              "| N x K | choice | tokens | bf16 | fused W<b>A8 (default tile) | best tile | int8 _int_mm | unfused | "
+              "fp8 _scaled_mm | unfused | best x bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    paths = ("int8_packed", "best_a8_tile", "int8_int_mm", "int8_int_mm_unfused", "fp8_scaled_mm",
+             "fp8_scaled_mm_unfused")
     for r in act_rows:
-        got = [v for name, v in r["ms"].items() if not name.endswith("_unfused")]
-        us = " | ".join(f"{r['ms'][name] * 1e3:.1f}" if name in r["ms"] else "-" for name in paths)
+        ms = dict(r["ms"])
+        if r["best_a8_tile"] is not None:
+            ms["best_a8_tile"] = ms[r["best_a8_tile"]]
+        got = [v for name, v in ms.items() if not name.endswith("_unfused")]
+        us = " | ".join(f"{ms[name] * 1e3:.1f}" if name in ms else "-" for name in paths)
         best = f"{r['bf16_ms'] / min(got):.2f}x" if got else "-"
         lines.append(f"| {r['N']}x{r['K']} | {r['choice']} | {r['tokens']} | {r['bf16_ms'] * 1e3:.1f} | {us} | {best} |")
     (out / "bench.md").write_text("\n".join(lines) + "\n")

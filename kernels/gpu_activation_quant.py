@@ -6,11 +6,13 @@ applied to the integer / fp8 product. On CUDA quantizing x is one Triton kernel 
 token per program, rows padded to what the matmul takes), and so is the int8 product's scaling (int32 -> x's
 dtype): done in torch ops (as on the CPU) they were about ten kernels a call.
 
-A plan's w8gca8 layers run int8 x int8 in the model: backend "int8_act" (never picked automatically; `apply`
-forces it for layers whose choice has 8-bit activations), which holds the codes as signed bytes (the dense
-packing's size). Other weight widths with 8-bit activations would need their codes a byte each, or a fused
-W4A8 kernel we do not have, so `unsupported_reason` removes them from the candidate set (their int8 / FP8
-timings are in benchmarks/bench_kernels_gpu.py only), never raising in the middle of a solve.
+A plan's w<b>gca8 layers run int8 x int8 in the model, on backends never picked automatically (`apply` forces
+them): "int8_act" here for 8-bit weights (the codes as signed bytes, the dense packing's size; `torch._int_mm`)
+and "int8_act_packed" (`a8_linear`) for 2..6-bit weights (the packed bit planes, unpacked to int8 inside one
+fused Triton kernel). Grouped or asymmetric weights with 8-bit activations, and activation widths other than 8,
+are refused by `unsupported_reason`, which removes them from the candidate set, never raising in the middle of a
+solve. The FP8 path and the byte-per-code int8 path of narrower weights are timed by
+benchmarks/bench_kernels_gpu.py only (`candidates(..., benchmark=True)`).
 """
 from __future__ import annotations
 
@@ -39,9 +41,6 @@ def unsupported_reason(choice: Choice, device: torch.device | None = None) -> st
     """Why the activation-quantized `choice` cannot be an emitted layer (on `device`, if given); None: it can."""
     if choice.abits != 8:
         return f"{choice.label}: only 8-bit activations are implemented (int8)"
-    if choice.wbits != 8:
-        return (f"{choice.label}: 8-bit activations run with 8-bit weights only (int8 x int8); {choice.wbits}-bit "
-                f"codes would need a byte each or a fused W{choice.wbits}A8 kernel, which we do not have")
     if choice.group_size is not None:
         return f"{choice.label}: int8 matmuls take per-channel weight scales only; use w{choice.wbits}gca8"
     if not choice.symmetric:
@@ -181,21 +180,32 @@ INT8_ACT = register_backend(Backend("int8_act", _int8_act_supports, _int8_act_li
                                     to_layout=flip_sign_bit, from_layout=flip_sign_bit, fast=_never))
 
 
-def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype,
-               device: torch.device | str = "cuda") -> tuple[dict[str, Callable], dict[str, str]]:
-    """name -> fn(x [M, K]) for the int8 and fp8 paths of `qt` on `device`, and name -> reason skipped. At 8 bits
-    the int8 path is the "int8_act" layer's own; the others (and FP8 off CUDA) are for benchmarks."""
+def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: torch.device | str = "cuda",
+               benchmark: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
+    """name -> fn(x [M, K]) for the activation-quantized paths of `qt` on `device`, and name -> reason skipped.
+    Without `benchmark`, only the path an emitted layer runs (what a latency table times): "int8_int_mm" (backend
+    "int8_act") for 8-bit weights, "int8_packed" (backend "int8_act_packed") below. With it, also the int8 GEMM on
+    the codes a byte each ("int8_int_mm" below 8 bits) and FP8 ("fp8_scaled_mm", b <= 4, CUDA)."""
+    from .a8_linear import INT8_ACT_PACKED
     n, k = qt.shape
     dev = torch.device(device)
     fns: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
-    if INT8_ACT.supports(qt.spec, qt.shape, dev, dtype):
-        view = layer_view(qt, INT8_ACT, dev)
-        fns["int8_int_mm"] = lambda x: INT8_ACT.linear(x, view)
-    elif dev.type == "cuda" and (k % 8 or n % 8):
-        skipped["int8_int_mm"] = f"torch._int_mm needs K and N multiples of 8 (N {n}, K {k})"
+    backend, name = (INT8_ACT, "int8_int_mm") if qt.spec.bits == 8 else (INT8_ACT_PACKED, "int8_packed")
+    if backend.supports(qt.spec, qt.shape, dev, dtype):
+        view = layer_view(qt, backend, dev)
+        fns[name] = lambda x: backend.linear(x, view)
+    elif dev.type == "cuda" and qt.spec.bits == 8 and (k % 8 or n % 8):
+        skipped[name] = f"torch._int_mm needs K and N multiples of 8 (N {n}, K {k})"
     else:
-        fns["int8_int_mm"] = _int8(qt, dev)
+        skipped[name] = f"backend {backend.name!r} cannot run {qt.spec} of shape {qt.shape} on {dev} in {dtype}"
+    if not benchmark:
+        return fns, skipped
+    if qt.spec.bits < 8:
+        if dev.type == "cuda" and (k % 8 or n % 8):
+            skipped["int8_int_mm"] = f"torch._int_mm needs K and N multiples of 8 (N {n}, K {k})"
+        else:
+            fns["int8_int_mm"] = _int8(qt, dev)
     if dev.type == "cuda" and not fp8_available(dev):
         skipped["fp8_scaled_mm"] = f"FP8 needs compute capability >= 8.9 ({torch.cuda.get_device_name(dev)})"
     elif qt.spec.bits > FP8_MAX_EXACT_BITS:

@@ -69,7 +69,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 # the modules whose code decides what a layer runs and how it is timed: a change to any starts a new cache
-_TIMED_SOURCES = ("backends.py", "cpu_backends.py", "gpu_backends.py", "gpu_layout.py", "triton_linear.py",
+_TIMED_SOURCES = ("a8_linear.py", "backends.py", "cpu_backends.py", "gpu_backends.py", "gpu_layout.py", "triton_linear.py",
                   "gpu_activation_quant.py", "latency.py", "modules.py", "packing.py", "quantizer.py")  # convs: modules
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_backends, gpu_activation_quant, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
+from . import a8_linear, cpu_backends, gpu_activation_quant, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
 from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_order, layout_backend, select_backend
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix

@@ -118,30 +118,30 @@ def test_a_bfloat16_model_reloads_in_bfloat16_bit_for_bit(tmp_path):
 
 
 def test_a_plan_with_8_bit_activations_runs_them(model, tmp_path):
-    """choices=["w4", "w8gca8"]: the w8gca8 layers quantize their input to int8 per token and run int8 x int8
-    (backend "int8_act", here torch ops on the CPU; Triton kernels on CUDA), in memory and after a reload. Other
-    weight widths with 8-bit activations are refused up front."""
-    plan = allocate(model, batches(), Budget(avg_bits=6.0), choices=["w4", "w8gca8"], profiler_settings=FAST)
-    act = [layer for layer in plan.layers if layer.abits == 8]
-    assert act and len(act) < len(plan.layers) and all(layer.choice == "w8gca8" for layer in act)
+    """choices=["w4gca8", "w8gca8"]: the layers quantize their input to int8 per token and run int8 x int8, in
+    memory and after a reload: backend "int8_act" for 8-bit weights, "int8_act_packed" for narrower ones (here
+    torch ops on the CPU; fused Triton kernels on CUDA). Grouped weights with 8-bit activations are refused up
+    front."""
+    plan = allocate(model, batches(), Budget(avg_bits=6.0), choices=["w4gca8", "w8gca8"], profiler_settings=FAST)
+    assert {layer.choice for layer in plan.layers} == {"w4gca8", "w8gca8"}
     qmodel = plan.apply(model)
     ids = batches(1, seed=5)[0]["input_ids"]
     with torch.no_grad():
         logits = qmodel(ids).logits
+    backends = {"w4gca8": "int8_act_packed", "w8gca8": "int8_act"}
     for layer in plan.layers:
+        assert qmodel.get_submodule(layer.name).backend == backends[layer.choice]
         module = qmodel.get_submodule(layer.name)
-        assert module.backend == ("int8_act" if layer.abits else "dequant")
-    module = qmodel.get_submodule(act[0].name)
-    x = torch.randn(5, module.in_features, generator=torch.Generator().manual_seed(0))
-    ref = x.double() @ module.quantized_tensor().dequantize(torch.float64).t() + module.bias.double()
-    assert float((module(x).double() - ref).norm() / ref.norm()) < 2e-2
+        x = torch.randn(5, module.in_features, generator=torch.Generator().manual_seed(0))
+        ref = x.double() @ module.quantized_tensor().dequantize(torch.float64).t() + module.bias.double()
+        assert float((module(x).double() - ref).norm() / ref.norm()) < 2e-2
     save_quantized(qmodel, tmp_path / "q")
     reloaded = load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
-    assert all(reloaded.get_submodule(layer.name).backend == "int8_act" for layer in act)
-    with pytest.raises(ValueError, match="choices: w4gca8: 8-bit activations run with 8-bit weights only"):
-        allocate(model, batches(), Budget(avg_bits=4), choices=["w4", "w4gca8"], profiler_settings=FAST)
+    assert all(reloaded.get_submodule(layer.name).backend == backends[layer.choice] for layer in plan.layers)
+    with pytest.raises(ValueError, match="choices: w4g64a8: int8 matmuls take per-channel weight scales only"):
+        allocate(model, batches(), Budget(avg_bits=4), choices=["w4", "w4g64a8"], profiler_settings=FAST)
 
 
 def test_apply_leaves_the_float_model_alone(plan, model):

@@ -447,22 +447,23 @@ def test_unsupported_group_falls_back_with_warning() -> None:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_activation_quantized_paths(bits: int) -> None:
     """w<b>gca8: x quantized per token by one Triton kernel (rows padded with zeros to what the matmul takes),
-    then int8 x int8 (`torch._int_mm`, its int32 product scaled by a second kernel) or e4m3 x e4m3
-    (`torch._scaled_mm`), against float64 at token counts around the padding (1, 16, 17, 100), a K of no power
-    of two, x far from zero and strided; FP8 where K and N are multiples of 16."""
+    then int8 x int8 (the emitted layer's path: `torch._int_mm` with its int32 product scaled by a second kernel at
+    8 bits, the fused W4A8 kernel at 4; and, for the benchmark, `torch._int_mm` on byte-wide 4-bit codes) or e4m3
+    x e4m3 (`torch._scaled_mm`), against float64 at token counts around the padding (1, 16, 17, 100), a K of no
+    power of two, x far from zero and strided; FP8 where K and N are multiples of 16."""
     from kernels import Choice
     from kernels import gpu_activation_quant as gaq
     gen = torch.Generator().manual_seed(11)
     choice = Choice(bits, 8, None)
-    if bits == 8:  # a choice of emitted layers; w4gca8 is measured here and in the kernel table only
-        assert gaq.unsupported_reason(choice, torch.device(DEV)) is None
-        assert "per-channel" in gaq.unsupported_reason(Choice(bits, 8), torch.device(DEV))
-    else:
-        assert "8-bit weights only" in gaq.unsupported_reason(choice)
+    assert gaq.unsupported_reason(choice, torch.device(DEV)) is None
+    assert "per-channel" in gaq.unsupported_reason(Choice(bits, 8), torch.device(DEV))
+    assert "symmetric" in gaq.unsupported_reason(Choice(bits, 8, None, symmetric=False))
+    own = "int8_int_mm" if bits == 8 else "int8_packed"
     for n, k in ((272, 512), (264, 1032)):  # the second: K and N not multiples of 16, so no FP8
         qt = quantize(torch.randn(n, k, generator=gen), choice.spec_for("linear", k), clip_search=False)
-        fns, skipped = gaq.candidates(qt, choice, torch.bfloat16, DEV)
-        assert "int8_int_mm" in fns and ("fp8_scaled_mm" in fns) == (bits <= 4 and k == 512), skipped
+        assert list(gaq.candidates(qt, choice, torch.bfloat16, DEV)[0]) == [own]  # what a latency table times
+        fns, skipped = gaq.candidates(qt, choice, torch.bfloat16, DEV, benchmark=True)
+        assert own in fns and "int8_int_mm" in fns and ("fp8_scaled_mm" in fns) == (bits <= 4 and k == 512), skipped
         for m in (1, 16, 17) if INTERPRET else (1, 16, 17, 100):
             x = (torch.randn(m, k + 8, generator=gen)[:, 4:k + 4] + 2).bfloat16().to(DEV)
             ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
@@ -476,23 +477,57 @@ def test_activation_quantized_paths(bits: int) -> None:
 
 
 @pytest.mark.gpu
-def test_a_w8a8_layer_runs_int8_on_the_device() -> None:
-    """A QuantizedLinear forced onto "int8_act" (what `apply` does for a plan's w8gca8 layers), in bfloat16: x
-    quantized by our Triton kernel, int8 x int8, the product scaled by our kernel, against float64 with the bias;
-    rebuilt from its config and state dict it stays on that backend and gives the same output."""
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
+    """The fused W<b>A8 kernel (`a8_linear`) against float64 on x rounded as the layer rounds it (per token to
+    int8): odd N and K (short last block), default tiles and explicit ones (split-K run twice: its workspace
+    must come back zeroed; 128 x 128 prefill tiles), poisoned outputs."""
+    from kernels import a8_linear
+    from kernels.gpu_activation_quant import round_activations
+    gen = torch.Generator().manual_seed(500 + bits)
+    shapes = ((64, 128), (67, 203), (130, 300)) if INTERPRET else ((64, 128), (67, 203), (1000, 1030), (257, 2080),
+                                                                    (512, 4104))
+    dtypes = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
+    for n, k in shapes:
+        qt = quantize(torch.randn(n, k, generator=gen), QuantSpec(bits, None, True, "float16"), clip_search=False)
+        gw = repack_for_gpu(qt, DEV)
+        w64 = qt.dequantize(torch.float64).t()
+        for m in (1, 5, 17, 70) if INTERPRET else (1, 3, 16, 17, 64, 100, 300):
+            for dtype in dtypes:
+                x = (torch.randn(m, k, generator=gen) + 0.5).to(dtype)
+                ref = round_activations(x.double(), 8) @ w64
+                configs = [None, tlin.Config(16, 32, 3, 4, 1), tlin.Config(16, 32, 3, 4, 1)]
+                if not INTERPRET:
+                    configs += [tlin.Config(128, 128, 1, 8, 3), tlin.Config(64, 128, 2, 4, 3)]
+                for cfg in configs:
+                    y = _poisoned(lambda: a8_linear.linear(x.to(DEV), gw, cfg))
+                    assert y.dtype == dtype and y.shape == ref.shape and torch.isfinite(y).all(), cfg
+                    err = float((y.double().cpu() - ref).norm() / ref.norm())
+                    assert err < TOL[dtype], (n, k, m, dtype, cfg, err)
+    with pytest.raises(ValueError, match="symmetric per-channel"):
+        a8_linear.linear(x.to(DEV), repack_for_gpu(quantize(torch.randn(n, k), QuantSpec(bits, 64)), DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,backend", [(8, "int8_act"), (4, "int8_act_packed"), (3, "int8_act_packed")])
+def test_a_w8a8_layer_runs_int8_on_the_device(bits: int, backend: str) -> None:
+    """A QuantizedLinear forced onto "int8_act" / "int8_act_packed" (what `apply` does for a plan's w8gca8 /
+    w<b>gca8 layers), in bfloat16: x quantized by our Triton kernel, int8 x int8, the product scaled, against
+    float64 with the bias; rebuilt from its config and state dict it stays on that backend and gives the same
+    output."""
     from kernels import quantize_module, quantized_module_from_state
     torch.manual_seed(0)
-    q = quantize_module(torch.nn.Linear(264, 136), QuantSpec(8, None, True, "bfloat16"), backend="int8_act")
+    q = quantize_module(torch.nn.Linear(264, 136), QuantSpec(bits, None, True, "bfloat16"), backend=backend)
     q = q.to(DEV).bfloat16()
     w64 = q.quantized_tensor().dequantize(torch.float64).cpu()
     for m in (1, 17) if INTERPRET else (1, 17, 100):
         x = torch.randn(m, 264).bfloat16().to(DEV)
         y = q(x)
         ref = x.double().cpu() @ w64.t() + q.bias.double().cpu()
-        assert q.backend == "int8_act" and y.dtype == torch.bfloat16
+        assert q.backend == backend and y.dtype == torch.bfloat16
         assert float((y.double().cpu() - ref).norm() / ref.norm()) < 2e-2
     again = quantized_module_from_state(q.config(), q.state_dict(), device=DEV).bfloat16()
-    assert torch.equal(again(x), y) and again.backend == "int8_act"
+    assert torch.equal(again(x), y) and again.backend == backend
 
 
 @pytest.mark.gpu
