@@ -3,7 +3,8 @@
 out[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * (code[n, k] - 2^(b-1)): x is quantized per token by
 `gpu_activation_quant.quantize_rows` (one Triton kernel), the codes are read from the bit-plane layout of
 `gpu_layout` (the packed bytes: a 4-bit weight stays half a byte a code in memory) and turned into signed int8
-in registers (a shift and a mask per code, no float conversion), and each K block is one int8 `tl.dot`
+in registers (a shift and a mask per code, no float conversion), a thread's codes of one word side by side in
+the operand's K order (x's columns are permuted to match when it is quantized), and each K block is one int8 `tl.dot`
 accumulating in int32. Per-channel scales factor out of the K sum, so the float step is one multiply per output
 at the end. Split-K (decode) writes one float32 slice of partial sums per K-slice, summed by a second kernel: the
 atomic split-K of `triton_linear` summed some tiles of this kernel wrong on an H100 (session 25).
@@ -27,40 +28,72 @@ from .triton_linear import HAVE_TRITON, Config, tl, triton
 A8_WEIGHT_BITS = (2, 3, 4, 5, 6)  # 8-bit weights run "int8_act" (cuBLAS's int8 GEMM on byte-wide codes)
 
 if HAVE_TRITON:
-    @triton.jit(do_not_specialize=["M", "K", "KW", "rows_per_split", "SPLIT"])
-    def _a8_kernel(xq, sx, p0, p1, s, out, M, N, K, KW, stride_sn, rows_per_split, SPLIT, stride_om,
-                   PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
-                   EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-        """One tile of out^T = W xq^T, [BN weight rows, BM tokens], over one K-slice. Per K block the words are
-        read as [BN, 16] (N contiguous), their codes become signed int8 [BN, PER, 16] and, reshaped to
-        [BN, 16 PER] (column i * 16 + j is input column 16 i + j of the block, so no data moves), are the dot's
-        first operand; xq^T [16 PER, BM] is the second. Both are K-contiguous, as int8 tensor cores take them.
-        With SPLIT > 1, `out` is the float32 [SPLIT, M, N] of partial sums, one slice per K-slice."""
+    @triton.jit
+    def _code(a, b, i: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr):
+        """Signed int8 code (code - ZERO) of slot i of plane-0 words a and plane-1 words b (unused if W1 == 0)."""
+        u = (a >> (i * W0)) & ((1 << W0) - 1)
+        if W1 > 0:
+            u = u | (((b >> (i * W1)) & ((1 << W1) - 1)) << W0)
+        return (u - ZERO).to(tl.int8)
+
+    @triton.jit
+    def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
+        """[..., 2, 2, 2] whose element (b2, b1, b0) is c_(4 b2 + 2 b1 + b0). `tl.join` keeps its new dimension in
+        the thread's registers, so a thread holds the eight codes of its word side by side (a broadcast over a new
+        slot dimension spread the slots over threads and stored the operand a byte at a time)."""
+        return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+
+    @triton.jit
+    def _block_codes(a, b, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr):
+        """The block's signed codes [BN, 16 PER] from its words a, b [BN, 16]: column j * PER + i is slot i of
+        word row j (input column 16 i + j of the block; `quantize_rows(..., per=PER)` orders x the same way)."""
+        if PER == 8:
+            w = _join8(_code(a, b, 0, W0, W1, ZERO), _code(a, b, 1, W0, W1, ZERO), _code(a, b, 2, W0, W1, ZERO),
+                       _code(a, b, 3, W0, W1, ZERO), _code(a, b, 4, W0, W1, ZERO), _code(a, b, 5, W0, W1, ZERO),
+                       _code(a, b, 6, W0, W1, ZERO), _code(a, b, 7, W0, W1, ZERO))
+        else:  # 16 slots: the first join (the slowest dimension) pairs slot i with slot i + 8
+            w = _join8(tl.join(_code(a, b, 0, W0, W1, ZERO), _code(a, b, 8, W0, W1, ZERO)),
+                       tl.join(_code(a, b, 1, W0, W1, ZERO), _code(a, b, 9, W0, W1, ZERO)),
+                       tl.join(_code(a, b, 2, W0, W1, ZERO), _code(a, b, 10, W0, W1, ZERO)),
+                       tl.join(_code(a, b, 3, W0, W1, ZERO), _code(a, b, 11, W0, W1, ZERO)),
+                       tl.join(_code(a, b, 4, W0, W1, ZERO), _code(a, b, 12, W0, W1, ZERO)),
+                       tl.join(_code(a, b, 5, W0, W1, ZERO), _code(a, b, 13, W0, W1, ZERO)),
+                       tl.join(_code(a, b, 6, W0, W1, ZERO), _code(a, b, 14, W0, W1, ZERO)),
+                       tl.join(_code(a, b, 7, W0, W1, ZERO), _code(a, b, 15, W0, W1, ZERO)))
+        return tl.reshape(w, (a.shape[0], 16 * PER))
+
+    @triton.jit(do_not_specialize=["M", "KP", "KW", "rows_per_split", "SPLIT"])
+    def _a8_kernel(xq, sx, p0, p1, s, out, M, N, KP, KW, stride_sn, rows_per_split, SPLIT, stride_om,
+                   PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """One tile of out^T = W xq^T, [BN weight rows, BM tokens], over one K-slice. Per K block the words
+        [BN, 16] (N contiguous) become the signed codes [BN, 16 PER] (`_block_codes`), the dot's first operand;
+        xq^T [16 PER, BM] (xq's rows KP long, in the same column order) is the second. Both are K-contiguous, as
+        int8 tensor cores take them. With SPLIT > 1, `out` is the float32 [SPLIT, M, N] of partial sums."""
         pid_m, pid_n = tlin._tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
         pid_k = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
         cols = pid_n * BN + tl.arange(0, BN)
         nmask = cols < N
         j = tl.arange(0, 16)
-        slot = tl.arange(0, PER)
         kk = tl.arange(0, 16 * PER)
         acc = tl.zeros([BN, BM], dtype=tl.int32)
         r_lo = pid_k * rows_per_split
         r_hi = tl.minimum(r_lo + rows_per_split, KW)
+        offs = (r_lo + j)[None, :] * N + cols[:, None]
+        a = tl.load(p0 + offs, mask=nmask[:, None], other=0)
+        b = tl.load(p1 + offs, mask=nmask[:, None], other=0).to(tl.int32) if W1 > 0 else a
         for r0 in range(r_lo, r_hi, 16):
-            offs = (r0 + j)[None, :] * N + cols[:, None]
-            a = tl.load(p0 + offs, mask=nmask[:, None], other=0)
-            u = (a[:, None, :] >> (slot * W0)[None, :, None]) & ((1 << W0) - 1)
-            if W1 > 0:
-                b = tl.load(p1 + offs, mask=nmask[:, None], other=0).to(tl.int32)
-                u = u | (((b[:, None, :] >> (slot * W1)[None, :, None]) & ((1 << W1) - 1)) << W0)
-            w = tl.reshape((u - ZERO).to(tl.int8), (BN, 16 * PER))
-            ks = r0 * PER + kk
-            if EVEN_K:
-                xt = tl.load(xq + rm[None, :] * K + ks[:, None], mask=rm[None, :] < M, other=0)
-            else:
-                xt = tl.load(xq + rm[None, :] * K + ks[:, None], mask=(rm[None, :] < M) & (ks[:, None] < K), other=0)
+            # the next block's words are loaded before this block's codes are made: Triton's pipeliner leaves
+            # loads that reach the dot through `tl.join` alone, and each block would wait for its words
+            offs += 16 * N
+            nxt = nmask[:, None] & (r0 + 16 < r_hi)
+            a_next = tl.load(p0 + offs, mask=nxt, other=0)
+            b_next = tl.load(p1 + offs, mask=nxt, other=0).to(tl.int32) if W1 > 0 else a_next
+            w = _block_codes(a, b, PER, W0, W1, ZERO)
+            xt = tl.load(xq + rm[None, :] * KP + (r0 * PER + kk)[:, None], mask=rm[None, :] < M, other=0)
             acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
+            a, b = a_next, b_next
         sw = tl.load(s + cols * stride_sn, mask=nmask, other=0.0).to(tl.float32)
         y = acc.to(tl.float32) * sw[:, None] * tl.load(sx + rm, mask=rm < M, other=0.0)[None, :]
         omask = nmask[:, None] & (rm[None, :] < M)
@@ -69,13 +102,16 @@ if HAVE_TRITON:
 
 
 def default_config(m: int, gw: GpuPackedWeight) -> Config:
-    """Tile for m token rows (block_m tokens x block_n weight rows): decode tiles split K to fill the device;
-    prefill tiles one 128 x 128 tile a program."""
+    """Tile for m token rows (block_m tokens x block_n weight rows), the fastest of `bench_kernels_gpu.py`'s sweep
+    on an H100 (session 25): up to 16 rows, 64 weight rows split K to fill the device; up to 64, 256 weight rows;
+    above, one tile a program, 64 x 256 at 2/3 bits and 128 x 128 at 4..6 bits."""
     n, blocks = gw.shape[0], gw.planes[0].shape[0] // WORD_ROWS
+    if m <= 16:
+        return Config(16, 64, tlin.split_for(-(-n // 64), blocks, waves=2), 4, 1)
     if m <= 64:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        return Config(bm, 64, tlin.split_for(-(-n // 64) * -(-m // bm), blocks, waves=2), 4, 1)
-    return Config(128, 128, 1, 8, 3 if gw.per <= 8 else 2)
+        bm = 32 if m <= 32 else 64
+        return Config(bm, 256, tlin.split_for(-(-n // 256) * -(-m // bm), blocks, waves=2), 8, 1)
+    return Config(64, 256, 1, 8, 3) if gw.per == 16 else Config(128, 128, 1, 8, 4)
 
 
 def supported(gw: GpuPackedWeight) -> str | None:
@@ -95,7 +131,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         raise ValueError(f"x has shape {tuple(x.shape)}, the weight expects [M, {k}]")
     m = x.shape[0]
     cfg = config or default_config(m, gw)
-    xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=1, minimum=1)
+    xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=1, minimum=1, per=gw.per)
     kw = gw.planes[0].shape[0]
     rows_per_split, split = tlin.k_slices(kw, cfg.split_k)
     out = torch.empty((split, m, n) if split > 1 else (m, n), dtype=torch.float32 if split > 1 else x.dtype,
@@ -103,9 +139,8 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     widths = gw.widths
     _a8_kernel[grid](xq, sx, gw.planes[0], gw.planes[1] if len(widths) > 1 else gw.planes[0], gw.scales, out, m, n,
-                     k, kw, gw.scales.stride(1), rows_per_split, split, n, PER=gw.per, W0=widths[0],
-                     W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), EVEN_K=k % gw.block == 0,
-                     BM=cfg.block_m, BN=cfg.block_n, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                     xq.shape[1], kw, gw.scales.stride(1), rows_per_split, split, n, PER=gw.per, W0=widths[0],
+                     W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), BM=cfg.block_m, BN=cfg.block_n, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.sum(dim=0).to(x.dtype) if split > 1 else out
 
 

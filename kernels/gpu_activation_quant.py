@@ -73,10 +73,11 @@ def _signed_weight(qt: QuantizedTensor) -> torch.Tensor:
 
 if HAVE_TRITON:
     @triton.jit
-    def _quantize_rows_kernel(x, xq, sx, M, K, stride_xm, QMAX: tl.constexpr, FP8: tl.constexpr,
-                              BLOCK: tl.constexpr):
-        """Row m of the padded xq: s = max|x[m]| / QMAX, xq[m] = x[m] / s (int8 rounded to nearest, or e4m3),
-        sx[m] = s; rows m >= M (padding) get codes 0 and scale 0."""
+    def _quantize_rows_kernel(x, xq, sx, M, K, KP, stride_xm, QMAX: tl.constexpr, FP8: tl.constexpr,
+                              PER: tl.constexpr, BLOCK: tl.constexpr):
+        """Row m of the padded xq (rows KP long): s = max|x[m]| / QMAX, xq[m] = x[m] / s (int8 rounded to
+        nearest, or e4m3), sx[m] = s; rows m >= M (padding) get codes 0 and scale 0. PER > 0: column
+        16 PER b + 16 i + j is stored at 16 PER b + PER j + i (the order `a8_linear` reads a K block in)."""
         m = tl.program_id(0)
         live = m < M
         offs = tl.arange(0, BLOCK)
@@ -91,7 +92,10 @@ if HAVE_TRITON:
                 q = v.to(tl.float8e4nv)
             else:
                 q = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5)).to(tl.int8)
-            tl.store(xq + m * K + k0 + offs, q, mask=k0 + offs < K)
+            c = k0 + offs
+            if PER > 0:
+                c = c - c % (16 * PER) + (c % 16) * PER + (c % (16 * PER)) // 16
+            tl.store(xq + m * KP + c, q, mask=k0 + offs < K)
         tl.store(sx + m, tl.where(live, s, 0.0))
 
     @triton.jit
@@ -105,16 +109,20 @@ if HAVE_TRITON:
         tl.store(out + m * stride_om + n, y.to(out.dtype.element_ty), mask=mask)
 
 
-def quantize_rows(x: torch.Tensor, fp8: bool, multiple: int, minimum: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, fp8: bool, multiple: int, minimum: int,
+                  per: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (unit stride along K) -> (codes [P, K] int8 or float8_e4m3fn, scales [P, 1] float32), quantized
-    per row by its absmax, with P >= max(M, minimum) a multiple of `multiple`; rows M.. are zeros."""
+    per row by its absmax, with P >= max(M, minimum) a multiple of `multiple`; rows M.. are zeros. per > 0 (int8):
+    rows padded with zeros to whole blocks of 16 per columns, each block's columns in `a8_linear`'s order."""
     m, k = x.shape
     rows = padded_rows(m, multiple, minimum)
-    xq = torch.empty(rows, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    kp = -(-k // (16 * per)) * 16 * per if per else k
+    xq = (torch.zeros if kp > k else torch.empty)(rows, kp, dtype=torch.float8_e4m3fn if fp8 else torch.int8,
+                                                   device=x.device)
     sx = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block = min(triton.next_power_of_2(k), 2048)
-    _quantize_rows_kernel[(rows,)](x, xq, sx, m, k, x.stride(0), QMAX=E4M3_MAX if fp8 else INT8_MAX, FP8=fp8,
-                                   BLOCK=block, num_warps=4)
+    _quantize_rows_kernel[(rows,)](x, xq, sx, m, k, kp, x.stride(0), QMAX=E4M3_MAX if fp8 else INT8_MAX, FP8=fp8,
+                                   PER=per, BLOCK=block, num_warps=4)
     return xq, sx
 
 

@@ -46,6 +46,9 @@ GEMV_MAX_M = 1
 MMA_MAX_M = 4  # tensor-core decode up to 4 tokens (bfloat16, 2..6-bit; measured on an H100)
 # inline PTX, except under Triton's CPU interpreter (which, like Triton, is chosen when the process starts)
 ASM = os.environ.get("TRITON_INTERPRET") != "1"
+# split-K GEMM tiles on a part block of rows run unpipelined (see `linear`); benchmarks/stress_split_k_gpu.py
+# switches it off to check the race it works around
+PART_BLOCK_UNPIPELINED = True
 FIELD_LOW_BIT = 15  # the GEMV reads every code at bit >= 15, so its 2^e offsets stay <= 2^(8 + plane shift)
 
 
@@ -772,7 +775,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         ws, cnt = _workspace(x.device, m * n, grid[0]) if split > 1 else (out, out)
-        if split > 1 and m % cfg.block_m:
+        if split > 1 and m % cfg.block_m and PART_BLOCK_UNPIPELINED:
             # pipelined, split-K and fewer rows than the block: on an H200 (triton 3.6) about 1 call in 4 summed
             # a tile wrong (relative error 2-5e-2 at 28672x8192, 4 tokens); unpipelined, or with whole blocks,
             # none in 16-40 calls each (session 21). Cause not found: that case runs unpipelined.

@@ -553,6 +553,14 @@ def test_activation_quantization_kernel(fp8: bool) -> None:
     # half a step of the code grid (e4m3: 3 mantissa bits, subnormal below 2^-6), and x / s rounds in float32
     step = 2.0 ** (exact.abs().clamp_min(2.0 ** -6).log2().floor() - 3) if fp8 else torch.ones_like(exact)
     assert ((codes[:4] - exact).abs() <= step / 2 * (1 + 1e-4) + 1e-12).all()
+    if not fp8:  # the W<b>A8 kernel's order: column 16 PER b + 16 i + j at 16 PER b + PER j + i, zeros to 3072
+        xp, sp = gaq.quantize_rows(x.bfloat16(), fp8=False, multiple=1, minimum=1, per=8)
+        c = torch.arange(3000)
+        pos = c - c % 128 + (c % 16) * 8 + (c % 128) // 16
+        padding = torch.ones(3072, dtype=torch.bool)
+        padding[pos] = False
+        assert xp.shape == (5, 3072) and torch.equal(sp.cpu(), sx[:5].cpu()) and not xp.cpu()[:, padding].any()
+        assert torch.equal(xp.cpu()[:, pos], xq[:5].cpu())
 
 
 @pytest.mark.gpu
