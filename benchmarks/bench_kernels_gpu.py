@@ -68,6 +68,24 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
 
+def checked_times(paths: dict, x: torch.Tensor, ref: torch.Tensor, tol: float, reps: int, flush: torch.Tensor,
+                  errs: dict) -> dict[str, float]:
+    """The time of each path whose output is within relative error `tol` of `ref`; the others go into `errs`
+    with why (an exception, or the error)."""
+    times = {}
+    for name, fn in paths.items():
+        try:
+            e = rel_err(fn(x), ref)
+        except Exception as ex:  # noqa: BLE001 - reported in the table
+            errs[name] = f"{type(ex).__name__}: {str(ex)[:200]}"
+            continue
+        if e > tol:
+            errs[name] = f"rel err {e:.2e}"
+            continue
+        times[name] = time_cuda(fn, x, reps, flush, graph=x.shape[0] <= GRAPH_MAX_TOKENS)
+    return times
+
+
 def unfused(fns: dict, qt) -> dict:
     """The baseline of the activation-quantized paths: x quantized, and the int8 product scaled, in torch ops
     (about ten kernels a call) around the same matmuls."""
@@ -133,17 +151,8 @@ def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor,
                 if gw is not None:
                     paths.update({f"int8_packed[{c.label}]": (lambda x, c=c, gw=gw: a8_linear.linear(x, gw, c))
                                   for c in a8_sweep(m, gw)})
-                ms, errs = {}, dict(skipped)
-                for name, fn in paths.items():
-                    try:
-                        e = rel_err(fn(x), ref)
-                    except Exception as ex:  # noqa: BLE001 - reported in the table
-                        errs[name] = f"{type(ex).__name__}: {str(ex)[:200]}"
-                        continue
-                    if e > 8e-2:
-                        errs[name] = f"rel err {e:.2e}"
-                        continue
-                    ms[name] = time_cuda(fn, x, reps, flush, graph=m <= GRAPH_MAX_TOKENS)
+                errs = dict(skipped)
+                ms = checked_times(paths, x, ref, 8e-2, reps, flush, errs)
                 base = time_cuda(lambda x: F.linear(x, w_bf16), x, reps, flush, graph=m <= GRAPH_MAX_TOKENS)
                 tiles = {name: t for name, t in ms.items() if name.startswith("int8_packed[")}
                 best_tile = min(tiles, key=tiles.get) if tiles else None
@@ -201,18 +210,8 @@ def main() -> None:
             for m in tokens:
                 x = xs[m]
                 ref = x.double() @ wdq.t()
-                res: dict[str, float] = {}
                 errs: dict[str, str] = dict(skipped)
-                for name, fn in fns.items():
-                    try:
-                        e = rel_err(fn(x), ref)
-                    except Exception as ex:  # noqa: BLE001 - reported in the table
-                        errs[name] = f"{type(ex).__name__}: {str(ex)[:200]}"
-                        continue
-                    if e > 2e-2:
-                        errs[name] = f"rel err {e:.2e}"
-                        continue
-                    res[name] = time_cuda(fn, x, args.reps, flush, graph=m <= GRAPH_MAX_TOKENS)
+                res = checked_times(fns, x, ref, 2e-2, args.reps, flush, errs)
                 default_cfg = best_cfg = tlin.default_config(m, gw, x.dtype).label
                 swept: dict[str, float] = {}
                 if not args.no_sweep:
