@@ -12,9 +12,9 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from kernels import Choice, LatencyTable, quantize_module, quantized_module_from_config
-from kernels.a8_linear import INT8_ACT_PACKED
+from kernels.a8_linear import act_backend
 from kernels.fileio import atomic_write, atomic_write_json
-from kernels.gpu_activation_quant import ACT_QUANT_KINDS, INT8_ACT, unsupported_reason
+from kernels.gpu_activation_quant import ACT_QUANT_KINDS, unsupported_reason
 from kernels.latency import device_name, use_paths
 from kernels.memory import matrix_shape
 
@@ -55,16 +55,17 @@ def apply(model: nn.Module, plan: Plan, inplace: bool = False, check_hash: bool 
 
 
 def _backend_for(layer: LayerPlan) -> str | None:
-    """The backend a planned layer is forced onto, for a linear layer whose choice quantizes activations: "int8_act"
-    for w8gca8 (int8 x int8 on byte-wide codes), "int8_act_packed" for w<b>gca8 with b < 8 (the packed codes
-    unpacked to int8 inside the fused kernel); None (the registry's pick) otherwise. Convs run such choices weight-only, as their
+    """The backend a planned layer is forced onto, for a linear layer whose choice quantizes activations
+    (`a8_linear.act_backend`): "int8_act" for w8gca8 (int8 x int8 on byte-wide codes) where torch._int_mm takes the
+    shape, "int8_act_packed" otherwise (the packed codes unpacked to int8 inside the fused kernel); None (the
+    registry's pick) for the other layers. Convs run such choices weight-only, as their
     latency entries time them."""
     if layer.abits is None or layer.kind not in ACT_QUANT_KINDS:
         return None
     reason = unsupported_reason(Choice.parse(layer.choice))
     if reason is not None:
         raise ValueError(f"plan layer {layer.name!r}: {reason}")
-    return INT8_ACT.name if layer.bits == 8 else INT8_ACT_PACKED.name
+    return act_backend(layer.spec, matrix_shape(layer.weight_shape, layer.kind)).name
 
 
 def quantized_bytes(qmodel: nn.Module) -> dict[str, int]:

@@ -10,8 +10,8 @@ at the end. Split-K (decode) writes one float32 slice of partial sums per K-slic
 atomic split-K of `triton_linear` summed some tiles of this kernel wrong on an H100 (session 25).
 
 Backend "int8_act_packed" (layout "gpu_planes"; never picked automatically: `apply` forces it for a plan's
-w<b>gca8 layers with b < 8, as it forces "int8_act" for w8gca8): this kernel on CUDA and in Triton's CPU
-interpreter; on the CPU the codes unpacked to int8 and `torch._int_mm`, per call.
+w<b>gca8 layers with b < 8, and for w8gca8 layers whose shape torch._int_mm does not take, `act_backend`): this
+kernel on CUDA and in Triton's CPU interpreter; on the CPU the codes unpacked to int8 and `torch._int_mm`, per call.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import torch
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .gpu_activation_quant import int8_matmul, quantize_rows
+from .gpu_activation_quant import INT8_ACT, int8_matmul, quantize_rows
 from .gpu_backends import GPU_LAYOUT, gpu_weight
 from .gpu_layout import WORD_ROWS, GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense
 from .triton_linear import HAVE_TRITON, Config, tl, triton
 
-A8_WEIGHT_BITS = (2, 3, 4, 5, 6)  # 8-bit weights run "int8_act" (cuBLAS's int8 GEMM on byte-wide codes)
+A8_WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # 8-bit: where torch._int_mm ("int8_act") cannot run the shape (`act_backend`)
 
 if HAVE_TRITON:
     @triton.jit
@@ -47,7 +47,10 @@ if HAVE_TRITON:
     def _block_codes(a, b, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr):
         """The block's signed codes [BN, 16 PER] from its words a, b [BN, 16]: column j * PER + i is slot i of
         word row j (input column 16 i + j of the block; `quantize_rows(..., per=PER)` orders x the same way)."""
-        if PER == 8:
+        if PER == 4:  # byte codes: (b1, b0) is slot 2 b1 + b0
+            w = tl.join(tl.join(_code(a, b, 0, W0, W1, ZERO), _code(a, b, 2, W0, W1, ZERO)),
+                        tl.join(_code(a, b, 1, W0, W1, ZERO), _code(a, b, 3, W0, W1, ZERO)))
+        elif PER == 8:
             w = _join8(_code(a, b, 0, W0, W1, ZERO), _code(a, b, 1, W0, W1, ZERO), _code(a, b, 2, W0, W1, ZERO),
                        _code(a, b, 3, W0, W1, ZERO), _code(a, b, 4, W0, W1, ZERO), _code(a, b, 5, W0, W1, ZERO),
                        _code(a, b, 6, W0, W1, ZERO), _code(a, b, 7, W0, W1, ZERO))
@@ -168,3 +171,12 @@ def _never(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype:
 INT8_ACT_PACKED = register_backend(Backend("int8_act_packed", _supports, _linear, layout=GPU_LAYOUT,
                                            to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense, fast=_never,
                                            group_major=True))
+
+
+def act_backend(spec: QuantSpec, shape: tuple[int, int]) -> Backend:
+    """The backend a linear layer of `spec` and [out, in] `shape` with 8-bit activations runs: "int8_act" (cuBLAS's
+    int8 GEMM on the codes a byte each) for 8-bit weights whose out and in are multiples of 8 (what torch._int_mm
+    takes on CUDA), else this kernel's ("int8_act_packed")."""
+    if spec.bits == 8 and shape[0] % 8 == 0 and shape[1] % 8 == 0:
+        return INT8_ACT
+    return INT8_ACT_PACKED

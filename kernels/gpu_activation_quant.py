@@ -8,8 +8,8 @@ dtype): done in torch ops (as on the CPU) they were about ten kernels a call.
 
 A plan's w<b>gca8 layers run int8 x int8 in the model, on backends never picked automatically (`apply` forces
 them): "int8_act" here for 8-bit weights (the codes as signed bytes, the dense packing's size; `torch._int_mm`)
-and "int8_act_packed" (`a8_linear`) for 2..6-bit weights (the packed bit planes, unpacked to int8 inside one
-fused Triton kernel). Grouped or asymmetric weights with 8-bit activations, and activation widths other than 8,
+and "int8_act_packed" (`a8_linear`) for 2..6-bit weights and 8-bit ones of shapes `torch._int_mm` does not take
+(the packed bit planes, unpacked to int8 inside one fused Triton kernel). Grouped or asymmetric weights with 8-bit activations, and activation widths other than 8,
 are refused by `unsupported_reason`, which removes them from the candidate set, never raising in the middle of a
 solve. The FP8 path and the byte-per-code int8 path of narrower weights are timed by
 benchmarks/bench_kernels_gpu.py only (`candidates(..., benchmark=True)`).
@@ -191,25 +191,25 @@ INT8_ACT = register_backend(Backend("int8_act", _int8_act_supports, _int8_act_li
 def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: torch.device | str = "cuda",
                benchmark: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
     """name -> fn(x [M, K]) for the activation-quantized paths of `qt` on `device`, and name -> reason skipped.
-    Without `benchmark`, only the path an emitted layer runs (what a latency table times): "int8_int_mm" (backend
-    "int8_act") for 8-bit weights, "int8_packed" (backend "int8_act_packed") below. With it, also the int8 GEMM on
-    the codes a byte each ("int8_int_mm" below 8 bits) and FP8 ("fp8_scaled_mm", b <= 4, CUDA)."""
-    from .a8_linear import INT8_ACT_PACKED
+    Without `benchmark`, only the path an emitted layer runs (what a latency table times; `a8_linear.act_backend`):
+    "int8_int_mm" (backend "int8_act") for 8-bit weights of shapes torch._int_mm takes, else "int8_packed" (backend
+    "int8_act_packed"). With it, also the int8 GEMM on the codes a byte each ("int8_int_mm" beside "int8_packed")
+    and FP8 ("fp8_scaled_mm", b <= 4, CUDA)."""
+    from .a8_linear import INT8_ACT_PACKED, act_backend
     n, k = qt.shape
     dev = torch.device(device)
     fns: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
-    backend, name = (INT8_ACT, "int8_int_mm") if qt.spec.bits == 8 else (INT8_ACT_PACKED, "int8_packed")
+    backend = act_backend(qt.spec, qt.shape)
+    name = "int8_int_mm" if backend is INT8_ACT else "int8_packed"
     if backend.supports(qt.spec, qt.shape, dev, dtype):
         view = layer_view(qt, backend, dev)
         fns[name] = lambda x: backend.linear(x, view)
-    elif dev.type == "cuda" and qt.spec.bits == 8 and (k % 8 or n % 8):
-        skipped[name] = f"torch._int_mm needs K and N multiples of 8 (N {n}, K {k})"
     else:
         skipped[name] = f"backend {backend.name!r} cannot run {qt.spec} of shape {qt.shape} on {dev} in {dtype}"
     if not benchmark:
         return fns, skipped
-    if qt.spec.bits < 8:
+    if backend is INT8_ACT_PACKED:
         if dev.type == "cuda" and (k % 8 or n % 8):
             skipped["int8_int_mm"] = f"torch._int_mm needs K and N multiples of 8 (N {n}, K {k})"
         else:

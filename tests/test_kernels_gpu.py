@@ -477,11 +477,11 @@ def test_activation_quantized_paths(bits: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
     """The fused W<b>A8 kernel (`a8_linear`) against float64 on x rounded as the layer rounds it (per token to
-    int8): odd N and K (short last block), default tiles and explicit ones (split-K run twice: its workspace
-    must come back zeroed; 128 x 128 prefill tiles), poisoned outputs."""
+    int8): odd N and K (short last block), default tiles and explicit ones (split-K run twice; 128 x 128 prefill
+    tiles), poisoned outputs. 8-bit weights run it where torch._int_mm cannot take the shape."""
     from kernels import a8_linear
     from kernels.gpu_activation_quant import round_activations
     gen = torch.Generator().manual_seed(500 + bits)
