@@ -90,7 +90,7 @@ def unfused(fns: dict, qt) -> dict:
     """The baseline of the activation-quantized paths: x quantized, and the int8 product scaled, in torch ops
     (about ten kernels a call) around the same matmuls."""
     from kernels import gpu_activation_quant as gaq
-    codes = qt.codes().to(torch.int16) - (1 << (qt.spec.bits - 1))
+    codes = gaq.signed_codes(qt)
     sw = qt.scales.float().view(1, -1).cuda()
     out = {}
     if "int8_int_mm" in fns:

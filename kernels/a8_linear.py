@@ -1,4 +1,4 @@
-"""W<b>A8: b-bit per-channel weight codes (b < 8) times int8 per-token activations, fused on int8 tensor cores.
+"""W<b>A8: b-bit per-channel weight codes times int8 per-token activations, fused on int8 tensor cores.
 
 out[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * (code[n, k] - 2^(b-1)): x is quantized per token by
 `gpu_activation_quant.quantize_rows` (one Triton kernel), the codes are read from the bit-plane layout of
@@ -20,7 +20,7 @@ import torch
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .gpu_activation_quant import INT8_ACT, int8_matmul, quantize_rows
+from .gpu_activation_quant import INT8_ACT, int8_matmul, never_fast, quantize_rows, signed_codes
 from .gpu_backends import GPU_LAYOUT, gpu_weight
 from .gpu_layout import WORD_ROWS, GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense
 from .triton_linear import HAVE_TRITON, Config, tl, triton
@@ -143,14 +143,9 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     widths = gw.widths
     _a8_kernel[grid](xq, sx, gw.planes[0], gw.planes[1] if len(widths) > 1 else gw.planes[0], gw.scales, out, m, n,
                      xq.shape[1], kw, gw.scales.stride(1), rows_per_split, split, n, PER=gw.per, W0=widths[0],
-                     W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), BM=cfg.block_m, BN=cfg.block_n, GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                     W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), BM=cfg.block_m, BN=cfg.block_n,
+                     GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.sum(dim=0).to(x.dtype) if split > 1 else out
-
-
-def signed_codes(qw: QuantizedWeightLike) -> torch.Tensor:
-    """The layer's codes as signed int8 [out, in] (code - 2^(b-1)), from its "gpu_planes" bytes."""
-    gw = gpu_weight(qw)
-    return (gw.codes().to(torch.int16) - (1 << (qw.spec.bits - 1))).to(torch.int8)
 
 
 def _supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
@@ -161,15 +156,11 @@ def _supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dty
 def _linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
     if HAVE_TRITON and (x.is_cuda or not tlin.ASM):
         return linear(x, gpu_weight(qw))
-    return int8_matmul(x, signed_codes(qw).t(), qw.scales.reshape(-1), fused=False)
-
-
-def _never(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
-    return False
+    return int8_matmul(x, signed_codes(gpu_weight(qw)).to(torch.int8).t(), qw.scales.reshape(-1), fused=False)
 
 
 INT8_ACT_PACKED = register_backend(Backend("int8_act_packed", _supports, _linear, layout=GPU_LAYOUT,
-                                           to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense, fast=_never,
+                                           to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense, fast=never_fast,
                                            group_major=True))
 
 

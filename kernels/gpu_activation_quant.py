@@ -67,8 +67,9 @@ def round_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return (torch.round(x.float() / s) * s).to(x.dtype)
 
 
-def _signed_weight(qt: QuantizedTensor) -> torch.Tensor:
-    return qt.codes().to(torch.int16) - (1 << (qt.spec.bits - 1))
+def signed_codes(w) -> torch.Tensor:
+    """The codes of `w` (a QuantizedTensor or GpuPackedWeight) shifted to signed, code - 2^(b-1), as int16 [out, in]."""
+    return w.codes().to(torch.int16) - (1 << (w.spec.bits - 1))
 
 
 if HAVE_TRITON:
@@ -111,9 +112,9 @@ if HAVE_TRITON:
 
 def quantize_rows(x: torch.Tensor, fp8: bool, multiple: int, minimum: int,
                   per: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (unit stride along K) -> (codes [P, K] int8 or float8_e4m3fn, scales [P, 1] float32), quantized
-    per row by its absmax, with P >= max(M, minimum) a multiple of `multiple`; rows M.. are zeros. per > 0 (int8):
-    rows padded with zeros to whole blocks of 16 per columns, each block's columns in `a8_linear`'s order."""
+    """x [M, K] (unit stride along K) -> (codes [P, KP] int8 or float8_e4m3fn, scales [P, 1] float32), quantized
+    per row by its absmax, with P >= max(M, minimum) a multiple of `multiple`; rows M.. are zeros. KP = K, or with
+    per > 0 (int8) K padded with zeros to whole blocks of 16 per columns, each block's columns in `a8_linear`'s order."""
     m, k = x.shape
     rows = padded_rows(m, multiple, minimum)
     kp = -(-k // (16 * per)) * 16 * per if per else k
@@ -153,13 +154,13 @@ def int8_matmul(x: torch.Tensor, w_t: torch.Tensor, sw: torch.Tensor, fused: boo
 
 
 def _int8(qt: QuantizedTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    w_t = _signed_weight(qt).to(torch.int8).to(device).t()
+    w_t = signed_codes(qt).to(torch.int8).to(device).t()
     sw = qt.scales.float().reshape(-1).to(device)
     return lambda x: int8_matmul(x, w_t, sw)
 
 
 def _fp8(qt: QuantizedTensor, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    w_t = _signed_weight(qt).to(torch.float32).to(torch.float8_e4m3fn).to(device).t()   # [K, N] column-major
+    w_t = signed_codes(qt).to(torch.float32).to(torch.float8_e4m3fn).to(device).t()   # [K, N] column-major
     sw = qt.scales.float().view(1, -1).to(device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -180,12 +181,12 @@ def _int8_act_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
     return int8_matmul(x, qw.qweight.view(torch.int8).view(out, inp).t(), qw.scales.reshape(-1))
 
 
-def _never(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+def never_fast(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
 INT8_ACT = register_backend(Backend("int8_act", _int8_act_supports, _int8_act_linear, layout="int8_signed",
-                                    to_layout=flip_sign_bit, from_layout=flip_sign_bit, fast=_never))
+                                    to_layout=flip_sign_bit, from_layout=flip_sign_bit, fast=never_fast))
 
 
 def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: torch.device | str = "cuda",
