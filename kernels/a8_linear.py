@@ -6,8 +6,9 @@ out[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * (code[n, k] - 2^(b-1)): x is quanti
 in registers (a shift and a mask per code, no float conversion), a thread's codes of one word side by side in
 the operand's K order (x's columns are permuted to match when it is quantized), and each K block is one int8 `tl.dot`
 accumulating in int32. Per-channel scales factor out of the K sum, so the float step is one multiply per output
-at the end. Split-K (decode) writes one float32 slice of partial sums per K-slice, summed by a second kernel: the
-atomic split-K of `triton_linear` summed some tiles of this kernel wrong on an H100 (session 25).
+at the end. Split-K (decode) writes one float32 slice of partial sums per K-slice, summed (and cast to x's dtype)
+by a second kernel: the atomic split-K of `triton_linear` summed some tiles of this kernel wrong on an H100
+(session 25).
 
 Backend "int8_act_packed" (layout "gpu_planes"; never picked automatically: `apply` forces it for a plan's
 w<b>gca8 layers with b < 8, and for w8gca8 layers whose shape torch._int_mm does not take, `act_backend`): this
@@ -103,6 +104,17 @@ if HAVE_TRITON:
         base = out + pid_k.to(tl.int64) * M * N if SPLIT > 1 else out
         tl.store(base + rm[None, :] * stride_om + cols[:, None], y.to(out.dtype.element_ty), mask=omask)
 
+    @triton.jit(do_not_specialize=["MN", "SPLIT"])
+    def _sum_slices_kernel(parts, out, MN, SPLIT, BLOCK: tl.constexpr):
+        """out (contiguous, MN elements) = the sum of the SPLIT float32 slices of `parts`, in out's dtype: one
+        kernel where `parts.sum(0).to(dtype)` was two."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(SPLIT):
+            acc += tl.load(parts + i * MN + offs, mask=mask, other=0.0)
+        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+
 
 def default_config(m: int, gw: GpuPackedWeight) -> Config:
     """Tile for m token rows (block_m tokens x block_n weight rows), the fastest of `bench_kernels_gpu.py`'s sweep
@@ -145,7 +157,11 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
                      xq.shape[1], kw, gw.scales.stride(1), rows_per_split, split, n, PER=gw.per, W0=widths[0],
                      W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), BM=cfg.block_m, BN=cfg.block_n,
                      GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.sum(dim=0).to(x.dtype) if split > 1 else out
+    if split == 1:
+        return out
+    total = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _sum_slices_kernel[(triton.cdiv(m * n, 1024),)](out, total, m * n, split, BLOCK=1024, num_warps=4)
+    return total
 
 
 def _supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
