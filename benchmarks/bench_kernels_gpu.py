@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import QuantSpec, quantize  # noqa: E402
+from kernels import QuantSpec, a8_linear, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_backends import gpu_candidates  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
@@ -128,10 +128,10 @@ def a8_sweep(m: int, gw) -> list[tlin.Config]:
 
 
 def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
-    """w<b>gca8 through the emitted layers' paths (the fused W<b>A8 kernel below 8 bits, with a tile sweep;
-    torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
+    """w<b>gca8 through the emitted layers' paths (below 8 bits the fused W<b>A8 kernel, or from UNPACK_MIN_M
+    tokens the codes unpacked + torch._int_mm, with a sweep of the fused kernel's tiles; torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
     our kernel; also the torch-op baseline, `unfused`) vs bf16, checked against float64."""
-    from kernels import Choice, a8_linear
+    from kernels import Choice
     from kernels import gpu_activation_quant as gaq
     rows = []
     for n, k in shapes:
@@ -266,7 +266,8 @@ def main() -> None:
                      f"{r['best_ours_ms'] * 1e3:.1f} ({path}) | {r['speedup_vs_bf16']:.2f}x | {anc} | {va} | {bwf} |")
     lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds; x quantized "
               "by our kernel, and (unfused) in torch ops:", "",
-              "| N x K | choice | tokens | bf16 | fused W<b>A8 (default tile) | best tile | int8 _int_mm | unfused | "
+              "| N x K | choice | tokens | bf16 | W<b>A8 layer (fused at its default tile; from "
+              f"{a8_linear.UNPACK_MIN_M} tokens unpack + _int_mm) | best fused tile | int8 _int_mm | unfused | "
               "fp8 _scaled_mm | unfused | best x bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     paths = ("int8_packed", "best_a8_tile", "int8_int_mm", "int8_int_mm_unfused", "fp8_scaled_mm",
              "fp8_scaled_mm_unfused")

@@ -10,6 +10,13 @@ at the end. Split-K (decode) writes one float32 slice of partial sums per K-slic
 by a second kernel: the atomic split-K of `triton_linear` summed some tiles of this kernel wrong on an H100
 (session 25).
 
+From UNPACK_MIN_M token rows (N a multiple of 8, as torch._int_mm takes it on CUDA) `linear` runs the prefill
+path instead: one Triton kernel writes the signed codes a byte each ([N, KP], the fused kernel's K order, freed
+after the call), x is quantized in that order, and cuBLAS's int8 GEMM (`torch._int_mm`) multiplies them; the
+analogue of the weight-only dequantize + cuBLAS path. The fused kernel unpacks each weight tile once per token
+tile and waits for its tensor cores in between (1042 us at 512 tokens, 28672x8192, 4-bit, H100; `_int_mm` on
+byte codes took 334 us there), so unpacking once is the better bet for many rows.
+
 Backend "int8_act_packed" (layout "gpu_planes"; never picked automatically: `apply` forces it for a plan's
 w<b>gca8 layers with b < 8, and for w8gca8 layers whose shape torch._int_mm does not take, `act_backend`): this
 kernel on CUDA and in Triton's CPU interpreter; on the CPU the codes unpacked to int8 and `torch._int_mm`, per call.
@@ -21,12 +28,16 @@ import torch
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .gpu_activation_quant import INT8_ACT, int8_matmul, never_fast, quantize_rows, signed_codes
+from .gpu_activation_quant import (INT8_ACT, int8_matmul, never_fast, quantize_rows, scale_int_product,
+                                   signed_codes)
 from .gpu_backends import GPU_LAYOUT, gpu_weight
 from .gpu_layout import WORD_ROWS, GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense
 from .triton_linear import HAVE_TRITON, Config, tl, triton
 
 A8_WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # 8-bit: where torch._int_mm ("int8_act") cannot run the shape (`act_backend`)
+# token rows from which `linear` unpacks the codes and calls torch._int_mm (an estimate from session 24-25 figures at
+# 28672x8192, 4-bit: the fused kernel 216 us at 64 rows, about what unpacking + _int_mm would take; not yet timed)
+UNPACK_MIN_M = 128
 
 if HAVE_TRITON:
     @triton.jit
@@ -104,6 +115,21 @@ if HAVE_TRITON:
         base = out + pid_k.to(tl.int64) * M * N if SPLIT > 1 else out
         tl.store(base + rm[None, :] * stride_om + cols[:, None], y.to(out.dtype.element_ty), mask=omask)
 
+    @triton.jit(do_not_specialize=["KP"])
+    def _unpack_kernel(p0, p1, out, N, KP, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                       ZERO: tl.constexpr, BN: tl.constexpr):
+        """One K block of BN weight rows: its signed codes into out [N, KP] int8, in `_block_codes`' column order
+        (x quantized with `quantize_rows(..., per=PER)` matches it)."""
+        r0 = tl.program_id(0) * 16
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        nmask = cols < N
+        offs = (r0 + tl.arange(0, 16))[None, :] * N + cols[:, None]
+        a = tl.load(p0 + offs, mask=nmask[:, None], other=0)
+        b = tl.load(p1 + offs, mask=nmask[:, None], other=0).to(tl.int32) if W1 > 0 else a
+        kk = r0 * PER + tl.arange(0, 16 * PER)
+        tl.store(out + cols[:, None].to(tl.int64) * KP + kk[None, :], _block_codes(a, b, PER, W0, W1, ZERO),
+                 mask=nmask[:, None])
+
     @triton.jit(do_not_specialize=["MN", "SPLIT"])
     def _sum_slices_kernel(parts, out, MN, SPLIT, BLOCK: tl.constexpr):
         """out (contiguous, MN elements) = the sum of the SPLIT float32 slices of `parts`, in out's dtype: one
@@ -136,8 +162,31 @@ def supported(gw: GpuPackedWeight) -> str | None:
     return None
 
 
+def unpack_codes(gw: GpuPackedWeight) -> torch.Tensor:
+    """The signed codes of `gw` as int8 [N, KP] (K padded to whole blocks), each block's columns in the fused
+    kernel's order (`quantize_rows(..., per=gw.per)` orders x the same way)."""
+    n = gw.shape[0]
+    kw = gw.planes[0].shape[0]
+    out = torch.empty(n, kw * gw.per, dtype=torch.int8, device=gw.scales.device)
+    widths = gw.widths
+    _unpack_kernel[(kw // WORD_ROWS, triton.cdiv(n, 128))](
+        gw.planes[0], gw.planes[1] if len(widths) > 1 else gw.planes[0], out, n, kw * gw.per, PER=gw.per,
+        W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), BN=128, num_warps=4)
+    return out
+
+
+def unpack_matmul(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
+    """x [M, K] @ W^T as the prefill path runs it: the codes unpacked to int8 bytes (`unpack_codes`), x quantized
+    per token in their order, torch._int_mm, the product scaled by x's and W's scales. Needs N % 8 == 0."""
+    m = x.shape[0]
+    xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=8, minimum=24, per=gw.per)  # CUDA: > 16 rows
+    return scale_int_product(torch._int_mm(xq, unpack_codes(gw).t()), sx, gw.scales.reshape(-1), m, x.dtype)
+
+
 def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T in x's dtype, x quantized to int8 per token (absmax), W's codes signed in int8 on the fly."""
+    """x [M, K] @ W^T in x's dtype, x quantized to int8 per token (absmax), W's codes signed in int8 on the fly.
+    config None: `unpack_matmul` from UNPACK_MIN_M rows where N % 8 == 0, else the fused kernel at
+    `default_config`; a config: the fused kernel at that tile."""
     reason = supported(gw)
     if reason is not None:
         raise ValueError(reason)
@@ -145,6 +194,8 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, the weight expects [M, {k}]")
     m = x.shape[0]
+    if config is None and m >= UNPACK_MIN_M and n % 8 == 0:
+        return unpack_matmul(x, gw)
     cfg = config or default_config(m, gw)
     xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=1, minimum=1, per=gw.per)
     kw = gw.planes[0].shape[0]

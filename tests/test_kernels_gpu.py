@@ -481,9 +481,10 @@ def test_activation_quantized_paths(bits: int) -> None:
 def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
     """The fused W<b>A8 kernel (`a8_linear`) against float64 on x rounded as the layer rounds it (per token to
     int8): odd N and K (short last block), default tiles and explicit ones (split-K run twice; 128 x 128 prefill
-    tiles), poisoned outputs. 8-bit weights run it where torch._int_mm cannot take the shape."""
+    tiles), poisoned outputs; from UNPACK_MIN_M rows (N a multiple of 8) the default is the unpacked codes through
+    torch._int_mm. 8-bit weights run it where torch._int_mm cannot take the shape."""
     from kernels import a8_linear
-    from kernels.gpu_activation_quant import round_activations
+    from kernels.gpu_activation_quant import round_activations, signed_codes
     gen = torch.Generator().manual_seed(500 + bits)
     shapes = ((64, 128), (67, 203), (130, 300)) if INTERPRET else ((64, 128), (67, 203), (1000, 1030), (257, 2080),
                                                                     (512, 4104))
@@ -491,8 +492,12 @@ def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
     for n, k in shapes:
         qt = quantize(torch.randn(n, k, generator=gen), QuantSpec(bits, None, True, "float16"), clip_search=False)
         gw = repack_for_gpu(qt, DEV)
+        codes = _poisoned(lambda: a8_linear.unpack_codes(gw)).cpu()
+        c = torch.arange(codes.shape[1])  # input column c sits at column `at` of its block (quantize_rows' order)
+        at = c - c % (16 * gw.per) + (c % 16) * gw.per + (c % (16 * gw.per)) // 16
+        assert torch.equal(codes[:, at][:, :k].to(torch.int16), signed_codes(qt))
         w64 = qt.dequantize(torch.float64).t()
-        for m in (1, 5, 17, 70) if INTERPRET else (1, 3, 16, 17, 64, 100, 300):
+        for m in (1, 5, 17, 70, 130) if INTERPRET else (1, 3, 16, 17, 64, 100, 300):
             for dtype in dtypes:
                 x = (torch.randn(m, k, generator=gen) + 0.5).to(dtype)
                 ref = round_activations(x.double(), 8) @ w64
@@ -520,7 +525,7 @@ def test_a_w8a8_layer_runs_int8_on_the_device(bits: int, backend: str) -> None:
     q = quantize_module(torch.nn.Linear(264, 136), QuantSpec(bits, None, True, "bfloat16"), backend=backend)
     q = q.to(DEV).bfloat16()
     w64 = q.quantized_tensor().dequantize(torch.float64).cpu()
-    for m in (1, 17) if INTERPRET else (1, 17, 100):
+    for m in (1, 17, 130) if INTERPRET else (1, 17, 100, 300):
         x = torch.randn(m, 264).bfloat16().to(DEV)
         y = q(x)
         ref = x.double().cpu() @ w64.t() + q.bias.double().cpu()
