@@ -128,8 +128,8 @@ def a8_sweep(m: int, gw) -> list[tlin.Config]:
 
 
 def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
-    """w<b>gca8 through the emitted layers' paths (below 8 bits the fused W<b>A8 kernel, or from UNPACK_MIN_M
-    tokens the codes unpacked + torch._int_mm, with a sweep of the fused kernel's tiles; torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
+    """w<b>gca8 through the paths an emitted layer can run (below 8 bits each of `a8_linear.PATHS`, of which a
+    latency table installs the fastest, with a sweep of the fused kernel's tiles; torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
     our kernel; also the torch-op baseline, `unfused`) vs bf16, checked against float64."""
     from kernels import Choice
     from kernels import gpu_activation_quant as gaq
@@ -143,21 +143,22 @@ def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor,
             wdq = qt.dequantize(torch.float64)
             fns, skipped = gaq.candidates(qt, choice, torch.bfloat16, benchmark=True)
             fns.update(unfused(fns, qt))
-            gw = repack_for_gpu(qt, "cuda") if "int8_packed" in fns else None
+            gw = repack_for_gpu(qt, "cuda") if "a8_fused" in fns else None
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
                 ref = x.double() @ wdq.t()
                 paths = dict(fns)
                 if gw is not None:
-                    paths.update({f"int8_packed[{c.label}]": (lambda x, c=c, gw=gw: a8_linear.linear(x, gw, c))
+                    paths.update({f"a8_fused[{c.label}]": (lambda x, c=c, gw=gw: a8_linear.linear(x, gw, c))
                                   for c in a8_sweep(m, gw)})
                 errs = dict(skipped)
                 ms = checked_times(paths, x, ref, 8e-2, reps, flush, errs)
                 base = time_cuda(lambda x: F.linear(x, w_bf16), x, reps, flush, graph=m <= GRAPH_MAX_TOKENS)
-                tiles = {name: t for name, t in ms.items() if name.startswith("int8_packed[")}
+                tiles = {name: t for name, t in ms.items() if name.startswith("a8_fused[")}
                 best_tile = min(tiles, key=tiles.get) if tiles else None
                 rows.append(dict(N=n, K=k, choice=label, tokens=m, bf16_ms=base, ms=ms, rejected=errs,
                                  default_a8=None if gw is None else a8_linear.default_config(m, gw).label,
+                                 default_path=None if gw is None else a8_linear.default_path(m, gw),
                                  best_a8_tile=best_tile))
                 print(f"{n}x{k} {label} M={m}: bf16 {base * 1e3:.1f}us " +
                       " ".join(f"{a} {b * 1e3:.1f}us" for a, b in ms.items()) + (f" rejected {errs}" if errs else ""),
@@ -266,11 +267,11 @@ def main() -> None:
                      f"{r['best_ours_ms'] * 1e3:.1f} ({path}) | {r['speedup_vs_bf16']:.2f}x | {anc} | {va} | {bwf} |")
     lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds; x quantized "
               "by our kernel, and (unfused) in torch ops:", "",
-              "| N x K | choice | tokens | bf16 | W<b>A8 layer (fused at its default tile; from "
-              f"{a8_linear.UNPACK_MIN_M} tokens unpack + _int_mm) | best fused tile | int8 _int_mm | unfused | "
-              "fp8 _scaled_mm | unfused | best x bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    paths = ("int8_packed", "best_a8_tile", "int8_int_mm", "int8_int_mm_unfused", "fp8_scaled_mm",
-             "fp8_scaled_mm_unfused")
+              "| N x K | choice | tokens | bf16 | rounded x + weight-only | fused (default tile) | best fused tile | "
+              "unpack + _int_mm | int8 _int_mm (byte codes) | unfused | fp8 _scaled_mm | unfused | best x bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    paths = ("a8_rounded_x", "a8_fused", "best_a8_tile", "a8_unpack_int_mm", "int8_int_mm", "int8_int_mm_unfused",
+             "fp8_scaled_mm", "fp8_scaled_mm_unfused")
     for r in act_rows:
         ms = dict(r["ms"])
         if r["best_a8_tile"] is not None:

@@ -1,43 +1,53 @@
-"""W<b>A8: b-bit per-channel weight codes times int8 per-token activations, fused on int8 tensor cores.
+"""W<b>A8: b-bit per-channel weight codes times int8 per-token activations, three ways, picked by measurement.
 
-out[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * (code[n, k] - 2^(b-1)): x is quantized per token by
-`gpu_activation_quant.quantize_rows` (one Triton kernel), the codes are read from the bit-plane layout of
-`gpu_layout` (the packed bytes: a 4-bit weight stays half a byte a code in memory) and turned into signed int8
-in registers (a shift and a mask per code, no float conversion), a thread's codes of one word side by side in
-the operand's K order (x's columns are permuted to match when it is quantized), and each K block is one int8 `tl.dot`
-accumulating in int32. Per-channel scales factor out of the K sum, so the float step is one multiply per output
-at the end. Split-K (decode) writes one float32 slice of partial sums per K-slice, summed (and cast to x's dtype)
-by a second kernel: the atomic split-K of `triton_linear` summed some tiles of this kernel wrong on an H100
-(session 25).
-
-From UNPACK_MIN_M token rows (N a multiple of 8, as torch._int_mm takes it on CUDA) `linear` runs the prefill
-path instead: one Triton kernel writes the signed codes a byte each ([N, KP], the fused kernel's K order, freed
-after the call), x is quantized in that order, and cuBLAS's int8 GEMM (`torch._int_mm`) multiplies them; the
-analogue of the weight-only dequantize + cuBLAS path. The fused kernel unpacks each weight tile once per token
-tile and waits for its tensor cores in between (1042 us at 512 tokens, 28672x8192, 4-bit, H100; `_int_mm` on
-byte codes took 334 us there), so unpacking once is the better bet for many rows.
+A layer's output is out[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * (code[n, k] - 2^(b-1)), x quantized per token by
+its absmax. The weight stays in the packed bit-plane layout of `gpu_layout` (a 4-bit weight half a byte a code,
+as the plan's memory counts it). `linear` runs one of `PATHS`:
+- "a8_fused": one Triton kernel turns the codes into signed int8 in registers (a shift and a mask a code, a
+  thread's codes of one word side by side in the operand's K order; `quantize_rows(..., per=PER)` permutes x's
+  columns to match) and runs one int8 `tl.dot` a K block; per-channel scales factor out of the K sum. Split-K
+  writes float32 slices, summed and cast by a second kernel (the atomic split-K of `triton_linear` summed some
+  tiles of this kernel wrong on an H100, session 25). Offline its K loop waits for the tensor cores before it
+  unpacks the next block, once per token tile: 1042 us at 512 tokens, 28672x8192, 4-bit (bf16: 302).
+- "a8_unpack_int_mm": `_unpack_kernel` writes the signed codes a byte each ([N, KP] in the same K order, freed
+  after the call), then cuBLAS's int8 GEMM (`torch._int_mm`) and `scale_int_product`; the analogue of the
+  weight-only dequantize + cuBLAS path. Needs N % 8 == 0.
+- "a8_rounded_x": x rounded to its int8 levels in x's dtype (`round_rows`), then the weight-only "triton" path of
+  `gpu_backends` on the same packed weight (its measured kernel and tile). The product is the int8 one up to the
+  rounding of x's dequantized levels to x's dtype (2^-9 relative in bfloat16), and it runs at the weight-only
+  decode's speed (3-4x the fused kernel at one token, session 25).
+A latency table measured on CUDA times all three per (shape, bits, tokens) and installs the fastest (`use_measured`,
+`DISPATCH`); without one, `default_path` picks by the token count.
 
 Backend "int8_act_packed" (layout "gpu_planes"; never picked automatically: `apply` forces it for a plan's
-w<b>gca8 layers with b < 8, and for w8gca8 layers whose shape torch._int_mm does not take, `act_backend`): this
-kernel on CUDA and in Triton's CPU interpreter; on the CPU the codes unpacked to int8 and `torch._int_mm`, per call.
+w<b>gca8 layers with b < 8, and for w8gca8 layers whose shape torch._int_mm does not take, `act_backend`): these
+paths on CUDA and in Triton's CPU interpreter; on the CPU the codes unpacked to int8 and `torch._int_mm`, per call.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .gpu_activation_quant import (INT8_ACT, int8_matmul, never_fast, quantize_rows, scale_int_product,
+from .gpu_activation_quant import (INT8_ACT, int8_matmul, never_fast, quantize_rows, round_rows, scale_int_product,
                                    signed_codes)
-from .gpu_backends import GPU_LAYOUT, gpu_weight
+from .gpu_backends import GPU_LAYOUT, gpu_weight, run_gpu_weight
 from .gpu_layout import WORD_ROWS, GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense
 from .triton_linear import HAVE_TRITON, Config, tl, triton
 
 A8_WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # 8-bit: where torch._int_mm ("int8_act") cannot run the shape (`act_backend`)
-# token rows from which `linear` unpacks the codes and calls torch._int_mm (an estimate from session 24-25 figures at
-# 28672x8192, 4-bit: the fused kernel 216 us at 64 rows, about what unpacking + _int_mm would take; not yet timed)
+PATHS = ("a8_fused", "a8_unpack_int_mm", "a8_rounded_x")
+# `default_path` without a measurement, from session 24-25 figures at 28672x8192 (not yet timed against each
+# other): up to ROUNDED_X_MAX_M rows the weight-only decode on rounded x (4-bit, 1 token: 49 us against the fused
+# kernel's 148); from UNPACK_MIN_M rows unpack + torch._int_mm (4-bit, 512 tokens: about 450 us estimated, against
+# 1042); the fused kernel in between (2-bit, 64 tokens: 187 us, the weight-only batch kernel 205-300)
+ROUNDED_X_MAX_M = 16
 UNPACK_MIN_M = 128
+# (N, K, bits, tokens) -> the path a latency table measured fastest on this device (`use_measured`)
+DISPATCH: dict[tuple[int, int, int, int], str] = {}
 
 if HAVE_TRITON:
     @triton.jit
@@ -156,7 +166,7 @@ def default_config(m: int, gw: GpuPackedWeight) -> Config:
 
 
 def supported(gw: GpuPackedWeight) -> str | None:
-    """Why the fused kernel cannot run `gw` (None: it can)."""
+    """Why the W<b>A8 paths cannot run `gw` (None: they can)."""
     if gw.bits not in A8_WEIGHT_BITS or gw.zeros is not None or gw.spec.group_size is not None:
         return (f"the W<b>A8 kernel runs symmetric per-channel {A8_WEIGHT_BITS}-bit weights; got {gw.spec}")
     return None
@@ -183,19 +193,9 @@ def unpack_matmul(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
     return scale_int_product(torch._int_mm(xq, unpack_codes(gw).t()), sx, gw.scales.reshape(-1), m, x.dtype)
 
 
-def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T in x's dtype, x quantized to int8 per token (absmax), W's codes signed in int8 on the fly.
-    config None: `unpack_matmul` from UNPACK_MIN_M rows where N % 8 == 0, else the fused kernel at
-    `default_config`; a config: the fused kernel at that tile."""
-    reason = supported(gw)
-    if reason is not None:
-        raise ValueError(reason)
-    n, k = gw.shape
-    if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"x has shape {tuple(x.shape)}, the weight expects [M, {k}]")
-    m = x.shape[0]
-    if config is None and m >= UNPACK_MIN_M and n % 8 == 0:
-        return unpack_matmul(x, gw)
+def fused(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T by the fused kernel ("a8_fused") at `config` (default: `default_config`)."""
+    m, n = x.shape[0], gw.shape[0]
     cfg = config or default_config(m, gw)
     xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=1, minimum=1, per=gw.per)
     kw = gw.planes[0].shape[0]
@@ -213,6 +213,65 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     total = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _sum_slices_kernel[(triton.cdiv(m * n, 1024),)](out, total, m * n, split, BLOCK=1024, num_warps=4)
     return total
+
+
+def rounded_x(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
+    """x [M, K] @ W^T as "a8_rounded_x": x rounded to its int8 levels (`round_rows`), then the weight-only path."""
+    return run_gpu_weight(round_rows(x.contiguous()), gw)
+
+
+_RUN = {"a8_fused": fused, "a8_unpack_int_mm": unpack_matmul, "a8_rounded_x": rounded_x}
+
+
+def path_error(path: str, gw: GpuPackedWeight) -> str | None:
+    """Why `path` (one of PATHS) cannot run `gw` (None: it can)."""
+    if path == "a8_unpack_int_mm" and gw.shape[0] % 8:
+        return f"a8_unpack_int_mm needs N % 8 == 0 (torch._int_mm on CUDA); N is {gw.shape[0]}"
+    return None
+
+
+def default_path(m: int, gw: GpuPackedWeight) -> str:
+    """The path for m token rows without a measurement (see ROUNDED_X_MAX_M and UNPACK_MIN_M)."""
+    if m >= UNPACK_MIN_M and path_error("a8_unpack_int_mm", gw) is None:
+        return "a8_unpack_int_mm"
+    return "a8_rounded_x" if m <= ROUNDED_X_MAX_M else "a8_fused"
+
+
+def use_measured(shape: tuple[int, int], bits: int, tokens: int, path: str) -> None:
+    """Run W<b>A8 layers of this [N, K] shape and bit width at `tokens` token rows by `path` (a latency table's
+    measured winner; one of PATHS)."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not a W<b>A8 path; choose from {PATHS}")
+    DISPATCH[(shape[0], shape[1], bits, tokens)] = path
+
+
+def pick(m: int, gw: GpuPackedWeight) -> str:
+    """The path for m token rows: the measured winner at the nearest measured token count (m itself if measured;
+    the lower of two equally near), else `default_path`."""
+    layer = (*gw.shape, gw.bits)
+    near = [key for key in DISPATCH if key[:3] == layer]
+    if not near:
+        return default_path(m, gw)
+    return DISPATCH[min(near, key=lambda key: (abs(key[3] - m), key[3]))]
+
+
+def paths(gw: GpuPackedWeight) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """name -> fn(x [M, K]) for every path that can run `gw` (what a latency table times on CUDA)."""
+    return {p: (lambda x, run=_RUN[p]: run(x, gw)) for p in PATHS if path_error(p, gw) is None}
+
+
+def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T in x's dtype, x quantized to int8 per token (absmax): by `pick`'s path, or with a config by
+    the fused kernel at that tile."""
+    reason = supported(gw)
+    if reason is not None:
+        raise ValueError(reason)
+    k = gw.shape[1]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}, the weight expects [M, {k}]")
+    if config is not None:
+        return fused(x, gw, config)
+    return _RUN[pick(x.shape[0], gw)](x, gw)
 
 
 def _supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:

@@ -6,11 +6,13 @@ applied to the integer / fp8 product. On CUDA quantizing x is one Triton kernel 
 token per program, rows padded to what the matmul takes), and so is the int8 product's scaling (int32 -> x's
 dtype): done in torch ops (as on the CPU) they were about ten kernels a call.
 
-A plan's w<b>gca8 layers run int8 x int8 in the model, on backends never picked automatically (`apply` forces
-them): "int8_act" here for 8-bit weights (the codes as signed bytes, the dense packing's size; `torch._int_mm`)
-and "int8_act_packed" (`a8_linear`) for 2..6-bit weights and 8-bit ones of shapes `torch._int_mm` does not take
-(the packed bit planes, unpacked to int8 inside one fused Triton kernel). Grouped or asymmetric weights with 8-bit activations, and activation widths other than 8,
-are refused by `unsupported_reason`, which removes them from the candidate set, never raising in the middle of a
+A plan's w<b>gca8 layers compute with x rounded per token to int8 in the model, on backends never picked
+automatically (`apply` forces them): "int8_act" here for 8-bit weights (the codes as signed bytes, the dense
+packing's size; `torch._int_mm`) and "int8_act_packed" (`a8_linear`) for 2..6-bit weights and 8-bit ones of
+shapes `torch._int_mm` does not take (the packed bit planes; a fused int8 kernel, the codes unpacked +
+`torch._int_mm`, or x rounded in x's dtype (`round_rows`) + the weight-only kernels, whichever a latency table
+measured fastest). Grouped or asymmetric weights with 8-bit activations, and activation widths other than 8, are
+refused by `unsupported_reason`, which removes them from the candidate set, never raising in the middle of a
 solve. The FP8 path and the byte-per-code int8 path of narrower weights are timed by
 benchmarks/bench_kernels_gpu.py only (`candidates(..., benchmark=True)`).
 """
@@ -75,10 +77,11 @@ def signed_codes(w) -> torch.Tensor:
 if HAVE_TRITON:
     @triton.jit
     def _quantize_rows_kernel(x, xq, sx, M, K, KP, stride_xm, QMAX: tl.constexpr, FP8: tl.constexpr,
-                              PER: tl.constexpr, BLOCK: tl.constexpr):
+                              PER: tl.constexpr, ROUNDED: tl.constexpr, BLOCK: tl.constexpr):
         """Row m of the padded xq (rows KP long): s = max|x[m]| / QMAX, xq[m] = x[m] / s (int8 rounded to
         nearest, or e4m3), sx[m] = s; rows m >= M (padding) get codes 0 and scale 0. PER > 0: column
-        16 PER b + 16 i + j is stored at 16 PER b + PER j + i (the order `a8_linear` reads a K block in)."""
+        16 PER b + 16 i + j is stored at 16 PER b + PER j + i (the order `a8_linear` reads a K block in).
+        ROUNDED: xq is float, and gets the codes times s (x rounded to the int8 levels, in xq's dtype)."""
         m = tl.program_id(0)
         live = m < M
         offs = tl.arange(0, BLOCK)
@@ -96,7 +99,10 @@ if HAVE_TRITON:
             c = k0 + offs
             if PER > 0:
                 c = c - c % (16 * PER) + (c % 16) * PER + (c % (16 * PER)) // 16
-            tl.store(xq + m * KP + c, q, mask=k0 + offs < K)
+            if ROUNDED:
+                tl.store(xq + m * KP + c, (q.to(tl.float32) * s).to(xq.dtype.element_ty), mask=k0 + offs < K)
+            else:
+                tl.store(xq + m * KP + c, q, mask=k0 + offs < K)
         tl.store(sx + m, tl.where(live, s, 0.0))
 
     @triton.jit
@@ -123,8 +129,19 @@ def quantize_rows(x: torch.Tensor, fp8: bool, multiple: int, minimum: int,
     sx = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block = min(triton.next_power_of_2(k), 2048)
     _quantize_rows_kernel[(rows,)](x, xq, sx, m, k, kp, x.stride(0), QMAX=E4M3_MAX if fp8 else INT8_MAX, FP8=fp8,
-                                   PER=per, BLOCK=block, num_warps=4)
+                                   PER=per, ROUNDED=False, BLOCK=block, num_warps=4)
     return xq, sx
+
+
+def round_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (unit stride along K) rounded per row to the int8 levels of its absmax (`round_activations` in
+    one Triton kernel; ties round away from zero), in x's dtype: what an int8 x int8 product sees of x."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=x.dtype, device=x.device)
+    sx = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(m,)](x, out, sx, m, k, k, x.stride(0), QMAX=INT8_MAX, FP8=False, PER=0, ROUNDED=True,
+                                BLOCK=min(triton.next_power_of_2(k), 2048), num_warps=4)
+    return out
 
 
 def scale_int_product(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
@@ -192,22 +209,26 @@ INT8_ACT = register_backend(Backend("int8_act", _int8_act_supports, _int8_act_li
 def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: torch.device | str = "cuda",
                benchmark: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
     """name -> fn(x [M, K]) for the activation-quantized paths of `qt` on `device`, and name -> reason skipped.
-    Without `benchmark`, only the path an emitted layer runs (what a latency table times; `a8_linear.act_backend`):
-    "int8_int_mm" (backend "int8_act") for 8-bit weights of shapes torch._int_mm takes, else "int8_packed" (backend
-    "int8_act_packed"). With it, also the int8 GEMM on the codes a byte each ("int8_int_mm" beside "int8_packed")
-    and FP8 ("fp8_scaled_mm", b <= 4, CUDA)."""
-    from .a8_linear import INT8_ACT_PACKED, act_backend
+    Without `benchmark`, the paths an emitted layer can run (what a latency table times; `a8_linear.act_backend`):
+    "int8_int_mm" (backend "int8_act") for 8-bit weights of shapes torch._int_mm takes; else backend
+    "int8_act_packed": on CUDA each of `a8_linear.PATHS` (the table installs the fastest), elsewhere the backend
+    ("int8_packed"). With it, also the int8 GEMM on the codes a byte each ("int8_int_mm") and FP8
+    ("fp8_scaled_mm", b <= 4, CUDA)."""
+    from .a8_linear import INT8_ACT_PACKED, act_backend, paths
+    from .gpu_backends import gpu_weight
     n, k = qt.shape
     dev = torch.device(device)
     fns: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
     backend = act_backend(qt.spec, qt.shape)
     name = "int8_int_mm" if backend is INT8_ACT else "int8_packed"
-    if backend.supports(qt.spec, qt.shape, dev, dtype):
+    if not backend.supports(qt.spec, qt.shape, dev, dtype):
+        skipped[name] = f"backend {backend.name!r} cannot run {qt.spec} of shape {qt.shape} on {dev} in {dtype}"
+    elif backend is INT8_ACT_PACKED and dev.type == "cuda":
+        fns.update(paths(gpu_weight(layer_view(qt, backend, dev))))
+    else:
         view = layer_view(qt, backend, dev)
         fns[name] = lambda x: backend.linear(x, view)
-    else:
-        skipped[name] = f"backend {backend.name!r} cannot run {qt.spec} of shape {qt.shape} on {dev} in {dtype}"
     if not benchmark:
         return fns, skipped
     if backend is INT8_ACT_PACKED:

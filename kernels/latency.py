@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from . import a8_linear
 from .backends import BACKENDS, Backend, layer_view, select_backend
 from .choice import Choice, QuantSpec
 from .fileio import atomic_write_json
@@ -203,21 +204,21 @@ class LatencyTable:
     def use_dispatch(self) -> None:
         """Run emitted models' "triton" layers in this process by this table's measured winners among our paths
         (dequantize + cuBLAS or the fused kernel, and the fused kernel's tile) per (shape, choice, tokens): what
-        its `selected` entries timed. `measure` does this on CUDA; call it after loading a table in a new process
-        (a table of another device installs tiles measured there). Other token counts take the path measured at
-        the nearest count, with the default tile."""
+        its `selected` entries timed; and their W<b>A8 layers by the fastest of `a8_linear.PATHS`. `measure` does
+        this on CUDA; call it after loading a table in a new process (a table of another device installs tiles
+        measured there). Other token counts take the path measured at the nearest count, with the default tile."""
         use_paths(self.measured_paths())
 
     def measured_paths(self, layers: Iterable[tuple[str, tuple[int, int], str]] | None = None) -> list[dict[str, Any]]:
-        """The fastest of our paths per weight-only linear entry, as JSON records for `use_paths` ({"kind",
-        "shape": [N, K], "choice", "tokens", "path"}); `layers`: only these (kind, (N, K), choice label)."""
+        """The fastest of our paths per weight-only linear entry, and the fastest W<b>A8 path per entry that timed
+        them, as JSON records for `use_paths` ({"kind", "shape": [N, K], "choice", "tokens", "path"}); `layers`:
+        only these (kind, (N, K), choice label)."""
         wanted = None if layers is None else {(kind, tuple(shape), label) for kind, shape, label in layers}
         records = []
         for key, e in self.entries.items():
             kind, shape, label, tokens = parse_entry_key(key)
-            path = _fastest_ours(e.all_ms)
-            if (kind in ("linear", "hf_conv1d") and Choice.parse(label).abits is None and path is not None
-                    and (wanted is None or (kind, shape, label) in wanted)):
+            path = _fastest_ours(e.all_ms) if Choice.parse(label).abits is None else _fastest_a8(e.all_ms)
+            if kind in ("linear", "hf_conv1d") and path is not None and (wanted is None or (kind, shape, label) in wanted):
                 records.append({"kind": kind, "shape": list(shape), "choice": label, "tokens": tokens, "path": path})
         return records
 
@@ -244,15 +245,20 @@ class LatencyTable:
 
 
 def use_paths(records: Iterable[dict[str, Any]]) -> None:
-    """Install measured paths (`LatencyTable.measured_paths` records) for "triton" layers in this process
-    (`gpu_backends.use_measured`); a malformed record raises a ValueError naming it."""
+    """Install measured paths (`LatencyTable.measured_paths` records) in this process: for "triton" layers
+    (`gpu_backends.use_measured`), and for W<b>A8 layers (`a8_linear.use_measured`, paths `a8_linear.PATHS`);
+    a malformed record raises a ValueError naming it."""
     from .gpu_backends import use_measured
     for r in records:
         try:
             kind, (n, k), label, tokens, path = r["kind"], r["shape"], r["choice"], r["tokens"], r["path"]
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, k, tokens)):
                 raise ValueError("shape and tokens must be integers >= 1")
-            use_measured(Choice.parse(label).spec_for(kind, k), (n, k), tokens, path)
+            choice = Choice.parse(label)
+            if choice.abits is None:
+                use_measured(choice.spec_for(kind, k), (n, k), tokens, path)
+            else:
+                a8_linear.use_measured((n, k), choice.wbits, tokens, path)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"measured path {r!r} is malformed: {e}") from None
 
@@ -550,6 +556,8 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 ms, rejected = _time_paths(paths, x, expected, tol, reps, flush, t, dict(skipped))
                 if selected is not None and dev.type == "cuda":
                     _use_measured(qt.spec, shape, t, ms)
+                elif dev.type == "cuda" and (a8 := _fastest_a8(ms)) is not None:
+                    a8_linear.use_measured(shape, choice.wbits, t, a8)
                 if last is not None:  # after the winners are installed: the path an emitted model runs
                     ms.update(_time_paths({selected.name: last}, x, expected, tol, reps, flush, t, rejected)[0])
                 if not ms:
@@ -590,6 +598,12 @@ def _fastest_ours(ms: dict[str, float]) -> str | None:
     from .gpu_backends import is_ours
     ours = [name for name in ms if is_ours(name)]
     return min(ours, key=ms.get) if ours else None
+
+
+def _fastest_a8(ms: dict[str, float]) -> str | None:
+    """The fastest W<b>A8 path (`a8_linear.PATHS`) among measured ones; None when none is one."""
+    a8 = [name for name in ms if name in a8_linear.PATHS]
+    return min(a8, key=ms.get) if a8 else None
 
 
 def _use_measured(spec: QuantSpec, shape: tuple[int, int], tokens: int, ms: dict[str, float]) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import Choice, LatencyTable, measure
-from kernels.latency import GRAPH_MAX_TOKENS, MIN_LAYER_FRACTION, LatencyEntry, cache_path, entry_key, replay_overhead_ms
+from kernels import Choice, LatencyTable, a8_linear, measure
+from kernels.latency import (GRAPH_MAX_TOKENS, MIN_LAYER_FRACTION, LatencyEntry, cache_path, entry_key,
+                             replay_overhead_ms, use_paths)
 
 
 def test_measure_cpu_tiny(tmp_path) -> None:
@@ -55,6 +56,26 @@ def test_activation_quantized_choices_on_cpu(tmp_path) -> None:
     assert LatencyTable.load(cache_path(tmp_path, "cpu")).skipped == table.skipped
     with pytest.raises(KeyError, match="removed"):
         table.lookup((32, 64), "w8a8", 1)
+
+
+def test_a_tables_w_b_a8_winners_are_installed_and_saved(monkeypatch) -> None:
+    """A CUDA table times each W<b>A8 path (`a8_linear.PATHS`) per entry; its fastest goes into `measured_paths`
+    (so `save_quantized` writes it to kernels.json) and `use_paths` installs it for the process's W<b>A8 layers.
+    Entries of other paths (torch._int_mm at 8 bits, a CPU table's backend) carry none."""
+    monkeypatch.setattr(a8_linear, "DISPATCH", {})
+    entries = {
+        entry_key((64, 128), "w4gca8", 1): LatencyEntry(0.01, "a8_rounded_x", {"a8_rounded_x": 0.01, "a8_fused": 0.03}),
+        entry_key((64, 128), "w4gca8", 512): LatencyEntry(0.2, "a8_unpack_int_mm",
+                                                          {"a8_unpack_int_mm": 0.2, "a8_fused": 0.5}),
+        entry_key((64, 128), "w8gca8", 1): LatencyEntry(0.01, "int8_int_mm", {"int8_int_mm": 0.01}),
+        entry_key((64, 128), "w2gca8", 1): LatencyEntry(0.01, "int8_packed", {"int8_packed": 0.01})}
+    records = LatencyTable("H100", {}, entries).measured_paths()
+    assert sorted((r["choice"], r["tokens"], r["path"]) for r in records) == [
+        ("w4gca8", 1, "a8_rounded_x"), ("w4gca8", 512, "a8_unpack_int_mm")]
+    use_paths(records)
+    assert a8_linear.DISPATCH == {(64, 128, 4, 1): "a8_rounded_x", (64, 128, 4, 512): "a8_unpack_int_mm"}
+    with pytest.raises(ValueError, match="malformed.*not a W<b>A8 path"):
+        use_paths([{**records[0], "path": "triton_fused"}])
 
 
 def _entry(ms: float) -> LatencyEntry:
