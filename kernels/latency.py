@@ -8,7 +8,9 @@ around a CUDA-graph replay of one call, the L2 flushed before each replay, the m
 with time.perf_counter. The fastest correct path per entry is the dispatch table. On CUDA our fused kernel is
 also timed at the other tiles `triton_linear.tile_candidates` offers for decode token counts (as
 "triton_fused[<tile label>]"), and the fastest of our paths, tile included, is installed for emitted models
-(`gpu_backends.use_measured`; `LatencyTable.use_dispatch` installs a whole table). Each weight-only linear entry
+(`gpu_backends.use_measured`; `LatencyTable.use_dispatch` installs a whole table); a W<b>A8 entry times each of
+`a8_linear.PATHS` (the weight-only kernels measured and installed first, as one path runs them) and installs the
+fastest (`a8_linear.use_measured`). Each weight-only linear entry
 then times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
 model runs, so `lookup` returns its time. Convs whose geometry the layer graph recorded are timed as the
 QuantizedConv an emitted model holds, on `tokens` samples of their traced input shape, under a kind that
@@ -553,6 +555,8 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 expected = ref(x)
                 paths = {**fns, **tile_paths(t)}
                 last = paths.pop(selected.name) if selected is not None and selected.name in paths else None
+                if tiles and "a8_rounded_x" in paths:  # CUDA: it runs the weight-only kernel; install that first
+                    _install_weight_only(qt, dtype, dev, x, expected, reps, flush, t)
                 ms, rejected = _time_paths(paths, x, expected, tol, reps, flush, t, dict(skipped))
                 if selected is not None and dev.type == "cuda":
                     _use_measured(qt.spec, shape, t, ms)
@@ -598,6 +602,16 @@ def _fastest_ours(ms: dict[str, float]) -> str | None:
     from .gpu_backends import is_ours
     ours = [name for name in ms if is_ours(name)]
     return min(ours, key=ms.get) if ours else None
+
+
+def _install_weight_only(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device, x: torch.Tensor,
+                         expected: torch.Tensor, reps: int, flush: torch.Tensor | None, tokens: int) -> None:
+    """Time our weight-only paths and tiles on `qt` and install the fastest (`_use_measured`): the kernel the
+    "a8_rounded_x" path of a W<b>A8 entry then runs, as the emitted layer will."""
+    from .gpu_backends import is_ours
+    fns, _, tile_paths = candidates(qt, Choice(qt.spec.bits, None, None), dtype, device)
+    ours = {name: fn for name, fn in {**fns, **tile_paths(tokens)}.items() if is_ours(name)}
+    _use_measured(qt.spec, qt.shape, tokens, _time_paths(ours, x, expected, TOLERANCE[dtype], reps, flush, tokens, {})[0])
 
 
 def _fastest_a8(ms: dict[str, float]) -> str | None:

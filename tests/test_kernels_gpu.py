@@ -657,14 +657,21 @@ def test_pointwise_conv_runs_on_the_triton_backend(spec) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA latency tables need a CUDA device")
 def test_measure_cuda_small(tmp_path, monkeypatch) -> None:
-    from kernels import gpu_backends
+    """A CUDA table: every path timed, our fastest path and tile installed for "triton" layers; W<b>A8 entries
+    time each of `a8_linear.PATHS` (the rounded-x one on the weight-only kernel measured fastest for that weight,
+    installed first) and install their fastest."""
+    from kernels import a8_linear, gpu_backends
     from kernels.latency import LatencyTable, cache_path, entry_key, measure
     monkeypatch.setattr(gpu_backends, "DISPATCH", {})
+    monkeypatch.setattr(a8_linear, "DISPATCH", {})
     table = measure([(512, 1024), (264, 512)], ["w4", "w3", "w8gca8", "w8a8", "w4gca8"], tokens=(1, 32),
                     device="cuda", reps=5, cache_dir=tmp_path)
-    assert "per-channel" in table.skipped["w8a8"] and "8-bit weights only" in table.skipped["w4gca8"]
+    assert "per-channel" in table.skipped["w8a8"]
     assert table.entries[entry_key((264, 512), "w8gca8", 32)].backend == "int8_int_mm"
-    assert len(table.entries) == 2 * 3 * 2
+    assert len(table.entries) == 2 * 4 * 2
+    a8 = table.entries[entry_key((512, 1024), "w4gca8", 32)]
+    assert set(a8.all_ms) == set(a8_linear.PATHS) and a8_linear.DISPATCH[(512, 1024, 4, 32)] == a8.backend
+    assert (512, 1024, 4, 1024, True, 32) in gpu_backends.DISPATCH  # the per-channel weight-only winner
     for e in table.entries.values():
         assert 0 < e.ms < 10 and e.backend in e.all_ms
     w4 = table.entries[entry_key((512, 1024), "w4", 1)]
