@@ -57,15 +57,16 @@ def apply(model: nn.Module, plan: Plan, inplace: bool = False, check_hash: bool 
 def _backend_for(layer: LayerPlan) -> str | None:
     """The backend a planned layer is forced onto, for a linear layer whose choice quantizes activations
     (`a8_linear.act_backend`): "int8_act" for w8gca8 (int8 x int8 on byte-wide codes) where torch._int_mm takes the
-    shape, "int8_act_packed" otherwise (the packed codes; `a8_linear.PATHS`); None (the
-    registry's pick) for the other layers. Convs run such choices weight-only, as their
-    latency entries time them."""
+    shape, "int8_act_packed" otherwise, "fp8_act_packed" for float8 activations (both on the packed codes,
+    `a8_linear.PATHS`); None (the registry's pick) for the other layers. Convs run such choices weight-only, as
+    their latency entries time them."""
     if layer.abits is None or layer.kind not in ACT_QUANT_KINDS:
         return None
-    reason = unsupported_reason(Choice.parse(layer.choice))
+    choice = Choice.parse(layer.choice)
+    reason = unsupported_reason(choice)
     if reason is not None:
         raise ValueError(f"plan layer {layer.name!r}: {reason}")
-    return act_backend(layer.spec, matrix_shape(layer.weight_shape, layer.kind)).name
+    return act_backend(layer.spec, matrix_shape(layer.weight_shape, layer.kind), choice.act_format).name
 
 
 def quantized_bytes(qmodel: nn.Module) -> dict[str, int]:

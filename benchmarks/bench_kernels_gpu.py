@@ -128,8 +128,9 @@ def a8_sweep(m: int, gw) -> list[tlin.Config]:
 
 
 def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
-    """w<b>gca8 through the paths an emitted layer can run (below 8 bits each of `a8_linear.PATHS`, of which a
-    latency table installs the fastest, with a sweep of the fused kernel's tiles; torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
+    """w<b>gca8 / w<b>gcf8 through the paths an emitted layer can run (below 8 bits each of `a8_linear.PATHS` of
+    the choice's format, of which a latency table installs the fastest, with a sweep of the fused kernel's tiles;
+    torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
     our kernel; also the torch-op baseline, `unfused`) vs bf16, checked against float64."""
     from kernels import Choice
     from kernels import gpu_activation_quant as gaq
@@ -176,7 +177,7 @@ def main() -> None:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-act", action="store_true", help="leave out the int8 / FP8 activation-quantized paths")
-    ap.add_argument("--act-choices", default="w4gca8,w8gca8", help="activation-quantized choices timed")
+    ap.add_argument("--act-choices", default="w4gca8,w4gcf8,w8gca8", help="activation-quantized choices timed")
     ap.add_argument("--no-gemlite", action="store_true",
                     help="leave gemlite out (it autotunes every new shape/bits/tokens: minutes per shape)")
     args = ap.parse_args()
@@ -268,10 +269,11 @@ def main() -> None:
     lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds; x quantized "
               "by our kernel, and (unfused) in torch ops:", "",
               "| N x K | choice | tokens | bf16 | rounded x + weight-only | fused (default tile) | best fused tile | "
-              "unpack + _int_mm | int8 _int_mm (byte codes) | unfused | fp8 _scaled_mm | unfused | best x bf16 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    paths = ("a8_rounded_x", "a8_fused", "best_a8_tile", "a8_unpack_int_mm", "int8_int_mm", "int8_int_mm_unfused",
-             "fp8_scaled_mm", "fp8_scaled_mm_unfused")
+              "unpack + _int_mm | e4m3-rounded x + weight-only | unpack + _scaled_mm | int8 _int_mm (byte codes) | "
+              "unfused | fp8 _scaled_mm (byte codes) | unfused | best x bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    paths = ("a8_rounded_x", "a8_fused", "best_a8_tile", "a8_unpack_int_mm", "f8_rounded_x", "f8_unpack_scaled_mm",
+             "int8_int_mm", "int8_int_mm_unfused", "fp8_scaled_mm", "fp8_scaled_mm_unfused")
     for r in act_rows:
         ms = dict(r["ms"])
         if r["best_a8_tile"] is not None:

@@ -1,4 +1,4 @@
-"""W<b>A8: b-bit per-channel weight codes times int8 per-token activations, three ways, picked by measurement.
+"""W<b>A8: b-bit per-channel weight codes times 8-bit per-token activations (int8 or float8), picked by measurement.
 
 A layer's output is out[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * (code[n, k] - 2^(b-1)), x quantized per token by
 its absmax. The weight stays in the packed bit-plane layout of `gpu_layout` (a 4-bit weight half a byte a code,
@@ -16,12 +16,17 @@ as the plan's memory counts it). `linear` runs one of `PATHS`:
   `gpu_backends` on the same packed weight (its measured kernel and tile). The product is the int8 one up to the
   rounding of x's dequantized levels to x's dtype (2^-9 relative in bfloat16), and it runs at the weight-only
   decode's speed (3-4x the fused kernel at one token, session 25).
-A latency table measured on CUDA times all three per (shape, bits, tokens) and installs the fastest (`use_measured`,
-`DISPATCH`); without one, `default_path` picks by the token count.
+Float8 activations (w<b>gcf8: x per token in e4m3, scaled by absmax / 448; codes of up to 5 bits are exact in
+e4m3) have two paths of the same kinds: "f8_unpack_scaled_mm" (the codes unpacked to e4m3 bytes, then
+`torch._scaled_mm` with row-wise scales; N % 16 == 0) and "f8_rounded_x" (x rounded to its e4m3 values, then the
+weight-only path). A latency table measured on CUDA times a choice's paths per (shape, bits, tokens) and installs
+the fastest (`use_measured`, `DISPATCH`, per activation format); without one, `default_path` picks by the token
+count.
 
-Backend "int8_act_packed" (layout "gpu_planes"; never picked automatically: `apply` forces it for a plan's
-w<b>gca8 layers with b < 8, and for w8gca8 layers whose shape torch._int_mm does not take, `act_backend`): these
-paths on CUDA and in Triton's CPU interpreter; on the CPU the codes unpacked to int8 and `torch._int_mm`, per call.
+Backends "int8_act_packed" and "fp8_act_packed" (layout "gpu_planes"; never picked automatically: `apply`
+forces them for a plan's w<b>gca8 layers with b < 8 (and w8gca8 layers whose shape torch._int_mm does not take)
+and its w<b>gcf8 layers, `act_backend`): these paths on CUDA; in Triton's CPU interpreter the int8 ones; on the
+CPU the same products in torch ops (the codes unpacked per call).
 """
 from __future__ import annotations
 
@@ -32,22 +37,24 @@ import torch
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .gpu_activation_quant import (INT8_ACT, int8_matmul, never_fast, quantize_rows, round_rows, scale_int_product,
-                                   signed_codes)
+from .gpu_activation_quant import (E4M3_MAX, FP8_MAX_EXACT_BITS, INT8_ACT, fp8_available, int8_matmul, never_fast,
+                                   quantize_rows, round_rows, scale_int_product, signed_codes, token_scales)
 from .gpu_backends import GPU_LAYOUT, gpu_weight, run_gpu_weight
 from .gpu_layout import WORD_ROWS, GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense
 from .triton_linear import HAVE_TRITON, Config, tl, triton
 
 A8_WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # 8-bit: where torch._int_mm ("int8_act") cannot run the shape (`act_backend`)
-PATHS = ("a8_fused", "a8_unpack_int_mm", "a8_rounded_x")
+# activation format -> the paths a layer of it can run
+PATHS = {"int": ("a8_fused", "a8_unpack_int_mm", "a8_rounded_x"), "fp8": ("f8_unpack_scaled_mm", "f8_rounded_x")}
+ALL_PATHS = tuple(p for names in PATHS.values() for p in names)
 # `default_path` without a measurement, from session 24-25 figures at 28672x8192 (not yet timed against each
 # other): up to ROUNDED_X_MAX_M rows the weight-only decode on rounded x (4-bit, 1 token: 49 us against the fused
 # kernel's 148); from UNPACK_MIN_M rows unpack + torch._int_mm (4-bit, 512 tokens: about 450 us estimated, against
 # 1042); the fused kernel in between (2-bit, 64 tokens: 187 us, the weight-only batch kernel 205-300)
 ROUNDED_X_MAX_M = 16
 UNPACK_MIN_M = 128
-# (N, K, bits, tokens) -> the path a latency table measured fastest on this device (`use_measured`)
-DISPATCH: dict[tuple[int, int, int, int], str] = {}
+# (N, K, bits, activation format, tokens) -> the path a latency table measured fastest on this device (`use_measured`)
+DISPATCH: dict[tuple[int, int, int, str, int], str] = {}
 
 if HAVE_TRITON:
     @triton.jit
@@ -137,8 +144,8 @@ if HAVE_TRITON:
         a = tl.load(p0 + offs, mask=nmask[:, None], other=0)
         b = tl.load(p1 + offs, mask=nmask[:, None], other=0).to(tl.int32) if W1 > 0 else a
         kk = r0 * PER + tl.arange(0, 16 * PER)
-        tl.store(out + cols[:, None].to(tl.int64) * KP + kk[None, :], _block_codes(a, b, PER, W0, W1, ZERO),
-                 mask=nmask[:, None])
+        codes = _block_codes(a, b, PER, W0, W1, ZERO).to(out.dtype.element_ty)  # int8, or e4m3 (exact to 5 bits)
+        tl.store(out + cols[:, None].to(tl.int64) * KP + kk[None, :], codes, mask=nmask[:, None])
 
     @triton.jit(do_not_specialize=["MN", "SPLIT"])
     def _sum_slices_kernel(parts, out, MN, SPLIT, BLOCK: tl.constexpr):
@@ -172,12 +179,12 @@ def supported(gw: GpuPackedWeight) -> str | None:
     return None
 
 
-def unpack_codes(gw: GpuPackedWeight) -> torch.Tensor:
-    """The signed codes of `gw` as int8 [N, KP] (K padded to whole blocks), each block's columns in the fused
-    kernel's order (`quantize_rows(..., per=gw.per)` orders x the same way)."""
+def unpack_codes(gw: GpuPackedWeight, fp8: bool = False) -> torch.Tensor:
+    """The signed codes of `gw` as int8 (or float8 e4m3) [N, KP] (K padded to whole blocks), each block's columns
+    in the fused kernel's order (`quantize_rows(..., per=gw.per)` orders x the same way)."""
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
-    out = torch.empty(n, kw * gw.per, dtype=torch.int8, device=gw.scales.device)
+    out = torch.empty(n, kw * gw.per, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=gw.scales.device)
     widths = gw.widths
     _unpack_kernel[(kw // WORD_ROWS, triton.cdiv(n, 128))](
         gw.planes[0], gw.planes[1] if len(widths) > 1 else gw.planes[0], out, n, kw * gw.per, PER=gw.per,
@@ -191,6 +198,17 @@ def unpack_matmul(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
     m = x.shape[0]
     xq, sx = quantize_rows(x.contiguous(), fp8=False, multiple=8, minimum=24, per=gw.per)  # CUDA: > 16 rows
     return scale_int_product(torch._int_mm(xq, unpack_codes(gw).t()), sx, gw.scales.reshape(-1), m, x.dtype)
+
+
+def unpack_scaled_mm(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
+    """x [M, K] @ W^T with x and the codes in float8 e4m3 ("f8_unpack_scaled_mm"): the codes unpacked to e4m3
+    bytes, x quantized per token to e4m3 in their order, torch._scaled_mm with x's and W's scales (row-wise scales
+    give bfloat16 only: other dtypes are cast from it). Needs N % 16 == 0 (CUDA, compute capability >= 8.9)."""
+    m = x.shape[0]
+    xq, sx = quantize_rows(x.contiguous(), fp8=True, multiple=16, minimum=16, per=gw.per)
+    sw = gw.scales.reshape(1, -1).float()
+    y = torch._scaled_mm(xq, unpack_codes(gw, fp8=True).t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+    return y[:m].to(x.dtype)
 
 
 def fused(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -> torch.Tensor:
@@ -220,49 +238,67 @@ def rounded_x(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
     return run_gpu_weight(round_rows(x.contiguous()), gw)
 
 
-_RUN = {"a8_fused": fused, "a8_unpack_int_mm": unpack_matmul, "a8_rounded_x": rounded_x}
+def rounded_x_fp8(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
+    """x [M, K] @ W^T as "f8_rounded_x": x rounded to its e4m3 values (`round_rows`), then the weight-only path."""
+    return run_gpu_weight(round_rows(x.contiguous(), fp8=True), gw)
+
+
+_RUN = {"a8_fused": fused, "a8_unpack_int_mm": unpack_matmul, "a8_rounded_x": rounded_x,
+        "f8_unpack_scaled_mm": unpack_scaled_mm, "f8_rounded_x": rounded_x_fp8}
 
 
 def path_error(path: str, gw: GpuPackedWeight) -> str | None:
     """Why `path` (one of PATHS) cannot run `gw` (None: it can)."""
     if path == "a8_unpack_int_mm" and gw.shape[0] % 8:
         return f"a8_unpack_int_mm needs N % 8 == 0 (torch._int_mm on CUDA); N is {gw.shape[0]}"
+    if path == "f8_unpack_scaled_mm" and gw.shape[0] % 16:
+        return f"f8_unpack_scaled_mm needs N % 16 == 0 (torch._scaled_mm); N is {gw.shape[0]}"
     return None
 
 
-def default_path(m: int, gw: GpuPackedWeight) -> str:
+def path_format(path: str) -> str:
+    """The activation format ("int" or "fp8") whose paths `path` is one of; ValueError for other names."""
+    for fmt, names in PATHS.items():
+        if path in names:
+            return fmt
+    raise ValueError(f"path={path!r} is not a W<b>A8 path; choose from {ALL_PATHS}")
+
+
+def default_path(m: int, gw: GpuPackedWeight, act_format: str = "int") -> str:
     """The path for m token rows without a measurement (see ROUNDED_X_MAX_M and UNPACK_MIN_M)."""
+    if act_format == "fp8":
+        unpack = m >= UNPACK_MIN_M and path_error("f8_unpack_scaled_mm", gw) is None
+        return "f8_unpack_scaled_mm" if unpack else "f8_rounded_x"
     if m >= UNPACK_MIN_M and path_error("a8_unpack_int_mm", gw) is None:
         return "a8_unpack_int_mm"
     return "a8_rounded_x" if m <= ROUNDED_X_MAX_M else "a8_fused"
 
 
 def use_measured(shape: tuple[int, int], bits: int, tokens: int, path: str) -> None:
-    """Run W<b>A8 layers of this [N, K] shape and bit width at `tokens` token rows by `path` (a latency table's
-    measured winner; one of PATHS)."""
-    if path not in PATHS:
-        raise ValueError(f"path={path!r} is not a W<b>A8 path; choose from {PATHS}")
-    DISPATCH[(shape[0], shape[1], bits, tokens)] = path
+    """Run W<b>A8 layers of this [N, K] shape and bit width (and the activation format of `path`) at `tokens` token
+    rows by `path` (a latency table's measured winner; one of PATHS)."""
+    DISPATCH[(shape[0], shape[1], bits, path_format(path), tokens)] = path
 
 
-def pick(m: int, gw: GpuPackedWeight) -> str:
+def pick(m: int, gw: GpuPackedWeight, act_format: str = "int") -> str:
     """The path for m token rows: the measured winner at the nearest measured token count (m itself if measured;
     the lower of two equally near), else `default_path`."""
-    layer = (*gw.shape, gw.bits)
-    near = [key for key in DISPATCH if key[:3] == layer]
+    layer = (*gw.shape, gw.bits, act_format)
+    near = [key for key in DISPATCH if key[:4] == layer]
     if not near:
-        return default_path(m, gw)
-    return DISPATCH[min(near, key=lambda key: (abs(key[3] - m), key[3]))]
+        return default_path(m, gw, act_format)
+    return DISPATCH[min(near, key=lambda key: (abs(key[4] - m), key[4]))]
 
 
-def paths(gw: GpuPackedWeight) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """name -> fn(x [M, K]) for every path that can run `gw` (what a latency table times on CUDA)."""
-    return {p: (lambda x, run=_RUN[p]: run(x, gw)) for p in PATHS if path_error(p, gw) is None}
+def paths(gw: GpuPackedWeight, act_format: str = "int") -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """name -> fn(x [M, K]) for every path of `act_format` that can run `gw` (what a latency table times on CUDA)."""
+    return {p: (lambda x, run=_RUN[p]: run(x, gw)) for p in PATHS[act_format] if path_error(p, gw) is None}
 
 
-def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T in x's dtype, x quantized to int8 per token (absmax): by `pick`'s path, or with a config by
-    the fused kernel at that tile."""
+def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None,
+           act_format: str = "int") -> torch.Tensor:
+    """x [M, K] @ W^T in x's dtype, x quantized per token (absmax) to int8, or to e4m3 with act_format "fp8": by
+    `pick`'s path, or with a config by the fused int8 kernel at that tile."""
     reason = supported(gw)
     if reason is not None:
         raise ValueError(reason)
@@ -271,7 +307,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         raise ValueError(f"x has shape {tuple(x.shape)}, the weight expects [M, {k}]")
     if config is not None:
         return fused(x, gw, config)
-    return _RUN[pick(x.shape[0], gw)](x, gw)
+    return _RUN[pick(x.shape[0], gw, act_format)](x, gw)
 
 
 def _supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
@@ -290,10 +326,33 @@ INT8_ACT_PACKED = register_backend(Backend("int8_act_packed", _supports, _linear
                                            group_major=True))
 
 
-def act_backend(spec: QuantSpec, shape: tuple[int, int]) -> Backend:
-    """The backend a linear layer of `spec` and [out, in] `shape` with 8-bit activations runs: "int8_act" (cuBLAS's
-    int8 GEMM on the codes a byte each) for 8-bit weights whose out and in are multiples of 8 (what torch._int_mm
-    takes on CUDA), else this kernel's ("int8_act_packed")."""
+def _fp8_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    return (spec.bits <= FP8_MAX_EXACT_BITS and spec.symmetric and spec.group_size is None
+            and dtype.is_floating_point and (device.type == "cpu" or (HAVE_TRITON and fp8_available(device))))
+
+
+def _fp8_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
+    """On CUDA `linear`'s fp8 paths; elsewhere (Triton's CPU interpreter too: it rounds to e4m3 wrongly) x rounded
+    to its e4m3 values per token, times the codes in float32, scaled: what the e4m3 product computes."""
+    if x.is_cuda:
+        return linear(x, gpu_weight(qw), act_format="fp8")
+    sx = token_scales(x, E4M3_MAX)
+    xq = (x.float() / sx).to(torch.float8_e4m3fn).float()
+    codes = signed_codes(gpu_weight(qw)).float()
+    return ((xq @ codes.t()) * sx * qw.scales.reshape(1, -1).float()).to(x.dtype)
+
+
+FP8_ACT_PACKED = register_backend(Backend("fp8_act_packed", _fp8_supports, _fp8_linear, layout=GPU_LAYOUT,
+                                          to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense,
+                                          fast=never_fast, group_major=True))
+
+
+def act_backend(spec: QuantSpec, shape: tuple[int, int], act_format: str = "int") -> Backend:
+    """The backend a linear layer of `spec` and [out, in] `shape` with 8-bit activations runs: for float8
+    activations "fp8_act_packed"; for int8 ones "int8_act" (cuBLAS's int8 GEMM on the codes a byte each) for
+    8-bit weights whose out and in are multiples of 8 (what torch._int_mm takes on CUDA), else "int8_act_packed"."""
+    if act_format == "fp8":
+        return FP8_ACT_PACKED
     if spec.bits == 8 and shape[0] % 8 == 0 and shape[1] % 8 == 0:
         return INT8_ACT
     return INT8_ACT_PACKED

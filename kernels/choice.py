@@ -15,8 +15,9 @@ LAYER_KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d")
 LINEAR_KINDS = ("linear", "hf_conv1d")
 DEFAULT_LINEAR_GROUP = 128
 ACT_BITS_RANGE = (2, 16)
+ACT_FORMATS = ("int", "fp8")  # integer levels per token, or float8 e4m3 per token (8 bits only)
 
-_LABEL_RE = re.compile(r"^w(\d+)(?:g(\d+)|(gc))?(?:a(\d+))?(asym)?$")
+_LABEL_RE = re.compile(r"^w(\d+)(?:g(\d+)|(gc))?(?:a(\d+)|(f8))?(asym)?$")
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -83,14 +84,16 @@ class Choice:
     """One candidate of the allocation, shared by all layers.
 
     wbits: weight bits; abits: activation bits (None = float activations, only recorded here);
-    group_size: "default" (128 for linear kinds, per-channel for convs), None (per-channel) or an int.
-    Label grammar: w<bits>[g<size>|gc][a<bits>][asym], e.g. "w4", "w8gc", "w4g64", "w4a8", "w4asym".
+    group_size: "default" (128 for linear kinds, per-channel for convs), None (per-channel) or an int;
+    act_format: "int" (abits-bit integer levels per token) or "fp8" (float8 e4m3 per token; abits 8).
+    Label grammar: w<bits>[g<size>|gc][a<bits>|f8][asym], e.g. "w4", "w8gc", "w4g64", "w4a8", "w4gcf8", "w4asym".
     """
 
     wbits: int
     abits: int | None = None
     group_size: int | None | str = "default"
     symmetric: bool = True
+    act_format: str = "int"
 
     def __post_init__(self) -> None:
         _check_bits("wbits", self.wbits)
@@ -102,11 +105,15 @@ class Choice:
         _check_group("group_size", self.group_size, allow_default=True)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric={self.symmetric!r} must be a bool")
+        if self.act_format not in ACT_FORMATS:
+            raise ValueError(f"act_format={self.act_format!r} is not supported; choose from {ACT_FORMATS}")
+        if self.act_format == "fp8" and self.abits != 8:
+            raise ValueError(f"act_format='fp8' takes abits=8 (float8 e4m3), not abits={self.abits}")
 
     @property
     def label(self) -> str:
         g = "" if self.group_size == "default" else ("gc" if self.group_size is None else f"g{self.group_size}")
-        a = "" if self.abits is None else f"a{self.abits}"
+        a = "" if self.abits is None else ("f8" if self.act_format == "fp8" else f"a{self.abits}")
         return f"w{self.wbits}{g}{a}{'' if self.symmetric else 'asym'}"
 
     def __str__(self) -> str:
@@ -118,11 +125,13 @@ class Choice:
         m = _LABEL_RE.match(label) if isinstance(label, str) else None
         if m is None:
             raise ValueError(
-                f"label={label!r} is not a valid choice label; expected w<bits>[g<size>|gc][a<bits>][asym], "
-                f"e.g. 'w4', 'w8gc', 'w4g64', 'w4a8', 'w4asym'"
+                f"label={label!r} is not a valid choice label; expected w<bits>[g<size>|gc][a<bits>|f8][asym], "
+                f"e.g. 'w4', 'w8gc', 'w4g64', 'w4a8', 'w4gcf8', 'w4asym'"
             )
-        wbits, group, gc, abits, asym = m.groups()
+        wbits, group, gc, abits, f8, asym = m.groups()
         group_size: int | None | str = None if gc else (int(group) if group else "default")
+        if f8:
+            return cls(int(wbits), 8, group_size, asym is None, "fp8")
         return cls(int(wbits), int(abits) if abits else None, group_size, asym is None)
 
     def spec_for(self, kind: str, in_features: int, scale_dtype: str = "float16") -> QuantSpec:

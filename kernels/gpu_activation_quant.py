@@ -1,7 +1,7 @@
-"""Activation-quantized choices (w<b>gca8): int8 x int8 through torch._int_mm, FP8 e4m3 through torch._scaled_mm.
+"""Activation-quantized choices: w<b>gca8 (int8 x int8, torch._int_mm), w<b>gcf8 (e4m3 x e4m3, torch._scaled_mm).
 
 Activations are quantized per token (absmax), weights use their per-channel codes shifted to signed
-(q - 2^(b-1)), exact in int8 for every b and in e4m3 for b <= 4; the per-token and per-channel scales are
+(q - 2^(b-1)), exact in int8 for every b and in e4m3 for b <= 5; the per-token and per-channel scales are
 applied to the integer / fp8 product. On CUDA quantizing x is one Triton kernel (absmax, scale and codes of a
 token per program, rows padded to what the matmul takes), and so is the int8 product's scaling (int32 -> x's
 dtype): done in torch ops (as on the CPU) they were about ten kernels a call.
@@ -11,9 +11,10 @@ automatically (`apply` forces them): "int8_act" here for 8-bit weights (the code
 packing's size; `torch._int_mm`) and "int8_act_packed" (`a8_linear`) for 2..6-bit weights and 8-bit ones of
 shapes `torch._int_mm` does not take (the packed bit planes; a fused int8 kernel, the codes unpacked +
 `torch._int_mm`, or x rounded in x's dtype (`round_rows`) + the weight-only kernels, whichever a latency table
-measured fastest). Grouped or asymmetric weights with 8-bit activations, and activation widths other than 8, are
-refused by `unsupported_reason`, which removes them from the candidate set, never raising in the middle of a
-solve. The FP8 path and the byte-per-code int8 path of narrower weights are timed by
+measured fastest); w<b>gcf8 layers likewise on "fp8_act_packed" (e4m3 activations; codes of up to 5 bits).
+Grouped or asymmetric weights with 8-bit activations, activation widths other than 8, codes too wide for e4m3
+and FP8 on a device without it are refused by `unsupported_reason`, which removes them from the candidate set,
+never raising in the middle of a solve. int8 and FP8 on byte-wide codes of narrower weights are timed by
 benchmarks/bench_kernels_gpu.py only (`candidates(..., benchmark=True)`).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .quantizer import QuantizedTensor
 from .triton_linear import HAVE_TRITON, tl, triton
 
 ACT_QUANT_KINDS = ("linear", "hf_conv1d")  # layer kinds whose emitted module quantizes its input (convs: weight-only)
-FP8_MAX_EXACT_BITS = 4   # signed codes of <= 4 bits are exact in float8_e4m3fn
+FP8_MAX_EXACT_BITS = 5   # signed codes of <= 5 bits (-16..15) are exact in float8_e4m3fn (4 significant bits)
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
 
@@ -41,14 +42,22 @@ def fp8_available(device: torch.device) -> bool:
 
 def unsupported_reason(choice: Choice, device: torch.device | None = None) -> str | None:
     """Why the activation-quantized `choice` cannot be an emitted layer (on `device`, if given); None: it can."""
+    fp8 = choice.act_format == "fp8"
     if choice.abits != 8:
-        return f"{choice.label}: only 8-bit activations are implemented (int8)"
+        return f"{choice.label}: only 8-bit activations are implemented (int8, or fp8 as w<b>gcf8)"
     if choice.group_size is not None:
-        return f"{choice.label}: int8 matmuls take per-channel weight scales only; use w{choice.wbits}gca8"
+        kind, use = ("fp8", f"w{choice.wbits}gcf8") if fp8 else ("int8", f"w{choice.wbits}gca8")
+        return f"{choice.label}: {kind} matmuls take per-channel weight scales only; use {use}"
     if not choice.symmetric:
         return f"{choice.label}: activation-quantized matmuls need symmetric weights"
+    if fp8 and choice.wbits > FP8_MAX_EXACT_BITS:
+        return (f"{choice.label}: {choice.wbits}-bit codes are not exact in float8 e4m3 (up to "
+                f"{FP8_MAX_EXACT_BITS} bits); use w{choice.wbits}gca8")
     if device is not None and device.type not in ("cuda", "cpu"):
         return f"{choice.label}: activation-quantized layers run on CUDA and the CPU only; removed on {device.type}"
+    if fp8 and device is not None and device.type == "cuda" and not fp8_available(device):
+        return (f"{choice.label}: float8 matmuls need compute capability >= 8.9; removed on "
+                f"{torch.cuda.get_device_name(device)}")
     return None
 
 
@@ -62,9 +71,13 @@ def padded_rows(m: int, multiple: int, minimum: int) -> int:
     return max(minimum, -(-m // multiple) * multiple)
 
 
-def round_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """x rounded as an 8-bit-activation layer rounds its input (float reference, x's dtype): per token (last
-    dimension) to integers of `bits` bits scaled by absmax / (2^(bits-1) - 1)."""
+def round_activations(x: torch.Tensor, bits: int = 8, act_format: str = "int") -> torch.Tensor:
+    """x rounded as an activation-quantized layer rounds its input (float reference, x's dtype), per token (last
+    dimension): to integers of `bits` bits scaled by absmax / (2^(bits-1) - 1), or (act_format "fp8") to float8
+    e4m3 values scaled by absmax / 448."""
+    if act_format == "fp8":
+        s = token_scales(x, E4M3_MAX)
+        return ((x.float() / s).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
     s = token_scales(x, float(2 ** (bits - 1) - 1))
     return (torch.round(x.float() / s) * s).to(x.dtype)
 
@@ -133,14 +146,15 @@ def quantize_rows(x: torch.Tensor, fp8: bool, multiple: int, minimum: int,
     return xq, sx
 
 
-def round_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (unit stride along K) rounded per row to the int8 levels of its absmax (`round_activations` in
-    one Triton kernel; ties round away from zero), in x's dtype: what an int8 x int8 product sees of x."""
+def round_rows(x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """x [M, K] (unit stride along K) rounded per row to the int8 levels of its absmax (ties away from zero), or
+    to its e4m3 values (`round_activations` in one Triton kernel), in x's dtype: what an int8 x int8 (e4m3 x e4m3)
+    product sees of x."""
     m, k = x.shape
     out = torch.empty(m, k, dtype=x.dtype, device=x.device)
     sx = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    _quantize_rows_kernel[(m,)](x, out, sx, m, k, k, x.stride(0), QMAX=INT8_MAX, FP8=False, PER=0, ROUNDED=True,
-                                BLOCK=min(triton.next_power_of_2(k), 2048), num_warps=4)
+    _quantize_rows_kernel[(m,)](x, out, sx, m, k, k, x.stride(0), QMAX=E4M3_MAX if fp8 else INT8_MAX, FP8=fp8, PER=0,
+                                ROUNDED=True, BLOCK=min(triton.next_power_of_2(k), 2048), num_warps=4)
     return out
 
 
@@ -211,27 +225,28 @@ def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: 
     """name -> fn(x [M, K]) for the activation-quantized paths of `qt` on `device`, and name -> reason skipped.
     Without `benchmark`, the paths an emitted layer can run (what a latency table times; `a8_linear.act_backend`):
     "int8_int_mm" (backend "int8_act") for 8-bit weights of shapes torch._int_mm takes; else backend
-    "int8_act_packed": on CUDA each of `a8_linear.PATHS` (the table installs the fastest), elsewhere the backend
-    ("int8_packed"). With it, also the int8 GEMM on the codes a byte each ("int8_int_mm") and FP8
-    ("fp8_scaled_mm", b <= 4, CUDA)."""
-    from .a8_linear import INT8_ACT_PACKED, act_backend, paths
+    "int8_act_packed" (or "fp8_act_packed" for float8 activations): on CUDA each of `a8_linear.PATHS` of the
+    choice's activation format (the table installs the fastest), elsewhere the backend ("int8_packed",
+    "fp8_packed"). With it, also the int8 GEMM on the codes a byte each ("int8_int_mm") and FP8 on them
+    ("fp8_scaled_mm", b <= 5, CUDA)."""
+    from .a8_linear import FP8_ACT_PACKED, act_backend, paths
     from .gpu_backends import gpu_weight
     n, k = qt.shape
     dev = torch.device(device)
     fns: dict[str, Callable] = {}
     skipped: dict[str, str] = {}
-    backend = act_backend(qt.spec, qt.shape)
-    name = "int8_int_mm" if backend is INT8_ACT else "int8_packed"
+    backend = act_backend(qt.spec, qt.shape, choice.act_format)
+    name = {INT8_ACT: "int8_int_mm", FP8_ACT_PACKED: "fp8_packed"}.get(backend, "int8_packed")
     if not backend.supports(qt.spec, qt.shape, dev, dtype):
         skipped[name] = f"backend {backend.name!r} cannot run {qt.spec} of shape {qt.shape} on {dev} in {dtype}"
-    elif backend is INT8_ACT_PACKED and dev.type == "cuda":
-        fns.update(paths(gpu_weight(layer_view(qt, backend, dev))))
+    elif backend is not INT8_ACT and dev.type == "cuda":
+        fns.update(paths(gpu_weight(layer_view(qt, backend, dev)), choice.act_format))
     else:
         view = layer_view(qt, backend, dev)
         fns[name] = lambda x: backend.linear(x, view)
     if not benchmark:
         return fns, skipped
-    if backend is INT8_ACT_PACKED:
+    if backend is not INT8_ACT:
         if dev.type == "cuda" and (k % 8 or n % 8):
             skipped["int8_int_mm"] = f"torch._int_mm needs K and N multiples of 8 (N {n}, K {k})"
         else:

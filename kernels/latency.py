@@ -259,6 +259,9 @@ def use_paths(records: Iterable[dict[str, Any]]) -> None:
             choice = Choice.parse(label)
             if choice.abits is None:
                 use_measured(choice.spec_for(kind, k), (n, k), tokens, path)
+            elif a8_linear.path_format(path) != choice.act_format:
+                raise ValueError(f"path {path!r} runs {a8_linear.path_format(path)} activations, {label} "
+                                 f"{choice.act_format} ones")
             else:
                 a8_linear.use_measured((n, k), choice.wbits, tokens, path)
         except (KeyError, TypeError, ValueError) as e:
@@ -555,7 +558,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 expected = ref(x)
                 paths = {**fns, **tile_paths(t)}
                 last = paths.pop(selected.name) if selected is not None and selected.name in paths else None
-                if tiles and "a8_rounded_x" in paths:  # CUDA: it runs the weight-only kernel; install that first
+                if tiles and {"a8_rounded_x", "f8_rounded_x"} & set(paths):  # they run the weight-only kernel
                     _install_weight_only(qt, dtype, dev, x, expected, reps, flush, t)
                 ms, rejected = _time_paths(paths, x, expected, tol, reps, flush, t, dict(skipped))
                 if selected is not None and dev.type == "cuda":
@@ -615,8 +618,8 @@ def _install_weight_only(qt: QuantizedTensor, dtype: torch.dtype, device: torch.
 
 
 def _fastest_a8(ms: dict[str, float]) -> str | None:
-    """The fastest W<b>A8 path (`a8_linear.PATHS`) among measured ones; None when none is one."""
-    a8 = [name for name in ms if name in a8_linear.PATHS]
+    """The fastest W<b>A8 path (`a8_linear.ALL_PATHS`) among measured ones; None when none is one."""
+    a8 = [name for name in ms if name in a8_linear.ALL_PATHS]
     return min(a8, key=ms.get) if a8 else None
 
 

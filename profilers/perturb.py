@@ -54,13 +54,14 @@ def perturbed(model: nn.Module, changes: dict[str, torch.Tensor]) -> Iterator[No
 
 @contextmanager
 def activations_rounded(model: nn.Module, info: LayerInfo, choice: Choice) -> Iterator[None]:
-    """While inside, layer `info` rounds its input per token to `choice.abits` bits, as its emitted module does
-    for a choice with quantized activations (linear kinds; convs run such choices weight-only); otherwise nothing."""
+    """While inside, layer `info` rounds its input per token to `choice.abits` bits (integer levels, or e4m3 values
+    for act_format "fp8"), as its emitted module does for a choice with quantized activations (linear kinds; convs
+    run such choices weight-only); otherwise nothing."""
     if choice.abits is None or info.kind not in ACT_QUANT_KINDS:
         yield
         return
     hook = model.get_submodule(info.name).register_forward_pre_hook(
-        lambda module, args: (round_activations(args[0], choice.abits), *args[1:]))
+        lambda module, args: (round_activations(args[0], choice.abits, choice.act_format), *args[1:]))
     try:
         yield
     finally:

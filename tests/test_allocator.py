@@ -117,31 +117,42 @@ def test_a_bfloat16_model_reloads_in_bfloat16_bit_for_bit(tmp_path):
         load_quantized(tmp_path / "q")
 
 
-def test_a_plan_with_8_bit_activations_runs_them(model, tmp_path):
-    """choices=["w4gca8", "w8gca8"]: the layers quantize their input to int8 per token and run int8 x int8, in
-    memory and after a reload: backend "int8_act" for 8-bit weights, "int8_act_packed" for narrower ones (here
-    torch ops on the CPU; fused Triton kernels on CUDA). Grouped weights with 8-bit activations are refused up
-    front."""
-    plan = allocate(model, batches(), Budget(avg_bits=6.0), choices=["w4gca8", "w8gca8"], profiler_settings=FAST)
-    assert {layer.choice for layer in plan.layers} == {"w4gca8", "w8gca8"}
+@pytest.mark.parametrize("narrow,refused", [
+    ("w4gca8", {"w4g64a8": "int8 matmuls take per-channel weight scales only"}),
+    ("w4gcf8", {"w6gcf8": "6-bit codes are not exact in float8 e4m3",
+                "w4g64f8": "fp8 matmuls take per-channel weight scales only; use w4gcf8"})])
+def test_a_plan_with_8_bit_activations_runs_them(model, tmp_path, narrow, refused):
+    """choices=[narrow, "w8gca8"]: the layers round their input per token, to int8 levels (w<b>gca8) or to float8
+    e4m3 values (w<b>gcf8), and multiply it by their codes, in memory and after a reload. Backends: "int8_act" for
+    8-bit int8 layers, "int8_act_packed" / "fp8_act_packed" for the packed narrower ones (here torch ops on the
+    CPU; on CUDA the paths a latency table measured fastest). Grouped weights and codes too wide for e4m3 are
+    refused up front."""
+    from kernels.gpu_activation_quant import round_activations
+    plan = allocate(model, batches(), Budget(avg_bits=6.0), choices=[narrow, "w8gca8"], profiler_settings=FAST)
+    assert {layer.choice for layer in plan.layers} == {narrow, "w8gca8"}
     qmodel = plan.apply(model)
     ids = batches(1, seed=5)[0]["input_ids"]
     with torch.no_grad():
         logits = qmodel(ids).logits
-    backends = {"w4gca8": "int8_act_packed", "w8gca8": "int8_act"}
+    backends = {"w4gca8": "int8_act_packed", "w4gcf8": "fp8_act_packed", "w8gca8": "int8_act"}
     for layer in plan.layers:
-        assert qmodel.get_submodule(layer.name).backend == backends[layer.choice]
         module = qmodel.get_submodule(layer.name)
+        assert module.backend == backends[layer.choice]
         x = torch.randn(5, module.in_features, generator=torch.Generator().manual_seed(0))
-        ref = x.double() @ module.quantized_tensor().dequantize(torch.float64).t() + module.bias.double()
-        assert float((module(x).double() - ref).norm() / ref.norm()) < 2e-2
+        w64 = module.quantized_tensor().dequantize(torch.float64).t()
+        y = module(x).double()
+        rounded = round_activations(x, 8, Choice.parse(layer.choice).act_format).double() @ w64 + module.bias.double()
+        assert float((y - rounded).norm() / rounded.norm()) < 1e-5  # exact products, float32 scaling and sums
+        unrounded = x.double() @ w64 + module.bias.double()
+        assert 1e-3 < float((y - unrounded).norm() / unrounded.norm()) < 8e-2  # x did move to its levels
     save_quantized(qmodel, tmp_path / "q")
     reloaded = load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
     assert all(reloaded.get_submodule(layer.name).backend == backends[layer.choice] for layer in plan.layers)
-    with pytest.raises(ValueError, match="choices: w4g64a8: int8 matmuls take per-channel weight scales only"):
-        allocate(model, batches(), Budget(avg_bits=4), choices=["w4", "w4g64a8"], profiler_settings=FAST)
+    for label, why in refused.items():
+        with pytest.raises(ValueError, match=f"choices: {label}: {why}"):
+            allocate(model, batches(), Budget(avg_bits=4), choices=["w4", label], profiler_settings=FAST)
 
 
 def test_apply_leaves_the_float_model_alone(plan, model):

@@ -11,15 +11,16 @@ def test_labels_follow_the_documented_grammar():
     assert Choice(4, abits=8).label == "w4a8"
     assert Choice(4, symmetric=False).label == "w4asym"
     assert Choice(3, 8, 32, False).label == "w3g32a8asym"
+    assert Choice(4, 8, None, act_format="fp8").label == "w4gcf8"  # float8 e4m3 activations
 
 
-@pytest.mark.parametrize("label", ["w2", "w3gc", "w4g64", "w4a8", "w4asym", "w6g32a16asym", "w8gca8"])
+@pytest.mark.parametrize("label", ["w2", "w3gc", "w4g64", "w4a8", "w4asym", "w6g32a16asym", "w8gca8", "w4gcf8"])
 def test_parse_round_trips(label):
     assert Choice.parse(label).label == label
     assert Choice.parse(Choice.parse(label).label) == Choice.parse(label)
 
 
-@pytest.mark.parametrize("bad", ["w7", "4", "w4g0", "w4x", "", "W4"])
+@pytest.mark.parametrize("bad", ["w7", "4", "w4g0", "w4x", "", "W4", "w4f16", "w4a8f8"])
 def test_parse_rejects_bad_labels(bad):
     with pytest.raises(ValueError):
         Choice.parse(bad)
@@ -36,6 +37,10 @@ def test_bad_bits_name_the_argument_and_allowed_values():
         QuantSpec(4, scale_dtype="float64")
     with pytest.raises(ValueError, match="abits=1"):
         Choice(4, abits=1)
+    with pytest.raises(ValueError, match=r"act_format='fp4' is not supported; choose from \('int', 'fp8'\)"):
+        Choice(4, 8, act_format="fp4")
+    with pytest.raises(ValueError, match="act_format='fp8' takes abits=8"):
+        Choice(4, 4, act_format="fp8")
     with pytest.raises(TypeError, match="symmetric"):
         QuantSpec(4, symmetric="yes")
 

@@ -448,7 +448,7 @@ def test_unsupported_group_falls_back_with_warning() -> None:
 def test_activation_quantized_paths(bits: int) -> None:
     """w<b>gca8: x quantized per token by one Triton kernel (rows padded with zeros to what the matmul takes),
     then int8 x int8 (the emitted layer's path: `torch._int_mm` with its int32 product scaled by a second kernel at
-    8 bits, each of `a8_linear.PATHS` at 4 on CUDA; and, for the benchmark, `torch._int_mm` on byte-wide 4-bit codes) or e4m3
+    8 bits, each of `a8_linear.PATHS["int"]` at 4 on CUDA; and, for the benchmark, `torch._int_mm` on byte-wide codes) or e4m3
     x e4m3 (`torch._scaled_mm`), against float64 at token counts around the padding (1, 16, 17, 100), a K of no
     power of two, x far from zero and strided; FP8 where K and N are multiples of 16."""
     from kernels import Choice, a8_linear
@@ -458,7 +458,7 @@ def test_activation_quantized_paths(bits: int) -> None:
     assert gaq.unsupported_reason(choice, torch.device(DEV)) is None
     assert "per-channel" in gaq.unsupported_reason(Choice(bits, 8), torch.device(DEV))
     assert "symmetric" in gaq.unsupported_reason(Choice(bits, 8, None, symmetric=False))
-    own = ["int8_int_mm"] if bits == 8 else list(a8_linear.PATHS) if DEV == "cuda" else ["int8_packed"]
+    own = ["int8_int_mm"] if bits == 8 else list(a8_linear.PATHS["int"]) if DEV == "cuda" else ["int8_packed"]
     for n, k in ((272, 512), (264, 1032)):  # the second: K and N not multiples of 16, so no FP8
         qt = quantize(torch.randn(n, k, generator=gen), choice.spec_for("linear", k), clip_search=False)
         assert list(gaq.candidates(qt, choice, torch.bfloat16, DEV)[0]) == own  # what a latency table times
@@ -481,7 +481,7 @@ def test_activation_quantized_paths(bits: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
-    """Each W<b>A8 path (`a8_linear.PATHS`: the fused kernel, the codes unpacked + torch._int_mm, x rounded + the
+    """Each int8 W<b>A8 path (`a8_linear.PATHS`: the fused kernel, the codes unpacked + torch._int_mm, x rounded + the
     weight-only path) against float64 on x rounded as the layer rounds it (per token to int8): odd N and K (short
     last block), default and explicit fused tiles (split-K twice; 128 x 128 prefill tiles), poisoned outputs. The
     path `linear` runs is `default_path`'s by token count, or a latency table's measured winner (`use_measured`).
@@ -520,6 +520,39 @@ def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET, reason=FP8_INTERPRETER)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_float8_activation_paths_match_float64(bits: int) -> None:
+    """w<b>gcf8 (x per token in float8 e4m3, the b-bit codes exact in e4m3): each path of `a8_linear.PATHS["fp8"]`
+    (the codes unpacked to e4m3 + torch._scaled_mm, x rounded to its e4m3 values + the weight-only path) and the
+    default pick, against float64 on x rounded as the layer rounds it; the unpacked codes are exact."""
+    from kernels import a8_linear
+    from kernels.gpu_activation_quant import fp8_available, round_activations, signed_codes
+    if not fp8_available(torch.device(DEV)):
+        pytest.skip("float8 matmuls need compute capability >= 8.9")
+    gen = torch.Generator().manual_seed(700 + bits)
+    for n, k in ((64, 128), (67, 203), (1024, 4104)):
+        qt = quantize(torch.randn(n, k, generator=gen), QuantSpec(bits, None, True, "bfloat16"), clip_search=False)
+        gw = repack_for_gpu(qt, DEV)
+        codes = a8_linear.unpack_codes(gw, fp8=True).float().cpu()
+        c = torch.arange(codes.shape[1])
+        at = c - c % (16 * gw.per) + (c % 16) * gw.per + (c % (16 * gw.per)) // 16
+        assert torch.equal(codes[:, at][:, :k], signed_codes(qt).float())
+        assert ("f8_unpack_scaled_mm" in a8_linear.paths(gw, "fp8")) == (n % 16 == 0)
+        w64 = qt.dequantize(torch.float64).t()
+        for m, dtype in ((1, torch.bfloat16), (16, torch.float16), (17, torch.bfloat16), (300, torch.float16),
+                         (300, torch.bfloat16)):
+            x = (torch.randn(m, k, generator=gen) + 0.5).to(dtype)
+            ref = round_activations(x.double(), 8, "fp8") @ w64
+            runs = {**a8_linear.paths(gw, "fp8"), "linear": lambda x: a8_linear.linear(x, gw, act_format="fp8")}
+            for name, run in runs.items():
+                y = _poisoned(lambda: run(x.to(DEV)))
+                assert y.dtype == dtype and y.shape == ref.shape and torch.isfinite(y).all(), name
+                err = float((y.double().cpu() - ref).norm() / ref.norm())
+                assert err < TOL[torch.bfloat16], (n, k, m, dtype, name, err)
+
+
+@pytest.mark.gpu
 def test_w_b_a8_layers_run_the_measured_path(monkeypatch) -> None:
     """Without a measurement `linear` runs `default_path` (rounded x + weight-only up to ROUNDED_X_MAX_M rows, the
     fused kernel, unpack + torch._int_mm from UNPACK_MIN_M where N % 8 == 0); a latency table's winner
@@ -533,8 +566,10 @@ def test_w_b_a8_layers_run_the_measured_path(monkeypatch) -> None:
     assert [a8_linear.pick(m, gw) for m in (1, 16, 17, 127, 128)] == [
         "a8_rounded_x", "a8_rounded_x", "a8_fused", "a8_fused", "a8_unpack_int_mm"]
     assert a8_linear.pick(512, odd) == "a8_fused"  # torch._int_mm takes no N off a multiple of 8 on CUDA
+    assert [a8_linear.pick(m, gw, "fp8") for m in (1, 127, 128)] == ["f8_rounded_x", "f8_rounded_x",
+                                                                      "f8_unpack_scaled_mm"]
     ran = []
-    for name in a8_linear.PATHS:
+    for name in a8_linear.ALL_PATHS:
         monkeypatch.setitem(a8_linear._RUN, name, lambda x, gw, name=name: ran.append(name))
     table = LatencyTable("test", {}, {entry_key((64, 128), "w4gca8", t): LatencyEntry(0.01, p, {p: 0.01})
                                       for t, p in ((1, "a8_fused"), (512, "a8_rounded_x"))})
@@ -658,19 +693,21 @@ def test_pointwise_conv_runs_on_the_triton_backend(spec) -> None:
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA latency tables need a CUDA device")
 def test_measure_cuda_small(tmp_path, monkeypatch) -> None:
     """A CUDA table: every path timed, our fastest path and tile installed for "triton" layers; W<b>A8 entries
-    time each of `a8_linear.PATHS` (the rounded-x one on the weight-only kernel measured fastest for that weight,
+    time each of `a8_linear.PATHS` (the rounded-x ones on the weight-only kernel measured fastest for that weight,
     installed first) and install their fastest."""
     from kernels import a8_linear, gpu_backends
     from kernels.latency import LatencyTable, cache_path, entry_key, measure
     monkeypatch.setattr(gpu_backends, "DISPATCH", {})
     monkeypatch.setattr(a8_linear, "DISPATCH", {})
-    table = measure([(512, 1024), (264, 512)], ["w4", "w3", "w8gca8", "w8a8", "w4gca8"], tokens=(1, 32),
+    table = measure([(512, 1024), (264, 512)], ["w4", "w3", "w8gca8", "w8a8", "w4gca8", "w4gcf8"], tokens=(1, 32),
                     device="cuda", reps=5, cache_dir=tmp_path)
     assert "per-channel" in table.skipped["w8a8"]
     assert table.entries[entry_key((264, 512), "w8gca8", 32)].backend == "int8_int_mm"
-    assert len(table.entries) == 2 * 4 * 2
+    assert len(table.entries) == 2 * 5 * 2
     a8 = table.entries[entry_key((512, 1024), "w4gca8", 32)]
-    assert set(a8.all_ms) == set(a8_linear.PATHS) and a8_linear.DISPATCH[(512, 1024, 4, 32)] == a8.backend
+    assert set(a8.all_ms) == set(a8_linear.PATHS["int"]) and a8_linear.DISPATCH[(512, 1024, 4, "int", 32)] == a8.backend
+    f8 = table.entries[entry_key((512, 1024), "w4gcf8", 32)]
+    assert set(f8.all_ms) == set(a8_linear.PATHS["fp8"]) and a8_linear.DISPATCH[(512, 1024, 4, "fp8", 32)] == f8.backend
     assert (512, 1024, 4, 1024, True, 32) in gpu_backends.DISPATCH  # the per-channel weight-only winner
     for e in table.entries.values():
         assert 0 < e.ms < 10 and e.backend in e.all_ms

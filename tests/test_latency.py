@@ -43,39 +43,48 @@ def test_layer_graph_like_input_and_errors(tmp_path) -> None:
 
 
 def test_activation_quantized_choices_on_cpu(tmp_path) -> None:
-    """w8gca8 and w4gca8 (int8 x int8, x quantized per token) are timed on the CPU as their emitted layers run
-    them; the other activation-quantized choices (grouped, asymmetric) are removed, each with why."""
-    table = measure([(32, 64), (36, 30)], ["w4", "w8gca8", "w4gca8", "w8a8", "w4gca8asym"], tokens=(1,),
-                    device="cpu", reps=1, cache_dir=tmp_path)
+    """w8gca8 and w4gca8 (int8 x int8, x quantized per token) and w4gcf8 (e4m3 x e4m3) are timed on the CPU as
+    their emitted layers run them; the other activation-quantized choices (grouped, asymmetric, codes too wide for
+    e4m3) are removed, each with why."""
+    table = measure([(32, 64), (36, 30)], ["w4", "w8gca8", "w4gca8", "w4gcf8", "w8a8", "w4gca8asym", "w6gcf8"],
+                    tokens=(1,), device="cpu", reps=1, cache_dir=tmp_path)
     assert table.lookup((32, 64), "w8gca8", 1) > 0 and table.lookup((32, 64), "w4gca8", 1) > 0
     assert table.entries[entry_key((32, 64), "w8gca8", 1)].backend == "int8_int_mm"
     assert table.entries[entry_key((32, 64), "w4gca8", 1)].backend == "int8_packed"
     # torch._int_mm takes no N or K off a multiple of 8 on CUDA: such 8-bit layers run the fused kernel everywhere
     assert table.entries[entry_key((36, 30), "w8gca8", 1)].backend == "int8_packed"
+    assert table.entries[entry_key((36, 30), "w4gcf8", 1)].backend == "fp8_packed"
     assert "per-channel" in table.skipped["w8a8"] and "symmetric" in table.skipped["w4gca8asym"]
+    assert "not exact in float8" in table.skipped["w6gcf8"]
     assert LatencyTable.load(cache_path(tmp_path, "cpu")).skipped == table.skipped
     with pytest.raises(KeyError, match="removed"):
         table.lookup((32, 64), "w8a8", 1)
 
 
 def test_a_tables_w_b_a8_winners_are_installed_and_saved(monkeypatch) -> None:
-    """A CUDA table times each W<b>A8 path (`a8_linear.PATHS`) per entry; its fastest goes into `measured_paths`
-    (so `save_quantized` writes it to kernels.json) and `use_paths` installs it for the process's W<b>A8 layers.
-    Entries of other paths (torch._int_mm at 8 bits, a CPU table's backend) carry none."""
+    """A CUDA table times each W<b>A8 path of the choice's activation format (`a8_linear.PATHS`) per entry; its
+    fastest goes into `measured_paths` (so `save_quantized` writes it to kernels.json) and `use_paths` installs it
+    for the process's W<b>A8 layers, per format. Entries of other paths (torch._int_mm at 8 bits, a CPU table's
+    backend) carry none; a path of the other format is refused."""
     monkeypatch.setattr(a8_linear, "DISPATCH", {})
     entries = {
         entry_key((64, 128), "w4gca8", 1): LatencyEntry(0.01, "a8_rounded_x", {"a8_rounded_x": 0.01, "a8_fused": 0.03}),
         entry_key((64, 128), "w4gca8", 512): LatencyEntry(0.2, "a8_unpack_int_mm",
                                                           {"a8_unpack_int_mm": 0.2, "a8_fused": 0.5}),
+        entry_key((64, 128), "w4gcf8", 1): LatencyEntry(0.01, "f8_rounded_x", {"f8_rounded_x": 0.01}),
         entry_key((64, 128), "w8gca8", 1): LatencyEntry(0.01, "int8_int_mm", {"int8_int_mm": 0.01}),
         entry_key((64, 128), "w2gca8", 1): LatencyEntry(0.01, "int8_packed", {"int8_packed": 0.01})}
     records = LatencyTable("H100", {}, entries).measured_paths()
     assert sorted((r["choice"], r["tokens"], r["path"]) for r in records) == [
-        ("w4gca8", 1, "a8_rounded_x"), ("w4gca8", 512, "a8_unpack_int_mm")]
+        ("w4gca8", 1, "a8_rounded_x"), ("w4gca8", 512, "a8_unpack_int_mm"), ("w4gcf8", 1, "f8_rounded_x")]
     use_paths(records)
-    assert a8_linear.DISPATCH == {(64, 128, 4, 1): "a8_rounded_x", (64, 128, 4, 512): "a8_unpack_int_mm"}
+    assert a8_linear.DISPATCH == {(64, 128, 4, "int", 1): "a8_rounded_x", (64, 128, 4, "int", 512): "a8_unpack_int_mm",
+                                  (64, 128, 4, "fp8", 1): "f8_rounded_x"}
+    record = next(r for r in records if r["choice"] == "w4gca8")
     with pytest.raises(ValueError, match="malformed.*not a W<b>A8 path"):
-        use_paths([{**records[0], "path": "triton_fused"}])
+        use_paths([{**record, "path": "triton_fused"}])
+    with pytest.raises(ValueError, match="malformed.*runs fp8 activations, w4gca8 int ones"):
+        use_paths([{**record, "path": "f8_rounded_x"}])
 
 
 def _entry(ms: float) -> LatencyEntry:

@@ -39,23 +39,35 @@ def test_measured_is_the_loss_change_of_quantizing_one_layer():
     np.testing.assert_allclose(merged.cost, prof.cost, rtol=1e-9, atol=1e-12)
 
 
-def test_measured_rounds_the_input_of_a_layer_with_8_bit_activations():
-    """w8gca8 costs what its emitted layer does: w8gc's weight rounding, and the layer's input rounded per token
-    to integers of 8 bits (absmax / 127 a step)."""
+def _int8_levels(h: torch.Tensor) -> torch.Tensor:
+    step = h.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(h / step) * step
+
+
+def _e4m3_values(h: torch.Tensor) -> torch.Tensor:
+    scale = h.abs().amax(dim=1, keepdim=True) / 448
+    return (h / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+@pytest.mark.parametrize("plain,act_quantized,rounding", [("w8gc", "w8gca8", _int8_levels),
+                                                           ("w4gc", "w4gcf8", _e4m3_values)])
+def test_measured_rounds_the_input_of_a_layer_with_8_bit_activations(plain, act_quantized, rounding):
+    """w8gca8 (w4gcf8) costs what its emitted layer does: w8gc's (w4gc's) weight rounding, and the layer's input
+    rounded per token to integers of 8 bits (absmax / 127 a step), or to float8 e4m3 values (absmax / 448 a
+    scale)."""
     net = mlp()
     xs, ys = [torch.randn(16, 6) for _ in range(3)], [torch.randint(0, 3, (16,)) for _ in range(3)]
-    prof = profile(net, Calibration(xs, labels=ys), build_layer_graph(net, xs[0]), ["w8gc", "w8gca8"],
+    prof = profile(net, Calibration(xs, labels=ys), build_layer_graph(net, xs[0]), [plain, act_quantized],
                    profiler="measured")
     w2 = net[2].weight.detach()
-    w2q = fake_quantize(w2, Choice.parse("w8gc").spec_for("linear", 8))
+    w2q = fake_quantize(w2, Choice.parse(plain).spec_for("linear", 8))
 
     def mean_loss(w, rounded: bool):
         losses = []
         for x, y in zip(xs, ys):
             h = torch.tanh(net[0](x))
             if rounded:
-                step = h.abs().amax(dim=1, keepdim=True) / 127
-                h = torch.round(h / step) * step
+                h = rounding(h)
             losses.append(F.cross_entropy(h @ w.T + net[2].bias, y).item())
         return np.mean(losses)
 
