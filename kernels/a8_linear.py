@@ -134,7 +134,7 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["KP"])
     def _unpack_kernel(p0, p1, out, N, KP, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
-                       ZERO: tl.constexpr, BN: tl.constexpr):
+                       ZERO: tl.constexpr, FP8: tl.constexpr, BN: tl.constexpr):
         """One K block of BN weight rows: its signed codes into out [N, KP] int8, in `_block_codes`' column order
         (x quantized with `quantize_rows(..., per=PER)` matches it)."""
         r0 = tl.program_id(0) * 16
@@ -144,7 +144,9 @@ if HAVE_TRITON:
         a = tl.load(p0 + offs, mask=nmask[:, None], other=0)
         b = tl.load(p1 + offs, mask=nmask[:, None], other=0).to(tl.int32) if W1 > 0 else a
         kk = r0 * PER + tl.arange(0, 16 * PER)
-        codes = _block_codes(a, b, PER, W0, W1, ZERO).to(out.dtype.element_ty)  # int8, or e4m3 (exact to 5 bits)
+        codes = _block_codes(a, b, PER, W0, W1, ZERO)
+        if FP8:  # exact in e4m3 up to 5 bits; Triton casts to float8 from floats only
+            codes = codes.to(tl.float16).to(tl.float8e4nv)
         tl.store(out + cols[:, None].to(tl.int64) * KP + kk[None, :], codes, mask=nmask[:, None])
 
     @triton.jit(do_not_specialize=["MN", "SPLIT"])
@@ -188,7 +190,7 @@ def unpack_codes(gw: GpuPackedWeight, fp8: bool = False) -> torch.Tensor:
     widths = gw.widths
     _unpack_kernel[(kw // WORD_ROWS, triton.cdiv(n, 128))](
         gw.planes[0], gw.planes[1] if len(widths) > 1 else gw.planes[0], out, n, kw * gw.per, PER=gw.per,
-        W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), BN=128, num_warps=4)
+        W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), FP8=fp8, BN=128, num_warps=4)
     return out
 
 
