@@ -308,6 +308,8 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None,
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, the weight expects [M, {k}]")
     if config is not None:
+        if act_format != "int":
+            raise ValueError(f"config={config.label!r} tiles the fused int8 kernel; float8 activations have none")
         return fused(x, gw, config)
     return _RUN[pick(x.shape[0], gw, act_format)](x, gw)
 
