@@ -61,6 +61,18 @@ def test_activation_quantized_choices_on_cpu(tmp_path) -> None:
         table.lookup((32, 64), "w8a8", 1)
 
 
+def test_float8_activations_are_removed_where_the_device_has_none(monkeypatch) -> None:
+    """A w<b>gcf8 choice on a CUDA device without float8 matmuls (compute capability < 8.9) is removed with the
+    reason, as a latency table lists it, never an error in the middle of a solve."""
+    from kernels import gpu_activation_quant as gaq
+    monkeypatch.setattr(gaq, "fp8_available", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    reason = gaq.unsupported_reason(Choice.parse("w4gcf8"), torch.device("cuda"))
+    assert "compute capability >= 8.9; removed on Tesla V100" in reason
+    assert gaq.unsupported_reason(Choice.parse("w4gca8"), torch.device("cuda")) is None
+    assert gaq.unsupported_reason(Choice.parse("w4gcf8"), torch.device("cpu")) is None  # emulated in torch ops
+
+
 def test_a_tables_w_b_a8_winners_are_installed_and_saved(monkeypatch) -> None:
     """A CUDA table times each W<b>A8 path of the choice's activation format (`a8_linear.PATHS`) per entry; its
     fastest goes into `measured_paths` (so `save_quantized` writes it to kernels.json) and `use_paths` installs it
