@@ -34,7 +34,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from . import a8_linear
 from .backends import BACKENDS, Backend, layer_view, select_backend
 from .choice import Choice, QuantSpec
 from .fileio import atomic_write_json
+from .gpu_activation_quant import ACT_QUANT_KINDS
 from .gpu_layout import repack_for_gpu
 from .modules import QuantizedConv
 from .quantizer import QuantizedTensor, quantize
@@ -546,13 +547,15 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
             if layer.conv is not None:  # the QuantizedConv an emitted model holds, on inputs of the traced geometry
                 module, ref, per_sample = _conv_path(layer, qt, dtype, dev)
                 fns, skipped, tile_paths, selected = {"quantized_conv": module}, {}, _no_tiles, None
-            else:
-                fns, skipped, tile_paths = candidates(qt, choice, dtype, dev)
+            else:  # convs run activation-quantized choices weight-only
+                runs = choice if layer.kind in ACT_QUANT_KINDS else replace(choice, abits=None, act_format="int")
+                fns, skipped, tile_paths = candidates(qt, runs, dtype, dev)
                 tile_paths = tile_paths if tiles else _no_tiles
                 selected = selected_backend(qt, dtype, dev) if wants_selected else None
                 w64 = qt.dequantize(torch.float64).t()
                 ref, per_sample = (lambda x: x.double().cpu() @ w64), (shape[1],)
-            tol = ACT_QUANT_TOLERANCE if choice.abits is not None else TOLERANCE[dtype]
+            act_quantized = choice.abits is not None and layer.kind in ACT_QUANT_KINDS
+            tol = ACT_QUANT_TOLERANCE if act_quantized else TOLERANCE[dtype]
             for t in todo:
                 x = torch.randn(t, *per_sample, generator=gen).to(dev, dtype)
                 expected = ref(x)

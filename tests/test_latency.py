@@ -33,8 +33,10 @@ def test_measure_cpu_tiny(tmp_path) -> None:
 def test_layer_graph_like_input_and_errors(tmp_path) -> None:
     class Info:
         kind, out_features, in_features = "conv2d", 16, 72
-    table = measure([Info()], ["w4"], tokens=(2,), device="cpu", reps=1)
+    table = measure([Info()], ["w4", "w4gca8"], tokens=(2,), device="cpu", reps=1)
     assert table.lookup((16, 72), "w4", 2, kind="conv2d") > 0
+    # a conv runs an activation-quantized choice weight-only, and its entry times that
+    assert "int8" not in table.entries[entry_key((16, 72), "w4gca8", 2, "conv2d")].backend
     with pytest.raises(KeyError, match="not measured"):
         table.lookup((16, 72), "w8", 2, kind="conv2d")
     if not torch.cuda.is_available():
