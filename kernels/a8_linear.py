@@ -30,6 +30,7 @@ CPU the same products in torch ops (the codes unpacked per call).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -37,8 +38,8 @@ import torch
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .gpu_activation_quant import (E4M3_MAX, FP8_MAX_EXACT_BITS, INT8_ACT, fp8_available, int8_matmul, never_fast,
-                                   quantize_rows, round_rows, scale_int_product, signed_codes, token_scales)
+from .gpu_activation_quant import (FP8_MAX_EXACT_BITS, INT8_ACT, fp8_available, int8_matmul, never_fast, quantize_rows,
+                                   round_activations, round_rows, scale_int_product, signed_codes)
 from .gpu_backends import GPU_LAYOUT, gpu_weight, run_gpu_weight
 from .gpu_layout import WORD_ROWS, GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense
 from .triton_linear import HAVE_TRITON, Config, tl, triton
@@ -181,16 +182,22 @@ def supported(gw: GpuPackedWeight) -> str | None:
     return None
 
 
+def _code_args(gw: GpuPackedWeight) -> tuple[torch.Tensor, dict[str, int]]:
+    """The plane-1 pointer (plane 0 again when there is none) and the code constants the kernels take."""
+    widths = gw.widths
+    return gw.planes[1] if len(widths) > 1 else gw.planes[0], dict(
+        PER=gw.per, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1))
+
+
 def unpack_codes(gw: GpuPackedWeight, fp8: bool = False) -> torch.Tensor:
     """The signed codes of `gw` as int8 (or float8 e4m3) [N, KP] (K padded to whole blocks), each block's columns
     in the fused kernel's order (`quantize_rows(..., per=gw.per)` orders x the same way)."""
     n = gw.shape[0]
     kw = gw.planes[0].shape[0]
     out = torch.empty(n, kw * gw.per, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=gw.scales.device)
-    widths = gw.widths
-    _unpack_kernel[(kw // WORD_ROWS, triton.cdiv(n, 128))](
-        gw.planes[0], gw.planes[1] if len(widths) > 1 else gw.planes[0], out, n, kw * gw.per, PER=gw.per,
-        W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), FP8=fp8, BN=128, num_warps=4)
+    p1, consts = _code_args(gw)
+    _unpack_kernel[(kw // WORD_ROWS, triton.cdiv(n, 128))](gw.planes[0], p1, out, n, kw * gw.per, FP8=fp8, BN=128,
+                                                           num_warps=4, **consts)
     return out
 
 
@@ -223,11 +230,10 @@ def fused(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) ->
     out = torch.empty((split, m, n) if split > 1 else (m, n), dtype=torch.float32 if split > 1 else x.dtype,
                       device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    widths = gw.widths
-    _a8_kernel[grid](xq, sx, gw.planes[0], gw.planes[1] if len(widths) > 1 else gw.planes[0], gw.scales, out, m, n,
-                     xq.shape[1], kw, gw.scales.stride(1), rows_per_split, split, n, PER=gw.per, W0=widths[0],
-                     W1=widths[1] if len(widths) > 1 else 0, ZERO=1 << (gw.bits - 1), BM=cfg.block_m, BN=cfg.block_n,
-                     GROUP_M=8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    p1, consts = _code_args(gw)
+    _a8_kernel[grid](xq, sx, gw.planes[0], p1, gw.scales, out, m, n, xq.shape[1], kw, gw.scales.stride(1),
+                     rows_per_split, split, n, BM=cfg.block_m, BN=cfg.block_n, GROUP_M=8, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages, **consts)
     if split == 1:
         return out
     total = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -235,18 +241,14 @@ def fused(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) ->
     return total
 
 
-def rounded_x(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
-    """x [M, K] @ W^T as "a8_rounded_x": x rounded to its int8 levels (`round_rows`), then the weight-only path."""
-    return run_gpu_weight(round_rows(x.contiguous()), gw)
-
-
-def rounded_x_fp8(x: torch.Tensor, gw: GpuPackedWeight) -> torch.Tensor:
-    """x [M, K] @ W^T as "f8_rounded_x": x rounded to its e4m3 values (`round_rows`), then the weight-only path."""
-    return run_gpu_weight(round_rows(x.contiguous(), fp8=True), gw)
+def rounded_x(x: torch.Tensor, gw: GpuPackedWeight, fp8: bool = False) -> torch.Tensor:
+    """x [M, K] @ W^T as "a8_rounded_x" ("f8_rounded_x" with fp8): x rounded to its int8 levels (e4m3 values) by
+    `round_rows`, then the weight-only path."""
+    return run_gpu_weight(round_rows(x.contiguous(), fp8), gw)
 
 
 _RUN = {"a8_fused": fused, "a8_unpack_int_mm": unpack_matmul, "a8_rounded_x": rounded_x,
-        "f8_unpack_scaled_mm": unpack_scaled_mm, "f8_rounded_x": rounded_x_fp8}
+        "f8_unpack_scaled_mm": unpack_scaled_mm, "f8_rounded_x": functools.partial(rounded_x, fp8=True)}
 
 
 def path_error(path: str, gw: GpuPackedWeight) -> str | None:
@@ -340,10 +342,8 @@ def _fp8_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
     to its e4m3 values per token, times the codes in float32, scaled: what the e4m3 product computes."""
     if x.is_cuda:
         return linear(x, gpu_weight(qw), act_format="fp8")
-    sx = token_scales(x, E4M3_MAX)
-    xq = (x.float() / sx).to(torch.float8_e4m3fn).float()
     codes = signed_codes(gpu_weight(qw)).float()
-    return ((xq @ codes.t()) * sx * qw.scales.reshape(1, -1).float()).to(x.dtype)
+    return ((round_activations(x.float(), 8, "fp8") @ codes.t()) * qw.scales.reshape(1, -1).float()).to(x.dtype)
 
 
 FP8_ACT_PACKED = register_backend(Backend("fp8_act_packed", _fp8_supports, _fp8_linear, layout=GPU_LAYOUT,

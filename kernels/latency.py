@@ -546,12 +546,15 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                           clip_search=False)
             if layer.conv is not None:  # the QuantizedConv an emitted model holds, on inputs of the traced geometry
                 module, ref, per_sample = _conv_path(layer, qt, dtype, dev)
-                fns, skipped, tile_paths, selected = {"quantized_conv": module}, {}, _no_tiles, None
+                fns, skipped, tile_paths, selected, weight_only = {"quantized_conv": module}, {}, _no_tiles, None, None
             else:  # convs run activation-quantized choices weight-only
                 runs = choice if layer.kind in ACT_QUANT_KINDS else replace(choice, abits=None, act_format="int")
                 fns, skipped, tile_paths = candidates(qt, runs, dtype, dev)
                 tile_paths = tile_paths if tiles else _no_tiles
                 selected = selected_backend(qt, dtype, dev) if wants_selected else None
+                # the rounded-x W<b>A8 paths run the weight-only kernel: it is measured and installed first
+                weight_only = (candidates(qt, Choice(qt.spec.bits, None, None), dtype, dev)
+                               if tiles and {"a8_rounded_x", "f8_rounded_x"} & set(fns) else None)
                 w64 = qt.dequantize(torch.float64).t()
                 ref, per_sample = (lambda x: x.double().cpu() @ w64), (shape[1],)
             act_quantized = choice.abits is not None and layer.kind in ACT_QUANT_KINDS
@@ -561,8 +564,8 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 expected = ref(x)
                 paths = {**fns, **tile_paths(t)}
                 last = paths.pop(selected.name) if selected is not None and selected.name in paths else None
-                if tiles and {"a8_rounded_x", "f8_rounded_x"} & set(paths):  # they run the weight-only kernel
-                    _install_weight_only(qt, dtype, dev, x, expected, reps, flush, t)
+                if weight_only is not None:
+                    _install_weight_only(weight_only, qt, dtype, x, expected, reps, flush, t)
                 ms, rejected = _time_paths(paths, x, expected, tol, reps, flush, t, dict(skipped))
                 if selected is not None and dev.type == "cuda":
                     _use_measured(qt.spec, shape, t, ms)
@@ -610,12 +613,13 @@ def _fastest_ours(ms: dict[str, float]) -> str | None:
     return min(ours, key=ms.get) if ours else None
 
 
-def _install_weight_only(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device, x: torch.Tensor,
+def _install_weight_only(weight_only: tuple, qt: QuantizedTensor, dtype: torch.dtype, x: torch.Tensor,
                          expected: torch.Tensor, reps: int, flush: torch.Tensor | None, tokens: int) -> None:
-    """Time our weight-only paths and tiles on `qt` and install the fastest (`_use_measured`): the kernel the
-    "a8_rounded_x" path of a W<b>A8 entry then runs, as the emitted layer will."""
+    """Time our weight-only paths and tiles on `qt` (`weight_only`: its `candidates` as a weight-only choice) and
+    install the fastest (`_use_measured`): the kernel the rounded-x path of a W<b>A8 entry then runs, as the
+    emitted layer will."""
     from .gpu_backends import is_ours
-    fns, _, tile_paths = candidates(qt, Choice(qt.spec.bits, None, None), dtype, device)
+    fns, _, tile_paths = weight_only
     ours = {name: fn for name, fn in {**fns, **tile_paths(tokens)}.items() if is_ours(name)}
     _use_measured(qt.spec, qt.shape, tokens, _time_paths(ours, x, expected, TOLERANCE[dtype], reps, flush, tokens, {})[0])
 
