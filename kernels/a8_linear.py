@@ -346,9 +346,15 @@ def _fp8_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
     return ((round_activations(x.float(), 8, "fp8") @ codes.t()) * qw.scales.reshape(1, -1).float()).to(x.dtype)
 
 
+def _fp8_why_not(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type == "cuda" and not fp8_available(device):
+        return f"float8 matmuls need compute capability >= 8.9, which {torch.cuda.get_device_name(device)} lacks"
+    return None
+
+
 FP8_ACT_PACKED = register_backend(Backend("fp8_act_packed", _fp8_supports, _fp8_linear, layout=GPU_LAYOUT,
                                           to_layout=dense_to_gpu_bytes, from_layout=gpu_bytes_to_dense,
-                                          fast=never_fast, group_major=True))
+                                          fast=never_fast, group_major=True, why_not=_fp8_why_not))
 
 
 def act_backend(spec: QuantSpec, shape: tuple[int, int], act_format: str = "int") -> Backend:

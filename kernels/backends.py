@@ -52,6 +52,9 @@ class Backend:
     # the float [out, in] weight from the backend's layout (layers that dequantize, then call a framework op such
     # as cuDNN's conv); None: they read the dense packing
     dequantize: Callable[[QuantizedWeightLike, torch.dtype], torch.Tensor] | None = None
+    # why a layer forced onto this backend cannot run on (device, dtype), where the backend can say more than
+    # "does not support" (e.g. the compute capability it needs); None where it can run or has nothing to add
+    why_not: Callable[[QuantSpec, tuple[int, int], torch.device, torch.dtype], str | None] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}

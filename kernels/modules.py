@@ -77,7 +77,9 @@ class _QuantizedWeight(nn.Module):
         if self.forced_backend is not None:
             backend = get_backend(self.forced_backend)
             if not backend.supports(self.spec, self.matrix_shape, device, dtype):
-                raise ValueError(f"backend={backend.name!r} does not support {self.spec} {self.matrix_shape} on {device} with {dtype}")
+                why = backend.why_not and backend.why_not(self.spec, self.matrix_shape, device, dtype)
+                raise ValueError(f"backend={backend.name!r} does not support {self.spec} {self.matrix_shape} on {device} with {dtype}"
+                                 + (f": {why}" if why else ""))
             return backend
         return select_backend(self.spec, self.matrix_shape, device, dtype)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import Choice, LatencyTable, a8_linear, measure
+from kernels import Choice, LatencyTable, QuantizedLinear, QuantSpec, a8_linear, measure
 from kernels.latency import (GRAPH_MAX_TOKENS, MIN_LAYER_FRACTION, LatencyEntry, cache_path, entry_key,
                              replay_overhead_ms, use_paths)
 
@@ -73,6 +73,10 @@ def test_float8_activations_are_removed_where_the_device_has_none(monkeypatch) -
     assert "compute capability >= 8.9; removed on Tesla V100" in reason
     assert gaq.unsupported_reason(Choice.parse("w4gca8"), torch.device("cuda")) is None
     assert gaq.unsupported_reason(Choice.parse("w4gcf8"), torch.device("cpu")) is None  # emulated in torch ops
+    monkeypatch.setattr(a8_linear, "fp8_available", lambda device: False)
+    layer = QuantizedLinear("linear", (32, 64), QuantSpec(4, None), backend="fp8_act_packed")
+    with pytest.raises(ValueError, match="float8 matmuls need compute capability >= 8.9, which Tesla V100 lacks"):
+        layer.select(torch.device("cuda"), torch.bfloat16)  # a layer forced onto float8 says why it cannot run
 
 
 def test_a_tables_w_b_a8_winners_are_installed_and_saved(monkeypatch) -> None:
