@@ -48,10 +48,12 @@ A8_WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # 8-bit: where torch._int_mm ("int8_act") c
 # activation format -> the paths a layer of it can run
 PATHS = {"int": ("a8_fused", "a8_unpack_int_mm", "a8_rounded_x"), "fp8": ("f8_unpack_scaled_mm", "f8_rounded_x")}
 ALL_PATHS = tuple(p for names in PATHS.values() for p in names)
-# `default_path` without a measurement, from session 24-25 figures at 28672x8192 (not yet timed against each
-# other): up to ROUNDED_X_MAX_M rows the weight-only decode on rounded x (4-bit, 1 token: 49 us against the fused
-# kernel's 148); from UNPACK_MIN_M rows unpack + torch._int_mm (4-bit, 512 tokens: about 450 us estimated, against
-# 1042); the fused kernel in between (2-bit, 64 tokens: 187 us, the weight-only batch kernel 205-300)
+# `default_path` without a measurement, timed against each other on an H100 in session 27
+# (docs/gpu_runs/a8_paths_session27_h100.md; 28672x8192 4-bit): up to ROUNDED_X_MAX_M rows the weight-only kernels
+# on rounded x (1 token: 69.8 us, the fused kernel 166.9, bf16 170.9); from UNPACK_MIN_M rows unpack + torch._int_mm
+# (512 tokens: 478.7 us, fused 1041.0, rounded x 543.6) or + torch._scaled_mm (424.5 us); the fused kernel in
+# between (64 tokens: 207.3 us, rounded x 249.2). These picked the fastest path in 39 of the run's 45 cases
+# (3 shapes, w2gca8 / w4gca8 / w4gcf8, 1..512 tokens), at worst 1.15x slower; a latency table installs the fastest.
 ROUNDED_X_MAX_M = 16
 UNPACK_MIN_M = 128
 # (N, K, bits, activation format, tokens) -> the path a latency table measured fastest on this device (`use_measured`)
