@@ -61,12 +61,20 @@ DISPATCH: dict[tuple[int, int, int, str, int], str] = {}
 
 if HAVE_TRITON:
     @triton.jit
-    def _code(a, b, i: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr):
-        """Signed int8 code (code - ZERO) of slot i of plane-0 words a and plane-1 words b (unused if W1 == 0)."""
+    def _code(a, b, i: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
+              FP8: tl.constexpr = False):
+        """Signed code c = code - ZERO of slot i of plane-0 words a and plane-1 words b (unused if W1 == 0): int8,
+        or with FP8 float8 e4m3 (exact for |c| <= 16). The float8 value is made without an int-to-float
+        conversion (I2F issues at a quarter of the integer rate): 0x6410 + c are the float16 bits of 1040 + c,
+        less 1040 exactly, then one float16 -> e4m3 conversion per pair."""
         u = (a >> (i * W0)) & ((1 << W0) - 1)
         if W1 > 0:
             u = u | (((b >> (i * W1)) & ((1 << W1) - 1)) << W0)
-        return (u - ZERO).to(tl.int8)
+        if FP8:
+            c = ((u + (0x6410 - ZERO)).to(tl.int16).to(tl.float16, bitcast=True) - 1040.0).to(tl.float8e4nv)
+        else:
+            c = (u - ZERO).to(tl.int8)
+        return c
 
     @triton.jit
     def _join8(c0, c1, c2, c3, c4, c5, c6, c7):
@@ -76,25 +84,27 @@ if HAVE_TRITON:
         return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
 
     @triton.jit
-    def _block_codes(a, b, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr):
-        """The block's signed codes [BN, 16 PER] from its words a, b [BN, 16]: column j * PER + i is slot i of
-        word row j (input column 16 i + j of the block; `quantize_rows(..., per=PER)` orders x the same way)."""
+    def _block_codes(a, b, PER: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, ZERO: tl.constexpr,
+                     FP8: tl.constexpr = False):
+        """The block's signed codes [BN, 16 PER] (int8, or e4m3 with FP8) from its words a, b [BN, 16]: column
+        j * PER + i is slot i of word row j (input column 16 i + j of the block; `quantize_rows(..., per=PER)`
+        orders x the same way)."""
         if PER == 4:  # byte codes: (b1, b0) is slot 2 b1 + b0
-            w = tl.join(tl.join(_code(a, b, 0, W0, W1, ZERO), _code(a, b, 2, W0, W1, ZERO)),
-                        tl.join(_code(a, b, 1, W0, W1, ZERO), _code(a, b, 3, W0, W1, ZERO)))
+            w = tl.join(tl.join(_code(a, b, 0, W0, W1, ZERO, FP8), _code(a, b, 2, W0, W1, ZERO, FP8)),
+                        tl.join(_code(a, b, 1, W0, W1, ZERO, FP8), _code(a, b, 3, W0, W1, ZERO, FP8)))
         elif PER == 8:
-            w = _join8(_code(a, b, 0, W0, W1, ZERO), _code(a, b, 1, W0, W1, ZERO), _code(a, b, 2, W0, W1, ZERO),
-                       _code(a, b, 3, W0, W1, ZERO), _code(a, b, 4, W0, W1, ZERO), _code(a, b, 5, W0, W1, ZERO),
-                       _code(a, b, 6, W0, W1, ZERO), _code(a, b, 7, W0, W1, ZERO))
+            w = _join8(_code(a, b, 0, W0, W1, ZERO, FP8), _code(a, b, 1, W0, W1, ZERO, FP8), _code(a, b, 2, W0, W1, ZERO, FP8),
+                       _code(a, b, 3, W0, W1, ZERO, FP8), _code(a, b, 4, W0, W1, ZERO, FP8), _code(a, b, 5, W0, W1, ZERO, FP8),
+                       _code(a, b, 6, W0, W1, ZERO, FP8), _code(a, b, 7, W0, W1, ZERO, FP8))
         else:  # 16 slots: the first join (the slowest dimension) pairs slot i with slot i + 8
-            w = _join8(tl.join(_code(a, b, 0, W0, W1, ZERO), _code(a, b, 8, W0, W1, ZERO)),
-                       tl.join(_code(a, b, 1, W0, W1, ZERO), _code(a, b, 9, W0, W1, ZERO)),
-                       tl.join(_code(a, b, 2, W0, W1, ZERO), _code(a, b, 10, W0, W1, ZERO)),
-                       tl.join(_code(a, b, 3, W0, W1, ZERO), _code(a, b, 11, W0, W1, ZERO)),
-                       tl.join(_code(a, b, 4, W0, W1, ZERO), _code(a, b, 12, W0, W1, ZERO)),
-                       tl.join(_code(a, b, 5, W0, W1, ZERO), _code(a, b, 13, W0, W1, ZERO)),
-                       tl.join(_code(a, b, 6, W0, W1, ZERO), _code(a, b, 14, W0, W1, ZERO)),
-                       tl.join(_code(a, b, 7, W0, W1, ZERO), _code(a, b, 15, W0, W1, ZERO)))
+            w = _join8(tl.join(_code(a, b, 0, W0, W1, ZERO, FP8), _code(a, b, 8, W0, W1, ZERO, FP8)),
+                       tl.join(_code(a, b, 1, W0, W1, ZERO, FP8), _code(a, b, 9, W0, W1, ZERO, FP8)),
+                       tl.join(_code(a, b, 2, W0, W1, ZERO, FP8), _code(a, b, 10, W0, W1, ZERO, FP8)),
+                       tl.join(_code(a, b, 3, W0, W1, ZERO, FP8), _code(a, b, 11, W0, W1, ZERO, FP8)),
+                       tl.join(_code(a, b, 4, W0, W1, ZERO, FP8), _code(a, b, 12, W0, W1, ZERO, FP8)),
+                       tl.join(_code(a, b, 5, W0, W1, ZERO, FP8), _code(a, b, 13, W0, W1, ZERO, FP8)),
+                       tl.join(_code(a, b, 6, W0, W1, ZERO, FP8), _code(a, b, 14, W0, W1, ZERO, FP8)),
+                       tl.join(_code(a, b, 7, W0, W1, ZERO, FP8), _code(a, b, 15, W0, W1, ZERO, FP8)))
         return tl.reshape(w, (a.shape[0], 16 * PER))
 
     @triton.jit(do_not_specialize=["M", "KP", "KW", "rows_per_split", "SPLIT"])
@@ -147,9 +157,7 @@ if HAVE_TRITON:
         a = tl.load(p0 + offs, mask=nmask[:, None], other=0)
         b = tl.load(p1 + offs, mask=nmask[:, None], other=0).to(tl.int32) if W1 > 0 else a
         kk = r0 * PER + tl.arange(0, 16 * PER)
-        codes = _block_codes(a, b, PER, W0, W1, ZERO)
-        if FP8:  # exact in e4m3 up to 5 bits; Triton casts to float8 from floats only
-            codes = codes.to(tl.float16).to(tl.float8e4nv)
+        codes = _block_codes(a, b, PER, W0, W1, ZERO, FP8)
         tl.store(out + cols[:, None].to(tl.int64) * KP + kk[None, :], codes, mask=nmask[:, None])
 
     @triton.jit(do_not_specialize=["MN", "SPLIT"])

@@ -485,9 +485,10 @@ def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
     weight-only path) against float64 on x rounded as the layer rounds it (per token to int8): odd N and K (short
     last block), default and explicit fused tiles (split-K twice; 128 x 128 prefill tiles), poisoned outputs. The
     path `linear` runs is `default_path`'s by token count, or a latency table's measured winner (`use_measured`).
-    8-bit weights run these where torch._int_mm cannot take the shape."""
+    8-bit weights run these where torch._int_mm cannot take the shape. The codes unpacked to e4m3 (up to 5 bits)
+    equal the int8 ones."""
     from kernels import a8_linear
-    from kernels.gpu_activation_quant import round_activations, signed_codes
+    from kernels.gpu_activation_quant import FP8_MAX_EXACT_BITS, round_activations, signed_codes
     gen = torch.Generator().manual_seed(500 + bits)
     shapes = ((64, 128), (67, 203)) if INTERPRET else ((64, 128), (67, 203), (1000, 1030), (257, 2080), (512, 4104))
     dtypes = (torch.float16,) if INTERPRET else (torch.float16, torch.bfloat16)
@@ -498,6 +499,8 @@ def test_w_b_a8_kernel_matches_float64(bits: int) -> None:
         c = torch.arange(codes.shape[1])  # input column c sits at column `at` of its block (quantize_rows' order)
         at = c - c % (16 * gw.per) + (c % 16) * gw.per + (c % (16 * gw.per)) // 16
         assert torch.equal(codes[:, at][:, :k].to(torch.int16), signed_codes(qt))
+        if bits <= FP8_MAX_EXACT_BITS:  # the e4m3 codes (made from their float16 bits) are the same values
+            assert torch.equal(_poisoned(lambda: a8_linear.unpack_codes(gw, fp8=True)).float().cpu(), codes.float())
         assert ("a8_unpack_int_mm" in a8_linear.paths(gw)) == (n % 8 == 0)
         w64 = qt.dequantize(torch.float64).t()
         for m in (1, 17, 130) if INTERPRET else (1, 3, 16, 17, 64, 100, 300):
