@@ -38,8 +38,9 @@ import torch
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, register_backend
 from .choice import QuantSpec
-from .gpu_activation_quant import (FP8_MAX_EXACT_BITS, INT8_ACT, fp8_available, int8_matmul, never_fast, quantize_rows,
-                                   round_activations, round_rows, scale_int_product, signed_codes)
+from .gpu_activation_quant import (FP8_MAX_EXACT_BITS, FP8_REQUIREMENT, INT8_ACT, fp8_available, int8_matmul,
+                                   never_fast, quantize_rows, round_activations, round_rows, scale_int_product,
+                                   signed_codes)
 from .gpu_backends import GPU_LAYOUT, gpu_weight, run_gpu_weight
 from .gpu_layout import WORD_ROWS, GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense
 from .triton_linear import HAVE_TRITON, Config, tl, triton
@@ -93,8 +94,9 @@ if HAVE_TRITON:
             w = tl.join(tl.join(_code(a, b, 0, W0, W1, ZERO, FP8), _code(a, b, 2, W0, W1, ZERO, FP8)),
                         tl.join(_code(a, b, 1, W0, W1, ZERO, FP8), _code(a, b, 3, W0, W1, ZERO, FP8)))
         elif PER == 8:
-            w = _join8(_code(a, b, 0, W0, W1, ZERO, FP8), _code(a, b, 1, W0, W1, ZERO, FP8), _code(a, b, 2, W0, W1, ZERO, FP8),
-                       _code(a, b, 3, W0, W1, ZERO, FP8), _code(a, b, 4, W0, W1, ZERO, FP8), _code(a, b, 5, W0, W1, ZERO, FP8),
+            w = _join8(_code(a, b, 0, W0, W1, ZERO, FP8), _code(a, b, 1, W0, W1, ZERO, FP8),
+                       _code(a, b, 2, W0, W1, ZERO, FP8), _code(a, b, 3, W0, W1, ZERO, FP8),
+                       _code(a, b, 4, W0, W1, ZERO, FP8), _code(a, b, 5, W0, W1, ZERO, FP8),
                        _code(a, b, 6, W0, W1, ZERO, FP8), _code(a, b, 7, W0, W1, ZERO, FP8))
         else:  # 16 slots: the first join (the slowest dimension) pairs slot i with slot i + 8
             w = _join8(tl.join(_code(a, b, 0, W0, W1, ZERO, FP8), _code(a, b, 8, W0, W1, ZERO, FP8)),
@@ -358,7 +360,7 @@ def _fp8_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
 
 def _fp8_why_not(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type == "cuda" and not fp8_available(device):
-        return f"float8 matmuls need compute capability >= 8.9, which {torch.cuda.get_device_name(device)} lacks"
+        return f"{FP8_REQUIREMENT}, which {torch.cuda.get_device_name(device)} lacks"
     return None
 
 

@@ -34,6 +34,7 @@ ACT_QUANT_KINDS = ("linear", "hf_conv1d")  # layer kinds whose emitted module qu
 FP8_MAX_EXACT_BITS = 5   # signed codes of <= 5 bits (-16..15) are exact in float8_e4m3fn (4 significant bits)
 E4M3_MAX = 448.0
 INT8_MAX = 127.0
+FP8_REQUIREMENT = "float8 matmuls need compute capability >= 8.9"  # what `fp8_available` checks, in messages
 
 
 def fp8_available(device: torch.device) -> bool:
@@ -56,7 +57,7 @@ def unsupported_reason(choice: Choice, device: torch.device | None = None) -> st
     if device is not None and device.type not in ("cuda", "cpu"):
         return f"{choice.label}: activation-quantized layers run on CUDA and the CPU only; removed on {device.type}"
     if fp8 and device is not None and device.type == "cuda" and not fp8_available(device):
-        return (f"{choice.label}: float8 matmuls need compute capability >= 8.9; removed on "
+        return (f"{choice.label}: {FP8_REQUIREMENT}; removed on "
                 f"{torch.cuda.get_device_name(device)}")
     return None
 
@@ -252,7 +253,7 @@ def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: 
         else:
             fns["int8_int_mm"] = _int8(qt, dev)
     if dev.type == "cuda" and not fp8_available(dev):
-        skipped["fp8_scaled_mm"] = f"FP8 needs compute capability >= 8.9 ({torch.cuda.get_device_name(dev)})"
+        skipped["fp8_scaled_mm"] = f"{FP8_REQUIREMENT} ({torch.cuda.get_device_name(dev)})"
     elif qt.spec.bits > FP8_MAX_EXACT_BITS:
         skipped["fp8_scaled_mm"] = f"{qt.spec.bits}-bit codes are not exact in e4m3 (<= {FP8_MAX_EXACT_BITS} bits)"
     elif k % 16 or n % 16:

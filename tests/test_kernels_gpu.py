@@ -530,9 +530,9 @@ def test_float8_activation_paths_match_float64(bits: int) -> None:
     (the codes unpacked to e4m3 + torch._scaled_mm, x rounded to its e4m3 values + the weight-only path) and the
     default pick, against float64 on x rounded as the layer rounds it; the unpacked codes are exact."""
     from kernels import a8_linear
-    from kernels.gpu_activation_quant import fp8_available, round_activations, signed_codes
+    from kernels.gpu_activation_quant import FP8_REQUIREMENT, fp8_available, round_activations, signed_codes
     if not fp8_available(torch.device(DEV)):
-        pytest.skip("float8 matmuls need compute capability >= 8.9")
+        pytest.skip(FP8_REQUIREMENT)
     gen = torch.Generator().manual_seed(700 + bits)
     for n, k in ((64, 128), (67, 203), (1024, 4104)):
         qt = quantize(torch.randn(n, k, generator=gen), QuantSpec(bits, None, True, "bfloat16"), clip_search=False)
