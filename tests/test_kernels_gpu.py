@@ -118,18 +118,22 @@ def test_tensor_core_decode(bits: int, symmetric: bool, gluon: bool) -> None:
                     assert (y.double().cpu() - ref).norm() / ref.norm() < 6e-3  # bf16 output rounding, not 2e-2
 
 
+# the dp4a tiles checked, one test each (odd widths compile for minutes a tile: one test per tile spreads them
+# over xdist's workers): one in the interpreter, split-K 2 / 3 / 4 on CUDA
+DP4A_TILES = [tlin.Config(1, 64, 2, dp4a=True)] + ([] if INTERPRET else [tlin.Config(1, 32, 3, 2, dp4a=True),
+                                                                         tlin.Config(1, 512, 4, 4, dp4a=True)])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_dp4a_decode(bits: int, symmetric: bool) -> None:
+@pytest.mark.parametrize("cfg", DP4A_TILES, ids=lambda c: c.label)
+def test_dp4a_decode(bits: int, symmetric: bool, cfg: tlin.Config) -> None:
     """`Config(dp4a=True)`: decode on integer dot products, x as 16-bit fixed point per K block. Groups of whole
     blocks, of half blocks (regrouped by byte permutes) and per-channel; odd sizes; split-K run twice (the workspace
     must come back zeroed); float16 and bfloat16; activations far from zero and an outlier 2^10 times the rest of
     its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are refused."""
     gen = torch.Generator().manual_seed(90 + bits + symmetric)
-    configs = [tlin.Config(1, 64, 2, dp4a=True)]
-    if not INTERPRET:
-        configs += [tlin.Config(1, 32, 3, 2, dp4a=True), tlin.Config(1, 512, 4, 4, dp4a=True)]
     shapes = SHAPES[:4] + [(70, 520, 128)] if INTERPRET else SHAPES + [(70, 520, 128), (48, 512, 256)]
     ran = 0
     for i, (n, k, group) in enumerate(shapes):
@@ -139,19 +143,18 @@ def test_dp4a_decode(bits: int, symmetric: bool) -> None:
                 continue  # dequantize + matmul, whatever the config (test_unsupported_group_falls_back_with_warning)
             if not dp4a_linear.supported(gw):
                 with pytest.raises(ValueError, match="dp4a"):
-                    tlin.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, configs[0])
+                    tlin.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, cfg)
                 continue
             ran += 1
-            for cfg in configs:
-                for shift in (0, 30):
-                    x = (torch.randn(2, k, generator=gen) + shift).to(dtype).to(DEV)
-                    x[1, min(3, k - 1)] = 1024.0
-                    y = _poisoned(lambda: tlin.linear(x, gw, cfg))
-                    ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
-                    assert torch.isfinite(y).all()
-                    assert (y.double().cpu() - ref).norm() / ref.norm() < 4e-3  # the output's rounding, not the digits
+            for shift in (0, 30):
+                x = (torch.randn(2, k, generator=gen) + shift).to(dtype).to(DEV)
+                x[1, min(3, k - 1)] = 1024.0
+                y = _poisoned(lambda: tlin.linear(x, gw, cfg))
+                ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
+                assert torch.isfinite(y).all()
+                assert (y.double().cpu() - ref).norm() / ref.norm() < 4e-3  # the output's rounding, not the digits
             x[0, k // 2] = float("nan")
-            y = tlin.linear(x, gw, configs[0])
+            y = tlin.linear(x, gw, cfg)
             assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     assert ran >= 3  # whole-block, half-block and per-channel groups at every width
 
@@ -267,12 +270,14 @@ def test_imma_arithmetic_matches_float64(bits: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
-def test_imma_decode(bits: int) -> None:
+@pytest.mark.parametrize("tile", [(128, 1, 4, False), (256, 3, 4, True), (32, 5, 1, False)],
+                         ids=lambda t: "n{}s{}w{}{}".format(*t[:3], "p" if t[3] else ""))
+def test_imma_decode(bits: int, tile: tuple[int, int, int, bool]) -> None:
     """`gluon_imma.linear`: the integer decode on int8 tensor cores, 1..16 tokens in one launch. Against float64 at
     odd N and K, whole-block, half-block and per-channel groups, split-K run twice, asymmetric and symmetric,
     float16 and bfloat16, an outlier, with and without the next block's prefetch; NaN in a token gives NaN in that
-    token only; `Config(imma=True)` runs the same kernel through `triton_linear.linear` (2 K-slices: the same
-    sums). More tokens than the columns hold, and tiles that are not 16 x num_warps x a power of 2, are refused
+    token only; `Config(imma=True)` runs the same kernel through `triton_linear.linear`. One test per tile (odd
+    widths compile for minutes a tile). More tokens than the columns hold, and tiles that are not 16 x num_warps x a power of 2, are refused
     with the reason."""
     probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
     reason = gluon_imma.unsupported_reason(probe, 1, 128, 4, torch.device(DEV))
@@ -289,20 +294,19 @@ def test_imma_decode(bits: int) -> None:
             continue
         ran += 1
         for m in sorted({1, 2, gluon_imma.max_tokens(gw)}):
-            for block_n, split, warps, prefetch in ((128, 1, 4, False), (256, 3, 4, True), (32, 5, 1, False)):
-                for _ in range(2):
-                    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
-                    x[-1, min(3, k - 1)] = 1024.0
-                    _check(_poisoned(lambda: gluon_imma.linear(x, gw, block_n, split, warps, prefetch)), x, qt,
-                           dtype)
+            for _ in range(2):
+                x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+                x[-1, min(3, k - 1)] = 1024.0
+                _check(_poisoned(lambda: gluon_imma.linear(x, gw, *tile)), x, qt, dtype)
         x = torch.randn(2, k, generator=gen).to(dtype).to(DEV)
-        cfg = tlin.Config(2, 128, 2, 4, 2, imma=True)
-        assert torch.equal(tlin.linear(x, gw, cfg), gluon_imma.linear(x, gw, 128, 2, 4, prefetch=True))
+        block_n, split, warps, prefetch = tile
+        cfg = tlin.Config(2, block_n, split, warps, 2 if prefetch else 1, imma=True)
+        assert torch.equal(tlin.linear(x, gw, cfg), gluon_imma.linear(x, gw, *tile))
         x[0, k // 2] = float("nan")
-        y = gluon_imma.linear(x, gw, 128, 2, 4)
+        y = gluon_imma.linear(x, gw, *tile)
         assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
         with pytest.raises(ValueError, match="tokens"):
-            gluon_imma.linear(torch.zeros(gluon_imma.max_tokens(gw) + 1, k, dtype=dtype, device=DEV), gw, 128, 1, 4)
+            gluon_imma.linear(torch.zeros(gluon_imma.max_tokens(gw) + 1, k, dtype=dtype, device=DEV), gw, *tile)
     assert ran >= 3
     with pytest.raises(ValueError, match="power of 2"):
         gluon_imma.linear(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), probe, 96, 1, 4)
