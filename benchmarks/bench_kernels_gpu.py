@@ -7,12 +7,19 @@ dequantize + cuBLAS; anchors: tinygemm int4, gemlite) is checked against a float
 against cuBLAS bf16 F.linear and the best anchor of the same bit width measured in the same run;
 bandwidth at 1 token is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 Writes bench.json and bench.md under --out.
+
+Compiling the Triton kernels (odd widths: seconds to minutes a tile) is most of a cold run. With --jobs N, N
+processes first run every path once, each on its share of the (bits, tokens) and (choice, tokens) cases
+(--shard i/N, one timing rep), filling Triton's on-disk cache on all CPU cores; this process then times
+everything with the kernels cached.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,7 +134,27 @@ def a8_sweep(m: int, gw) -> list[tlin.Config]:
             cfg(64, 256, 8, 3, 0), cfg(128, 128, 8, 4, 0)]
 
 
-def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor, gen: torch.Generator) -> list[dict]:
+def mine(shard: tuple[int, int], case: int) -> bool:
+    """Whether case number `case` is this process's (shard (i, n): every n-th case from the i-th)."""
+    return case % shard[1] == shard[0]
+
+
+def warm_in_parallel(jobs: int) -> None:
+    """Run this script's cases in `jobs` processes, one timing rep each (--shard i/jobs; gemlite left out: its
+    tuning is not cached on disk), to fill Triton's on-disk cache on every CPU core before the timed run."""
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--no-gemlite", "--jobs", "1", "--shard", f"{i}/{jobs}",
+                                   "--reps", "1", "--out", f"{tmp}/{i}"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for i in range(jobs)]
+        failed = [(i, p.communicate()[1][-2000:]) for i, p in enumerate(procs) if p.wait() != 0]
+    for i, err in failed:
+        print(f"compile pass, shard {i}/{jobs} failed (the timed run compiles what it left):\n{err}", flush=True)
+    print(f"compile pass: {jobs} processes, {time.time() - t0:.0f} s", flush=True)
+
+
+def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor, gen: torch.Generator,
+                         shard: tuple[int, int] = (0, 1)) -> list[dict]:
     """w<b>gca8 / w<b>gcf8 through the paths an emitted layer can run (below 8 bits each of `a8_linear.PATHS` of
     the choice's format, of which a latency table installs the fastest, with a sweep of the fused kernel's tiles;
     torch._int_mm at 8) and, for comparison, torch._int_mm on byte-wide codes and torch._scaled_mm (x quantized by
@@ -146,6 +173,8 @@ def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor,
             fns.update(unfused(fns, qt))
             gw = repack_for_gpu(qt, "cuda") if "a8_fused" in fns else None
             for m in tokens:
+                if not mine(shard, labels.index(label) * len(tokens) + tokens.index(m)):
+                    continue
                 x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
                 ref = x.double() @ wdq.t()
                 paths = dict(fns)
@@ -180,7 +209,12 @@ def main() -> None:
     ap.add_argument("--act-choices", default="w4gca8,w4gcf8,w8gca8", help="activation-quantized choices timed")
     ap.add_argument("--no-gemlite", action="store_true",
                     help="leave gemlite out (it autotunes every new shape/bits/tokens: minutes per shape)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes compiling the kernels before the timed run")
+    ap.add_argument("--shard", default="0/1", help="i/n: run only every n-th (bits, tokens) case from the i-th")
     args = ap.parse_args()
+    shard = tuple(int(v) for v in args.shard.split("/"))
+    if args.jobs > 1:
+        warm_in_parallel(args.jobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -189,7 +223,7 @@ def main() -> None:
     dtype = torch.bfloat16
     t_start = time.time()
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
-    bw = copy_bandwidth(flush)
+    bw = copy_bandwidth(flush) if shard == (0, 1) else float("nan")  # a compile pass's shard times nothing it keeps
     dev = torch.cuda.get_device_name()
     print(f"device {dev}; torch {torch.__version__}; triton {tlin.triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s",
           flush=True)
@@ -210,6 +244,8 @@ def main() -> None:
             gw = repack_for_gpu(qt, "cuda")
             wbytes = gw.nbytes
             for m in tokens:
+                if not mine(shard, bits_list.index(bits) * len(tokens) + tokens.index(m)):
+                    continue
                 x = xs[m]
                 ref = x.double() @ wdq.t()
                 errs: dict[str, str] = dict(skipped)
@@ -251,7 +287,8 @@ def main() -> None:
                     print("   rejected:", json.dumps(errs)[:400], flush=True)
             del qt, wdq, fns, gw
             torch.cuda.empty_cache()
-    act_rows = [] if args.no_act else activation_quantized(shapes, tokens, args.act_choices.split(","), args.reps, flush, gen)
+    act_rows = [] if args.no_act else activation_quantized(shapes, tokens, args.act_choices.split(","), args.reps, flush,
+                                                           gen, shard)
     meta = dict(device=dev, torch=torch.__version__, triton=tlin.triton.__version__, copy_bw_TBps=bw / 1e12,
                 reps=args.reps, seconds=time.time() - t_start)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, activation_quantized=act_rows), indent=1))
