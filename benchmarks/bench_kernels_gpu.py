@@ -11,7 +11,7 @@ Writes bench.json and bench.md under --out.
 Compiling the Triton kernels (odd widths: seconds to minutes a tile) is most of a cold run. With --jobs N, N
 processes first run every path once, each on its share of the (bits, tokens) and (choice, tokens) cases
 (--shard i/N, one timing rep), filling Triton's on-disk cache on all CPU cores; this process then times
-everything with the kernels cached.
+everything with the kernels cached (gemlite still tunes each case, on cached kernels).
 """
 from __future__ import annotations
 
@@ -140,11 +140,11 @@ def mine(shard: tuple[int, int], case: int) -> bool:
 
 
 def warm_in_parallel(jobs: int) -> None:
-    """Run this script's cases in `jobs` processes, one timing rep each (--shard i/jobs; gemlite left out: its
-    tuning is not cached on disk), to fill Triton's on-disk cache on every CPU core before the timed run."""
+    """Run this script's cases in `jobs` processes, one timing rep each (--shard i/jobs), to fill Triton's on-disk
+    cache on every CPU core before the timed run (gemlite's too: its tuning then only times cached kernels)."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--no-gemlite", "--jobs", "1", "--shard", f"{i}/{jobs}",
+        procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--shard", f"{i}/{jobs}",
                                    "--reps", "1", "--out", f"{tmp}/{i}"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for i in range(jobs)]
         failed = [(i, p.communicate()[1][-2000:]) for i, p in enumerate(procs) if p.wait() != 0]
