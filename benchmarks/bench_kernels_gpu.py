@@ -144,12 +144,14 @@ def warm_in_parallel(jobs: int) -> None:
     cache on every CPU core before the timed run (gemlite's too: its tuning then only times cached kernels)."""
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
+        logs = [Path(tmp, f"{i}.log") for i in range(jobs)]
         procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--shard", f"{i}/{jobs}",
-                                   "--reps", "1", "--out", f"{tmp}/{i}"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for i in range(jobs)]
-        failed = [(i, p.communicate()[1][-2000:]) for i, p in enumerate(procs) if p.wait() != 0]
-    for i, err in failed:
-        print(f"compile pass, shard {i}/{jobs} failed (the timed run compiles what it left):\n{err}", flush=True)
+                                   "--reps", "1", "--out", f"{tmp}/{i}"], stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+        for i, p in enumerate(procs):
+            if p.wait() != 0:
+                print(f"compile pass, shard {i}/{jobs} failed (the timed run compiles what it left):\n"
+                      f"{logs[i].read_text()[-2000:]}", flush=True)
     print(f"compile pass: {jobs} processes, {time.time() - t0:.0f} s", flush=True)
 
 
