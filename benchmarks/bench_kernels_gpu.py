@@ -145,9 +145,12 @@ def warm_in_parallel(jobs: int) -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp, f"{i}.log") for i in range(jobs)]
-        procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--shard", f"{i}/{jobs}",
-                                   "--reps", "1", "--out", f"{tmp}/{i}"], stdout=log.open("w"),
-                                  stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+        procs = []
+        for i, log in enumerate(logs):
+            with log.open("w") as f:  # the child holds its own descriptor
+                procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--shard",
+                                               f"{i}/{jobs}", "--reps", "1", "--out", f"{tmp}/{i}"], stdout=f,
+                                              stderr=subprocess.STDOUT))
         for i, p in enumerate(procs):
             if p.wait() != 0:
                 print(f"compile pass, shard {i}/{jobs} failed (the timed run compiles what it left):\n"
