@@ -39,6 +39,7 @@ BITS = (2, 3, 4, 5, 6, 8)
 TOKENS = (1, 16, 64, 512)
 OURS = ("triton_fused", "triton_dequant_cublas")
 ANCHORS = ("tinygemm_int4", "gemlite")
+PROCESS_BYTES_PER_ELEMENT = 64  # GPU memory of one process per weight element (weights, float64 reference, codes)
 
 
 def sweep(m: int, gw) -> list[tlin.Config]:
@@ -139,23 +140,30 @@ def mine(shard: tuple[int, int], case: int) -> bool:
     return case % shard[1] == shard[0]
 
 
-def warm_in_parallel(jobs: int) -> None:
+def warm_in_parallel(jobs: int, elements: int) -> None:
     """Run this script's cases in `jobs` processes, one timing rep each (--shard i/jobs), to fill Triton's on-disk
-    cache on every CPU core before the timed run (gemlite's too: its tuning then only times cached kernels)."""
+    cache on every CPU core before the timed run (gemlite's too: its tuning then only times cached kernels). At
+    most as many at a time as the GPU's free memory holds, at PROCESS_BYTES_PER_ELEMENT bytes per element of the
+    largest weight (with 6 at once, one of six ran out of memory on an H100 at 28672x8192)."""
     t0 = time.time()
+    free = torch.cuda.mem_get_info()[0]
+    at_once = max(1, min(jobs, int((free - (4 << 30)) // (PROCESS_BYTES_PER_ELEMENT * elements + (1 << 30)))))
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp, f"{i}.log") for i in range(jobs)]
-        procs = []
-        for i, log in enumerate(logs):
-            with log.open("w") as f:  # the child holds its own descriptor
-                procs.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--shard",
-                                               f"{i}/{jobs}", "--reps", "1", "--out", f"{tmp}/{i}"], stdout=f,
-                                              stderr=subprocess.STDOUT))
-        for i, p in enumerate(procs):
-            if p.wait() != 0:
-                print(f"compile pass, shard {i}/{jobs} failed (the timed run compiles what it left):\n"
-                      f"{logs[i].read_text()[-2000:]}", flush=True)
-    print(f"compile pass: {jobs} processes, {time.time() - t0:.0f} s", flush=True)
+        pending, running = list(range(jobs)), {}
+        while pending or running:
+            for i in [i for i, p in running.items() if p.poll() is not None]:
+                if running.pop(i).returncode != 0:
+                    print(f"compile pass, shard {i}/{jobs} failed (the timed run compiles what it left):\n"
+                          f"{logs[i].read_text()[-2000:]}", flush=True)
+            while pending and len(running) < at_once:
+                i = pending.pop(0)
+                with logs[i].open("w") as f:  # the child holds its own descriptor
+                    running[i] = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--jobs", "1", "--shard",
+                                                   f"{i}/{jobs}", "--reps", "1", "--out", f"{tmp}/{i}"], stdout=f,
+                                                  stderr=subprocess.STDOUT)
+            time.sleep(0.2)
+    print(f"compile pass: {jobs} processes, {at_once} at a time, {time.time() - t0:.0f} s", flush=True)
 
 
 def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor, gen: torch.Generator,
@@ -218,11 +226,11 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: run only every n-th (bits, tokens) case from the i-th")
     args = ap.parse_args()
     shard = tuple(int(v) for v in args.shard.split("/"))
+    shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.jobs > 1:
-        warm_in_parallel(args.jobs)
+        warm_in_parallel(args.jobs, max(n * k for n, k in shapes))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bits_list = [int(b) for b in args.bits.split(",") if b]  # --bits "": only bf16 and the activation-quantized
     tokens = [int(t) for t in args.tokens.split(",")]
     dtype = torch.bfloat16
