@@ -52,9 +52,10 @@ ALL_PATHS = tuple(p for names in PATHS.values() for p in names)
 # `default_path` without a measurement, timed against each other on an H100 in session 27
 # (docs/gpu_runs/a8_paths_session27_h100.md; 28672x8192 4-bit): up to ROUNDED_X_MAX_M rows the weight-only kernels
 # on rounded x (1 token: 69.8 us, the fused kernel 166.9, bf16 170.9); from UNPACK_MIN_M rows unpack + torch._int_mm
-# (512 tokens: 478.7 us, fused 1041.0, rounded x 543.6) or + torch._scaled_mm (424.5 us); the fused kernel in
-# between (64 tokens: 207.3 us, rounded x 249.2). These picked the fastest path in 39 of the run's 45 cases
-# (3 shapes, w2gca8 / w4gca8 / w4gcf8, 1..512 tokens), at worst 1.15x slower; a latency table installs the fastest.
+# (512 tokens: 478.7 us, fused 1041.0, rounded x 543.6) or + torch._scaled_mm (424.5 us; 356.4 with session 28's
+# e4m3 unpack, bf16 302.4, docs/gpu_runs/a8_paths_session28_h100.md); the fused kernel in between (64 tokens:
+# 207.3 us, rounded x 249.2). These picked the fastest path in 39 of the run's 45 cases (3 shapes, w2gca8 /
+# w4gca8 / w4gcf8, 1..512 tokens), at worst 1.15x slower; a latency table installs the fastest.
 ROUNDED_X_MAX_M = 16
 UNPACK_MIN_M = 128
 # (N, K, bits, activation format, tokens) -> the path a latency table measured fastest on this device (`use_measured`)
@@ -67,7 +68,8 @@ if HAVE_TRITON:
         """Signed code c = code - ZERO of slot i of plane-0 words a and plane-1 words b (unused if W1 == 0): int8,
         or with FP8 float8 e4m3 (exact for |c| <= 16). The float8 value is made without an int-to-float
         conversion (I2F issues at a quarter of the integer rate): 0x6410 + c are the float16 bits of 1040 + c,
-        less 1040 exactly, then one float16 -> e4m3 conversion per pair."""
+        less 1040 exactly, then one float16 -> e4m3 conversion per pair. On an H100 (session 28) this took the e4m3
+        unpack from 218 to 149 us over torch._scaled_mm at 28672x8192, 4 bits, the int8 unpack's 147."""
         u = (a >> (i * W0)) & ((1 << W0) - 1)
         if W1 > 0:
             u = u | (((b >> (i * W1)) & ((1 << W1) - 1)) << W0)
