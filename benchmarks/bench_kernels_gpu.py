@@ -135,9 +135,10 @@ def a8_sweep(m: int, gw) -> list[tlin.Config]:
             cfg(64, 256, 8, 3, 0), cfg(128, 128, 8, 4, 0)]
 
 
-def mine(shard: tuple[int, int], case: int) -> bool:
-    """Whether case number `case` is this process's (shard (i, n): every n-th case from the i-th)."""
-    return case % shard[1] == shard[0]
+def own_tokens(shard: tuple[int, int], row: int, tokens: list[int]) -> list[int]:
+    """The token counts of case row `row` (a bit width or a choice) that are this process's: case row x
+    len(tokens) + j is shard (i, n)'s when it is i modulo n."""
+    return [m for j, m in enumerate(tokens) if (row * len(tokens) + j) % shard[1] == shard[0]]
 
 
 def warm_in_parallel(jobs: int, elements: int) -> None:
@@ -179,15 +180,16 @@ def activation_quantized(shapes, tokens, labels, reps: int, flush: torch.Tensor,
         w = torch.randn(n, k, device="cuda", generator=gen)
         w_bf16 = w.bfloat16()
         for label in labels:
+            own = own_tokens(shard, labels.index(label), tokens)
+            if not own:  # a compile pass's shard with no case of this choice: skip its quantization too
+                continue
             choice = Choice.parse(label)
             qt = quantize(w, choice.spec_for("linear", k), clip_search=False)
             wdq = qt.dequantize(torch.float64)
             fns, skipped = gaq.candidates(qt, choice, torch.bfloat16, benchmark=True)
             fns.update(unfused(fns, qt))
             gw = repack_for_gpu(qt, "cuda") if "a8_fused" in fns else None
-            for m in tokens:
-                if not mine(shard, labels.index(label) * len(tokens) + tokens.index(m)):
-                    continue
+            for m in own:
                 x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
                 ref = x.double() @ wdq.t()
                 paths = dict(fns)
@@ -249,6 +251,9 @@ def main() -> None:
         base = {m: time_cuda(lambda x: F.linear(x, w_bf16), xs[m], args.reps, flush, graph=m <= GRAPH_MAX_TOKENS)
                 for m in tokens}
         for bits in bits_list:
+            own = own_tokens(shard, bits_list.index(bits), tokens)
+            if not own:  # a compile pass's shard with no case of this width: skip its quantization too
+                continue
             qt = quantize(w, QuantSpec(bits, 128, True, "bfloat16"), clip_search=False)
             wdq = qt.dequantize(torch.float64)
             fns, skipped = gpu_candidates(qt, dtype)
@@ -256,9 +261,7 @@ def main() -> None:
                 skipped["gemlite"] = "left out (--no-gemlite)"
             gw = repack_for_gpu(qt, "cuda")
             wbytes = gw.nbytes
-            for m in tokens:
-                if not mine(shard, bits_list.index(bits) * len(tokens) + tokens.index(m)):
-                    continue
+            for m in own:
                 x = xs[m]
                 ref = x.double() @ wdq.t()
                 errs: dict[str, str] = dict(skipped)
