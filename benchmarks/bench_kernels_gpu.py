@@ -6,7 +6,10 @@ dequantize + cuBLAS; anchors: tinygemm int4, gemlite) is checked against a float
 (L2 flushed before each run, CUDA events, graph replay, median of --reps). Ratios are
 against cuBLAS bf16 F.linear and the best anchor of the same bit width measured in the same run;
 bandwidth at 1 token is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
-Writes bench.json and bench.md under --out.
+With --in-graph C, bf16, our fastest path and the best anchor are also timed up to 16 tokens as what one more layer
+adds inside a CUDA graph (`in_graph_ms`: a chain of C layers, each with its own weight, less the replay of one):
+the cost of a layer in a whole-model graph, without the fixed cost of launching a replay (3.1 us on an H100) that
+every single timed replay carries. Writes bench.json and bench.md under --out.
 
 Compiling the Triton kernels (odd widths: seconds to minutes a tile) is most of a cold run. With --jobs N, N
 processes first run every path once, each on its share of the (bits, tokens) and (choice, tokens) cases
@@ -21,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,6 +97,52 @@ def checked_times(paths: dict, x: torch.Tensor, ref: torch.Tensor, tol: float, r
             continue
         times[name] = time_cuda(fn, x, reps, flush, graph=x.shape[0] <= GRAPH_MAX_TOKENS)
     return times
+
+
+def in_graph_ms(layers: list[Callable], x: torch.Tensor, reps: int, flush: torch.Tensor) -> float:
+    """What one more layer adds inside a CUDA graph (ms): `layers` each hold their own weight, so every layer
+    reads its weight from memory as a model's layers do; the replay of the chain of them all (one L2 flush before
+    it) less the replay of the first alone, over len(layers) - 1. The fixed cost of a replay, which a model's graph
+    pays once, drops out (as `latency.replay_overhead_ms` measures it)."""
+    one = time_cuda(layers[0], x, reps, flush)
+    chain = time_cuda(lambda x: [f(x) for f in layers], x, reps, flush)
+    return (chain - one) / (len(layers) - 1)
+
+
+def layer_copy(t):
+    """A QuantizedTensor or GpuPackedWeight with its own copy of every tensor (the same values)."""
+    zeros = None if t.zeros is None else t.zeros.clone()
+    if hasattr(t, "planes"):
+        return replace(t, planes=tuple(p.clone() for p in t.planes), scales=t.scales.clone(), zeros=zeros)
+    return replace(t, packed=t.packed.clone(), scales=t.scales.clone(), zeros=zeros)
+
+
+def in_graph_row(row: dict, x: torch.Tensor, w_bf16: torch.Tensor, qt, gw, copies: int, reps: int,
+                 flush: torch.Tensor, bw: float, wbytes: int) -> dict:
+    """`in_graph_ms` of bf16, our fastest path (at its best tile) and the best anchor of a benchmark row, each
+    over `copies` layers; their ratios and, at 1 token, bandwidths."""
+    m, (n, k) = x.shape[0], w_bf16.shape
+    cfg = tlin.Config.parse(row["fused_cfg"])
+
+    def bf16(w: torch.Tensor) -> Callable:
+        return lambda x: F.linear(x, w)
+
+    def ours(gw) -> Callable:
+        if row["best_ours"] == "triton_dequant_cublas":
+            return lambda x: tlin.dequant_matmul(x, gw)
+        return lambda x: tlin.linear(x, gw, cfg)
+
+    got = {"bf16": in_graph_ms([bf16(w_bf16)] + [bf16(w_bf16.clone()) for _ in range(copies - 1)], x, reps, flush),
+           "ours": in_graph_ms([ours(gw)] + [ours(layer_copy(gw)) for _ in range(copies - 1)], x, reps, flush)}
+    if row["anchor"] is not None:
+        got["anchor"] = in_graph_ms([gpu_candidates(layer_copy(qt) if i else qt, x.dtype)[0][row["anchor"]]
+                                     for i in range(copies)], x, reps, flush)
+    torch.cuda.empty_cache()
+    got["speedup_vs_bf16"] = got["bf16"] / got["ours"]
+    got["vs_anchor"] = got["anchor"] / got["ours"] if "anchor" in got else None
+    got["bw_frac"] = (wbytes + 2 * m * (n + k)) / (got["ours"] * 1e-3) / bw if m == 1 else None
+    got["bf16_bw_frac"] = (2 * n * k + 2 * m * (n + k)) / (got["bf16"] * 1e-3) / bw if m == 1 else None
+    return got
 
 
 def unfused(fns: dict, qt) -> dict:
@@ -224,6 +275,8 @@ def main() -> None:
     ap.add_argument("--act-choices", default="w4gca8,w4gcf8,w8gca8", help="activation-quantized choices timed")
     ap.add_argument("--no-gemlite", action="store_true",
                     help="leave gemlite out (it autotunes every new shape/bits/tokens: minutes per shape)")
+    ap.add_argument("--in-graph", type=int, default=0, metavar="C",
+                    help="also time bf16, ours and the best anchor up to 16 tokens as one more layer of a graph of C")
     ap.add_argument("--jobs", type=int, default=1, help="processes compiling the kernels before the timed run")
     ap.add_argument("--shard", default="0/1", help="i/n: run only every n-th (bits, tokens) case from the i-th")
     args = ap.parse_args()
@@ -293,12 +346,20 @@ def main() -> None:
                            if m == 1 else None,
                            bf16_bw_frac=(2 * n * k + 2 * m * (n + k)) / (base[m] * 1e-3) / bw if m == 1 else None,
                            default_cfg=default_cfg, sweep_ms=swept, rejected=errs)
+                if args.in_graph > 1 and m <= 16 and shard == (0, 1):
+                    row["in_graph"] = in_graph_row(row, x, w_bf16, qt, gw, args.in_graph, args.reps, flush, bw, wbytes)
                 rows.append(row)
                 a = "" if anchor is None else f" {anchor[1]} {anchor[0] * 1e3:.1f}us ({row['vs_anchor']:.2f}x)"
                 bwf = "" if row["bw_frac"] is None else f" bw {row['bw_frac']:.0%} (bf16 {row['bf16_bw_frac']:.0%})"
                 print(f"{n}x{k} w{bits} M={m}: bf16 {base[m] * 1e3:.1f}us ours {ours[1]} {ours[0] * 1e3:.1f}us "
                       f"[{best_cfg}] {row['speedup_vs_bf16']:.2f}x{a}{bwf} fused {res.get('triton_fused', 0) * 1e3:.1f}us"
                       f" deq {res.get('triton_dequant_cublas', 0) * 1e3:.1f}us", flush=True)
+                if "in_graph" in row:
+                    g = row["in_graph"]
+                    print(f"   in a graph of {args.in_graph}: bf16 {g['bf16'] * 1e3:.1f}us ours {g['ours'] * 1e3:.1f}us "
+                          f"{g['speedup_vs_bf16']:.2f}x" + (f" anchor {g['anchor'] * 1e3:.1f}us ({g['vs_anchor']:.2f}x)"
+                                                            if g["vs_anchor"] else "")
+                          + (f" bw {g['bw_frac']:.0%} (bf16 {g['bf16_bw_frac']:.0%})" if g["bw_frac"] else ""), flush=True)
                 if errs:
                     print("   rejected:", json.dumps(errs)[:400], flush=True)
             del qt, wdq, fns, gw
@@ -306,7 +367,7 @@ def main() -> None:
     act_rows = [] if args.no_act else activation_quantized(shapes, tokens, args.act_choices.split(","), args.reps, flush,
                                                            gen, shard)
     meta = dict(device=dev, torch=torch.__version__, triton=tlin.triton.__version__, copy_bw_TBps=bw / 1e12,
-                reps=args.reps, seconds=time.time() - t_start)
+                reps=args.reps, in_graph_copies=args.in_graph, seconds=time.time() - t_start)
     (out / "bench.json").write_text(json.dumps(dict(meta=meta, rows=rows, activation_quantized=act_rows), indent=1))
     lines = [f"Device: {dev}, torch {torch.__version__}, triton {meta['triton']}, copy bandwidth {bw / 1e12:.2f} TB/s "
              f"(read+write). bf16 activations, symmetric, group 128. Times in microseconds (median, L2 flushed).", "",
@@ -319,6 +380,19 @@ def main() -> None:
         path = "fused" if r["best_ours"] == "triton_fused" else "deq+cuBLAS"
         lines.append(f"| {r['N']}x{r['K']} | {r['bits']} | {r['tokens']} | {r['bf16_ms'] * 1e3:.1f} | "
                      f"{r['best_ours_ms'] * 1e3:.1f} ({path}) | {r['speedup_vs_bf16']:.2f}x | {anc} | {va} | {bwf} |")
+    graphed = [r for r in rows if "in_graph" in r]
+    if graphed:
+        lines += ["", f"In a graph: what one more layer adds to a CUDA graph of {args.in_graph} layers, each with its own "
+                  "weight (no fixed replay cost), microseconds:", "",
+                  "| N x K | bits | tokens | bf16 | ours | x bf16 | best anchor | ours / anchor | bw @1 tok | bf16 bw |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in graphed:
+            g = r["in_graph"]
+            anc = "-" if g["vs_anchor"] is None else f"{r['anchor']} {g['anchor'] * 1e3:.1f}"
+            va = "-" if g["vs_anchor"] is None else f"{g['vs_anchor']:.2f}x"
+            bwf, bbw = ("-", "-") if g["bw_frac"] is None else (f"{g['bw_frac']:.0%}", f"{g['bf16_bw_frac']:.0%}")
+            lines.append(f"| {r['N']}x{r['K']} | {r['bits']} | {r['tokens']} | {g['bf16'] * 1e3:.1f} | "
+                         f"{g['ours'] * 1e3:.1f} | {g['speedup_vs_bf16']:.2f}x | {anc} | {va} | {bwf} | {bbw} |")
     lines += ["", "Activation-quantized (per-channel weights, per-token 8-bit activations), microseconds; x quantized "
               "by our kernel, and (unfused) in torch ops:", "",
               "| N x K | choice | tokens | bf16 | rounded x + weight-only | fused (default tile) | best fused tile | "
