@@ -7,7 +7,7 @@ dequantize + cuBLAS; anchors: tinygemm int4, gemlite) is checked against a float
 against cuBLAS bf16 F.linear and the best anchor of the same bit width measured in the same run;
 bandwidth at 1 token is (weight + scales + x + y bytes) / time over the measured copy bandwidth.
 With --in-graph C, bf16, our fastest path and the best anchor are also timed up to 16 tokens as what one more layer
-adds inside a CUDA graph (`in_graph_ms`: a chain of C layers, each with its own weight, less the replay of one):
+adds inside a CUDA graph (`latency.chain_ms`: a chain of C layers, each with its own weight, less the replay of one):
 the cost of a layer in a whole-model graph, without the fixed cost of launching a replay (3.1 us on an H100) that
 every single timed replay carries. Writes bench.json and bench.md under --out.
 
@@ -37,7 +37,7 @@ from kernels import QuantSpec, a8_linear, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_backends import gpu_candidates  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, time_cuda  # noqa: E402
+from kernels.latency import GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, chain_ms, time_cuda  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 BITS = (2, 3, 4, 5, 6, 8)
@@ -99,16 +99,6 @@ def checked_times(paths: dict, x: torch.Tensor, ref: torch.Tensor, tol: float, r
     return times
 
 
-def in_graph_ms(layers: list[Callable], x: torch.Tensor, reps: int, flush: torch.Tensor) -> float:
-    """What one more layer adds inside a CUDA graph (ms): `layers` each hold their own weight, so every layer
-    reads its weight from memory as a model's layers do; the replay of the chain of them all (one L2 flush before
-    it) less the replay of the first alone, over len(layers) - 1. The fixed cost of a replay, which a model's graph
-    pays once, drops out (as `latency.replay_overhead_ms` measures it)."""
-    one = time_cuda(layers[0], x, reps, flush)
-    chain = time_cuda(lambda x: [f(x) for f in layers], x, reps, flush)
-    return (chain - one) / (len(layers) - 1)
-
-
 def layer_copy(t):
     """A QuantizedTensor or GpuPackedWeight with its own copy of every tensor (the same values)."""
     zeros = None if t.zeros is None else t.zeros.clone()
@@ -119,8 +109,8 @@ def layer_copy(t):
 
 def in_graph_row(row: dict, x: torch.Tensor, w_bf16: torch.Tensor, qt, gw, copies: int, reps: int,
                  flush: torch.Tensor, bw: float, wbytes: int) -> dict:
-    """`in_graph_ms` of bf16, our fastest path (at its best tile) and the best anchor of a benchmark row, each
-    over `copies` layers; their ratios and, at 1 token, bandwidths."""
+    """What one more layer of bf16, of our fastest path (at its best tile) and of the best anchor of a benchmark row
+    adds to a graph of `copies` such layers (`chain_ms`); their ratios and, at 1 token, bandwidths."""
     m, (n, k) = x.shape[0], w_bf16.shape
     cfg = tlin.Config.parse(row["fused_cfg"])
 
@@ -132,11 +122,11 @@ def in_graph_row(row: dict, x: torch.Tensor, w_bf16: torch.Tensor, qt, gw, copie
             return lambda x: tlin.dequant_matmul(x, gw)
         return lambda x: tlin.linear(x, gw, cfg)
 
-    got = {"bf16": in_graph_ms([bf16(w_bf16)] + [bf16(w_bf16.clone()) for _ in range(copies - 1)], x, reps, flush),
-           "ours": in_graph_ms([ours(gw)] + [ours(layer_copy(gw)) for _ in range(copies - 1)], x, reps, flush)}
+    got = {"bf16": chain_ms([bf16(w_bf16)] + [bf16(w_bf16.clone()) for _ in range(copies - 1)], x, reps, flush)[1],
+           "ours": chain_ms([ours(gw)] + [ours(layer_copy(gw)) for _ in range(copies - 1)], x, reps, flush)[1]}
     if row["anchor"] is not None:
-        got["anchor"] = in_graph_ms([gpu_candidates(layer_copy(qt) if i else qt, x.dtype)[0][row["anchor"]]
-                                     for i in range(copies)], x, reps, flush)
+        got["anchor"] = chain_ms([gpu_candidates(layer_copy(qt) if i else qt, x.dtype)[0][row["anchor"]]
+                                  for i in range(copies)], x, reps, flush)[1]
     torch.cuda.empty_cache()
     got["speedup_vs_bf16"] = got["bf16"] / got["ours"]
     got["vs_anchor"] = got["anchor"] / got["ours"] if "anchor" in got else None

@@ -467,12 +467,23 @@ def replay_overhead_ms(device: str | torch.device, reps: int = 50, flush: torch.
     dtype = dtype or default_dtype(dev)
     weights = [torch.randn(2048, 2048, device=dev, dtype=dtype) for _ in range(chain)]
     x = torch.randn(1, 2048, device=dev, dtype=dtype)
+    layers = [lambda x, w=w: torch.nn.functional.linear(x, w) for w in weights]
     estimates = []
     for _ in range(trials):
-        one = time_cuda(lambda x: torch.nn.functional.linear(x, weights[0]), x, reps, flush)
-        many = time_cuda(lambda x: [torch.nn.functional.linear(x, w) for w in weights], x, reps, flush)
-        estimates.append(one - (many - one) / (chain - 1))
+        one, further = chain_ms(layers, x, reps, flush)
+        estimates.append(one - further)
     return max(statistics.median(estimates), 0.0)
+
+
+def chain_ms(layers: list[Callable[[torch.Tensor], Any]], x: torch.Tensor, reps: int,
+             flush: torch.Tensor) -> tuple[float, float]:
+    """(ms of a timed replay of layers[0] alone, ms each further layer adds to one graph of them all): the replay
+    of the chain (`time_cuda`, one L2 flush before it) less the replay of layers[0], over len(layers) - 1. Layers
+    that each hold their own weight read it from memory, as a model's layers do; the second figure is then what a
+    layer costs inside a model's graph, without the fixed cost of a replay."""
+    one = time_cuda(layers[0], x, reps, flush)
+    chain = time_cuda(lambda x: [f(x) for f in layers], x, reps, flush)
+    return one, (chain - one) / (len(layers) - 1)
 
 
 def _rel_error_to(y: torch.Tensor, ref: torch.Tensor) -> float:
