@@ -1,0 +1,70 @@
+"""Run the GPU test files across several device calls on one warm machine, each call picking up where the last
+stopped.
+
+The GPU tests compile every Triton tile on first use; on 15 xdist workers the whole of tests/test_kernels_gpu.py
+takes longer than one 10-minute device call (session 29: 19 of 221 passed in 380 s). Triton's on-disk cache and
+this script's state directory survive between calls while the machine is held, so a second call made at once
+compiles less and skips what passed. Each call runs pytest for at most --budget seconds, deselecting every test
+an earlier call saw pass, and appends the tests that pass to <state>/passed.txt; the pytest log of call k is
+<state>/log_k.txt (copy it to $OUT to keep it). The last line says how many passed, failed and remain.
+    python benchmarks/gpu_tests_in_parts.py --budget 540 --state .device-tests [-- pytest args]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_gpu_layout.py", "tests/test_latency.py")
+OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED"
+# "[gw3] [ 5%] PASSED tests/...::test[id]" under xdist, "tests/...::test[id] PASSED [ 5%]" without
+RESULT = re.compile(rf"\b({OUTCOMES}) (tests/\S+)|(tests/\S+::\S+) ({OUTCOMES})\b")
+
+
+def collect(pytest_args: list[str]) -> list[str]:
+    """The test ids pytest collects from FILES with `pytest_args` (e.g. -k)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *FILES,
+                          *pytest_args], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.startswith("tests/") and "::" in line]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=int, default=540, help="seconds this call's pytest may run")
+    ap.add_argument("--state", default=".device-tests", help="directory kept between calls (passed.txt, logs)")
+    ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
+    args = ap.parse_args()
+    state = Path(args.state)
+    state.mkdir(parents=True, exist_ok=True)
+    passed_file = state / "passed.txt"
+    passed = set(passed_file.read_text().split()) if passed_file.exists() else set()
+    log = state / f"log_{len(list(state.glob('log_*.txt')))}.txt"
+    deselect = [arg for test in sorted(passed) for arg in ("--deselect", test)]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-n", str(args.workers), "-p", "no:cacheprovider", *FILES,
+           *deselect, *args.pytest_args]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=args.budget)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # pytest and its xdist workers
+            proc.wait()
+            f.write(f"\n[gpu_tests_in_parts] stopped after {args.budget} s\n")
+    results = {m[1] or m[2]: m[0] or m[3] for m in RESULT.findall(log.read_text())}
+    passed |= {test for test, outcome in results.items() if outcome in ("PASSED", "SKIPPED")}
+    passed_file.write_text("\n".join(sorted(passed)) + "\n")
+    failed = sorted(test for test, outcome in results.items() if outcome in ("FAILED", "ERROR"))
+    remaining = [test for test in collect(args.pytest_args) if test not in passed and test not in failed]
+    for test in failed:
+        print("FAILED", test)
+    print(f"{log}: {sum(o == 'PASSED' for o in results.values())} passed in this call; {len(passed)} passed or "
+          f"skipped in all; {len(failed)} failed; {len(remaining)} remain")
+
+
+if __name__ == "__main__":
+    main()
