@@ -7,7 +7,7 @@ this script's state directory survive between calls while the machine is held, s
 compiles less and skips what passed. Each call runs pytest for at most --budget seconds, deselecting every test
 an earlier call saw pass, and appends the tests that pass to <state>/passed.txt; the pytest log of call k is
 <state>/log_k.txt (copy it to $OUT to keep it). The last line says how many passed, failed and remain.
-    python benchmarks/gpu_tests_in_parts.py --budget 540 --state .device-tests [-- pytest args]
+    python benchmarks/gpu_tests_in_parts.py --budget 540 [--state .device/gpu-tests] [-- pytest args]
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def collect(pytest_args: list[str]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=540, help="seconds this call's pytest may run")
-    ap.add_argument("--state", default=".device-tests", help="directory kept between calls (passed.txt, logs)")
+    ap.add_argument("--state", default=".device/gpu-tests",
+                    help="directory kept between calls (passed.txt, logs); git-ignored, so it stays on a warm machine")
     ap.add_argument("--workers", type=int, default=15)
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
     args = ap.parse_args()
