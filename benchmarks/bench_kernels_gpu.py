@@ -99,6 +99,12 @@ def checked_times(paths: dict, x: torch.Tensor, ref: torch.Tensor, tol: float, r
     return times
 
 
+def bw_fraction(weight_bytes: int, m: int, n: int, k: int, ms: float, bw: float) -> float | None:
+    """At 1 token, the bytes a linear moves (weight, x and y in bf16) per second over the copy bandwidth `bw`;
+    None above 1 token."""
+    return (weight_bytes + 2 * m * (n + k)) / (ms * 1e-3) / bw if m == 1 else None
+
+
 def layer_copy(t):
     """A QuantizedTensor or GpuPackedWeight with its own copy of every tensor (the same values)."""
     zeros = None if t.zeros is None else t.zeros.clone()
@@ -125,13 +131,13 @@ def in_graph_row(row: dict, x: torch.Tensor, w_bf16: torch.Tensor, qt, gw, copie
     got = {"bf16": chain_ms([bf16(w_bf16)] + [bf16(w_bf16.clone()) for _ in range(copies - 1)], x, reps, flush)[1],
            "ours": chain_ms([ours(gw)] + [ours(layer_copy(gw)) for _ in range(copies - 1)], x, reps, flush)[1]}
     if row["anchor"] is not None:
-        got["anchor"] = chain_ms([gpu_candidates(layer_copy(qt) if i else qt, x.dtype)[0][row["anchor"]]
-                                  for i in range(copies)], x, reps, flush)[1]
+        got["anchor"] = chain_ms([gpu_candidates(layer_copy(qt) if i else qt, x.dtype, gw)[0][row["anchor"]]
+                                  for i in range(copies)], x, reps, flush)[1]  # gw: no repack, our paths unused
     torch.cuda.empty_cache()
     got["speedup_vs_bf16"] = got["bf16"] / got["ours"]
     got["vs_anchor"] = got["anchor"] / got["ours"] if "anchor" in got else None
-    got["bw_frac"] = (wbytes + 2 * m * (n + k)) / (got["ours"] * 1e-3) / bw if m == 1 else None
-    got["bf16_bw_frac"] = (2 * n * k + 2 * m * (n + k)) / (got["bf16"] * 1e-3) / bw if m == 1 else None
+    got["bw_frac"] = bw_fraction(wbytes, m, n, k, got["ours"], bw)
+    got["bf16_bw_frac"] = bw_fraction(2 * n * k, m, n, k, got["bf16"], bw)
     return got
 
 
@@ -332,9 +338,8 @@ def main() -> None:
                            best_ours_ms=ours[0], fused_cfg=best_cfg, speedup_vs_bf16=base[m] / ours[0],
                            anchor=None if anchor is None else anchor[1],
                            vs_anchor=None if anchor is None else anchor[0] / ours[0],
-                           bw_frac=(wbytes + 2 * m * (n + k)) / (res.get("triton_fused", ours[0]) * 1e-3) / bw
-                           if m == 1 else None,
-                           bf16_bw_frac=(2 * n * k + 2 * m * (n + k)) / (base[m] * 1e-3) / bw if m == 1 else None,
+                           bw_frac=bw_fraction(wbytes, m, n, k, res.get("triton_fused", ours[0]), bw),
+                           bf16_bw_frac=bw_fraction(2 * n * k, m, n, k, base[m], bw),
                            default_cfg=default_cfg, sweep_ms=swept, rejected=errs)
                 if args.in_graph > 1 and m <= 16 and shard == (0, 1):
                     row["in_graph"] = in_graph_row(row, x, w_bf16, qt, gw, args.in_graph, args.reps, flush, bw, wbytes)
