@@ -66,11 +66,13 @@ class Config:
     gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
     dp4a: bool = False  # decode on integer dot products (`dp4a_linear`; block_m 1, groups of whole or half K blocks)
     imma: bool = False  # decode on int8 tensor cores (`gluon_imma`, up to block_m tokens; num_stages 2: prefetch)
+    wgmma: bool = False  # prefill on Hopper wgmma (`gluon_wgmma`; block_n = 16 x num_warps, num_stages: TMA ring)
 
     @property
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.split_k}w{self.num_warps}p{self.num_stages}"
-                + "W" * self.wide + "T" * self.mma + "G" * self.gluon + "D" * self.dp4a + "I" * self.imma)
+                + "W" * self.wide + "T" * self.mma + "G" * self.gluon + "D" * self.dp4a + "I" * self.imma
+                + "H" * self.wgmma)
 
     @classmethod
     def parse(cls, label: str) -> "Config":
@@ -78,12 +80,12 @@ class Config:
         match = _LABEL.fullmatch(label)
         if match is None:
             raise ValueError(f"{label!r} is not a Config label (e.g. 'm1n128s10w4p1TG': block_m, block_n, "
-                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, D dp4a, I imma)")
+                             "split_k, num_warps, num_stages, then W wide, T mma, G gluon, D dp4a, I imma, H wgmma)")
         bm, bn, split, warps, stages = (int(g) for g in match.groups()[:5])
         return cls(bm, bn, split, warps, stages, *(bool(g) for g in match.groups()[5:]))
 
 
-_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(D?)(I?)")
+_LABEL = re.compile(r"m(\d+)n(\d+)s(\d+)w(\d+)p(\d+)(W?)(T?)(G?)(D?)(I?)(H?)")
 
 
 if HAVE_TRITON:
@@ -543,6 +545,9 @@ _GEMV_ALTERNATIVES = ((128, 4, 8), (256, 2, 8), (256, 4, 16), (512, 4, 8), (512,
 # (columns, warps, waves, stages; 2 = prefetch): the int8 tensor-core decode's winners at 1, 4 and 16 tokens on
 # 28672x8192 and 8192x8192 (H200, session 21)
 _IMMA_TILES = ((128, 2, 4, 2), (128, 4, 6, 2), (64, 2, 6, 2), (64, 2, 12, 1), (32, 1, 16, 2), (32, 1, 4, 1))
+# (tokens, warps, TMA stages): the Hopper wgmma prefill's tiles (`gluon_wgmma`; block_n = 16 x warps), timed from
+# TUNED_MAX_M + 1 tokens on
+_WGMMA_TILES = ((128, 8, 4), (256, 8, 3), (128, 4, 4), (256, 4, 3))
 
 
 @functools.cache
@@ -587,7 +592,10 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
     tile measured best for them."""
     default = default_config(m, gw, dtype)
     if m > TUNED_MAX_M:
-        return [default]
+        from .gluon_wgmma import unsupported_reason
+        return list(dict.fromkeys([default] + [
+            Config(bm, 16 * warps, 1, warps, stages, wgmma=True) for bm, warps, stages in _WGMMA_TILES
+            if unsupported_reason(gw, dtype, gw.scales.device, bm, warps) is None]))
     n, blocks = gw.shape[0], gw.planes[0].shape[0] // WORD_ROWS
 
     def tile(bm: int, bn: int, warps: int, waves: int, stages: int = 1, mma: bool = False,
@@ -623,6 +631,14 @@ def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, d
     tiles have conditions: 2..6 bits, bfloat16, at most block_m rows; Gluon also needs a device that runs it. The
     dp4a decode needs block_m 1 and groups of whole or half K blocks (`dp4a_linear.supported`); the int8
     tensor-core decode, also a device that runs Gluon and at most block_m tokens (`gluon_imma.unsupported_reason`)."""
+    if cfg.wgmma:
+        from .gluon_wgmma import unsupported_reason
+        if cfg.dp4a or cfg.mma or cfg.wide or cfg.gluon or cfg.imma or cfg.split_k != 1 or \
+                cfg.block_n != 16 * cfg.num_warps:
+            return (f"config {cfg.label} (wgmma) is its own prefill: no D, T, W, G or I, split_k 1 and block_n = "
+                    "16 x num_warps")
+        reason = unsupported_reason(gw, dtype, device, cfg.block_m, cfg.num_warps)
+        return None if reason is None else f"config {cfg.label}: {reason}"
     if cfg.imma:
         from .gluon_imma import unsupported_reason
         if cfg.dp4a or cfg.mma or cfg.wide or cfg.gluon or m > cfg.block_m:
@@ -743,6 +759,9 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
     if cfg.imma:
         from . import gluon_imma
         return gluon_imma.linear(x2, gw, cfg.block_n, cfg.split_k, cfg.num_warps, cfg.num_stages > 1).view(*lead, n)
+    if cfg.wgmma:
+        from . import gluon_wgmma
+        return gluon_wgmma.linear(x2, gw, cfg.block_m, cfg.num_warps, cfg.num_stages).view(*lead, n)
     kw = gw.planes[0].shape[0]
     rows_per_split, split = k_slices(kw, cfg.split_k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -11,7 +11,7 @@ import torch
 
 from kernels import QuantSpec, quantize
 from kernels.gpu_layout import repack_for_gpu
-from kernels import dp4a_linear, gluon_imma
+from kernels import dp4a_linear, gluon_imma, gluon_wgmma
 from kernels import triton_linear as tlin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -312,6 +312,45 @@ def test_imma_decode(bits: int, tile: tuple[int, int, int, bool]) -> None:
     assert ran >= 3
     with pytest.raises(ValueError, match="power of 2"):
         gluon_imma.linear(torch.zeros(1, 128, dtype=torch.bfloat16, device=DEV), probe, 96, 1, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("tile", [(128, 8, 4), (256, 4, 3), (64, 4, 2)], ids=lambda t: "m{}w{}p{}".format(*t))
+def test_wgmma_prefill(bits: int, tile: tuple[int, int, int]) -> None:
+    """`gluon_wgmma.linear`: the Hopper prefill, weight dequantized in registers as wgmma's A operand. Against
+    float64 at token counts around the tile (a part tile of tokens, more K steps than TMA stages), odd N, groups of
+    32 / 64 / 128 and per-channel, asymmetric and symmetric, float16 and bfloat16; a NaN in a token gives NaN in
+    that token only. K not a multiple of 8 (TMA needs 16-byte rows) and groups that are not whole slots of 16 are
+    refused with the reason."""
+    probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
+    reason = gluon_wgmma.unsupported_reason(probe, torch.bfloat16, torch.device(DEV), *tile[:2])
+    if reason is not None:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(330 + bits)
+    ran = 0
+    for i, (n, k, group) in enumerate(SHAPES + [(200, 8200, 128), (384, 1024, 32)]):
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        qt, gw = _case(n, k, group, bits, i % 3 == 0, dtype, gen)
+        x = torch.randn(tile[0] + 3, k, generator=gen).to(dtype).to(DEV)
+        reason = gluon_wgmma.unsupported_reason(gw, dtype, x.device, *tile[:2])
+        if reason is not None:
+            assert k % 8 or gw.group % 16, reason
+            with pytest.raises(ValueError, match="16-byte|multiple of 16"):
+                gluon_wgmma.linear(x, gw, *tile)
+            continue
+        ran += 1
+        for m in (17, tile[0], tile[0] + 3):
+            _check(_poisoned(lambda: gluon_wgmma.linear(x[:m], gw, *tile)), x[:m], qt, dtype)
+        shifted = torch.empty(x.numel() + 1, dtype=dtype, device=DEV)[1:].view(x.shape)  # not 16-byte aligned
+        shifted.copy_(x)
+        _check(gluon_wgmma.linear(shifted, gw, *tile), x, qt, dtype)
+        y = tlin.linear(x, gw, tlin.Config(tile[0], 16 * tile[1], 1, tile[1], tile[2], wgmma=True))
+        assert torch.equal(y, gluon_wgmma.linear(x, gw, *tile))
+        x[1, k // 2] = float("nan")
+        y = gluon_wgmma.linear(x, gw, *tile)
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[2:]).all()
+    assert ran >= 4
 
 
 @pytest.mark.gpu

@@ -1,0 +1,263 @@
+"""Prefill on Hopper tensor cores (Gluon `wgmma`): the weight dequantized in registers as the A operand.
+
+Weight-only layers at hundreds of tokens ran dequantize + cuBLAS (which writes and reads the whole bf16 weight)
+or Triton's fused GEMM (which unpacks the codes into shared memory and waits for it once per token tile). Here
+out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
+- A (the weight, registers): a thread's words of one K block are exactly what its A-operand registers need. In
+  the GPU layout, word row j of a block holds in slot i the code of input column 16 i + j, and `wgmma`'s A
+  fragment gives lane l the columns 2(l % 4) + {0, 1, 8, 9} of every 16, on rows l // 4 + {0, 8} of its warp's
+  16. So a thread loads 4 words of each of its 2 rows per block (8 x 32 bits, coalesced 32-byte runs across the
+  warp, one block ahead of use) and slot i of those words is its A registers for input columns 16 i ... 16 i + 15:
+  a shift and mask per code, the float magic number (code | 2^23 as a float, less 2^23 + zero), times the group's
+  scale, rounded to x's dtype. No shared memory and no barrier for the weight.
+- B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
+  `wgmma` as the transposed view.
+- The `wgmma` of a 64-column step is asynchronous: the next step's dequantization runs while it does.
+Needs Triton's Gluon (triton >= 3.6), a CUDA device of compute capability 9.x (Hopper) and K a multiple of 8 (TMA
+reads x in 16-byte aligned rows; x is copied first where its rows are not); Gluon does not run in Triton's CPU
+interpreter.
+"""
+from __future__ import annotations
+
+import torch
+
+from .gpu_layout import WORD_ROWS, GpuPackedWeight
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # CPU-only installs, older Triton
+    HAVE_GLUON = False
+
+STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots of 16)
+
+
+def unsupported_reason(gw: GpuPackedWeight, dtype: torch.dtype, device: torch.device, block_m: int,
+                       num_warps: int) -> str | None:
+    """Why this kernel cannot run rows of `dtype` through this weight with this tile on `device` (None: it can)."""
+    from . import triton_linear as tlin
+    if not (HAVE_GLUON and tlin.gluon_available(device)) or torch.cuda.get_device_capability(device)[0] != 9:
+        return ("the wgmma prefill needs Triton >= 3.6 (Gluon) and a Hopper GPU (compute capability 9.x); Gluon does "
+                "not run in the CPU interpreter")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype={dtype}: the wgmma prefill takes float16 or bfloat16 rows"
+    if gw.shape[1] % 8:
+        return f"in_features={gw.shape[1]}: TMA needs 16-byte rows of x (a multiple of 8)"
+    if gw.group % WORD_ROWS:
+        return f"group width {gw.group} is not a multiple of {WORD_ROWS}"
+    if num_warps not in (4, 8) or block_m not in (64, 128, 256):
+        return f"tile m{block_m} w{num_warps}: block_m in (64, 128, 256), num_warps in (4, 8)"
+    return None
+
+
+if HAVE_GLUON:
+    @gluon.constexpr_function
+    def _a_word_layout(BN, WARPS):
+        """[BN, 16] words (weight row, word row j of a block) as `wgmma`'s bf16 A fragment wants their codes:
+        registers: j bit 0, row + 8, j + 8; lanes: j bits 1, 2 (l % 4), rows 1, 2, 4 (l // 4); warps: 16 rows."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [8, 0], [0, 8]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16 << b, 0] for b in range(WARPS.bit_length() - 1)], block_bases=[], shape=[BN, 16])
+
+    @gluon.constexpr_function
+    def _pair_asm(i, W0, W1, FP16):
+        """PTX for slot i of a thread's words of rows j and j + 1 ($1, $2; second plane $3, $4): the 16-bit-half of
+        each that holds the slot side by side (one PRMT), the code as 128 + code (bfloat16; 1024 + code in
+        float16) by a shift and one LOP3 with the magic exponent, the second plane's field above it, then less the
+        pair 128 + zero ($7) and times the scale pair ($5), two packed half-precision ops: $0 is the operand
+        register of columns j and j + 1."""
+        half = (i * W0) // 16
+        sh = (i * W0) % 16
+        m = (1 << W0) - 1
+        magic = 0x64006400 if FP16 else 0x43004300
+        body = f"prmt.b32 t, $1, $2, {0x7632 if half else 0x5410}; "
+        body += (f"shr.b32 t, t, {sh}; " if sh else "") + f"lop3.b32 t, t, {m | (m << 16)}, {magic}, 0xEA; "
+        if W1:
+            d = i * W1 - W0
+            m1 = ((1 << W1) - 1) << W0
+            body += "prmt.b32 u, $3, $4, 0x5410; " + (f"shr.b32 u, u, {d}; " if d > 0 else
+                                                     f"shl.b32 u, u, {-d}; " if d < 0 else "")
+            body += f"lop3.b32 t, t, u, {m1 | (m1 << 16)}, 0xF8; "
+        kind = "f16x2" if FP16 else "bf16x2"
+        return "{.reg .b32 t, u; " + body + f"sub.rn.{kind} t, t, $7; mul.rn.{kind} $0, t, $5;" + "}"
+
+    @gluon.jit
+    def _slot_values(w0, w1, i: gl.constexpr, sc, zb, W0: gl.constexpr, W1: gl.constexpr, DT: gl.constexpr,
+                     PAIRED: gl.constexpr):
+        """Slot i of words w0 (plane 0) and w1 (plane 1) as (code - zero) x scale in DT [BN, 16]. PAIRED: two
+        columns per register in packed half-precision math (`_pair_asm`; sc, zb: [BN, 1] int32 pairs of the
+        scale and 128 (1024) + zero); else float32 (bfloat16 8-bit codes do not fit its 8 significant bits as
+        128 + code): sc the scale, zb = 2^23 + zero."""
+        if PAIRED and DT == gl.float16:
+            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, True), "=r,r,r,r,r,r,r,r,r", [w0, w1, sc, zb],
+                                             dtype=gl.float16, is_pure=True, pack=2)
+        elif PAIRED:
+            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, False), "=r,r,r,r,r,r,r,r,r", [w0, w1, sc, zb],
+                                             dtype=gl.bfloat16, is_pure=True, pack=2)
+        else:
+            c = (w0 >> (i * W0)) & ((1 << W0) - 1)
+            if W1 > 0:
+                c = c | (((w1 >> (i * W1)) & ((1 << W1) - 1)) << W0)
+            v = (c | 0x4B000000).to(gl.float32, bitcast=True) - zb
+            return (v * sc).to(DT)
+
+    @gluon.jit
+    def _half_pair(v, DT: gl.constexpr):
+        """[BN, 1] int32 holding v rounded to DT twice (both halves)."""
+        h = v.to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return h | (h << 16)
+
+    @gluon.jit
+    def _block_words(p0, p1, blk, KW, N, offs, nmask, W1: gl.constexpr):
+        """The words of K block `blk` at `offs` (word row j x N + weight row), zero past the last block."""
+        ok = nmask & (blk * 16 < KW)
+        w0 = gl.load(p0 + blk * 16 * N + offs, mask=ok, other=0)
+        if W1 > 0:
+            w1 = gl.load(p1 + blk * 16 * N + offs, mask=ok, other=0).to(gl.int32)
+        else:
+            w1 = w0
+        return w0, w1
+
+    @gluon.jit
+    def _scale_bias(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO: gl.constexpr, HAS_Z: gl.constexpr,
+                    DT: gl.constexpr, PAIRED: gl.constexpr):
+        """Scale and magic + zero point [BN, 1] of the group holding input column `col` (scale 0 past K), as
+        `_slot_values` takes them."""
+        offs = (col // G) * stride_sg + n * stride_sn
+        ok = nmask & (col < K)
+        sc = gl.load(s + offs, mask=ok, other=0.0).to(gl.float32)
+        if HAS_Z:
+            zero = gl.load(z + offs, mask=ok, other=0.0).to(gl.float32)
+        else:
+            zero = gl.zeros_like(sc) + ZERO
+        if PAIRED:
+            magic: gl.constexpr = 1024.0 if DT == gl.float16 else 128.0
+            return _half_pair(sc, DT)[:, None], _half_pair(zero + magic, DT)[:, None]
+        else:
+            return sc[:, None], (zero + 8388608.0)[:, None]
+
+    @gluon.jit
+    def _step_operand(w0, w1, q: gl.constexpr, sc, zb, s, z, col0, K, G, n, nmask, stride_sg, stride_sn,
+                      W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr,
+                      BLOCK_SCALE: gl.constexpr, DT: gl.constexpr, PAIRED: gl.constexpr):
+        """Slots 4q .. 4q + 3 of the block's words as the A operand [BN, 64] of one step (input column 16 i + j of
+        the step is slot 4q + i, word row j)."""
+        if not BLOCK_SCALE:  # a slot lies in one group (the width is a multiple of 16); load each slot's
+            sc, zb = _scale_bias(s, z, col0 + 64 * q, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
+                                 DT, PAIRED)
+        v0 = _slot_values(w0, w1, 4 * q, sc, zb, W0, W1, DT, PAIRED)
+        if not BLOCK_SCALE:
+            sc, zb = _scale_bias(s, z, col0 + 64 * q + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
+                                 DT, PAIRED)
+        v1 = _slot_values(w0, w1, 4 * q + 1, sc, zb, W0, W1, DT, PAIRED)
+        if not BLOCK_SCALE:
+            sc, zb = _scale_bias(s, z, col0 + 64 * q + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
+                                 DT, PAIRED)
+        v2 = _slot_values(w0, w1, 4 * q + 2, sc, zb, W0, W1, DT, PAIRED)
+        if not BLOCK_SCALE:
+            sc, zb = _scale_bias(s, z, col0 + 64 * q + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
+                                 DT, PAIRED)
+        v3 = _slot_values(w0, w1, 4 * q + 3, sc, zb, W0, W1, DT, PAIRED)
+        both = gl.join(gl.join(v0, v1), gl.join(v2, v3))  # [BN, 16, 2 (slot bit 0), 2 (slot bit 1)]
+        return gl.reshape(gl.permute(both, (0, 3, 2, 1)), [both.shape[0], 64])
+
+    @gluon.jit
+    def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
+                              PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr,
+                              HAS_Z: gl.constexpr, BLOCK_SCALE: gl.constexpr, PAIRED: gl.constexpr,
+                              STAGES: gl.constexpr, WARPS: gl.constexpr):
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        STEP: gl.constexpr = x_desc.block_type.shape[1]
+        DT: gl.constexpr = x_desc.dtype
+        BN: gl.constexpr = 16 * WARPS
+        SUB: gl.constexpr = PER // 4  # 64-column steps per K block
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                      instr_shape=[16, BM, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        w_l: gl.constexpr = _a_word_layout(BN, WARPS)
+        pid_m = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        n = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w_l))
+        nmask = n < N
+        j = gl.arange(0, 16, layout=gl.SliceLayout(0, w_l))
+        offs = j[None, :] * N + n[:, None]
+        wmask = nmask[:, None]
+        x_smem = gl.allocate_shared_memory(DT, [STAGES, BM, STEP], x_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(bars.index(st), count=1)
+        steps = KW * PER // STEP
+        for st in gl.static_range(STAGES - 1):
+            if st < steps:
+                mbarrier.expect(bars.index(st), x_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(x_desc, [pid_m * BM, st * STEP], bars.index(st), x_smem.index(st))
+        acc = gl.zeros([BN, BM], gl.float32, layout=mma)
+        a_prev = gl.zeros([BN, STEP], DT, layout=a_l)
+        cw0, cw1 = _block_words(p0, p1, 0, KW, N, offs, wmask, W1)
+        nw0, nw1 = _block_words(p0, p1, 1, KW, N, offs, wmask, W1)
+        sc, zb = _scale_bias(s, z, 0, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
+                             DT, PAIRED)
+        a = gl.convert_layout(_step_operand(cw0, cw1, 0, sc, zb, s, z, 0, K, G, n, nmask, stride_sg, stride_sn, W0,
+                                            W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED), a_l, assert_trivial=True)
+        it = 0
+        for blk in range(0, KW // 16):
+            fw0, fw1 = _block_words(p0, p1, blk + 2, KW, N, offs, wmask, W1)  # two blocks ahead
+            col0 = blk * 16 * PER
+            for q in gl.static_range(SUB):
+                cur = it % STAGES
+                mbarrier.wait(bars.index(cur), (it // STAGES) & 1)
+                acc = warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
+                # the next step's operand while this step's wgmma runs
+                if q + 1 < SUB:
+                    a_next = _step_operand(cw0, cw1, q + 1, sc, zb, s, z, col0, K, G, n, nmask, stride_sg, stride_sn,
+                                           W0, W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED)
+                else:
+                    sc, zb = _scale_bias(s, z, col0 + 16 * PER, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
+                                         DT, PAIRED)
+                    a_next = _step_operand(nw0, nw1, 0, sc, zb, s, z, col0 + 16 * PER, K, G, n, nmask, stride_sg,
+                                           stride_sn, W0, W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED)
+                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+                a_prev = a
+                a = gl.convert_layout(a_next, a_l, assert_trivial=True)
+                nxt = it + STAGES - 1  # the buffer of step it - 1, whose wgmma has finished
+                if nxt < steps:
+                    ns = nxt % STAGES
+                    mbarrier.expect(bars.index(ns), x_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(x_desc, [pid_m * BM, nxt * STEP], bars.index(ns),
+                                                    x_smem.index(ns))
+                it += 1
+            cw0, cw1 = nw0, nw1
+            nw0, nw1 = fw0, fw1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(st))
+        on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+        om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+        gl.store(out + om[None, :] * stride_om + on[:, None], acc.to(DT), mask=(on < N)[:, None] & (om < M)[None, :])
+
+
+def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
+           stages: int = 4) -> torch.Tensor:
+    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel."""
+    from . import triton_linear as tlin
+    reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps)
+    if reason is not None:
+        raise ValueError(reason)
+    if x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
+        x = x.contiguous() if x.stride(-1) != 1 or x.stride(0) % 8 else x.clone()
+    m, k = x.shape
+    n = gw.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([block_m, STEP], dt)
+    desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, STEP], layout)
+    tensors, consts = tlin._args(gw)
+    grid = (-(-m // block_m), -(-n // (16 * num_warps)))
+    _wgmma_prefill_kernel[grid](desc, out=out, M=m, N=n, K=k, KW=gw.planes[0].shape[0], G=gw.group,
+                                stride_om=out.stride(0), BLOCK_SCALE=gw.group % gw.block == 0,
+                                PAIRED=x.dtype == torch.float16 or gw.bits < 8, STAGES=stages,
+                                WARPS=num_warps, num_warps=num_warps, **tensors, **consts)
+    return out
