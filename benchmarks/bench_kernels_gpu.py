@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import QuantSpec, a8_linear, quantize  # noqa: E402
+from kernels import QuantSpec, a8_linear, gluon_wgmma, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_backends import gpu_candidates  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
@@ -50,21 +50,24 @@ PROCESS_BYTES_PER_ELEMENT = 64  # GPU memory of one process per weight element (
 def sweep(m: int, gw) -> list[tlin.Config]:
     """Tile shapes tried for m rows besides the default heuristic: for decode (m <= triton_linear.TUNED_MAX_M)
     exactly the tiles a latency table tries (`tile_candidates`), so "ours" is what an emitted model runs after
-    `kernels.measure`; above it a few split-K GEMM (up to 64 rows) and wide-kernel tiles, which no table installs."""
+    `kernels.measure`; above it the Hopper wgmma prefill's tiles where the device runs them (`gluon_wgmma.TILES`),
+    a few split-K GEMM (up to 64 rows) and wide-kernel tiles, which no table installs."""
     if m <= tlin.TUNED_MAX_M:
         return tlin.tile_candidates(m, gw, torch.bfloat16)[1:]
+    offered = [tlin.Config(bm, 16 * warps, 1, warps, stages, wgmma=True) for bm, warps, stages in gluon_wgmma.TILES
+               if gluon_wgmma.unsupported_reason(gw, torch.bfloat16, gw.scales.device, bm, warps) is None]
 
     def cfg(bm: int, bn: int, warps: int, stages: int, waves: int = 4, wide: bool = False) -> tlin.Config:
         n, blocks = gw.shape[0], gw.planes[0].shape[0] // 16
         split = 1 if m > 64 else tlin.split_for(-(-n // bn) * -(-m // bm), blocks, waves)
         return tlin.Config(bm, bn, split, warps, stages, wide)
     if m <= 64:
-        return [cfg(64, 128, 4, 3, 2), cfg(64, 64, 4, 4, 4)]
+        return offered + [cfg(64, 128, 4, 3, 2), cfg(64, 64, 4, 4, 4)]
     if gw.per == 16:  # 256-column K blocks: x tiles of 256 columns per stage
-        return [cfg(128, 128, 8, 2, wide=True), cfg(64, 128, 4, 2, wide=True), cfg(128, 64, 4, 2, wide=True),
-                cfg(256, 128, 8, 3)]
-    return [cfg(128, 128, 8, 3, wide=True), cfg(128, 256, 8, 3, wide=True), cfg(64, 128, 4, 3, wide=True),
-            cfg(128, 128, 8, 4, wide=True), cfg(256, 128, 8, 3)]
+        return offered + [cfg(128, 128, 8, 2, wide=True), cfg(64, 128, 4, 2, wide=True),
+                          cfg(128, 64, 4, 2, wide=True), cfg(256, 128, 8, 3)]
+    return offered + [cfg(128, 128, 8, 3, wide=True), cfg(128, 256, 8, 3, wide=True), cfg(64, 128, 4, 3, wide=True),
+                      cfg(128, 128, 8, 4, wide=True), cfg(256, 128, 8, 3)]
 
 
 def copy_bandwidth(flush: torch.Tensor) -> float:

@@ -22,7 +22,6 @@ from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192))
-TILES = ((128, 8, 4), (256, 8, 3), (128, 4, 4), (256, 4, 3), (64, 4, 4))  # (block_m, num_warps, stages)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -36,10 +35,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--tokens", default="128,512")
-    ap.add_argument("--tiles", default="", help="block_m:num_warps:stages,... (default: TILES)")
+    ap.add_argument("--tiles", default="", help="block_m:num_warps:stages,... (default: gluon_wgmma.TILES)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    tiles = TILES if not args.tiles else [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
+    tiles = gluon_wgmma.TILES if not args.tiles else [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
@@ -64,7 +63,7 @@ def main() -> None:
                            wgmma={}, errors={})
                 for bm, warps, stages in tiles:
                     label = f"m{bm}w{warps}p{stages}"
-                    fn = lambda x, bm=bm, warps=warps, stages=stages: gluon_wgmma.linear(x, gw, bm, warps, stages)  # noqa: E731
+                    fn = lambda x, t=(bm, warps, stages): gluon_wgmma.linear(x, gw, *t)  # noqa: E731
                     try:
                         err = rel_err(fn(x), ref)
                     except Exception as ex:  # noqa: BLE001 - reported in the table

@@ -7,12 +7,21 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
   the GPU layout, word row j of a block holds in slot i the code of input column 16 i + j, and `wgmma`'s A
   fragment gives lane l the columns 2(l % 4) + {0, 1, 8, 9} of every 16, on rows l // 4 + {0, 8} of its warp's
   16. So a thread loads 4 words of each of its 2 rows per block (8 x 32 bits, coalesced 32-byte runs across the
-  warp, one block ahead of use) and slot i of those words is its A registers for input columns 16 i ... 16 i + 15:
-  a shift and mask per code, the float magic number (code | 2^23 as a float, less 2^23 + zero), times the group's
-  scale, rounded to x's dtype. No shared memory and no barrier for the weight.
+  warp, two blocks ahead of use), and slot i of the words of rows j and j + 1 is one A register: their 16-bit
+  halves side by side (PRMT), a shift and a LOP3 with the magic exponent give 128 + code in both bfloat16 halves
+  (1024 + code in float16), then one packed subtract of 128 + zero and one packed multiply by the group's scale
+  (`_pair_asm`: about 2 instructions a weight). bfloat16 with 8-bit codes, which 128 + code does not hold
+  exactly, goes through float32. No shared memory and no barrier for the weight.
 - B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
   `wgmma` as the transposed view.
-- The `wgmma` of a 64-column step is asynchronous: the next step's dequantization runs while it does.
+- One loop iteration per 64-column step: its `wgmma` is issued asynchronously, the next step's operand is made
+  while it runs, then it is waited for (its operand registers kept live until then).
+Not dispatched yet: `triton_linear.tile_candidates` does not offer these tiles to latency tables, so emitted models
+do not run it; `Config(wgmma=True)` runs it when asked, and benchmarks/bench_kernels_gpu.py times TILES. The
+version measured on an H100 (session 30) left one wgmma in flight across loop iterations and raced (4-bit, 256
+tokens a tile: some output tiles wrong in 5 of 6 calls at 8192x2048); this version waits for each step's wgmma
+(see the loop) and has not run on a GPU: test_wgmma_prefill's repeated-call check decides (docs/kernels_gpu.md,
+"Session 30").
 Needs Triton's Gluon (triton >= 3.6), a CUDA device of compute capability 9.x (Hopper) and K a multiple of 8 (TMA
 reads x in 16-byte aligned rows; x is copied first where its rows are not); Gluon does not run in Triton's CPU
 interpreter.
@@ -33,6 +42,10 @@ except ImportError:  # CPU-only installs, older Triton
     HAVE_GLUON = False
 
 STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots of 16)
+MAXNREG = {(True, 8): {"maxnreg": 128}}  # (block_m <= 128, num_warps) -> launch option (see `linear`)
+# (block_m tokens, num_warps, TMA stages): each was the fastest somewhere in 28672x8192, 8192x8192 and 4096x14336,
+# 2/4-bit, 128 and 512 tokens, on an H100 (session 30); block_n = 16 x num_warps
+TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
 
 
 def unsupported_reason(gw: GpuPackedWeight, dtype: torch.dtype, device: torch.device, block_m: int,
@@ -140,27 +153,23 @@ if HAVE_GLUON:
             return sc[:, None], (zero + 8388608.0)[:, None]
 
     @gluon.jit
-    def _step_operand(w0, w1, q: gl.constexpr, sc, zb, s, z, col0, K, G, n, nmask, stride_sg, stride_sn,
-                      W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr,
-                      BLOCK_SCALE: gl.constexpr, DT: gl.constexpr, PAIRED: gl.constexpr):
-        """Slots 4q .. 4q + 3 of the block's words as the A operand [BN, 64] of one step (input column 16 i + j of
-        the step is slot 4q + i, word row j)."""
-        if not BLOCK_SCALE:  # a slot lies in one group (the width is a multiple of 16); load each slot's
-            sc, zb = _scale_bias(s, z, col0 + 64 * q, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
-                                 DT, PAIRED)
-        v0 = _slot_values(w0, w1, 4 * q, sc, zb, W0, W1, DT, PAIRED)
+    def _step_operand(w0, w1, sc, zb, s, z, col, K, G, n, nmask, stride_sg, stride_sn, W0: gl.constexpr,
+                      W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr, BLOCK_SCALE: gl.constexpr,
+                      DT: gl.constexpr, PAIRED: gl.constexpr):
+        """Slots 0..3 of words w0, w1 (shifted so that a step's slots come first) as the A operand [BN, 64] of the
+        step at input column `col` (its column 16 i + j is slot i of word row j)."""
+        if not BLOCK_SCALE:  # a slot lies in one group (the width is a multiple of 16): each slot's own
+            sc, zb = _scale_bias(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        v0 = _slot_values(w0, w1, 0, sc, zb, W0, W1, DT, PAIRED)
         if not BLOCK_SCALE:
-            sc, zb = _scale_bias(s, z, col0 + 64 * q + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
-                                 DT, PAIRED)
-        v1 = _slot_values(w0, w1, 4 * q + 1, sc, zb, W0, W1, DT, PAIRED)
+            sc, zb = _scale_bias(s, z, col + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        v1 = _slot_values(w0, w1, 1, sc, zb, W0, W1, DT, PAIRED)
         if not BLOCK_SCALE:
-            sc, zb = _scale_bias(s, z, col0 + 64 * q + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
-                                 DT, PAIRED)
-        v2 = _slot_values(w0, w1, 4 * q + 2, sc, zb, W0, W1, DT, PAIRED)
+            sc, zb = _scale_bias(s, z, col + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        v2 = _slot_values(w0, w1, 2, sc, zb, W0, W1, DT, PAIRED)
         if not BLOCK_SCALE:
-            sc, zb = _scale_bias(s, z, col0 + 64 * q + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
-                                 DT, PAIRED)
-        v3 = _slot_values(w0, w1, 4 * q + 3, sc, zb, W0, W1, DT, PAIRED)
+            sc, zb = _scale_bias(s, z, col + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        v3 = _slot_values(w0, w1, 3, sc, zb, W0, W1, DT, PAIRED)
         both = gl.join(gl.join(v0, v1), gl.join(v2, v3))  # [BN, 16, 2 (slot bit 0), 2 (slot bit 1)]
         return gl.reshape(gl.permute(both, (0, 3, 2, 1)), [both.shape[0], 64])
 
@@ -195,42 +204,42 @@ if HAVE_GLUON:
                 mbarrier.expect(bars.index(st), x_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(x_desc, [pid_m * BM, st * STEP], bars.index(st), x_smem.index(st))
         acc = gl.zeros([BN, BM], gl.float32, layout=mma)
-        a_prev = gl.zeros([BN, STEP], DT, layout=a_l)
         cw0, cw1 = _block_words(p0, p1, 0, KW, N, offs, wmask, W1)
         nw0, nw1 = _block_words(p0, p1, 1, KW, N, offs, wmask, W1)
-        sc, zb = _scale_bias(s, z, 0, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
-                             DT, PAIRED)
-        a = gl.convert_layout(_step_operand(cw0, cw1, 0, sc, zb, s, z, 0, K, G, n, nmask, stride_sg, stride_sn, W0,
-                                            W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED), a_l, assert_trivial=True)
-        it = 0
-        for blk in range(0, KW // 16):
-            fw0, fw1 = _block_words(p0, p1, blk + 2, KW, N, offs, wmask, W1)  # two blocks ahead
-            col0 = blk * 16 * PER
-            for q in gl.static_range(SUB):
-                cur = it % STAGES
-                mbarrier.wait(bars.index(cur), (it // STAGES) & 1)
-                acc = warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
-                # the next step's operand while this step's wgmma runs
-                if q + 1 < SUB:
-                    a_next = _step_operand(cw0, cw1, q + 1, sc, zb, s, z, col0, K, G, n, nmask, stride_sg, stride_sn,
-                                           W0, W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED)
-                else:
-                    sc, zb = _scale_bias(s, z, col0 + 16 * PER, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z,
-                                         DT, PAIRED)
-                    a_next = _step_operand(nw0, nw1, 0, sc, zb, s, z, col0 + 16 * PER, K, G, n, nmask, stride_sg,
-                                           stride_sn, W0, W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED)
-                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-                a_prev = a
-                a = gl.convert_layout(a_next, a_l, assert_trivial=True)
-                nxt = it + STAGES - 1  # the buffer of step it - 1, whose wgmma has finished
-                if nxt < steps:
-                    ns = nxt % STAGES
-                    mbarrier.expect(bars.index(ns), x_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(x_desc, [pid_m * BM, nxt * STEP], bars.index(ns),
-                                                    x_smem.index(ns))
-                it += 1
-            cw0, cw1 = nw0, nw1
-            nw0, nw1 = fw0, fw1
+        fw0, fw1 = _block_words(p0, p1, 2, KW, N, offs, wmask, W1)
+        sc, zb = _scale_bias(s, z, 0, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        a = gl.convert_layout(_step_operand(cw0, cw1, sc, zb, s, z, 0, K, G, n, nmask, stride_sg, stride_sn, W0, W1,
+                                            ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED), a_l, assert_trivial=True)
+        # One iteration per step, the same code for each (ptxas then keeps the operands of the steps in flight
+        # apart; a loop over blocks with the steps unrolled had it copy them through one register quad, waiting on
+        # each wgmma): a block's words are shifted by a step's slots after each step.
+        for t in range(0, steps):
+            cur = t % STAGES
+            mbarrier.wait(bars.index(cur), (t // STAGES) & 1)
+            acc = warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
+            if SUB == 1 or (t + 1) % SUB == 0:  # the next step starts a block: its words came two blocks ahead
+                cw0, cw1 = nw0, nw1
+                nw0, nw1 = fw0, fw1
+                fw0, fw1 = _block_words(p0, p1, (t + 1) // SUB + 2, KW, N, offs, wmask, W1)
+                sc, zb = _scale_bias(s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT,
+                                     PAIRED)
+            else:
+                cw0 = cw0 >> (4 * W0)
+                cw1 = cw1 >> (4 * W1)
+            a_next = _step_operand(cw0, cw1, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0,
+                                   W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED)
+            # Wait for this step's wgmma before the loop hands a_next on: the operand it reads stays live up to here
+            # (a dependency of the wait), so a_next is made in other registers while it runs, and no register copy
+            # at the loop's back edge can overwrite what an unfinished wgmma reads. (Leaving one wgmma in flight
+            # across iterations, with its operand carried to the next wait, raced: 4-bit 256-token tiles summed
+            # some tiles wrong on an H100 in most calls, session 30.)
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+            a = gl.convert_layout(a_next, a_l, assert_trivial=True)
+            nxt = t + STAGES - 1  # into the buffer of step t - 1, whose wgmma has finished
+            if nxt < steps:
+                ns = nxt % STAGES
+                mbarrier.expect(bars.index(ns), x_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(x_desc, [pid_m * BM, nxt * STEP], bars.index(ns), x_smem.index(ns))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
@@ -241,7 +250,10 @@ if HAVE_GLUON:
 
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
            stages: int = 4) -> torch.Tensor:
-    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel."""
+    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel. Tiles of 8
+    warps and up to 128 tokens are held to 128 registers a thread (a few spill), so that two CTAs share an SM:
+    on an H100 that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to
+    158.4 (docs/kernels_gpu.md, "Session 30")."""
     from . import triton_linear as tlin
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps)
     if reason is not None:
@@ -259,5 +271,6 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     _wgmma_prefill_kernel[grid](desc, out=out, M=m, N=n, K=k, KW=gw.planes[0].shape[0], G=gw.group,
                                 stride_om=out.stride(0), BLOCK_SCALE=gw.group % gw.block == 0,
                                 PAIRED=x.dtype == torch.float16 or gw.bits < 8, STAGES=stages,
-                                WARPS=num_warps, num_warps=num_warps, **tensors, **consts)
+                                WARPS=num_warps, num_warps=num_warps, **MAXNREG.get((block_m <= 128, num_warps), {}),
+                                **tensors, **consts)
     return out

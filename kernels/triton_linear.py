@@ -66,7 +66,8 @@ class Config:
     gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
     dp4a: bool = False  # decode on integer dot products (`dp4a_linear`; block_m 1, groups of whole or half K blocks)
     imma: bool = False  # decode on int8 tensor cores (`gluon_imma`, up to block_m tokens; num_stages 2: prefetch)
-    wgmma: bool = False  # prefill on Hopper wgmma (`gluon_wgmma`; block_n = 16 x num_warps, num_stages: TMA ring)
+    wgmma: bool = False  # prefill on Hopper wgmma (`gluon_wgmma`; block_n = 16 x num_warps, num_stages: TMA ring;
+    # not offered to latency tables yet: see gluon_wgmma)
 
     @property
     def label(self) -> str:
@@ -545,9 +546,6 @@ _GEMV_ALTERNATIVES = ((128, 4, 8), (256, 2, 8), (256, 4, 16), (512, 4, 8), (512,
 # (columns, warps, waves, stages; 2 = prefetch): the int8 tensor-core decode's winners at 1, 4 and 16 tokens on
 # 28672x8192 and 8192x8192 (H200, session 21)
 _IMMA_TILES = ((128, 2, 4, 2), (128, 4, 6, 2), (64, 2, 6, 2), (64, 2, 12, 1), (32, 1, 16, 2), (32, 1, 4, 1))
-# (tokens, warps, TMA stages): the Hopper wgmma prefill's tiles (`gluon_wgmma`; block_n = 16 x warps), timed from
-# TUNED_MAX_M + 1 tokens on
-_WGMMA_TILES = ((128, 8, 4), (256, 8, 3), (128, 4, 4), (256, 4, 3))
 
 
 @functools.cache
@@ -592,10 +590,7 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
     tile measured best for them."""
     default = default_config(m, gw, dtype)
     if m > TUNED_MAX_M:
-        from .gluon_wgmma import unsupported_reason
-        return list(dict.fromkeys([default] + [
-            Config(bm, 16 * warps, 1, warps, stages, wgmma=True) for bm, warps, stages in _WGMMA_TILES
-            if unsupported_reason(gw, dtype, gw.scales.device, bm, warps) is None]))
+        return [default]
     n, blocks = gw.shape[0], gw.planes[0].shape[0] // WORD_ROWS
 
     def tile(bm: int, bn: int, warps: int, waves: int, stages: int = 1, mma: bool = False,
