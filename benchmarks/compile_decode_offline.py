@@ -1,10 +1,13 @@
-"""Compile the one-token decode kernels for sm_90a without a GPU and count what one K block costs a thread.
+"""Compile the one-token decode kernels (and the wgmma prefill) for sm_90a without a GPU and read their SASS.
 
 For each (kernel, bits, tile): registers, stack (spills), and the instructions of the K loop (the innermost
 backward branch of the SASS) per plane-0 word a thread handles in one K block, with the loop's most frequent
-opcodes. The counts are static: a statement about the code ptxas emits, not a timing. Needs Triton (with its
-bundled ptxas and cuobjdump) and, for the int8 tensor-core decode, Triton's Gluon; no CUDA device.
-    python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma,imma_prefetch] [--tokens 16]
+opcodes. For the wgmma prefill (`--kernels wgmma`, each tile of `gluon_wgmma.TILES`): registers, stack, the
+`HGMMA`s and `WARPGROUP.DEPBAR`s, and every instruction that writes a register an unfinished `HGMMA` reads as
+its A operand (`inflight_operand_writes`; session 30's race was one such register copy). The counts are static:
+a statement about the code ptxas emits, not a timing. Needs Triton (with its bundled ptxas and cuobjdump) and,
+for the Gluon kernels, Triton's Gluon; no CUDA device.
+    python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma,imma_prefetch,wgmma] [--tokens 16]
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import dp4a_linear as dl  # noqa: E402
-from kernels import gluon_imma  # noqa: E402
+from kernels import gluon_imma, gluon_wgmma  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import GpuPackedWeight, repack_for_gpu  # noqa: E402
 
@@ -50,7 +53,7 @@ def _operands(gw: GpuPackedWeight) -> tuple[dict, dict]:
     return dict(p0="*i32", p1=POINTER[gw.planes[-1].dtype], s="*bf16", z="*bf16"), consts
 
 
-def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
+def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool, options: dict | None = None):
     for key in consts:
         sig[key] = "constexpr"
     names = list(sig)
@@ -61,7 +64,8 @@ def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool):
         src = GluonASTSource(fn, sig, consts, attrs)
     else:
         src = ASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=1, **(options or {})))
 
 
 def dp4a(gw: GpuPackedWeight, tokens: int):
@@ -87,12 +91,72 @@ def imma(gw: GpuPackedWeight, tokens: int, prefetch: bool = False):
     return _compile(gluon_imma._gemv_imma_kernel, sig, consts, warps, True), f"n{bn}w{warps}", bn * 16 // (32 * warps)
 
 
-def _sass_loop(cubin: bytes) -> tuple[str, str, collections.Counter]:
+def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int]):
+    """The wgmma prefill for bfloat16 x at `tile` (block_m, num_warps, stages), compiled as `gluon_wgmma.linear`
+    launches it."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+    block_m, warps, stages = tile
+    x = torch.zeros(block_m, gw.shape[1], dtype=torch.bfloat16)
+    desc = TensorDescriptor(x, list(x.shape), [x.shape[1], 1], [block_m, gluon_wgmma.STEP],
+                            gl.NVMMASharedLayout.get_default_for([block_m, gluon_wgmma.STEP], gl.bfloat16))
+    ptrs, consts = _operands(gw)
+    sig = dict(x_desc=mangle_type(desc), **ptrs, out="*bf16", M="i32", N="i32", K="i32", KW="i32", G="i32",
+               stride_sg="i32", stride_sn="i32", stride_om="i32")
+    consts.update(stride_sn=1, BLOCK_SCALE=gw.group % gw.block == 0, PAIRED=gw.bits < 8, STAGES=stages, WARPS=warps)
+    options = gluon_wgmma.MAXNREG.get((block_m <= 128, warps), {})
+    return _compile(gluon_wgmma._wgmma_prefill_kernel, sig, consts, warps, True, options)
+
+
+def inflight_operand_writes(sass: str) -> list[str]:
+    """Instructions that write a register of an `HGMMA`'s A operand before a `WARPGROUP.DEPBAR` retires that
+    `HGMMA`, on any path through the SASS (branches and the loop's back edge followed): "DEPBAR.LE gsb0, 0x0"
+    retires every group, "0x1" the groups before the newest. Empty when the A registers stay put."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+([^;]*);", sass)]
+    at = {addr: i for i, (addr, _) in enumerate(ins)}
+    found = []
+    for i, (addr, text) in enumerate(ins):
+        operand = re.match(r"HGMMA\.\S+ R\d+, R(\d+),", text)
+        if operand is None:
+            continue
+        regs = {f"R{int(operand.group(1)) + r}" for r in range(4)}
+        todo, seen = [(i + 1, False)], set()
+        while todo:  # (instruction, whether a newer wgmma group was committed since)
+            j, newer = todo.pop()
+            if (j, newer) in seen or j >= len(ins):
+                continue
+            seen.add((j, newer))
+            text2 = ins[j][1]
+            if "DEPBAR.LE gsb0, 0x0" in text2 or ("DEPBAR.LE gsb0, 0x1" in text2 and newer):
+                continue
+            newer = newer or (text2.startswith("HGMMA") and "gsb0" in text2)
+            dest = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s+(R\d+)", text2)
+            if dest and dest.group(2) in regs and not dest.group(1).startswith(("HGMMA", "ST", "RED", "ATOM")):
+                found.append(f"{ins[j][0]:#06x} {text2} (A operand of the HGMMA at {addr:#06x})")
+                continue
+            branch = re.search(r"BRA (?:\S+ )?0x([0-9a-f]+)", text2)
+            if branch and int(branch.group(1), 16) in at:
+                todo.append((at[int(branch.group(1), 16)], newer))
+                if not text2.startswith("@"):
+                    continue
+            if text2.startswith("EXIT"):
+                continue
+            todo.append((j + 1, newer))
+    return found
+
+
+def _sass(cubin: bytes) -> tuple[str, str]:
+    """(cuobjdump -res-usage, cuobjdump -sass) of a cubin."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         Path(path).write_bytes(cubin)
-        res = subprocess.run([BIN / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([BIN / "cuobjdump", "-sass", path], capture_output=True, text=True).stdout
+        return tuple(subprocess.run([BIN / "cuobjdump", flag, path], capture_output=True, text=True).stdout
+                     for flag in ("-res-usage", "-sass"))
+
+
+def _sass_loop(cubin: bytes) -> tuple[str, str, collections.Counter]:
+    res, sass = _sass(cubin)
     ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in re.finditer(
         r"/\*([0-9a-f]{4,5})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass)]
     loop = collections.Counter()
@@ -113,6 +177,17 @@ def main() -> None:
           f"int8 tensor cores: {args.tokens}")
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.kernels.split(","):
+            if name == "wgmma":
+                for tile in gluon_wgmma.TILES:
+                    res, sass = _sass(wgmma(_weight(bits), tile).asm["cubin"])
+                    writes = inflight_operand_writes(sass)
+                    regs, stack = (re.search(rf"{key}:(\d+)", res).group(1) for key in ("REG", "STACK"))
+                    print(f"{bits}-bit wgmma m{tile[0]}w{tile[1]}p{tile[2]}: {regs} registers, stack {stack}; "
+                          f"{sass.count('HGMMA.')} HGMMA, {sass.count('WARPGROUP.DEPBAR')} DEPBAR; {len(writes)} "
+                          "writes to in-flight A registers", flush=True)
+                    for w in writes:
+                        print("   ", w)
+                continue
             kernel, tile, words = {"dp4a": dp4a, "imma": imma, "imma_prefetch": partial(imma, prefetch=True)}[name](
                 _weight(bits), args.tokens)
             regs, stack, loop = _sass_loop(kernel.asm["cubin"])

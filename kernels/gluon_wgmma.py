@@ -20,8 +20,9 @@ Not dispatched yet: `triton_linear.tile_candidates` does not offer these tiles t
 do not run it; `Config(wgmma=True)` runs it when asked, and benchmarks/bench_kernels_gpu.py times TILES. The
 version measured on an H100 (session 30) left one wgmma in flight across loop iterations and raced (4-bit, 256
 tokens a tile: some output tiles wrong in 5 of 6 calls at 8192x2048); this version waits for each step's wgmma
-(see the loop) and has not run on a GPU: test_wgmma_prefill's repeated-call check decides (docs/kernels_gpu.md,
-"Session 30").
+(see the loop). Compiled offline, the measured version's SASS writes an in-flight A register (a register copy at
+the loop's back edge) and this one does not (`test_wgmma_prefill_keeps_inflight_operands_offline`); it has not
+run on a GPU: test_wgmma_prefill's repeated-call check decides (docs/kernels_gpu.md, "Session 30").
 Needs Triton's Gluon (triton >= 3.6), a CUDA device of compute capability 9.x (Hopper) and K a multiple of 8 (TMA
 reads x in 16-byte aligned rows; x is copied first where its rows are not); Gluon does not run in Triton's CPU
 interpreter.

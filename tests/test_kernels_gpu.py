@@ -4,7 +4,9 @@ Runs on CUDA with Triton; on a CPU it runs only under TRITON_INTERPRET=1 (Triton
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,6 +361,26 @@ def test_wgmma_prefill(bits: int, tile: tuple[int, int, int]) -> None:
     for _ in range(5):  # a few wrong tiles showed as 2-3e-2 relative error; right is ~2e-3 (bfloat16 outputs)
         y = _poisoned(lambda: gluon_wgmma.linear(x, gw, *tile)).double().cpu()
         assert (y - ref).norm() / ref.norm() < 5e-3
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_wgmma_prefill_keeps_inflight_operands_offline(bits: int) -> None:
+    """Compiled for sm_90a without a GPU (Triton's ptxas), no instruction of the wgmma prefill writes a register
+    that an unfinished `HGMMA` reads as its A operand, at any tile of `gluon_wgmma.TILES`. Session 30's first
+    measured version had such a write (a register copy at the loop's back edge) at every tile and summed some
+    output tiles wrong on an H100; this scan finds it there."""
+    if not gluon_wgmma.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon (triton >= 3.6)")
+    spec = importlib.util.spec_from_file_location(
+        "compile_decode_offline", Path(__file__).resolve().parents[1] / "benchmarks" / "compile_decode_offline.py")
+    offline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(offline)
+    if not (offline.BIN / "cuobjdump").exists():
+        pytest.skip("Triton's bundled cuobjdump is missing")
+    for tile in gluon_wgmma.TILES:
+        res, sass = offline._sass(offline.wgmma(offline._weight(bits), tile).asm["cubin"])
+        assert sass.count("HGMMA.") >= 4 and "STACK" in res
+        assert offline.inflight_operand_writes(sass) == [], tile
 
 
 @pytest.mark.gpu
