@@ -40,6 +40,13 @@ def _case(n: int, k: int, group: int | None, bits: int, symmetric: bool, dtype: 
     return qt, repack_for_gpu(qt, DEV)
 
 
+def _shape_cases(bits: int, extra: list[tuple[int, int, int | None]], gen: torch.Generator):
+    """(K, dtype, qt, gw) for SHAPES + extra: float16 and bfloat16 in turn, every third asymmetric."""
+    for i, (n, k, group) in enumerate(SHAPES + extra):
+        dtype = (torch.float16, torch.bfloat16)[i % 2]
+        yield (k, dtype, *_case(n, k, group, bits, i % 3 == 0, dtype, gen))
+
+
 def _check(y: torch.Tensor, x: torch.Tensor, qt, dtype: torch.dtype) -> None:
     ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
     assert y.dtype == dtype and y.shape == ref.shape
@@ -287,9 +294,7 @@ def test_imma_decode(bits: int, tile: tuple[int, int, int, bool]) -> None:
         pytest.skip(reason)
     gen = torch.Generator().manual_seed(210 + bits)
     ran = 0
-    for i, (n, k, group) in enumerate(SHAPES + [(64, 8200, 128), (256, 520, 128)]):
-        dtype = (torch.float16, torch.bfloat16)[i % 2]
-        qt, gw = _case(n, k, group, bits, i % 3 == 0, dtype, gen)
+    for k, dtype, qt, gw in _shape_cases(bits, [(64, 8200, 128), (256, 520, 128)], gen):
         if not dp4a_linear.supported(gw):
             with pytest.raises(ValueError, match="dp4a"):
                 gluon_imma.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, 128, 1, 4)
@@ -332,9 +337,7 @@ def test_wgmma_prefill(bits: int, tile: tuple[int, int, int]) -> None:
         pytest.skip(reason)
     gen = torch.Generator().manual_seed(330 + bits)
     ran = 0
-    for i, (n, k, group) in enumerate(SHAPES + [(200, 8200, 128), (384, 1024, 32)]):
-        dtype = (torch.float16, torch.bfloat16)[i % 2]
-        qt, gw = _case(n, k, group, bits, i % 3 == 0, dtype, gen)
+    for k, dtype, qt, gw in _shape_cases(bits, [(200, 8200, 128), (384, 1024, 32)], gen):
         x = torch.randn(tile[0] + 3, k, generator=gen).to(dtype).to(DEV)
         reason = gluon_wgmma.unsupported_reason(gw, dtype, x.device, *tile[:2])
         if reason is not None:
