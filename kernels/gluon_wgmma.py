@@ -252,15 +252,15 @@ if HAVE_GLUON:
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
            stages: int = 4) -> torch.Tensor:
     """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel. Tiles of 8
-    warps and up to 128 tokens are held to 128 registers a thread (a few spill), so that two CTAs share an SM:
-    on an H100 that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to
-    158.4 (docs/kernels_gpu.md, "Session 30")."""
+    warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 136 bytes), so that two CTAs
+    share an SM: on an H100, with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens
+    from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
     from . import triton_linear as tlin
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps)
     if reason is not None:
         raise ValueError(reason)
     if x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
-        x = x.contiguous() if x.stride(-1) != 1 or x.stride(0) % 8 else x.clone()
+        x = x.clone(memory_format=torch.contiguous_format)
     m, k = x.shape
     n = gw.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
