@@ -20,12 +20,9 @@ from kernels import gluon_wgmma  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+from bench_kernels_gpu import rel_err  # noqa: E402  (this directory is on sys.path when run as a script)
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192))
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("inf")
 
 
 def main() -> None:
@@ -38,7 +35,7 @@ def main() -> None:
     ap.add_argument("--tiles", default="", help="block_m:num_warps:stages,... (default: gluon_wgmma.TILES)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    tiles = gluon_wgmma.TILES if not args.tiles else [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
+    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")] if args.tiles else gluon_wgmma.TILES
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")

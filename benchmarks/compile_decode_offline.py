@@ -65,7 +65,7 @@ def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool, options: dict
     else:
         src = ASTSource(fn, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=1, **(options or {})))
+                          options=dict(num_stages=1, **{"num_warps": warps, **(options or {})}))
 
 
 def dp4a(gw: GpuPackedWeight, tokens: int):
@@ -104,8 +104,9 @@ def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int]):
     ptrs, consts = _operands(gw)
     sig = dict(x_desc=mangle_type(desc), **ptrs, out="*bf16", M="i32", N="i32", K="i32", KW="i32", G="i32",
                stride_sg="i32", stride_sn="i32", stride_om="i32")
-    consts.update(stride_sn=1, BLOCK_SCALE=gw.group % gw.block == 0, PAIRED=gw.bits < 8, STAGES=stages, WARPS=warps)
-    options = gluon_wgmma.MAXNREG.get((block_m <= 128, warps), {})
+    launch = gluon_wgmma.launch_constants(gw, torch.bfloat16, block_m, warps, stages)
+    options = {key: launch.pop(key) for key in ("num_warps", "maxnreg") if key in launch}
+    consts.update(stride_sn=1, **launch)
     return _compile(gluon_wgmma._wgmma_prefill_kernel, sig, consts, warps, True, options)
 
 

@@ -43,7 +43,6 @@ except ImportError:  # CPU-only installs, older Triton
     HAVE_GLUON = False
 
 STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots of 16)
-MAXNREG = {(True, 8): {"maxnreg": 128}}  # (block_m <= 128, num_warps) -> launch option (see `linear`)
 # (block_m tokens, num_warps, TMA stages): each was the fastest somewhere in 28672x8192, 8192x8192 and 4096x14336,
 # 2/4-bit, 128 and 512 tokens, on an H100 (session 30); block_n = 16 x num_warps
 TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
@@ -249,12 +248,20 @@ if HAVE_GLUON:
         gl.store(out + om[None, :] * stride_om + on[:, None], acc.to(DT), mask=(on < N)[:, None] & (om < M)[None, :])
 
 
+def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_warps: int,
+                     stages: int) -> dict:
+    """The kernel's constexprs and launch options for this weight, rows of `dtype` and tile (what `linear` launches
+    with and benchmarks/compile_decode_offline.py compiles). Tiles of 8 warps and up to 128 tokens are held to 128
+    registers a thread (3-bit spills 136 bytes), so that two CTAs share an SM: on an H100, with the version
+    measured in session 30, that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512
+    from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
+    return dict(BLOCK_SCALE=gw.group % gw.block == 0, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages,
+                WARPS=num_warps, num_warps=num_warps, **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
+
+
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
            stages: int = 4) -> torch.Tensor:
-    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel. Tiles of 8
-    warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 136 bytes), so that two CTAs
-    share an SM: on an H100, with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens
-    from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
+    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel."""
     from . import triton_linear as tlin
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps)
     if reason is not None:
@@ -270,8 +277,6 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     tensors, consts = tlin._args(gw)
     grid = (-(-m // block_m), -(-n // (16 * num_warps)))
     _wgmma_prefill_kernel[grid](desc, out=out, M=m, N=n, K=k, KW=gw.planes[0].shape[0], G=gw.group,
-                                stride_om=out.stride(0), BLOCK_SCALE=gw.group % gw.block == 0,
-                                PAIRED=x.dtype == torch.float16 or gw.bits < 8, STAGES=stages,
-                                WARPS=num_warps, num_warps=num_warps, **MAXNREG.get((block_m <= 128, num_warps), {}),
+                                stride_om=out.stride(0), **launch_constants(gw, x.dtype, block_m, num_warps, stages),
                                 **tensors, **consts)
     return out
