@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--tokens", default="128,512")
     ap.add_argument("--tiles", default="", help="block_m:num_warps:stages,... (default: gluon_wgmma.TILES)")
+    ap.add_argument("--checks", type=int, default=3, help="calls checked against float64 per tile (a race shows "
+                    "as an occasional wrong call)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")] if args.tiles else gluon_wgmma.TILES
@@ -62,11 +64,11 @@ def main() -> None:
                     label = f"m{bm}w{warps}p{stages}"
                     fn = lambda x, t=(bm, warps, stages): gluon_wgmma.linear(x, gw, *t)  # noqa: E731
                     try:
-                        err = rel_err(fn(x), ref)
+                        err = max(rel_err(fn(x), ref) for _ in range(args.checks))
                     except Exception as ex:  # noqa: BLE001 - reported in the table
                         row["errors"][label] = f"{type(ex).__name__}: {str(ex)[:300]}"
                         continue
-                    if err > 2e-2:
+                    if err > 5e-3:
                         row["errors"][label] = f"rel err {err:.2e}"
                         continue
                     row["wgmma"][label] = time_cuda(fn, x, args.reps, flush)

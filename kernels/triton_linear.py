@@ -585,12 +585,16 @@ def default_config(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloa
 def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> list[Config]:
     """The tiles a latency table times for m token rows: `default_config` first, then, for decode (m <=
     TUNED_MAX_M), the near-winners of the tile sweeps that set the defaults (CUDA-core GEMV, integer-dot GEMV,
-    Triton and Gluon tensor-core decode, int8 tensor-core decode, split-K GEMM) over a few K-splits. The sweeps
-    ran on four LLM shapes of one H100 and one H200; other shapes (a 1B model's 512x2048) and devices get the
-    tile measured best for them."""
+    Triton and Gluon tensor-core decode, int8 tensor-core decode, split-K GEMM) over a few K-splits; above it,
+    the Hopper wgmma prefill's tiles (`gluon_wgmma.TILES`) where the device and weight allow. The sweeps ran on
+    four LLM shapes of one H100 and one H200; other shapes (a 1B model's 512x2048) and devices get the tile
+    measured best for them."""
     default = default_config(m, gw, dtype)
     if m > TUNED_MAX_M:
-        return [default]
+        from . import gluon_wgmma
+        return list(dict.fromkeys([default] + [
+            Config(bm, 16 * warps, 1, warps, stages, wgmma=True) for bm, warps, stages in gluon_wgmma.TILES
+            if gluon_wgmma.unsupported_reason(gw, dtype, gw.scales.device, bm, warps) is None]))
     n, blocks = gw.shape[0], gw.planes[0].shape[0] // WORD_ROWS
 
     def tile(bm: int, bn: int, warps: int, waves: int, stages: int = 1, mma: bool = False,
