@@ -15,14 +15,16 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
 - B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
   `wgmma` as the transposed view.
 - One loop iteration per 64-column step: its `wgmma` is issued asynchronously, the next step's operand is made
-  while it runs, then it is waited for (its operand registers kept live until then).
-Not dispatched yet: `triton_linear.tile_candidates` does not offer these tiles to latency tables, so emitted models
-do not run it; `Config(wgmma=True)` runs it when asked, and benchmarks/bench_kernels_gpu.py times TILES. The
-version measured on an H100 (session 30) left one wgmma in flight across loop iterations and raced (4-bit, 256
-tokens a tile: some output tiles wrong in 5 of 6 calls at 8192x2048); this version waits for each step's wgmma
-(see the loop). Compiled offline, the measured version's SASS writes an in-flight A register (a register copy at
-the loop's back edge) and this one does not (`test_wgmma_prefill_keeps_inflight_operands_offline`); it has not
-run on a GPU: test_wgmma_prefill's repeated-call check decides (docs/kernels_gpu.md, "Session 30").
+  while it runs, then it is waited for (its operand registers kept live until then). Leaving one `wgmma` in flight
+  across iterations raced (session 30: a register copy at the loop's back edge overwrote its A registers;
+  `test_wgmma_prefill_keeps_inflight_operands_offline` scans the SASS for that).
+- Group scales: where a group spans whole K blocks (4/5/6/8 bits at group 128) they are loaded as a block starts;
+  where a block holds several groups of 64 columns or more (2/3 bits at group 128, group 64) each step's is loaded
+  a step ahead (before, each was loaded where it was used and the load's latency stalled every step; on an H100,
+  session 31, 2-bit 8192x8192 at 512 tokens went from 144.9 to 114.7 us); groups of 16 or 32 are loaded per slot
+  where they are used.
+Latency tables offer TILES above `triton_linear.TUNED_MAX_M` tokens (`tile_candidates`), so emitted models run it
+where it was measured fastest (docs/kernels_gpu.md, "Session 31").
 Needs Triton's Gluon (triton >= 3.6), a CUDA device of compute capability 9.x (Hopper) and K a multiple of 8 (TMA
 reads x in 16-byte aligned rows; x is copied first where its rows are not); Gluon does not run in Triton's CPU
 interpreter.
@@ -135,15 +137,22 @@ if HAVE_GLUON:
         return w0, w1
 
     @gluon.jit
-    def _scale_bias(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO: gl.constexpr, HAS_Z: gl.constexpr,
-                    DT: gl.constexpr, PAIRED: gl.constexpr):
-        """Scale and magic + zero point [BN, 1] of the group holding input column `col` (scale 0 past K), as
-        `_slot_values` takes them."""
+    def _load_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, HAS_Z: gl.constexpr):
+        """Scale and zero point [BN] of the group holding input column `col` as stored (scale 0 past K; the zero
+        is the scale again where there is none), for `_scale_bias` to convert once they have arrived."""
         offs = (col // G) * stride_sg + n * stride_sn
         ok = nmask & (col < K)
-        sc = gl.load(s + offs, mask=ok, other=0.0).to(gl.float32)
+        sc = gl.load(s + offs, mask=ok, other=0.0)
         if HAS_Z:
-            zero = gl.load(z + offs, mask=ok, other=0.0).to(gl.float32)
+            return sc, gl.load(z + offs, mask=ok, other=0.0)
+        return sc, sc
+
+    @gluon.jit
+    def _scale_bias(sc, zero, ZERO: gl.constexpr, HAS_Z: gl.constexpr, DT: gl.constexpr, PAIRED: gl.constexpr):
+        """A group's scale and magic + zero point [BN, 1] (from `_load_scale`) as `_slot_values` takes them."""
+        sc = sc.to(gl.float32)
+        if HAS_Z:
+            zero = zero.to(gl.float32)
         else:
             zero = gl.zeros_like(sc) + ZERO
         if PAIRED:
@@ -153,22 +162,30 @@ if HAVE_GLUON:
             return sc[:, None], (zero + 8388608.0)[:, None]
 
     @gluon.jit
+    def _slot_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO: gl.constexpr, HAS_Z: gl.constexpr,
+                    DT: gl.constexpr, PAIRED: gl.constexpr):
+        """`_scale_bias` of the group holding column `col`, loaded and used at once (groups of 16 or 32)."""
+        sc, zero = _load_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
+        return _scale_bias(sc, zero, ZERO, HAS_Z, DT, PAIRED)
+
+    @gluon.jit
     def _step_operand(w0, w1, sc, zb, s, z, col, K, G, n, nmask, stride_sg, stride_sn, W0: gl.constexpr,
-                      W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr, BLOCK_SCALE: gl.constexpr,
+                      W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr,
                       DT: gl.constexpr, PAIRED: gl.constexpr):
         """Slots 0..3 of words w0, w1 (shifted so that a step's slots come first) as the A operand [BN, 64] of the
-        step at input column `col` (its column 16 i + j is slot i of word row j)."""
-        if not BLOCK_SCALE:  # a slot lies in one group (the width is a multiple of 16): each slot's own
-            sc, zb = _scale_bias(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        step at input column `col` (its column 16 i + j is slot i of word row j). SCALES < 2: the step lies in one
+        group, whose sc, zb are given; 2: each slot's (a group of 16 or 32 columns) is loaded here."""
+        if SCALES == 2:
+            sc, zb = _slot_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
         v0 = _slot_values(w0, w1, 0, sc, zb, W0, W1, DT, PAIRED)
-        if not BLOCK_SCALE:
-            sc, zb = _scale_bias(s, z, col + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        if SCALES == 2:
+            sc, zb = _slot_scale(s, z, col + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
         v1 = _slot_values(w0, w1, 1, sc, zb, W0, W1, DT, PAIRED)
-        if not BLOCK_SCALE:
-            sc, zb = _scale_bias(s, z, col + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        if SCALES == 2:
+            sc, zb = _slot_scale(s, z, col + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
         v2 = _slot_values(w0, w1, 2, sc, zb, W0, W1, DT, PAIRED)
-        if not BLOCK_SCALE:
-            sc, zb = _scale_bias(s, z, col + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        if SCALES == 2:
+            sc, zb = _slot_scale(s, z, col + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
         v3 = _slot_values(w0, w1, 3, sc, zb, W0, W1, DT, PAIRED)
         both = gl.join(gl.join(v0, v1), gl.join(v2, v3))  # [BN, 16, 2 (slot bit 0), 2 (slot bit 1)]
         return gl.reshape(gl.permute(both, (0, 3, 2, 1)), [both.shape[0], 64])
@@ -176,7 +193,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
                               PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr,
-                              HAS_Z: gl.constexpr, BLOCK_SCALE: gl.constexpr, PAIRED: gl.constexpr,
+                              HAS_Z: gl.constexpr, SCALES: gl.constexpr, PAIRED: gl.constexpr,
                               STAGES: gl.constexpr, WARPS: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         STEP: gl.constexpr = x_desc.block_type.shape[1]
@@ -207,9 +224,11 @@ if HAVE_GLUON:
         cw0, cw1 = _block_words(p0, p1, 0, KW, N, offs, wmask, W1)
         nw0, nw1 = _block_words(p0, p1, 1, KW, N, offs, wmask, W1)
         fw0, fw1 = _block_words(p0, p1, 2, KW, N, offs, wmask, W1)
-        sc, zb = _scale_bias(s, z, 0, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        sc, zb = _slot_scale(s, z, 0, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
         a = gl.convert_layout(_step_operand(cw0, cw1, sc, zb, s, z, 0, K, G, n, nmask, stride_sg, stride_sn, W0, W1,
-                                            ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED), a_l, assert_trivial=True)
+                                            ZERO, HAS_Z, SCALES, DT, PAIRED), a_l, assert_trivial=True)
+        if SCALES == 1:
+            raw_s, raw_z = _load_scale(s, z, STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)  # step 1's group
         # One iteration per step, the same code for each (ptxas then keeps the operands of the steps in flight
         # apart; a loop over blocks with the steps unrolled had it copy them through one register quad, waiting on
         # each wgmma): a block's words are shifted by a step's slots after each step.
@@ -221,13 +240,17 @@ if HAVE_GLUON:
                 cw0, cw1 = nw0, nw1
                 nw0, nw1 = fw0, fw1
                 fw0, fw1 = _block_words(p0, p1, (t + 1) // SUB + 2, KW, N, offs, wmask, W1)
-                sc, zb = _scale_bias(s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT,
-                                     PAIRED)
+                if SCALES == 0:
+                    sc, zb = _slot_scale(s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT,
+                                         PAIRED)
             else:
                 cw0 = cw0 >> (4 * W0)
                 cw1 = cw1 >> (4 * W1)
+            if SCALES == 1:  # step t + 1's group was loaded an iteration ago; load step t + 2's
+                sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, PAIRED)
+                raw_s, raw_z = _load_scale(s, z, (t + 2) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
             a_next = _step_operand(cw0, cw1, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0,
-                                   W1, ZERO, HAS_Z, BLOCK_SCALE, DT, PAIRED)
+                                   W1, ZERO, HAS_Z, SCALES, DT, PAIRED)
             # Wait for this step's wgmma before the loop hands a_next on: the operand it reads stays live up to here
             # (a dependency of the wait), so a_next is made in other registers while it runs, and no register copy
             # at the loop's back edge can overwrite what an unfinished wgmma reads. (Leaving one wgmma in flight
@@ -251,11 +274,13 @@ if HAVE_GLUON:
 def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_warps: int,
                      stages: int) -> dict:
     """The kernel's constexprs and launch options for this weight, rows of `dtype` and tile (what `linear` launches
-    with and benchmarks/compile_decode_offline.py compiles). Tiles of 8 warps and up to 128 tokens are held to 128
-    registers a thread (3-bit spills 136 bytes), so that two CTAs share an SM: on an H100, with the version
-    measured in session 30, that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512
-    from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
-    return dict(BLOCK_SCALE=gw.group % gw.block == 0, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages,
+    with and benchmarks/compile_decode_offline.py compiles). SCALES: 0 a block's group loaded as the block starts,
+    1 a step's group loaded a step ahead, 2 each slot's group loaded where it is used (see the module). Tiles of 8
+    warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 152 bytes), so that two CTAs share
+    an SM: on an H100, with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens from
+    222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
+    scales = 0 if gw.group % gw.block == 0 else 1 if gw.group % STEP == 0 else 2
+    return dict(SCALES=scales, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages,
                 WARPS=num_warps, num_warps=num_warps, **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
 
 

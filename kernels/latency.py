@@ -6,8 +6,8 @@ the registered backends of `kernels.backends`), checks each against a float64 re
 more than the tolerance is dropped and the reason kept), and times the correct ones: on CUDA with events
 around a CUDA-graph replay of one call, the L2 flushed before each replay, the median of `reps`; on the CPU
 with time.perf_counter. The fastest correct path per entry is the dispatch table. On CUDA our fused kernel is
-also timed at the other tiles `triton_linear.tile_candidates` offers for decode token counts (as
-"triton_fused[<tile label>]"), and the fastest of our paths, tile included, is installed for emitted models
+also timed at the other tiles `triton_linear.tile_candidates` offers (decode tiles up to 16 tokens, the Hopper
+wgmma prefill's above; as "triton_fused[<tile label>]"), and the fastest of our paths, tile included, is installed for emitted models
 (`gpu_backends.use_measured`; `LatencyTable.use_dispatch` installs a whole table); a W<b>A8 entry times each of
 `a8_linear.PATHS` (the weight-only kernels measured and installed first, as one path runs them) and installs the
 fastest (`a8_linear.use_measured`). Each weight-only linear entry

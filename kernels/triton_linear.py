@@ -541,7 +541,8 @@ _GLUON_TILE = (128, 4, 8)
 # the K-split)
 _DP4A_TILES = ((256, 2, 8), (512, 2, 4), (512, 4, 4), (512, 4, 8), (512, 4, 16), (512, 8, 4), (128, 2, 8),
                (128, 2, 32))
-TUNED_MAX_M = 16  # token counts up to which `tile_candidates` offers more than the default tile
+# token counts up to which `tile_candidates` offers the decode tiles (above: the Hopper wgmma prefill's)
+TUNED_MAX_M = 16
 _GEMV_ALTERNATIVES = ((128, 4, 8), (256, 2, 8), (256, 4, 16), (512, 4, 8), (512, 4, 16))
 # (columns, warps, waves, stages; 2 = prefetch): the int8 tensor-core decode's winners at 1, 4 and 16 tokens on
 # 28672x8192 and 8192x8192 (H200, session 21)
