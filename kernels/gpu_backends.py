@@ -51,21 +51,22 @@ def is_ours(path: str) -> bool:
 
 
 def pick(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bfloat16) -> tuple[str, tlin.Config | None]:
-    """The (path, tile) a "triton" layer runs for m token rows of `dtype`: the measured winner at m rows (with the
-    default tile where the measured one cannot run here: a Gluon tile measured on a device with Gluon, a bfloat16
-    tensor-core tile for float16 rows); else the path measured at the nearest token count with the default tile
-    (None); else dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M rows and the fused kernel's default tile below."""
+    """The (path, tile) a "triton" layer runs for m token rows of `dtype`: the winner measured at m rows, else at the
+    nearest measured token count (a prompt of 300 tokens runs what won at 512), with its tile where that tile can
+    run m rows of `dtype` here and the default tile (None) where not (a decode tile of fewer rows, a Gluon tile
+    measured on a device with Gluon, a bfloat16 tensor-core tile for float16 rows); with nothing measured for the
+    layer, dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M rows and the fused kernel's default tile below."""
     layer = _key(gw.spec, gw.shape)
-    exact = DISPATCH.get((*layer, m))
-    if exact is not None:
-        path, tile = exact
-        if tile is not None and tlin.config_error(tile, m, gw, dtype, gw.scales.device) is not None:
-            return path, None
-        return path, tile
-    near = [key for key in DISPATCH if key[:5] == layer]
-    if near:
-        return DISPATCH[min(near, key=lambda key: abs(key[5] - m))][0], None
-    return ("triton_dequant_cublas" if m >= PREFILL_DEQUANT_MIN_M else "triton_fused"), None
+    measured = DISPATCH.get((*layer, m))
+    if measured is None:
+        near = [key for key in DISPATCH if key[:5] == layer]
+        if not near:
+            return ("triton_dequant_cublas" if m >= PREFILL_DEQUANT_MIN_M else "triton_fused"), None
+        measured = DISPATCH[min(near, key=lambda key: abs(key[5] - m))]
+    path, tile = measured
+    if tile is not None and tlin.config_error(tile, m, gw, dtype, gw.scales.device) is not None:
+        return path, None
+    return path, tile
 
 
 def gpu_weight(qw: QuantizedWeightLike) -> GpuPackedWeight:

@@ -209,7 +209,8 @@ class LatencyTable:
         (dequantize + cuBLAS or the fused kernel, and the fused kernel's tile) per (shape, choice, tokens): what
         its `selected` entries timed; and their W<b>A8 layers by the fastest of `a8_linear.PATHS`. `measure` does
         this on CUDA; call it after loading a table in a new process (a table of another device installs tiles
-        measured there). Other token counts take the path measured at the nearest count, with the default tile."""
+        measured there). Other token counts take the path and tile measured at the nearest count (the default tile
+        where that tile cannot run them: `gpu_backends.pick`)."""
         use_paths(self.measured_paths())
 
     def measured_paths(self, layers: Iterable[tuple[str, tuple[int, int], str]] | None = None) -> list[dict[str, Any]]:

@@ -428,7 +428,7 @@ def test_split_k_gemm_with_a_part_block_of_rows_is_right_every_call() -> None:
 def test_a_latency_table_sets_the_path_and_tile_layers_run(monkeypatch) -> None:
     """`LatencyTable.use_dispatch` (which `measure` calls on CUDA) makes "triton" layers run the fastest of our
     measured paths (never a library's, whose weight layout a layer does not hold): at a measured token count with
-    its tile, at others by the path of the nearest count with the default tile."""
+    its tile, at others by the path and tile of the nearest count (the default tile where that one cannot run)."""
     from kernels import gpu_backends
     from kernels.latency import LatencyEntry, LatencyTable, entry_key
     monkeypatch.setattr(gpu_backends, "DISPATCH", {})
@@ -443,8 +443,14 @@ def test_a_latency_table_sets_the_path_and_tile_layers_run(monkeypatch) -> None:
             "triton_fused": 0.2, "triton_dequant_cublas": 0.1, "triton": 0.1}, selected="triton")})
     table.use_dispatch()
     assert gpu_backends.pick(1, gw) == ("triton_fused", tile)
-    assert gpu_backends.pick(2, gw) == ("triton_fused", None)
+    runs_2 = tlin.config_error(tile, 2, gw, dtype, gw.scales.device) is None
+    assert gpu_backends.pick(2, gw) == ("triton_fused", tile if runs_2 else None)
     assert gpu_backends.pick(400, gw) == ("triton_dequant_cublas", None)
+    gemm = tlin.Config(64, 64, 1, 4, 2)  # a prefill tile that won at 64 tokens runs a 40-token prompt too
+    gpu_backends.use_measured(qt.spec, (130, 300), 64, f"triton_fused[{gemm.label}]")
+    assert gpu_backends.pick(40, gw) == ("triton_fused", gemm)
+    x40 = torch.randn(40, 300).to(dtype).to(DEV)
+    _check(_poisoned(lambda: gpu_backends.run_gpu_weight(x40, gw)), x40, qt, dtype)
     gluon = tlin.Config(4, 128, 4, 4, 1, mma=True, gluon=True)  # measured where Gluon runs: here only if it runs
     gpu_backends.use_measured(qt.spec, (130, 300), 3, f"triton_fused[{gluon.label}]")
     assert gpu_backends.pick(3, gw) == ("triton_fused", gluon if tlin.gluon_available(gw.scales.device) else None)
