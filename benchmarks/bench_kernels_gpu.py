@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import QuantSpec, a8_linear, gluon_wgmma, quantize  # noqa: E402
+from kernels import QuantSpec, a8_linear, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_backends import gpu_candidates  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
@@ -50,12 +50,11 @@ PROCESS_BYTES_PER_ELEMENT = 64  # GPU memory of one process per weight element (
 def sweep(m: int, gw) -> list[tlin.Config]:
     """Tile shapes tried for m rows besides the default heuristic: for decode (m <= triton_linear.TUNED_MAX_M)
     exactly the tiles a latency table tries (`tile_candidates`), so "ours" is what an emitted model runs after
-    `kernels.measure`; above it the Hopper wgmma prefill's tiles where the device runs them (`gluon_wgmma.TILES`),
-    a few split-K GEMM (up to 64 rows) and wide-kernel tiles, which no table installs."""
+    `kernels.measure`; above it those too (the Hopper wgmma prefill's, where the device runs them), and a few
+    split-K GEMM (up to 64 rows) and wide-kernel tiles, which no table installs."""
+    offered = tlin.tile_candidates(m, gw, torch.bfloat16)[1:]
     if m <= tlin.TUNED_MAX_M:
-        return tlin.tile_candidates(m, gw, torch.bfloat16)[1:]
-    offered = [tlin.Config(bm, 16 * warps, 1, warps, stages, wgmma=True) for bm, warps, stages in gluon_wgmma.TILES
-               if gluon_wgmma.unsupported_reason(gw, torch.bfloat16, gw.scales.device, bm, warps) is None]
+        return offered
 
     def cfg(bm: int, bn: int, warps: int, stages: int, waves: int = 4, wide: bool = False) -> tlin.Config:
         n, blocks = gw.shape[0], gw.planes[0].shape[0] // 16

@@ -1,22 +1,21 @@
 """Measured latency tables: every distinct (layer shape, choice, tokens) timed on the target device.
 
-`measure(layers, choices, tokens, device)` quantizes a random weight of each shape under each choice, runs
-every path that can compute it (CUDA: our Triton kernels and the library anchors of `gpu_backends`; CPU:
-the registered backends of `kernels.backends`), checks each against a float64 reference (a path off by
-more than the tolerance is dropped and the reason kept), and times the correct ones: on CUDA with events
-around a CUDA-graph replay of one call, the L2 flushed before each replay, the median of `reps`; on the CPU
-with time.perf_counter. The fastest correct path per entry is the dispatch table. On CUDA our fused kernel is
-also timed at the other tiles `triton_linear.tile_candidates` offers (decode tiles up to 16 tokens, the Hopper
-wgmma prefill's above; as "triton_fused[<tile label>]"), and the fastest of our paths, tile included, is installed for emitted models
+`measure(layers, choices, tokens, device)` quantizes a random weight of each shape under each choice, runs every
+path that can compute it (CUDA: our Triton kernels and the library anchors of `gpu_backends`; CPU: the registered
+backends of `kernels.backends`), checks each against a float64 reference (a path off by more than the tolerance is
+dropped and the reason kept), and times the correct ones: on CUDA with events around a CUDA-graph replay of one
+call, the L2 flushed before each replay, the median of `reps`; on the CPU with time.perf_counter. The fastest
+correct path per entry is the dispatch table. On CUDA our fused kernel is also timed at the other tiles
+`triton_linear.tile_candidates` offers (decode tiles up to 16 tokens, the Hopper wgmma prefill's above; as
+"triton_fused[<tile label>]"), and the fastest of our paths, tile included, is installed for emitted models
 (`gpu_backends.use_measured`; `LatencyTable.use_dispatch` installs a whole table); a W<b>A8 entry times each of
 `a8_linear.PATHS` (the weight-only kernels measured and installed first, as one path runs them) and installs the
-fastest (`a8_linear.use_measured`). Each weight-only linear entry
-then times the path the backend registry dispatches a `QuantizedLinear` to (`selected`): that is what an emitted
-model runs, so `lookup` returns its time. Convs whose geometry the layer graph recorded are timed as the
-QuantizedConv an emitted model holds, on `tokens` samples of their traced input shape, under a kind that
-carries the geometry (`geometry_kind`; `latency_calls` lists a layer's entries with their calls). `rest` holds
-the unquantized rest of whole models (attention, norms, embeddings; `kernels.model_latency.measure_rest`), so a
-plan's latency can be predicted for the whole model.
+fastest (`a8_linear.use_measured`). Each weight-only linear entry then times the path the backend registry
+dispatches a `QuantizedLinear` to (`selected`): that is what an emitted model runs, so `lookup` returns its time.
+Convs whose geometry the layer graph recorded are timed as the QuantizedConv an emitted model holds, on `tokens`
+samples of their traced input shape, under a kind that carries the geometry (`geometry_kind`; `latency_calls` lists
+a layer's entries with their calls). `rest` holds the unquantized rest of whole models (attention, norms,
+embeddings; `kernels.model_latency.measure_rest`), so a plan's latency can be predicted for the whole model.
 Each graph-timed entry (CUDA, tokens <= GRAPH_MAX_TOKENS) carries the fixed launch and event cost of one timed
 replay, which a whole-model graph pays once in all: `measure` times that cost once per table
 (`replay_overhead_ms`: a replay of one layer less what each further layer of a graph adds, which a layer also

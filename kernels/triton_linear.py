@@ -66,8 +66,7 @@ class Config:
     gluon: bool = False  # with mma: the Gluon kernel (`gluon_linear.gemv_mma_gluon`; CUDA only, not in the interpreter)
     dp4a: bool = False  # decode on integer dot products (`dp4a_linear`; block_m 1, groups of whole or half K blocks)
     imma: bool = False  # decode on int8 tensor cores (`gluon_imma`, up to block_m tokens; num_stages 2: prefetch)
-    wgmma: bool = False  # prefill on Hopper wgmma (`gluon_wgmma`; block_n = 16 x num_warps, num_stages: TMA ring;
-    # not offered to latency tables yet: see gluon_wgmma)
+    wgmma: bool = False  # prefill on Hopper wgmma (`gluon_wgmma`; block_n = 16 x num_warps, num_stages: TMA ring)
 
     @property
     def label(self) -> str:
