@@ -6,25 +6,29 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
 - A (the weight, registers): a thread's words of one K block are exactly what its A-operand registers need. In
   the GPU layout, word row j of a block holds in slot i the code of input column 16 i + j, and `wgmma`'s A
   fragment gives lane l the columns 2(l % 4) + {0, 1, 8, 9} of every 16, on rows l // 4 + {0, 8} of its warp's
-  16. So a thread loads 4 words of each of its 2 rows per block (8 x 32 bits, coalesced 32-byte runs across the
-  warp, two blocks ahead of use), and slot i of the words of rows j and j + 1 is one A register: their 16-bit
-  halves side by side (PRMT), a shift and a LOP3 with the magic exponent give 128 + code in both bfloat16 halves
-  (1024 + code in float16), then one packed subtract of 128 + zero and one packed multiply by the group's scale
-  (`_pair_asm`: about 2 instructions a weight). bfloat16 with 8-bit codes, which 128 + code does not hold
-  exactly, goes through float32. No shared memory and no barrier for the weight.
+  16. So a thread needs 4 words of each of its 2 rows per block (8 x 32 bits, coalesced 32-byte runs across the
+  warp), and slot i of the words of rows j and j + 1 is one A register: their 16-bit halves side by side (PRMT), a
+  shift and a LOP3 with the magic exponent give 128 + code in both bfloat16 halves (1024 + code in float16), then
+  one packed subtract of 128 + zero and one packed multiply by the group's scale (`_pair_asm`: about 2
+  instructions a weight). bfloat16 with 8-bit codes, which 128 + code does not hold exactly, goes through float32.
+- How the words arrive (RING): 2- and 4-bit words are copied by `cp.async` into a ring of AHEAD blocks in shared
+  memory, each thread its own words, and read back (LDS.64) as their block starts. Loaded into registers two
+  blocks ahead instead (the other widths, and plane 1 of 3/5/6 bits), ptxas moves each fresh load into the
+  loop-carried registers right after issuing it, so every block start waits out a global load: on an H100
+  (session 32) the ring with the scales below took 4-bit 8192x8192 at 512 tokens from 127.8 to 110.6 us. 8-bit
+  (a block a step) lost with the ring (141.2 -> 151.6 us), 3-bit lost with plane 0 in it.
 - B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
   `wgmma` as the transposed view.
 - One loop iteration per 64-column step: its `wgmma` is issued asynchronously, the next step's operand is made
   while it runs, then it is waited for (its operand registers kept live until then). Leaving one `wgmma` in flight
   across iterations raced (session 30: a register copy at the loop's back edge overwrote its A registers;
   `test_wgmma_prefill_keeps_inflight_operands_offline` scans the SASS for that).
-- Group scales: where a group spans whole K blocks (4/5/6/8 bits at group 128) they are loaded as a block starts;
-  where a block holds several groups of 64 columns or more (2/3 bits at group 128, group 64) each step's is loaded
-  a step ahead (before, each was loaded where it was used and the load's latency stalled every step; on an H100,
-  session 31, 2-bit 8192x8192 at 512 tokens went from 144.9 to 114.7 us); groups of 16 or 32 are loaded per slot
-  where they are used.
+- Group scales: where a group spans whole K blocks (4/5/6/8 bits at group 128) the next block's is loaded as a
+  block starts; where a block holds several groups of 64 columns or more (2/3 bits at group 128, group 64) the next
+  step's is loaded with each step (on an H100, session 31, 2-bit 8192x8192 at 512 tokens went from 144.9 to 114.7
+  us against loading each where it is used); groups of 16 or 32 are loaded per slot where they are used.
 Latency tables offer TILES above `triton_linear.TUNED_MAX_M` tokens (`tile_candidates`), so emitted models run it
-where it was measured fastest (docs/kernels_gpu.md, "Session 31").
+where it was measured fastest (docs/kernels_gpu.md, "Session 31", "Session 32").
 Needs Triton's Gluon (triton >= 3.6), a CUDA device of compute capability 9.x (Hopper) and K a multiple of 8 (TMA
 reads x in 16-byte aligned rows; x is copied first where its rows are not); Gluon does not run in Triton's CPU
 interpreter.
@@ -38,6 +42,7 @@ from .gpu_layout import WORD_ROWS, GpuPackedWeight
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
@@ -126,15 +131,18 @@ if HAVE_GLUON:
         return h | (h << 16)
 
     @gluon.jit
-    def _block_words(p0, p1, blk, KW, N, offs, nmask, W1: gl.constexpr):
-        """The words of K block `blk` at `offs` (word row j x N + weight row), zero past the last block."""
+    def _copy_block(ring, p0, blk, KW, N, offs, nmask, AHEAD: gl.constexpr):
+        """Start copying the plane-0 words of K block `blk` at `offs` (word row j x N + weight row) into ring slot
+        blk % AHEAD (zeros past the last block) as one commit group. Each thread copies the words it reads back
+        itself, in the same layout."""
         ok = nmask & (blk * 16 < KW)
-        w0 = gl.load(p0 + blk * 16 * N + offs, mask=ok, other=0)
-        if W1 > 0:
-            w1 = gl.load(p1 + blk * 16 * N + offs, mask=ok, other=0).to(gl.int32)
-        else:
-            w1 = w0
-        return w0, w1
+        cp.async_copy_global_to_shared(ring.index(blk % AHEAD), p0 + blk * 16 * N + offs, mask=ok)
+        cp.commit_group()
+
+    @gluon.jit
+    def _plane_words(p, blk, KW, N, offs, nmask):
+        """A plane's words of K block `blk` at `offs` as int32 (zero past the last block), loaded into registers."""
+        return gl.load(p + blk * 16 * N + offs, mask=nmask & (blk * 16 < KW), other=0).to(gl.int32)
 
     @gluon.jit
     def _load_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, HAS_Z: gl.constexpr):
@@ -194,7 +202,8 @@ if HAVE_GLUON:
     def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
                               PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr,
                               HAS_Z: gl.constexpr, SCALES: gl.constexpr, PAIRED: gl.constexpr,
-                              STAGES: gl.constexpr, WARPS: gl.constexpr):
+                              STAGES: gl.constexpr, RING: gl.constexpr, AHEAD: gl.constexpr,
+                              WARPS: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         STEP: gl.constexpr = x_desc.block_type.shape[1]
         DT: gl.constexpr = x_desc.dtype
@@ -212,6 +221,9 @@ if HAVE_GLUON:
         offs = j[None, :] * N + n[:, None]
         wmask = nmask[:, None]
         x_smem = gl.allocate_shared_memory(DT, [STAGES, BM, STEP], x_desc.layout)
+        if RING:
+            ring = gl.allocate_shared_memory(gl.int32, [AHEAD, BN, 16],
+                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
@@ -221,14 +233,27 @@ if HAVE_GLUON:
                 mbarrier.expect(bars.index(st), x_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(x_desc, [pid_m * BM, st * STEP], bars.index(st), x_smem.index(st))
         acc = gl.zeros([BN, BM], gl.float32, layout=mma)
-        cw0, cw1 = _block_words(p0, p1, 0, KW, N, offs, wmask, W1)
-        nw0, nw1 = _block_words(p0, p1, 1, KW, N, offs, wmask, W1)
-        fw0, fw1 = _block_words(p0, p1, 2, KW, N, offs, wmask, W1)
+        if RING:
+            for b in gl.static_range(AHEAD):
+                _copy_block(ring, p0, b, KW, N, offs, wmask, AHEAD)
+            cp.wait_group(AHEAD - 1)
+            cw0 = ring.index(0).load(w_l)
+        else:
+            cw0 = _plane_words(p0, 0, KW, N, offs, wmask)
+            nw0 = _plane_words(p0, 1, KW, N, offs, wmask)
+            fw0 = _plane_words(p0, 2, KW, N, offs, wmask)
+        if W1 > 0:
+            cw1 = _plane_words(p1, 0, KW, N, offs, wmask)
+            nw1 = _plane_words(p1, 1, KW, N, offs, wmask)
+            fw1 = _plane_words(p1, 2, KW, N, offs, wmask)
+        else:
+            cw1 = cw0
         sc, zb = _slot_scale(s, z, 0, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
         a = gl.convert_layout(_step_operand(cw0, cw1, sc, zb, s, z, 0, K, G, n, nmask, stride_sg, stride_sn, W0, W1,
                                             ZERO, HAS_Z, SCALES, DT, PAIRED), a_l, assert_trivial=True)
-        if SCALES == 1:
-            raw_s, raw_z = _load_scale(s, z, STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)  # step 1's group
+        if SCALES < 2:  # the group of step 1 (SCALES 1) or of block 1 (SCALES 0)
+            raw_s, raw_z = _load_scale(s, z, STEP if SCALES == 1 else 16 * PER, K, G, n, nmask, stride_sg, stride_sn,
+                                       HAS_Z)
         # One iteration per step, the same code for each (ptxas then keeps the operands of the steps in flight
         # apart; a loop over blocks with the steps unrolled had it copy them through one register quad, waiting on
         # each wgmma): a block's words are shifted by a step's slots after each step.
@@ -236,13 +261,25 @@ if HAVE_GLUON:
             cur = t % STAGES
             mbarrier.wait(bars.index(cur), (t // STAGES) & 1)
             acc = warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
-            if SUB == 1 or (t + 1) % SUB == 0:  # the next step starts a block: its words came two blocks ahead
-                cw0, cw1 = nw0, nw1
-                nw0, nw1 = fw0, fw1
-                fw0, fw1 = _block_words(p0, p1, (t + 1) // SUB + 2, KW, N, offs, wmask, W1)
-                if SCALES == 0:
-                    sc, zb = _slot_scale(s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT,
-                                         PAIRED)
+            if SUB == 1 or (t + 1) % SUB == 0:  # the next step starts block nb
+                nb = (t + 1) // SUB
+                if RING:  # copied AHEAD - 1 blocks ago
+                    _copy_block(ring, p0, nb + AHEAD - 1, KW, N, offs, wmask, AHEAD)
+                    cp.wait_group(AHEAD - 1)
+                    cw0 = ring.index(nb % AHEAD).load(w_l)
+                else:  # loaded two blocks ago
+                    cw0 = nw0
+                    nw0 = fw0
+                    fw0 = _plane_words(p0, nb + 2, KW, N, offs, wmask)
+                if W1 > 0:
+                    cw1 = nw1
+                    nw1 = fw1
+                    fw1 = _plane_words(p1, nb + 2, KW, N, offs, wmask)
+                else:
+                    cw1 = cw0
+                if SCALES == 0:  # the block's group was loaded a block ago; load the next block's
+                    sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, PAIRED)
+                    raw_s, raw_z = _load_scale(s, z, (nb + 1) * 16 * PER, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
             else:
                 cw0 = cw0 >> (4 * W0)
                 cw1 = cw1 >> (4 * W1)
@@ -274,14 +311,16 @@ if HAVE_GLUON:
 def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_warps: int,
                      stages: int) -> dict:
     """The kernel's constexprs and launch options for this weight, rows of `dtype` and tile (what `linear` launches
-    with and benchmarks/compile_decode_offline.py compiles). SCALES: 0 a block's group loaded as the block starts,
-    1 a step's group loaded a step ahead, 2 each slot's group loaded where it is used (see the module). Tiles of 8
-    warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 152 bytes), so that two CTAs share
-    an SM: on an H100, with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens from
-    222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
+    with and benchmarks/compile_decode_offline.py compiles). SCALES: 0 a block's group loaded a block ahead, 1 a
+    step's group loaded a step ahead, 2 each slot's group loaded where it is used; RING: plane-0 words through a
+    shared-memory ring of AHEAD blocks (2/4 bits), else registers (see the module). Tiles of 8 warps and up to 128
+    tokens are held to 128 registers a thread (3-bit spills 152 bytes), so that two CTAs share an SM: on an H100,
+    with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and
+    8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
     scales = 0 if gw.group % gw.block == 0 else 1 if gw.group % STEP == 0 else 2
-    return dict(SCALES=scales, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages,
-                WARPS=num_warps, num_warps=num_warps, **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
+    return dict(SCALES=scales, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages, RING=gw.bits in (2, 4),
+                AHEAD=2, WARPS=num_warps, num_warps=num_warps,
+                **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
 
 
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
