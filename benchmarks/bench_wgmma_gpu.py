@@ -33,12 +33,14 @@ def main() -> None:
     ap.add_argument("--shapes", default="all")
     ap.add_argument("--bits", default="2,3,4,8")
     ap.add_argument("--tokens", default="128,512")
-    ap.add_argument("--tiles", default="", help="block_m:num_warps:stages,... (default: gluon_wgmma.TILES)")
+    ap.add_argument("--tiles", default="", help="block_m:num_warps:stages[:split_k],... (default: gluon_wgmma.TILES, "
+                    "each at every split of gluon_wgmma.SPLITS)")
     ap.add_argument("--checks", type=int, default=3, help="calls checked against float64 per tile (a race shows "
                     "as an occasional wrong call)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")] if args.tiles else gluon_wgmma.TILES
+    tiles = ([tuple(int(v) for v in (t + ":1").split(":")[:4]) for t in args.tiles.split(",")] if args.tiles else
+             [(*t, split) for t in gluon_wgmma.TILES for split in gluon_wgmma.SPLITS])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
@@ -61,9 +63,9 @@ def main() -> None:
                            dequant_cublas=time_cuda(lambda x: tlin.dequant_matmul(x, gw), x, args.reps, flush),
                            triton_default=time_cuda(lambda x: tlin.linear(x, gw), x, args.reps, flush),
                            wgmma={}, errors={})
-                for bm, warps, stages in tiles:
-                    label = f"m{bm}w{warps}p{stages}"
-                    fn = lambda x, t=(bm, warps, stages): gluon_wgmma.linear(x, gw, *t)  # noqa: E731
+                for bm, warps, stages, split in tiles:
+                    label = f"m{bm}w{warps}p{stages}" + (f"s{split}" if split > 1 else "")
+                    fn = lambda x, t=(bm, warps, stages, split): gluon_wgmma.linear(x, gw, *t)  # noqa: E731
                     try:
                         err = max(rel_err(fn(x), ref) for _ in range(args.checks))
                     except Exception as ex:  # noqa: BLE001 - reported in the table

@@ -103,7 +103,7 @@ def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int]):
                             gl.NVMMASharedLayout.get_default_for([block_m, gluon_wgmma.STEP], gl.bfloat16))
     ptrs, consts = _operands(gw)
     sig = dict(x_desc=mangle_type(desc), **ptrs, out="*bf16", M="i32", N="i32", K="i32", KW="i32", G="i32",
-               stride_sg="i32", stride_sn="i32", stride_om="i32")
+               stride_sg="i32", stride_sn="i32", stride_om="i32", split_steps="i32")
     launch = gluon_wgmma.launch_constants(gw, torch.bfloat16, block_m, warps, stages)
     options = {key: launch.pop(key) for key in ("num_warps", "maxnreg") if key in launch}
     consts.update(stride_sn=1, **launch)

@@ -53,10 +53,13 @@ STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots
 # (block_m tokens, num_warps, TMA stages): each was the fastest somewhere in 28672x8192, 8192x8192 and 4096x14336,
 # 2/4-bit, 128 and 512 tokens, on an H100 (session 30); block_n = 16 x num_warps
 TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
+# K slices: 2 doubles the CTAs where a layer has too few tiles to fill the SMs (N = 4096 at 512 tokens); the
+# slices add into a zeroed float32 sum, which two slices make in the same order every call (0 + a + b = 0 + b + a)
+SPLITS = (1, 2)
 
 
 def unsupported_reason(gw: GpuPackedWeight, dtype: torch.dtype, device: torch.device, block_m: int,
-                       num_warps: int) -> str | None:
+                       num_warps: int, split_k: int = 1) -> str | None:
     """Why this kernel cannot run rows of `dtype` through this weight with this tile on `device` (None: it can)."""
     from . import triton_linear as tlin
     if not (HAVE_GLUON and tlin.gluon_available(device)) or torch.cuda.get_device_capability(device)[0] != 9:
@@ -70,6 +73,8 @@ def unsupported_reason(gw: GpuPackedWeight, dtype: torch.dtype, device: torch.de
         return f"group width {gw.group} is not a multiple of {WORD_ROWS}"
     if num_warps not in (4, 8) or block_m not in (64, 128, 256):
         return f"tile m{block_m} w{num_warps}: block_m in (64, 128, 256), num_warps in (4, 8)"
+    if split_k not in SPLITS:
+        return f"split_k={split_k}: the wgmma prefill splits K in {SPLITS}"
     return None
 
 
@@ -200,10 +205,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
-                              PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr,
+                              split_steps, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr,
                               HAS_Z: gl.constexpr, SCALES: gl.constexpr, PAIRED: gl.constexpr,
                               STAGES: gl.constexpr, RING: gl.constexpr, AHEAD: gl.constexpr,
-                              WARPS: gl.constexpr):
+                              ATOMIC: gl.constexpr, WARPS: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         STEP: gl.constexpr = x_desc.block_type.shape[1]
         DT: gl.constexpr = x_desc.dtype
@@ -215,6 +220,13 @@ if HAVE_GLUON:
         w_l: gl.constexpr = _a_word_layout(BN, WARPS)
         pid_m = gl.program_id(0)
         pid_n = gl.program_id(1)
+        if ATOMIC:  # this CTA's K slice: steps s0 .. s0 + steps - 1 (whole blocks)
+            s0 = gl.program_id(2) * split_steps
+            steps = gl.minimum(KW * PER // STEP - s0, split_steps)
+        else:  # all of K (constants keep the unsplit kernel's registers: 8-bit m128w8p4 spilled more otherwise)
+            s0 = 0
+            steps = KW * PER // STEP
+        b0 = s0 // SUB
         n = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w_l))
         nmask = n < N
         j = gl.arange(0, 16, layout=gl.SliceLayout(0, w_l))
@@ -227,39 +239,41 @@ if HAVE_GLUON:
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
-        steps = KW * PER // STEP
         for st in gl.static_range(STAGES - 1):
             if st < steps:
                 mbarrier.expect(bars.index(st), x_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(x_desc, [pid_m * BM, st * STEP], bars.index(st), x_smem.index(st))
+                tma.async_copy_global_to_shared(x_desc, [pid_m * BM, (s0 + st) * STEP], bars.index(st),
+                                                x_smem.index(st))
         acc = gl.zeros([BN, BM], gl.float32, layout=mma)
         if RING:
             for b in gl.static_range(AHEAD):
-                _copy_block(ring, p0, b, KW, N, offs, wmask, AHEAD)
+                _copy_block(ring, p0, b0 + b, KW, N, offs, wmask, AHEAD)
             cp.wait_group(AHEAD - 1)
-            cw0 = ring.index(0).load(w_l)
+            cw0 = ring.index(b0 % AHEAD).load(w_l)
         else:
-            cw0 = _plane_words(p0, 0, KW, N, offs, wmask)
-            nw0 = _plane_words(p0, 1, KW, N, offs, wmask)
-            fw0 = _plane_words(p0, 2, KW, N, offs, wmask)
+            cw0 = _plane_words(p0, b0, KW, N, offs, wmask)
+            nw0 = _plane_words(p0, b0 + 1, KW, N, offs, wmask)
+            fw0 = _plane_words(p0, b0 + 2, KW, N, offs, wmask)
         if W1 > 0:
-            cw1 = _plane_words(p1, 0, KW, N, offs, wmask)
-            nw1 = _plane_words(p1, 1, KW, N, offs, wmask)
-            fw1 = _plane_words(p1, 2, KW, N, offs, wmask)
+            cw1 = _plane_words(p1, b0, KW, N, offs, wmask)
+            nw1 = _plane_words(p1, b0 + 1, KW, N, offs, wmask)
+            fw1 = _plane_words(p1, b0 + 2, KW, N, offs, wmask)
         else:
             cw1 = cw0
-        sc, zb = _slot_scale(s, z, 0, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
-        a = gl.convert_layout(_step_operand(cw0, cw1, sc, zb, s, z, 0, K, G, n, nmask, stride_sg, stride_sn, W0, W1,
-                                            ZERO, HAS_Z, SCALES, DT, PAIRED), a_l, assert_trivial=True)
-        if SCALES < 2:  # the group of step 1 (SCALES 1) or of block 1 (SCALES 0)
-            raw_s, raw_z = _load_scale(s, z, STEP if SCALES == 1 else 16 * PER, K, G, n, nmask, stride_sg, stride_sn,
-                                       HAS_Z)
+        sc, zb = _slot_scale(s, z, s0 * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        a = gl.convert_layout(_step_operand(cw0, cw1, sc, zb, s, z, s0 * STEP, K, G, n, nmask, stride_sg, stride_sn,
+                                            W0, W1, ZERO, HAS_Z, SCALES, DT, PAIRED), a_l, assert_trivial=True)
+        if SCALES < 2:  # the group of the slice's second step (SCALES 1) or block (SCALES 0)
+            raw_s, raw_z = _load_scale(s, z, s0 * STEP + (STEP if SCALES == 1 else 16 * PER), K, G, n, nmask,
+                                       stride_sg, stride_sn, HAS_Z)
         # One iteration per step, the same code for each (ptxas then keeps the operands of the steps in flight
         # apart; a loop over blocks with the steps unrolled had it copy them through one register quad, waiting on
-        # each wgmma): a block's words are shifted by a step's slots after each step.
-        for t in range(0, steps):
-            cur = t % STAGES
-            mbarrier.wait(bars.index(cur), (t // STAGES) & 1)
+        # each wgmma): a block's words are shifted by a step's slots after each step. i counts the slice's steps
+        # (ring buffers and phases), t = s0 + i the weight's (columns, blocks).
+        for i in range(0, steps):
+            t = s0 + i
+            cur = i % STAGES
+            mbarrier.wait(bars.index(cur), (i // STAGES) & 1)
             acc = warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
             if SUB == 1 or (t + 1) % SUB == 0:  # the next step starts block nb
                 nb = (t + 1) // SUB
@@ -295,52 +309,70 @@ if HAVE_GLUON:
             # some tiles wrong on an H100 in most calls, session 30.)
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
             a = gl.convert_layout(a_next, a_l, assert_trivial=True)
-            nxt = t + STAGES - 1  # into the buffer of step t - 1, whose wgmma has finished
+            nxt = i + STAGES - 1  # into the buffer of step i - 1, whose wgmma has finished
             if nxt < steps:
                 ns = nxt % STAGES
                 mbarrier.expect(bars.index(ns), x_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(x_desc, [pid_m * BM, nxt * STEP], bars.index(ns), x_smem.index(ns))
+                tma.async_copy_global_to_shared(x_desc, [pid_m * BM, (s0 + nxt) * STEP], bars.index(ns),
+                                                x_smem.index(ns))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
         on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
-        gl.store(out + om[None, :] * stride_om + on[:, None], acc.to(DT), mask=(on < N)[:, None] & (om < M)[None, :])
+        omask = (on < N)[:, None] & (om < M)[None, :]
+        if ATOMIC:  # a K slice's part of a float32 sum (split-K)
+            gl.atomic_add(out + om[None, :] * stride_om + on[:, None], acc, mask=omask, sem="relaxed")
+        else:
+            gl.store(out + om[None, :] * stride_om + on[:, None], acc.to(DT), mask=omask)
 
 
 def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_warps: int,
-                     stages: int) -> dict:
+                     stages: int, split_k: int = 1) -> dict:
     """The kernel's constexprs and launch options for this weight, rows of `dtype` and tile (what `linear` launches
     with and benchmarks/compile_decode_offline.py compiles). SCALES: 0 a block's group loaded a block ahead, 1 a
     step's group loaded a step ahead, 2 each slot's group loaded where it is used; RING: plane-0 words through a
-    shared-memory ring of AHEAD blocks (2/4 bits), else registers (see the module). Tiles of 8 warps and up to 128
+    shared-memory ring of AHEAD blocks (2/4 bits), else registers (see the module); ATOMIC: K slices add into a
+    float32 sum. Tiles of 8 warps and up to 128
     tokens are held to 128 registers a thread (3-bit spills 152 bytes), so that two CTAs share an SM: on an H100,
     with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and
     8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
     scales = 0 if gw.group % gw.block == 0 else 1 if gw.group % STEP == 0 else 2
     return dict(SCALES=scales, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages, RING=gw.bits in (2, 4),
-                AHEAD=2, WARPS=num_warps, num_warps=num_warps,
+                AHEAD=2, ATOMIC=split_k > 1, WARPS=num_warps, num_warps=num_warps,
                 **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
 
 
+def split_steps(gw: GpuPackedWeight, split_k: int) -> int:
+    """64-column steps per K slice: whole K blocks, split_k slices or fewer (each with at least one block)."""
+    steps, sub = gw.planes[0].shape[0] * gw.per // STEP, gw.per // 4
+    per_slice = -(-steps // split_k)
+    return -(-per_slice // sub) * sub
+
+
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
-           stages: int = 4) -> torch.Tensor:
-    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel."""
+           stages: int = 4, split_k: int = 1) -> torch.Tensor:
+    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel; split_k 2:
+    two K slices, summed in float32."""
     from . import triton_linear as tlin
-    reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps)
+    reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps, split_k)
     if reason is not None:
         raise ValueError(reason)
     if x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)
     m, k = x.shape
     n = gw.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    per_slice = split_steps(gw, split_k)
+    slices = -(-(gw.planes[0].shape[0] * gw.per // STEP) // per_slice)
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if slices > 1 else torch.empty(
+        m, n, dtype=x.dtype, device=x.device)
     dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([block_m, STEP], dt)
     desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, STEP], layout)
     tensors, consts = tlin._args(gw)
-    grid = (-(-m // block_m), -(-n // (16 * num_warps)))
+    grid = (-(-m // block_m), -(-n // (16 * num_warps)), slices)
     _wgmma_prefill_kernel[grid](desc, out=out, M=m, N=n, K=k, KW=gw.planes[0].shape[0], G=gw.group,
-                                stride_om=out.stride(0), **launch_constants(gw, x.dtype, block_m, num_warps, stages),
+                                stride_om=out.stride(0), split_steps=per_slice,
+                                **launch_constants(gw, x.dtype, block_m, num_warps, stages, slices),
                                 **tensors, **consts)
-    return out
+    return out.to(x.dtype) if slices > 1 else out

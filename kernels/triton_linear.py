@@ -586,15 +586,19 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
     """The tiles a latency table times for m token rows: `default_config` first, then, for decode (m <=
     TUNED_MAX_M), the near-winners of the tile sweeps that set the defaults (CUDA-core GEMV, integer-dot GEMV,
     Triton and Gluon tensor-core decode, int8 tensor-core decode, split-K GEMM) over a few K-splits; above it,
-    the Hopper wgmma prefill's tiles (`gluon_wgmma.TILES`) where the device and weight allow. The sweeps ran on
-    four LLM shapes of one H100 and one H200; other shapes (a 1B model's 512x2048) and devices get the tile
-    measured best for them."""
+    the Hopper wgmma prefill's tiles (`gluon_wgmma.TILES`) where the device and weight allow, each also in two K
+    slices where its tiles would not give every SM two. The sweeps ran on four LLM shapes of one H100 and one
+    H200; other shapes (a 1B model's 512x2048) and devices get the tile measured best for them."""
     default = default_config(m, gw, dtype)
     if m > TUNED_MAX_M:
         from . import gluon_wgmma
+        device = gw.scales.device
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         return list(dict.fromkeys([default] + [
-            Config(bm, 16 * warps, 1, warps, stages, wgmma=True) for bm, warps, stages in gluon_wgmma.TILES
-            if gluon_wgmma.unsupported_reason(gw, dtype, gw.scales.device, bm, warps) is None]))
+            Config(bm, 16 * warps, split, warps, stages, wgmma=True) for bm, warps, stages in gluon_wgmma.TILES
+            for split in gluon_wgmma.SPLITS
+            if gluon_wgmma.unsupported_reason(gw, dtype, device, bm, warps, split) is None
+            and (split == 1 or -(-m // bm) * -(-gw.shape[0] // (16 * warps)) < 2 * sms)]))
     n, blocks = gw.shape[0], gw.planes[0].shape[0] // WORD_ROWS
 
     def tile(bm: int, bn: int, warps: int, waves: int, stages: int = 1, mma: bool = False,
@@ -632,11 +636,10 @@ def config_error(cfg: Config, m: int, gw: GpuPackedWeight, dtype: torch.dtype, d
     tensor-core decode, also a device that runs Gluon and at most block_m tokens (`gluon_imma.unsupported_reason`)."""
     if cfg.wgmma:
         from .gluon_wgmma import unsupported_reason
-        if cfg.dp4a or cfg.mma or cfg.wide or cfg.gluon or cfg.imma or cfg.split_k != 1 or \
-                cfg.block_n != 16 * cfg.num_warps:
-            return (f"config {cfg.label} (wgmma) is its own prefill: no D, T, W, G or I, split_k 1 and block_n = "
-                    "16 x num_warps")
-        reason = unsupported_reason(gw, dtype, device, cfg.block_m, cfg.num_warps)
+        if cfg.dp4a or cfg.mma or cfg.wide or cfg.gluon or cfg.imma or cfg.block_n != 16 * cfg.num_warps:
+            return (f"config {cfg.label} (wgmma) is its own prefill: no D, T, W, G or I, and block_n = 16 x "
+                    "num_warps")
+        reason = unsupported_reason(gw, dtype, device, cfg.block_m, cfg.num_warps, cfg.split_k)
         return None if reason is None else f"config {cfg.label}: {reason}"
     if cfg.imma:
         from .gluon_imma import unsupported_reason
@@ -760,7 +763,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, config: Config | None = None) -
         return gluon_imma.linear(x2, gw, cfg.block_n, cfg.split_k, cfg.num_warps, cfg.num_stages > 1).view(*lead, n)
     if cfg.wgmma:
         from . import gluon_wgmma
-        return gluon_wgmma.linear(x2, gw, cfg.block_m, cfg.num_warps, cfg.num_stages).view(*lead, n)
+        return gluon_wgmma.linear(x2, gw, cfg.block_m, cfg.num_warps, cfg.num_stages, cfg.split_k).view(*lead, n)
     kw = gw.planes[0].shape[0]
     rows_per_split, split = k_slices(kw, cfg.split_k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -323,23 +323,25 @@ def test_imma_decode(bits: int, tile: tuple[int, int, int, bool]) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("tile", [(128, 8, 4), (256, 4, 3), (64, 4, 2)], ids=lambda t: "m{}w{}p{}".format(*t))
-def test_wgmma_prefill(bits: int, tile: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize("tile", [(128, 8, 4, 1), (256, 4, 3, 1), (64, 4, 2, 1), (128, 4, 4, 2)],
+                         ids=lambda t: "m{}w{}p{}s{}".format(*t))
+def test_wgmma_prefill(bits: int, tile: tuple[int, int, int, int]) -> None:
     """`gluon_wgmma.linear`: the Hopper prefill, weight dequantized in registers as wgmma's A operand. Against
     float64 at token counts around the tile (a part tile of tokens, more K steps than TMA stages), odd N, groups of
     32 / 64 / 128 and per-channel, asymmetric and symmetric, float16 and bfloat16, x not 16-byte aligned (copied);
     `Config(wgmma=True)` through `triton_linear.linear` runs the same kernel; a NaN in a token gives NaN in that
-    token only; five calls in a row on an 8192x2048 weight are each right. K not a multiple of 8 (TMA needs
-    16-byte rows) and groups that are not whole slots of 16 are refused with the reason."""
+    token only; five calls in a row on an 8192x2048 weight are each right (tile[3]: K slices, summed in float32).
+    K not a multiple of 8 (TMA needs 16-byte rows) and groups that are not whole slots of 16 are refused with the
+    reason."""
     probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
-    reason = gluon_wgmma.unsupported_reason(probe, torch.bfloat16, torch.device(DEV), *tile[:2])
+    reason = gluon_wgmma.unsupported_reason(probe, torch.bfloat16, torch.device(DEV), *tile[:2], tile[3])
     if reason is not None:
         pytest.skip(reason)
     gen = torch.Generator().manual_seed(330 + bits)
     ran = 0
     for k, dtype, qt, gw in _shape_cases(bits, [(200, 8200, 128), (384, 1024, 32)], gen):
         x = torch.randn(tile[0] + 3, k, generator=gen).to(dtype).to(DEV)
-        reason = gluon_wgmma.unsupported_reason(gw, dtype, x.device, *tile[:2])
+        reason = gluon_wgmma.unsupported_reason(gw, dtype, x.device, *tile[:2], tile[3])
         if reason is not None:
             assert k % 8 or gw.group % 16, reason
             with pytest.raises(ValueError, match="16-byte|multiple of 16"):
@@ -351,7 +353,7 @@ def test_wgmma_prefill(bits: int, tile: tuple[int, int, int]) -> None:
         shifted = torch.empty(x.numel() + 1, dtype=dtype, device=DEV)[1:].view(x.shape)  # not 16-byte aligned
         shifted.copy_(x)
         _check(gluon_wgmma.linear(shifted, gw, *tile), x, qt, dtype)
-        y = tlin.linear(x, gw, tlin.Config(tile[0], 16 * tile[1], 1, tile[1], tile[2], wgmma=True))
+        y = tlin.linear(x, gw, tlin.Config(tile[0], 16 * tile[1], tile[3], tile[1], tile[2], wgmma=True))
         assert torch.equal(y, gluon_wgmma.linear(x, gw, *tile))
         x[1, k // 2] = float("nan")
         y = gluon_wgmma.linear(x, gw, *tile)
