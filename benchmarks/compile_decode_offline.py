@@ -106,6 +106,8 @@ def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int]):
                stride_sg="i32", stride_sn="i32", stride_om="i32", split_steps="i32")
     launch = gluon_wgmma.launch_constants(gw, torch.bfloat16, block_m, warps, stages)
     options = {key: launch.pop(key) for key in ("num_warps", "maxnreg") if key in launch}
+    if launch["RING1"]:  # plane 1 is passed as int32 words
+        sig["p1"] = "*i32"
     consts.update(stride_sn=1, **launch)
     return _compile(gluon_wgmma._wgmma_prefill_kernel, sig, consts, warps, True, options)
 

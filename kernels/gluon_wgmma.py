@@ -11,12 +11,14 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
   shift and a LOP3 with the magic exponent give 128 + code in both bfloat16 halves (1024 + code in float16), then
   one packed subtract of 128 + zero and one packed multiply by the group's scale (`_pair_asm`: about 2
   instructions a weight). bfloat16 with 8-bit codes, which 128 + code does not hold exactly, goes through float32.
-- How the words arrive (RING): 2- and 4-bit words are copied by `cp.async` into a ring of AHEAD blocks in shared
-  memory, each thread its own words, and read back (LDS.64) as their block starts. Loaded into registers two
-  blocks ahead instead (the other widths, and plane 1 of 3/5/6 bits), ptxas moves each fresh load into the
+- How the words arrive (RING): plane-0 words are copied by `cp.async` into a ring of AHEAD blocks in shared
+  memory, each thread its own words, and read back (LDS.64) as their block starts; plane 1 (3/5/6 bits: int16 /
+  int8, RING1) is copied as int32 words across the CTA and read back transposed (ldmatrix), where N is a multiple
+  of the fields a word holds. Loaded into registers two blocks ahead instead, ptxas moves each fresh load into the
   loop-carried registers right after issuing it, so every block start waits out a global load: on an H100
-  (session 32) the ring with the scales below took 4-bit 8192x8192 at 512 tokens from 127.8 to 110.6 us. 8-bit
-  (a block a step) lost with the ring (141.2 -> 151.6 us), 3-bit lost with plane 0 in it.
+  (session 32) the rings with the scales below took 4-bit 8192x8192 at 512 tokens from 127.8 to 110.6 us, 3-bit
+  from 129.9 to 117.6. 8-bit (a block a step, dequantized in float32 with bfloat16) lost with the ring (141.2 ->
+  151.6 us) and keeps registers, as do 3/5/6 bits where N does not allow the int32 view.
 - B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
   `wgmma` as the transposed view.
 - One loop iteration per 64-column step: its `wgmma` is issued asynchronously, the next step's operand is made
@@ -88,6 +90,12 @@ if HAVE_GLUON:
             warp_bases=[[16 << b, 0] for b in range(WARPS.bit_length() - 1)], block_bases=[], shape=[BN, 16])
 
     @gluon.constexpr_function
+    def _copy_layout(COLS, WARPS):
+        """[16, COLS] int32 words over the CTA's threads, one word each, COLS (up to 32) lanes along a row."""
+        lanes = min(32, COLS)
+        return gl.BlockedLayout([1, 1], [32 // lanes, lanes], [WARPS, 1], [1, 0])
+
+    @gluon.constexpr_function
     def _pair_asm(i, W0, W1, FP16):
         """PTX for slot i of a thread's words of rows j and j + 1 ($1, $2; second plane $3, $4): the 16-bit-half of
         each that holds the slot side by side (one PRMT), the code as 128 + code (bfloat16; 1024 + code in
@@ -143,6 +151,21 @@ if HAVE_GLUON:
         ok = nmask & (blk * 16 < KW)
         cp.async_copy_global_to_shared(ring.index(blk % AHEAD), p0 + blk * 16 * N + offs, mask=ok)
         cp.commit_group()
+
+    @gluon.jit
+    def _copy_plane1(ring1, p1, blk, KW, N1W, offs1, mask1, AHEAD: gl.constexpr):
+        """Start copying the plane-1 words (int16 / int8, as int32 words of N1W a word row) of K block `blk` into
+        ring slot blk % AHEAD, in the current commit group; read back by other threads (`_ring1_words`)."""
+        cp.async_copy_global_to_shared(ring1.index(blk % AHEAD), p1 + blk * 16 * N1W + offs1,
+                                       mask=mask1 & (blk * 16 < KW))
+
+    @gluon.jit
+    def _ring1_words(ring1, blk, PW: gl.constexpr, BN: gl.constexpr, w_l: gl.constexpr, AHEAD: gl.constexpr):
+        """Block `blk`'s plane-1 words [BN, 16] from ring slot blk % AHEAD as int32, in `_a_word_layout`."""
+        view = ring1.index(blk % AHEAD)._reinterpret(gl.int16 if PW == 2 else gl.int8, [16, BN],
+                                                     gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                                             order=[1, 0]))
+        return view.permute((1, 0)).load(w_l).to(gl.int32)
 
     @gluon.jit
     def _plane_words(p, blk, KW, N, offs, nmask):
@@ -207,7 +230,7 @@ if HAVE_GLUON:
     def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
                               split_steps, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr,
                               HAS_Z: gl.constexpr, SCALES: gl.constexpr, PAIRED: gl.constexpr,
-                              STAGES: gl.constexpr, RING: gl.constexpr, AHEAD: gl.constexpr,
+                              STAGES: gl.constexpr, RING: gl.constexpr, RING1: gl.constexpr, AHEAD: gl.constexpr,
                               ATOMIC: gl.constexpr, WARPS: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         STEP: gl.constexpr = x_desc.block_type.shape[1]
@@ -236,6 +259,15 @@ if HAVE_GLUON:
         if RING:
             ring = gl.allocate_shared_memory(gl.int32, [AHEAD, BN, 16],
                                              gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+        if RING1:  # p1 is plane 1 as int32 words: RING1 (2 or 4) weight rows' plane-1 fields a word
+            PW: gl.constexpr = RING1
+            c_l: gl.constexpr = _copy_layout(BN // PW, WARPS)
+            N1W = N // PW
+            c1 = pid_n * (BN // PW) + gl.arange(0, BN // PW, layout=gl.SliceLayout(0, c_l))
+            offs1 = gl.arange(0, 16, layout=gl.SliceLayout(1, c_l))[:, None] * N1W + c1[None, :]
+            mask1 = (c1 < N1W)[None, :]
+            ring1 = gl.allocate_shared_memory(gl.int32, [AHEAD, 16, BN // PW],
+                                              gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
@@ -247,6 +279,8 @@ if HAVE_GLUON:
         acc = gl.zeros([BN, BM], gl.float32, layout=mma)
         if RING:
             for b in gl.static_range(AHEAD):
+                if RING1:
+                    _copy_plane1(ring1, p1, b0 + b, KW, N1W, offs1, mask1, AHEAD)
                 _copy_block(ring, p0, b0 + b, KW, N, offs, wmask, AHEAD)
             cp.wait_group(AHEAD - 1)
             cw0 = ring.index(b0 % AHEAD).load(w_l)
@@ -254,7 +288,9 @@ if HAVE_GLUON:
             cw0 = _plane_words(p0, b0, KW, N, offs, wmask)
             nw0 = _plane_words(p0, b0 + 1, KW, N, offs, wmask)
             fw0 = _plane_words(p0, b0 + 2, KW, N, offs, wmask)
-        if W1 > 0:
+        if RING1:
+            cw1 = _ring1_words(ring1, b0, PW, BN, w_l, AHEAD)
+        elif W1 > 0:
             cw1 = _plane_words(p1, b0, KW, N, offs, wmask)
             nw1 = _plane_words(p1, b0 + 1, KW, N, offs, wmask)
             fw1 = _plane_words(p1, b0 + 2, KW, N, offs, wmask)
@@ -278,6 +314,8 @@ if HAVE_GLUON:
             if SUB == 1 or (t + 1) % SUB == 0:  # the next step starts block nb
                 nb = (t + 1) // SUB
                 if RING:  # copied AHEAD - 1 blocks ago
+                    if RING1:
+                        _copy_plane1(ring1, p1, nb + AHEAD - 1, KW, N1W, offs1, mask1, AHEAD)
                     _copy_block(ring, p0, nb + AHEAD - 1, KW, N, offs, wmask, AHEAD)
                     cp.wait_group(AHEAD - 1)
                     cw0 = ring.index(nb % AHEAD).load(w_l)
@@ -285,7 +323,9 @@ if HAVE_GLUON:
                     cw0 = nw0
                     nw0 = fw0
                     fw0 = _plane_words(p0, nb + 2, KW, N, offs, wmask)
-                if W1 > 0:
+                if RING1:
+                    cw1 = _ring1_words(ring1, nb, PW, BN, w_l, AHEAD)
+                elif W1 > 0:
                     cw1 = nw1
                     nw1 = fw1
                     fw1 = _plane_words(p1, nb + 2, KW, N, offs, wmask)
@@ -332,14 +372,18 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
     """The kernel's constexprs and launch options for this weight, rows of `dtype` and tile (what `linear` launches
     with and benchmarks/compile_decode_offline.py compiles). SCALES: 0 a block's group loaded a block ahead, 1 a
     step's group loaded a step ahead, 2 each slot's group loaded where it is used; RING: plane-0 words through a
-    shared-memory ring of AHEAD blocks (2/4 bits), else registers (see the module); ATOMIC: K slices add into a
-    float32 sum. Tiles of 8 warps and up to 128
-    tokens are held to 128 registers a thread (3-bit spills 152 bytes), so that two CTAs share an SM: on an H100,
-    with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and
-    8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
+    shared-memory ring of AHEAD blocks (2/4 bits, and 3/5/6 with RING1), else registers; RING1: plane 1 through a
+    ring as int32 words of RING1 fields (N a multiple of them), else 0; ATOMIC: K slices add into a float32 sum
+    (see the module). Tiles of 8 warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 16
+    bytes), so that two CTAs share an SM: on an H100, with the version measured in session 30, that took
+    28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4
+    (docs/kernels_gpu.md, "Session 30")."""
     scales = 0 if gw.group % gw.block == 0 else 1 if gw.group % STEP == 0 else 2
-    return dict(SCALES=scales, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages, RING=gw.bits in (2, 4),
-                AHEAD=2, ATOMIC=split_k > 1, WARPS=num_warps, num_warps=num_warps,
+    per_word = 4 // gw.planes[-1].element_size()  # plane-1 fields an int32 word holds (1: no plane 1)
+    ring1 = per_word if len(gw.planes) > 1 and gw.shape[0] % per_word == 0 else 0
+    return dict(SCALES=scales, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages,
+                RING=gw.bits in (2, 4) or ring1 > 0, RING1=ring1, AHEAD=2, ATOMIC=split_k > 1, WARPS=num_warps,
+                num_warps=num_warps,
                 **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
 
 
@@ -370,9 +414,10 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     layout = gl.NVMMASharedLayout.get_default_for([block_m, STEP], dt)
     desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, STEP], layout)
     tensors, consts = tlin._args(gw)
+    launch = launch_constants(gw, x.dtype, block_m, num_warps, stages, slices)
+    if launch["RING1"]:  # plane 1 copied as int32 words
+        tensors["p1"] = gw.planes[1].view(torch.int32)
     grid = (-(-m // block_m), -(-n // (16 * num_warps)), slices)
     _wgmma_prefill_kernel[grid](desc, out=out, M=m, N=n, K=k, KW=gw.planes[0].shape[0], G=gw.group,
-                                stride_om=out.stride(0), split_steps=per_slice,
-                                **launch_constants(gw, x.dtype, block_m, num_warps, stages, slices),
-                                **tensors, **consts)
+                                stride_om=out.stride(0), split_steps=per_slice, **launch, **tensors, **consts)
     return out.to(x.dtype) if slices > 1 else out
