@@ -64,6 +64,8 @@ def unsupported_reason(gw: GpuPackedWeight, dtype: torch.dtype, device: torch.de
                        num_warps: int, split_k: int = 1) -> str | None:
     """Why this kernel cannot run rows of `dtype` through this weight with this tile on `device` (None: it can)."""
     from . import triton_linear as tlin
+    if split_k not in SPLITS:
+        return f"split_k={split_k}: the wgmma prefill splits K in {SPLITS}"
     if not (HAVE_GLUON and tlin.gluon_available(device)) or torch.cuda.get_device_capability(device)[0] != 9:
         return ("the wgmma prefill needs Triton >= 3.6 (Gluon) and a Hopper GPU (compute capability 9.x); Gluon does "
                 "not run in the CPU interpreter")
@@ -75,8 +77,6 @@ def unsupported_reason(gw: GpuPackedWeight, dtype: torch.dtype, device: torch.de
         return f"group width {gw.group} is not a multiple of {WORD_ROWS}"
     if num_warps not in (4, 8) or block_m not in (64, 128, 256):
         return f"tile m{block_m} w{num_warps}: block_m in (64, 128, 256), num_warps in (4, 8)"
-    if split_k not in SPLITS:
-        return f"split_k={split_k}: the wgmma prefill splits K in {SPLITS}"
     return None
 
 

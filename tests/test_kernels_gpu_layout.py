@@ -76,3 +76,42 @@ def test_int8_decode_columns_per_launch_and_refusal_without_a_gpu() -> None:
         with pytest.raises(ValueError, match="Gluon"):
             gluon_imma.linear(torch.zeros(1, 512, dtype=torch.bfloat16), w4, 128, 1, 4)
         assert "Gluon" in tlin.config_error(cfg, 1, w4, torch.bfloat16, torch.device("cpu"))
+
+
+def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
+    """`gluon_wgmma`: split_k 2 cuts K into at most 2 slices of whole K blocks that cover it (one slice where K is
+    one block); 2/4-bit words go through the shared-memory ring, 3/5/6-bit ones too with plane 1 as int32 words
+    where N is a multiple of the plane-1 fields a word holds (else registers), 8-bit ones stay in registers.
+    `Config(wgmma=True)` with split_k 2 (label ...s2...H) names it; other splits and a missing GPU are refused with
+    the reason."""
+    from kernels import gluon_wgmma
+    from kernels import triton_linear as tlin
+
+    def weight(bits: int, n: int, k: int):
+        return repack_for_gpu(quantize(torch.randn(n, k), QuantSpec(bits, 128), clip_search=False))
+    for bits in (2, 3, 4, 8):
+        for k in (64, 256, 1000, 8192):
+            gw = weight(bits, 8, k)
+            steps, sub = gw.planes[0].shape[0] * gw.per // gluon_wgmma.STEP, gw.per // 4
+            per_slice = gluon_wgmma.split_steps(gw, 2)
+            slices = -(-steps // per_slice)
+            assert per_slice % sub == 0 and slices <= 2 and (slices - 1) * per_slice < steps <= slices * per_slice
+            assert gluon_wgmma.split_steps(gw, 1) >= steps
+    assert gluon_wgmma.split_steps(weight(2, 8, 256), 2) == 4  # one 256-column block: one slice
+
+    def paths(bits: int, n: int) -> tuple[bool, int]:
+        consts = gluon_wgmma.launch_constants(weight(bits, n, 256), torch.bfloat16, 256, 4, 3)
+        return consts["RING"], consts["RING1"]
+    assert [paths(b, 64) for b in (2, 3, 4, 5, 6, 8)] == [(True, 0), (True, 2), (True, 0), (True, 4), (True, 2),
+                                                          (False, 0)]
+    assert [paths(b, 37) for b in (3, 5, 6)] == [(False, 0)] * 3
+    assert paths(5, 38) == (False, 0) and paths(6, 38) == (True, 2)
+    cfg = tlin.Config(256, 64, 2, 4, 3, wgmma=True)
+    assert cfg.label == "m256n64s2w4p3H" and tlin.Config.parse(cfg.label) == cfg
+    w4 = weight(4, 8, 256)
+    assert "split_k=3" in tlin.config_error(tlin.Config(256, 64, 3, 4, 3, wgmma=True), 300, w4, torch.bfloat16,
+                                            torch.device("cuda"))
+    if not gluon_wgmma.HAVE_GLUON or not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="Gluon"):
+            gluon_wgmma.linear(torch.zeros(1, 256, dtype=torch.bfloat16), w4, 256, 4, 3, 2)
+        assert "Gluon" in tlin.config_error(cfg, 300, w4, torch.bfloat16, torch.device("cpu"))
