@@ -65,7 +65,7 @@ def _compile(fn, sig: dict, consts: dict, warps: int, gluon: bool, options: dict
     else:
         src = ASTSource(fn, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_stages=1, **{"num_warps": warps, **(options or {})}))
+                          options={"num_stages": 1, "num_warps": warps, **(options or {})})
 
 
 def dp4a(gw: GpuPackedWeight, tokens: int):

@@ -90,6 +90,11 @@ if HAVE_GLUON:
             warp_bases=[[16 << b, 0] for b in range(WARPS.bit_length() - 1)], block_bases=[], shape=[BN, 16])
 
     @gluon.constexpr_function
+    def _row_major():
+        """Shared memory with rows one after another, unswizzled (the weight rings)."""
+        return gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+
+    @gluon.constexpr_function
     def _copy_layout(COLS, WARPS):
         """[16, COLS] int32 words over the CTA's threads, one word each, COLS (up to 32) lanes along a row."""
         lanes = min(32, COLS)
@@ -162,9 +167,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _ring1_words(ring1, blk, PW: gl.constexpr, BN: gl.constexpr, w_l: gl.constexpr, AHEAD: gl.constexpr):
         """Block `blk`'s plane-1 words [BN, 16] from ring slot blk % AHEAD as int32, in `_a_word_layout`."""
-        view = ring1.index(blk % AHEAD)._reinterpret(gl.int16 if PW == 2 else gl.int8, [16, BN],
-                                                     gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
-                                                                             order=[1, 0]))
+        view = ring1.index(blk % AHEAD)._reinterpret(gl.int16 if PW == 2 else gl.int8, [16, BN], _row_major())
         return view.permute((1, 0)).load(w_l).to(gl.int32)
 
     @gluon.jit
@@ -257,8 +260,7 @@ if HAVE_GLUON:
         wmask = nmask[:, None]
         x_smem = gl.allocate_shared_memory(DT, [STAGES, BM, STEP], x_desc.layout)
         if RING:
-            ring = gl.allocate_shared_memory(gl.int32, [AHEAD, BN, 16],
-                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+            ring = gl.allocate_shared_memory(gl.int32, [AHEAD, BN, 16], _row_major())
         if RING1:  # p1 is plane 1 as int32 words: RING1 (2 or 4) weight rows' plane-1 fields a word
             PW: gl.constexpr = RING1
             c_l: gl.constexpr = _copy_layout(BN // PW, WARPS)
@@ -266,8 +268,7 @@ if HAVE_GLUON:
             c1 = pid_n * (BN // PW) + gl.arange(0, BN // PW, layout=gl.SliceLayout(0, c_l))
             offs1 = gl.arange(0, 16, layout=gl.SliceLayout(1, c_l))[:, None] * N1W + c1[None, :]
             mask1 = (c1 < N1W)[None, :]
-            ring1 = gl.allocate_shared_memory(gl.int32, [AHEAD, 16, BN // PW],
-                                              gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+            ring1 = gl.allocate_shared_memory(gl.int32, [AHEAD, 16, BN // PW], _row_major())
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
@@ -387,11 +388,13 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
                 **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
 
 
-def split_steps(gw: GpuPackedWeight, split_k: int) -> int:
-    """64-column steps per K slice: whole K blocks, split_k slices or fewer (each with at least one block)."""
+def split_steps(gw: GpuPackedWeight, split_k: int) -> tuple[int, int]:
+    """(64-column steps per K slice, slices): whole K blocks, split_k slices or fewer (each with at least one
+    block)."""
     steps, sub = gw.planes[0].shape[0] * gw.per // STEP, gw.per // 4
     per_slice = -(-steps // split_k)
-    return -(-per_slice // sub) * sub
+    per_slice = -(-per_slice // sub) * sub  # rounded up to whole blocks
+    return per_slice, -(-steps // per_slice)
 
 
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
@@ -406,8 +409,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
         x = x.clone(memory_format=torch.contiguous_format)
     m, k = x.shape
     n = gw.shape[0]
-    per_slice = split_steps(gw, split_k)
-    slices = -(-(gw.planes[0].shape[0] * gw.per // STEP) // per_slice)
+    per_slice, slices = split_steps(gw, split_k)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if slices > 1 else torch.empty(
         m, n, dtype=x.dtype, device=x.device)
     dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
