@@ -91,9 +91,9 @@ def imma(gw: GpuPackedWeight, tokens: int, prefetch: bool = False):
     return _compile(gluon_imma._gemv_imma_kernel, sig, consts, warps, True), f"n{bn}w{warps}", bn * 16 // (32 * warps)
 
 
-def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int]):
-    """The wgmma prefill for bfloat16 x at `tile` (block_m, num_warps, stages), compiled as `gluon_wgmma.linear`
-    launches it."""
+def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int], split_k: int = 1):
+    """The wgmma prefill for bfloat16 x at `tile` (block_m, num_warps, stages) and split_k, compiled as
+    `gluon_wgmma.linear` launches it."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
@@ -102,9 +102,10 @@ def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int]):
     desc = TensorDescriptor(x, list(x.shape), [x.shape[1], 1], [block_m, gluon_wgmma.STEP],
                             gl.NVMMASharedLayout.get_default_for([block_m, gluon_wgmma.STEP], gl.bfloat16))
     ptrs, consts = _operands(gw)
-    sig = dict(x_desc=mangle_type(desc), **ptrs, out="*bf16", M="i32", N="i32", K="i32", KW="i32", G="i32",
-               stride_sg="i32", stride_sn="i32", stride_om="i32", split_steps="i32")
-    launch = gluon_wgmma.launch_constants(gw, torch.bfloat16, block_m, warps, stages)
+    sig = dict(x_desc=mangle_type(desc), **ptrs, out="*bf16", ws="*fp32", M="i32", N="i32", K="i32", KW="i32",
+               G="i32", stride_sg="i32", stride_sn="i32", stride_om="i32", stride_wm="i32", split_steps="i32",
+               whole_n="i32")
+    launch = gluon_wgmma.launch_constants(gw, torch.bfloat16, block_m, warps, stages, split_k)
     options = {key: launch.pop(key) for key in ("num_warps", "maxnreg") if key in launch}
     if launch["RING1"]:  # plane 1 is passed as int32 words
         sig["p1"] = "*i32"

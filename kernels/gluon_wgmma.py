@@ -10,15 +10,19 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
   warp), and slot i of the words of rows j and j + 1 is one A register: their 16-bit halves side by side (PRMT), a
   shift and a LOP3 with the magic exponent give 128 + code in both bfloat16 halves (1024 + code in float16), then
   one packed subtract of 128 + zero and one packed multiply by the group's scale (`_pair_asm`: about 2
-  instructions a weight). bfloat16 with 8-bit codes, which 128 + code does not hold exactly, goes through float32.
+  instructions a weight). 8-bit codes with bfloat16 (which does not hold 128 + code exactly) take one more LOP3
+  and packed add for bit 7 (exact; on an H100, session 33, 8192x8192 at 512 tokens with m128w8p4 went from 192.8
+  to 158.1 us against converting through float32, which spilled; the fastest tile there, m256w4p3, 137.7 ->
+  136.4).
 - How the words arrive (RING): plane-0 words are copied by `cp.async` into a ring of AHEAD blocks in shared
   memory, each thread its own words, and read back (LDS.64) as their block starts; plane 1 (3/5/6 bits: int16 /
   int8, RING1) is copied as int32 words across the CTA and read back transposed (ldmatrix), where N is a multiple
   of the fields a word holds. Loaded into registers two blocks ahead instead, ptxas moves each fresh load into the
   loop-carried registers right after issuing it, so every block start waits out a global load: on an H100
   (session 32) the rings with the scales below took 4-bit 8192x8192 at 512 tokens from 127.8 to 110.6 us, 3-bit
-  from 129.9 to 117.6. 8-bit (a block a step, dequantized in float32 with bfloat16) lost with the ring (141.2 ->
-  151.6 us) and keeps registers, as do 3/5/6 bits where N does not allow the int32 view.
+  from 129.9 to 117.6. 8-bit (a block a step) lost with the ring at its fastest tiles (session 33: m256w4p3 136.4
+  -> 140.2 us, m128w8p4 158.1 -> 176.2) and keeps registers, as do 3/5/6 bits where N does not allow the int32
+  view.
 - B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
   `wgmma` as the transposed view.
 - One loop iteration per 64-column step: its `wgmma` is issued asynchronously, the next step's operand is made
@@ -55,8 +59,11 @@ STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots
 # (block_m tokens, num_warps, TMA stages): each was the fastest somewhere in 28672x8192, 8192x8192 and 4096x14336,
 # 2/4-bit, 128 and 512 tokens, on an H100 (session 30); block_n = 16 x num_warps
 TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
-# K slices: 2 doubles the CTAs where a layer has too few tiles to fill the SMs (N = 4096 at 512 tokens); the
-# slices add into a zeroed float32 sum, which two slices make in the same order every call (0 + a + b = 0 + b + a)
+# K slices: with split 2 the column tiles that fill complete rounds of CTAs run whole and the rest (the last,
+# part-filled round's; all of them where the tiles fill less than one round, as at N = 4096 with 512 tokens) in
+# two K slices, a second launch; they add into a zeroed float32 sum, which two slices make in the same order every
+# call (0 + a + b = 0 + b + a). On an H100 (session 33) that took 28672x8192 4-bit at 512 tokens (896 tiles of
+# m256w4p3, 3.4 rounds of 264) from 428.8 to 405.0 us, where splitting every tile had taken 494.6.
 SPLITS = (1, 2)
 
 
@@ -101,46 +108,47 @@ if HAVE_GLUON:
         return gl.BlockedLayout([1, 1], [32 // lanes, lanes], [WARPS, 1], [1, 0])
 
     @gluon.constexpr_function
-    def _pair_asm(i, W0, W1, FP16):
-        """PTX for slot i of a thread's words of rows j and j + 1 ($1, $2; second plane $3, $4): the 16-bit-half of
-        each that holds the slot side by side (one PRMT), the code as 128 + code (bfloat16; 1024 + code in
-        float16) by a shift and one LOP3 with the magic exponent, the second plane's field above it, then less the
-        pair 128 + zero ($7) and times the scale pair ($5), two packed half-precision ops: $0 is the operand
-        register of columns j and j + 1."""
+    def _pair_asm(i, W0, W1, FP16, HAS_Z):
+        """PTX for slot i of a thread's words of rows j and j + 1 ($1, $2; second plane $3, $4) as the operand
+        register $0 of columns j and j + 1: the 16-bit half of each that holds the slot side by side (one PRMT, which
+        ptxas shares between the slots of a half), shifted to the slot, the code as 128 + code
+        (bfloat16; 1024 + code in float16) by one LOP3 with the magic exponent, the second plane's field above it,
+        then less the pair 128 + zero ($7) and times the scale pair ($5), two packed half-precision ops.
+        8-bit codes in bfloat16 (8 significant bits: 128 + code is not exact above 127): 128 + the low 7 bits, plus
+        -256 or -128 by bit 7 (one more LOP3 and a packed add) is code - 128, then less zero - 128 (skipped without
+        zero points: it is 0) and times the scale; every intermediate an integer within +-256, so exact."""
         half = (i * W0) // 16
         sh = (i * W0) % 16
         m = (1 << W0) - 1
-        magic = 0x64006400 if FP16 else 0x43004300
-        body = f"prmt.b32 t, $1, $2, {0x7632 if half else 0x5410}; "
-        body += (f"shr.b32 t, t, {sh}; " if sh else "") + f"lop3.b32 t, t, {m | (m << 16)}, {magic}, 0xEA; "
-        if W1:
-            d = i * W1 - W0
-            m1 = ((1 << W1) - 1) << W0
-            body += "prmt.b32 u, $3, $4, 0x5410; " + (f"shr.b32 u, u, {d}; " if d > 0 else
-                                                     f"shl.b32 u, u, {-d}; " if d < 0 else "")
-            body += f"lop3.b32 t, t, u, {m1 | (m1 << 16)}, 0xF8; "
+        body = f"prmt.b32 t, $1, $2, {0x7632 if half else 0x5410}; " + (f"shr.b32 t, t, {sh}; " if sh else "")
         kind = "f16x2" if FP16 else "bf16x2"
-        return "{.reg .b32 t, u; " + body + f"sub.rn.{kind} t, t, $7; mul.rn.{kind} $0, t, $5;" + "}"
+        if W0 == 8 and not FP16:
+            body += ("lop3.b32 u, t, 0x00800080, 0xC300C300, 0xAE; lop3.b32 t, t, 0x007F007F, 0x43004300, 0xEA; "
+                     "add.rn.bf16x2 t, t, u; ")
+            body += "sub.rn.bf16x2 t, t, $7; " if HAS_Z else ""
+        else:
+            body += f"lop3.b32 t, t, {m | (m << 16)}, {0x64006400 if FP16 else 0x43004300}, 0xEA; "
+            if W1:
+                d = i * W1 - W0
+                m1 = ((1 << W1) - 1) << W0
+                body += "prmt.b32 u, $3, $4, 0x5410; " + (f"shr.b32 u, u, {d}; " if d > 0 else
+                                                         f"shl.b32 u, u, {-d}; " if d < 0 else "")
+                body += f"lop3.b32 t, t, u, {m1 | (m1 << 16)}, 0xF8; "
+            body += f"sub.rn.{kind} t, t, $7; "
+        return "{.reg .b32 t, u; " + body + f"mul.rn.{kind} $0, t, $5;" + "}"
 
     @gluon.jit
-    def _slot_values(w0, w1, i: gl.constexpr, sc, zb, W0: gl.constexpr, W1: gl.constexpr, DT: gl.constexpr,
-                     PAIRED: gl.constexpr):
-        """Slot i of words w0 (plane 0) and w1 (plane 1) as (code - zero) x scale in DT [BN, 16]. PAIRED: two
-        columns per register in packed half-precision math (`_pair_asm`; sc, zb: [BN, 1] int32 pairs of the
-        scale and 128 (1024) + zero); else float32 (bfloat16 8-bit codes do not fit its 8 significant bits as
-        128 + code): sc the scale, zb = 2^23 + zero."""
-        if PAIRED and DT == gl.float16:
-            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, True), "=r,r,r,r,r,r,r,r,r", [w0, w1, sc, zb],
+    def _slot_values(w0, w1, i: gl.constexpr, sc, zb, W0: gl.constexpr, W1: gl.constexpr, HAS_Z: gl.constexpr,
+                     DT: gl.constexpr):
+        """Slot i of words w0 (plane 0) and w1 (plane 1) as (code - zero) x scale in DT [BN, 16], two columns per
+        register in packed half-precision math (`_pair_asm`; sc, zb: [BN, 1] int32 pairs of the scale and the
+        magic + zero, `_scale_bias`)."""
+        if DT == gl.float16:
+            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, True, HAS_Z), "=r,r,r,r,r,r,r,r,r", [w0, w1, sc, zb],
                                              dtype=gl.float16, is_pure=True, pack=2)
-        elif PAIRED:
-            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, False), "=r,r,r,r,r,r,r,r,r", [w0, w1, sc, zb],
-                                             dtype=gl.bfloat16, is_pure=True, pack=2)
         else:
-            c = (w0 >> (i * W0)) & ((1 << W0) - 1)
-            if W1 > 0:
-                c = c | (((w1 >> (i * W1)) & ((1 << W1) - 1)) << W0)
-            v = (c | 0x4B000000).to(gl.float32, bitcast=True) - zb
-            return (v * sc).to(DT)
+            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, False, HAS_Z), "=r,r,r,r,r,r,r,r,r",
+                                             [w0, w1, sc, zb], dtype=gl.bfloat16, is_pure=True, pack=2)
 
     @gluon.jit
     def _half_pair(v, DT: gl.constexpr):
@@ -187,54 +195,52 @@ if HAVE_GLUON:
         return sc, sc
 
     @gluon.jit
-    def _scale_bias(sc, zero, ZERO: gl.constexpr, HAS_Z: gl.constexpr, DT: gl.constexpr, PAIRED: gl.constexpr):
-        """A group's scale and magic + zero point [BN, 1] (from `_load_scale`) as `_slot_values` takes them."""
+    def _scale_bias(sc, zero, ZERO: gl.constexpr, HAS_Z: gl.constexpr, DT: gl.constexpr, W0: gl.constexpr):
+        """A group's scale and magic + zero point (from `_load_scale`) as the [BN, 1] pairs `_slot_values` takes:
+        magic 1024 in float16, 128 in bfloat16, -128 for 8-bit codes in bfloat16 (`_pair_asm`)."""
         sc = sc.to(gl.float32)
         if HAS_Z:
             zero = zero.to(gl.float32)
         else:
             zero = gl.zeros_like(sc) + ZERO
-        if PAIRED:
-            magic: gl.constexpr = 1024.0 if DT == gl.float16 else 128.0
-            return _half_pair(sc, DT)[:, None], _half_pair(zero + magic, DT)[:, None]
-        else:
-            return sc[:, None], (zero + 8388608.0)[:, None]
+        magic: gl.constexpr = 1024.0 if DT == gl.float16 else -128.0 if W0 == 8 else 128.0
+        return _half_pair(sc, DT)[:, None], _half_pair(zero + magic, DT)[:, None]
 
     @gluon.jit
     def _slot_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO: gl.constexpr, HAS_Z: gl.constexpr,
-                    DT: gl.constexpr, PAIRED: gl.constexpr):
+                    DT: gl.constexpr, W0: gl.constexpr):
         """`_scale_bias` of the group holding column `col`, loaded and used at once (groups of 16 or 32)."""
         sc, zero = _load_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
-        return _scale_bias(sc, zero, ZERO, HAS_Z, DT, PAIRED)
+        return _scale_bias(sc, zero, ZERO, HAS_Z, DT, W0)
 
     @gluon.jit
     def _step_operand(w0, w1, sc, zb, s, z, col, K, G, n, nmask, stride_sg, stride_sn, W0: gl.constexpr,
                       W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr,
-                      DT: gl.constexpr, PAIRED: gl.constexpr):
+                      DT: gl.constexpr):
         """Slots 0..3 of words w0, w1 (shifted so that a step's slots come first) as the A operand [BN, 64] of the
         step at input column `col` (its column 16 i + j is slot i of word row j). SCALES < 2: the step lies in one
         group, whose sc, zb are given; 2: each slot's (a group of 16 or 32 columns) is loaded here."""
         if SCALES == 2:
-            sc, zb = _slot_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
-        v0 = _slot_values(w0, w1, 0, sc, zb, W0, W1, DT, PAIRED)
+            sc, zb = _slot_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
+        v0 = _slot_values(w0, w1, 0, sc, zb, W0, W1, HAS_Z, DT)
         if SCALES == 2:
-            sc, zb = _slot_scale(s, z, col + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
-        v1 = _slot_values(w0, w1, 1, sc, zb, W0, W1, DT, PAIRED)
+            sc, zb = _slot_scale(s, z, col + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
+        v1 = _slot_values(w0, w1, 1, sc, zb, W0, W1, HAS_Z, DT)
         if SCALES == 2:
-            sc, zb = _slot_scale(s, z, col + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
-        v2 = _slot_values(w0, w1, 2, sc, zb, W0, W1, DT, PAIRED)
+            sc, zb = _slot_scale(s, z, col + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
+        v2 = _slot_values(w0, w1, 2, sc, zb, W0, W1, HAS_Z, DT)
         if SCALES == 2:
-            sc, zb = _slot_scale(s, z, col + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
-        v3 = _slot_values(w0, w1, 3, sc, zb, W0, W1, DT, PAIRED)
+            sc, zb = _slot_scale(s, z, col + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
+        v3 = _slot_values(w0, w1, 3, sc, zb, W0, W1, HAS_Z, DT)
         both = gl.join(gl.join(v0, v1), gl.join(v2, v3))  # [BN, 16, 2 (slot bit 0), 2 (slot bit 1)]
         return gl.reshape(gl.permute(both, (0, 3, 2, 1)), [both.shape[0], 64])
 
     @gluon.jit
-    def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
-                              split_steps, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr, ZERO: gl.constexpr,
-                              HAS_Z: gl.constexpr, SCALES: gl.constexpr, PAIRED: gl.constexpr,
-                              STAGES: gl.constexpr, RING: gl.constexpr, RING1: gl.constexpr, AHEAD: gl.constexpr,
-                              ATOMIC: gl.constexpr, WARPS: gl.constexpr):
+    def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, ws, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
+                              stride_wm, split_steps, whole_n, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
+                              ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, STAGES: gl.constexpr,
+                              RING: gl.constexpr, RING1: gl.constexpr, AHEAD: gl.constexpr, ATOMIC: gl.constexpr,
+                              WARPS: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         STEP: gl.constexpr = x_desc.block_type.shape[1]
         DT: gl.constexpr = x_desc.dtype
@@ -246,7 +252,8 @@ if HAVE_GLUON:
         w_l: gl.constexpr = _a_word_layout(BN, WARPS)
         pid_m = gl.program_id(0)
         pid_n = gl.program_id(1)
-        if ATOMIC:  # this CTA's K slice: steps s0 .. s0 + steps - 1 (whole blocks)
+        if ATOMIC:  # column tile whole_n + pid_n, K slice s0 .. s0 + steps - 1 (whole blocks)
+            pid_n = pid_n + whole_n
             s0 = gl.program_id(2) * split_steps
             steps = gl.minimum(KW * PER // STEP - s0, split_steps)
         else:  # all of K (constants keep the unsplit kernel's registers: 8-bit m128w8p4 spilled more otherwise)
@@ -297,9 +304,9 @@ if HAVE_GLUON:
             fw1 = _plane_words(p1, b0 + 2, KW, N, offs, wmask)
         else:
             cw1 = cw0
-        sc, zb = _slot_scale(s, z, s0 * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, PAIRED)
+        sc, zb = _slot_scale(s, z, s0 * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
         a = gl.convert_layout(_step_operand(cw0, cw1, sc, zb, s, z, s0 * STEP, K, G, n, nmask, stride_sg, stride_sn,
-                                            W0, W1, ZERO, HAS_Z, SCALES, DT, PAIRED), a_l, assert_trivial=True)
+                                            W0, W1, ZERO, HAS_Z, SCALES, DT), a_l, assert_trivial=True)
         if SCALES < 2:  # the group of the slice's second step (SCALES 1) or block (SCALES 0)
             raw_s, raw_z = _load_scale(s, z, s0 * STEP + (STEP if SCALES == 1 else 16 * PER), K, G, n, nmask,
                                        stride_sg, stride_sn, HAS_Z)
@@ -333,16 +340,16 @@ if HAVE_GLUON:
                 else:
                     cw1 = cw0
                 if SCALES == 0:  # the block's group was loaded a block ago; load the next block's
-                    sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, PAIRED)
+                    sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
                     raw_s, raw_z = _load_scale(s, z, (nb + 1) * 16 * PER, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
             else:
                 cw0 = cw0 >> (4 * W0)
                 cw1 = cw1 >> (4 * W1)
             if SCALES == 1:  # step t + 1's group was loaded an iteration ago; load step t + 2's
-                sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, PAIRED)
+                sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
                 raw_s, raw_z = _load_scale(s, z, (t + 2) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
             a_next = _step_operand(cw0, cw1, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0,
-                                   W1, ZERO, HAS_Z, SCALES, DT, PAIRED)
+                                   W1, ZERO, HAS_Z, SCALES, DT)
             # Wait for this step's wgmma before the loop hands a_next on: the operand it reads stays live up to here
             # (a dependency of the wait), so a_next is made in other registers while it runs, and no register copy
             # at the loop's back edge can overwrite what an unfinished wgmma reads. (Leaving one wgmma in flight
@@ -362,8 +369,9 @@ if HAVE_GLUON:
         on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
         om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
         omask = (on < N)[:, None] & (om < M)[None, :]
-        if ATOMIC:  # a K slice's part of a float32 sum (split-K)
-            gl.atomic_add(out + om[None, :] * stride_om + on[:, None], acc, mask=omask, sem="relaxed")
+        if ATOMIC:  # a K slice's part of a float32 sum (ws: the columns from tile whole_n on)
+            wn = gl.program_id(1) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+            gl.atomic_add(ws + om[None, :] * stride_wm + wn[:, None], acc, mask=omask, sem="relaxed")
         else:
             gl.store(out + om[None, :] * stride_om + on[:, None], acc.to(DT), mask=omask)
 
@@ -382,7 +390,7 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
     scales = 0 if gw.group % gw.block == 0 else 1 if gw.group % STEP == 0 else 2
     per_word = 4 // gw.planes[-1].element_size()  # plane-1 fields an int32 word holds (1: no plane 1)
     ring1 = per_word if len(gw.planes) > 1 and gw.shape[0] % per_word == 0 else 0
-    return dict(SCALES=scales, PAIRED=dtype == torch.float16 or gw.bits < 8, STAGES=stages,
+    return dict(SCALES=scales, STAGES=stages,
                 RING=gw.bits in (2, 4) or ring1 > 0, RING1=ring1, AHEAD=2, ATOMIC=split_k > 1, WARPS=num_warps,
                 num_warps=num_warps,
                 **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
@@ -397,29 +405,76 @@ def split_steps(gw: GpuPackedWeight, split_k: int) -> tuple[int, int]:
     return per_slice, -(-steps // per_slice)
 
 
+_AT_ONCE: dict[tuple, int] = {}
+
+
+def _launch_args(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: int, stages: int,
+                 split_k: int) -> tuple[object, dict, dict]:
+    """(x's TMA descriptor, the kernel's arguments but ws / stride_wm / whole_n, the unsplit kernel's constants)
+    for x [M, K] with 16-byte aligned rows; out is allocated here."""
+    from . import triton_linear as tlin
+    m, k = x.shape
+    out = torch.empty(m, gw.shape[0], dtype=x.dtype, device=x.device)
+    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([block_m, STEP], dt)
+    desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, STEP], layout)
+    tensors, consts = tlin._args(gw)
+    unsplit = launch_constants(gw, x.dtype, block_m, num_warps, stages)
+    if unsplit["RING1"]:  # plane 1 copied as int32 words
+        tensors["p1"] = gw.planes[1].view(torch.int32)
+    return desc, dict(out=out, M=m, N=gw.shape[0], K=k, KW=gw.planes[0].shape[0], G=gw.group,
+                      stride_om=out.stride(0), split_steps=split_steps(gw, split_k)[0], **tensors, **consts), unsplit
+
+
+def ctas_at_once(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: int, stages: int) -> int:
+    """CTAs of the unsplit kernel for this weight, rows like x and tile that run at once on x's device: its SMs
+    times the CTAs an SM holds by registers (allocated per warp in units of 256), shared memory (1 KiB reserved
+    per CTA) and threads, from the compiled kernel (compiled here if it is not yet; cached)."""
+    key = (x.device, x.dtype, gw.widths, gw.group, gw.zeros is not None,
+           *launch_constants(gw, x.dtype, block_m, num_warps, stages).items())
+    if key not in _AT_ONCE:
+        desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, 1)
+        kernel = _wgmma_prefill_kernel.warmup(desc, ws=args["out"], stride_wm=0, whole_n=0, grid=(1, 1), **unsplit,
+                                              **args)
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(x.device)
+        regs = num_warps * -(-kernel.n_regs * 32 // 256) * 256
+        per_sm = min(getattr(props, "regs_per_multiprocessor", 65536) // regs,
+                     getattr(props, "shared_memory_per_multiprocessor", 233472) // (kernel.metadata.shared + 1024),
+                     props.max_threads_per_multi_processor // (32 * num_warps))
+        _AT_ONCE[key] = props.multi_processor_count * max(per_sm, 1)
+    return _AT_ONCE[key]
+
+
+def whole_tiles(m_tiles: int, n_tiles: int, at_once: int) -> int:
+    """Column tiles run whole (K not split) when `at_once` CTAs of the unsplit kernel run at once: those that fill
+    complete rounds, so that only the last, part-filled round's tiles are split (all of them where the tiles fill
+    less than one round)."""
+    return (m_tiles * n_tiles // at_once) * at_once // m_tiles
+
+
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
            stages: int = 4, split_k: int = 1) -> torch.Tensor:
-    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel; split_k 2:
-    two K slices, summed in float32."""
-    from . import triton_linear as tlin
+    """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel. split_k 2:
+    the column tiles that fill complete rounds of CTAs run whole, then the rest (`whole_tiles`: the last,
+    part-filled round's; all where they fill less than one) in two K slices, summed in float32: a second launch."""
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps, split_k)
     if reason is not None:
         raise ValueError(reason)
     if x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)
-    m, k = x.shape
-    n = gw.shape[0]
-    per_slice, slices = split_steps(gw, split_k)
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if slices > 1 else torch.empty(
-        m, n, dtype=x.dtype, device=x.device)
-    dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block_m, STEP], dt)
-    desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, STEP], layout)
-    tensors, consts = tlin._args(gw)
-    launch = launch_constants(gw, x.dtype, block_m, num_warps, stages, slices)
-    if launch["RING1"]:  # plane 1 copied as int32 words
-        tensors["p1"] = gw.planes[1].view(torch.int32)
-    grid = (-(-m // block_m), -(-n // (16 * num_warps)), slices)
-    _wgmma_prefill_kernel[grid](desc, out=out, M=m, N=n, K=k, KW=gw.planes[0].shape[0], G=gw.group,
-                                stride_om=out.stride(0), split_steps=per_slice, **launch, **tensors, **consts)
-    return out.to(x.dtype) if slices > 1 else out
+    desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, split_k)
+    m, n, bn = x.shape[0], gw.shape[0], 16 * num_warps
+    m_tiles, n_tiles = -(-m // block_m), -(-n // bn)
+    slices = split_steps(gw, split_k)[1]
+    whole = n_tiles if slices == 1 else whole_tiles(m_tiles, n_tiles, ctas_at_once(x, gw, block_m, num_warps, stages))
+    out = args["out"]
+    if whole:
+        _wgmma_prefill_kernel[(m_tiles, whole)](desc, ws=out, stride_wm=0, whole_n=0, **unsplit, **args)
+    if whole < n_tiles:
+        ws = torch.zeros(m, (n_tiles - whole) * bn, dtype=torch.float32, device=x.device)
+        _wgmma_prefill_kernel[(m_tiles, n_tiles - whole, slices)](
+            desc, ws=ws, stride_wm=ws.stride(0), whole_n=whole,
+            **launch_constants(gw, x.dtype, block_m, num_warps, stages, slices), **args)
+        out[:, whole * bn:] = ws[:, :n - whole * bn]
+    return out

@@ -586,19 +586,18 @@ def tile_candidates(m: int, gw: GpuPackedWeight, dtype: torch.dtype = torch.bflo
     """The tiles a latency table times for m token rows: `default_config` first, then, for decode (m <=
     TUNED_MAX_M), the near-winners of the tile sweeps that set the defaults (CUDA-core GEMV, integer-dot GEMV,
     Triton and Gluon tensor-core decode, int8 tensor-core decode, split-K GEMM) over a few K-splits; above it,
-    the Hopper wgmma prefill's tiles (`gluon_wgmma.TILES`) where the device and weight allow, each also in two K
-    slices where its tiles would not give every SM two. The sweeps ran on four LLM shapes of one H100 and one
-    H200; other shapes (a 1B model's 512x2048) and devices get the tile measured best for them."""
+    the Hopper wgmma prefill's tiles (`gluon_wgmma.TILES`) where the device and weight allow, each also with the
+    tiles of its last, part-filled round of CTAs in two K slices (`gluon_wgmma.linear`). The sweeps ran on four LLM
+    shapes of one H100 and one H200; other shapes (a 1B model's 512x2048) and devices get the tile measured best
+    for them."""
     default = default_config(m, gw, dtype)
     if m > TUNED_MAX_M:
         from . import gluon_wgmma
         device = gw.scales.device
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         return list(dict.fromkeys([default] + [
             Config(bm, 16 * warps, split, warps, stages, wgmma=True) for bm, warps, stages in gluon_wgmma.TILES
             for split in gluon_wgmma.SPLITS
-            if gluon_wgmma.unsupported_reason(gw, dtype, device, bm, warps, split) is None
-            and (split == 1 or -(-m // bm) * -(-gw.shape[0] // (16 * warps)) < 2 * sms)]))
+            if gluon_wgmma.unsupported_reason(gw, dtype, device, bm, warps, split) is None]))
     n, blocks = gw.shape[0], gw.planes[0].shape[0] // WORD_ROWS
 
     def tile(bm: int, bn: int, warps: int, waves: int, stages: int = 1, mma: bool = False,

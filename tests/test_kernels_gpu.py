@@ -330,9 +330,10 @@ def test_wgmma_prefill(bits: int, tile: tuple[int, int, int, int]) -> None:
     float64 at token counts around the tile (a part tile of tokens, more K steps than TMA stages), odd N, groups of
     32 / 64 / 128 and per-channel, asymmetric and symmetric, float16 and bfloat16, x not 16-byte aligned (copied);
     `Config(wgmma=True)` through `triton_linear.linear` runs the same kernel; a NaN in a token gives NaN in that
-    token only; five calls in a row on an 8192x2048 weight are each right (tile[3]: K slices, summed in float32).
-    K not a multiple of 8 (TMA needs 16-byte rows) and groups that are not whole slots of 16 are refused with the
-    reason."""
+    token only; five calls in a row on an 8192x2048 weight are each right (tile[3]: K slices, summed in float32;
+    with more column tiles than fill a round of CTAs, those of the complete rounds run whole and only the rest in
+    slices). K not a multiple of 8 (TMA needs 16-byte rows) and groups that are not whole slots of 16 are refused
+    with the reason."""
     probe = _case(64, 128, 128, bits, True, torch.bfloat16, torch.Generator().manual_seed(0))[1]
     reason = gluon_wgmma.unsupported_reason(probe, torch.bfloat16, torch.device(DEV), *tile[:2], tile[3])
     if reason is not None:
@@ -366,6 +367,14 @@ def test_wgmma_prefill(bits: int, tile: tuple[int, int, int, int]) -> None:
     for _ in range(5):  # a few wrong tiles showed as 2-3e-2 relative error; right is ~2e-3 (bfloat16 outputs)
         y = _poisoned(lambda: gluon_wgmma.linear(x, gw, *tile)).double().cpu()
         assert (y - ref).norm() / ref.norm() < 5e-3
+    if tile[3] > 1:  # 2 x 1001 tiles: some whole, the last round's in slices
+        qt, gw = _case(16 * tile[1] * 1001 - 5, 256, 128, bits, False, torch.bfloat16, gen)
+        x = torch.randn(2 * tile[0], 256, generator=gen).to(torch.bfloat16).to(DEV)
+        whole = gluon_wgmma.whole_tiles(2, 1001, gluon_wgmma.ctas_at_once(x, gw, *tile[:3]))
+        assert 0 < whole < 1001
+        y = _poisoned(lambda: gluon_wgmma.linear(x, gw, *tile))
+        _check(y, x, qt, torch.bfloat16)
+        assert torch.equal(y, gluon_wgmma.linear(x, gw, *tile))
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
