@@ -34,7 +34,7 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
   step's is loaded with each step (on an H100, session 31, 2-bit 8192x8192 at 512 tokens went from 144.9 to 114.7
   us against loading each where it is used); groups of 16 or 32 are loaded per slot where they are used.
 Latency tables offer TILES above `triton_linear.TUNED_MAX_M` tokens (`tile_candidates`), so emitted models run it
-where it was measured fastest (docs/kernels_gpu.md, "Session 31", "Session 32").
+where it was measured fastest (docs/kernels_gpu.md, "Session 31" to "Session 33").
 Needs Triton's Gluon (triton >= 3.6), a CUDA device of compute capability 9.x (Hopper) and K a multiple of 8 (TMA
 reads x in 16-byte aligned rows; x is copied first where its rows are not); Gluon does not run in Triton's CPU
 interpreter.
