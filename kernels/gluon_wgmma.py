@@ -453,6 +453,12 @@ def whole_tiles(m_tiles: int, n_tiles: int, at_once: int) -> int:
     return (m_tiles * n_tiles // at_once) * at_once // m_tiles
 
 
+def launch_rows(m: int, block_m: int) -> int:
+    """Token rows x is launched with: m, rounded up to whole token tiles where an eighth of the last tile or more
+    would lie past m (`linear` pads x with zero rows there)."""
+    return m - m % -block_m if 8 * (-m % block_m) >= block_m else m
+
+
 def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: int = 8,
            stages: int = 4, split_k: int = 1) -> torch.Tensor:
     """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel. split_k 2:
@@ -466,8 +472,8 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     if reason is not None:
         raise ValueError(reason)
     m = x.shape[0]
-    if 8 * (-m % block_m) >= block_m:  # an eighth of the last token tile or more past M: zero rows (docstring)
-        x = torch.nn.functional.pad(x, (0, 0, 0, -m % block_m))
+    if launch_rows(m, block_m) > m:  # zero rows up to whole token tiles (see the docstring)
+        x = torch.nn.functional.pad(x, (0, 0, 0, launch_rows(m, block_m) - m))
     elif x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)
     desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, split_k)

@@ -82,7 +82,8 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
     """`gluon_wgmma`: split_k 2 cuts K into at most 2 slices of whole K blocks that cover it (one slice where K is
     one block), for the column tiles past the complete rounds of CTAs; 2/4-bit words go through the shared-memory
     ring, 3/5/6-bit ones too with plane 1 as int32 words where N is a multiple of the plane-1 fields a word holds
-    (else registers), 8-bit ones stay in registers.
+    (else registers), 8-bit ones stay in registers; x is padded to whole token tiles where an eighth of the last
+    one or more would lie past the tokens.
     `Config(wgmma=True)` with split_k 2 (label ...s2...H) names it; other splits and a missing GPU are refused with
     the reason."""
     from kernels import gluon_wgmma
@@ -101,6 +102,9 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
     # with 264 CTAs at once: 2 x 448 tiles (28672 rows of 64 at 512 tokens) fill 3 rounds, so 396 column tiles
     # run whole and 52 in slices; tiles that fill no round are all sliced, whole rounds not at all
     assert [gluon_wgmma.whole_tiles(2, n, 264) for n in (448, 64, 132, 133)] == [396, 0, 132, 132]
+    # x padded to whole token tiles where an eighth of the last one or more would lie past the tokens
+    assert [gluon_wgmma.launch_rows(m, 256) for m in (512, 511, 481, 480, 320, 17)] == [512, 511, 481, 512, 512,
+                                                                                      256]
 
     def paths(bits: int, n: int) -> tuple[bool, int]:
         consts = gluon_wgmma.launch_constants(weight(bits, n, 256), torch.bfloat16, 256, 4, 3)
