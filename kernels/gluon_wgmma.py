@@ -119,7 +119,6 @@ if HAVE_GLUON:
         zero points: it is 0) and times the scale; every intermediate an integer within +-256, so exact."""
         half = (i * W0) // 16
         sh = (i * W0) % 16
-        m = (1 << W0) - 1
         body = f"prmt.b32 t, $1, $2, {0x7632 if half else 0x5410}; " + (f"shr.b32 t, t, {sh}; " if sh else "")
         kind = "f16x2" if FP16 else "bf16x2"
         if W0 == 8 and not FP16:
@@ -127,6 +126,7 @@ if HAVE_GLUON:
                      "add.rn.bf16x2 t, t, u; ")
             body += "sub.rn.bf16x2 t, t, $7; " if HAS_Z else ""
         else:
+            m = (1 << W0) - 1
             body += f"lop3.b32 t, t, {m | (m << 16)}, {0x64006400 if FP16 else 0x43004300}, 0xEA; "
             if W1:
                 d = i * W1 - W0
@@ -409,7 +409,7 @@ _AT_ONCE: dict[tuple, int] = {}
 
 
 def _launch_args(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: int, stages: int,
-                 split_k: int) -> tuple[object, dict, dict]:
+                 per_slice: int) -> tuple[object, dict, dict]:
     """(x's TMA descriptor, the kernel's arguments but ws / stride_wm / whole_n, the unsplit kernel's constants)
     for x [M, K] with 16-byte aligned rows; out is allocated here."""
     from . import triton_linear as tlin
@@ -423,7 +423,7 @@ def _launch_args(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: 
     if unsplit["RING1"]:  # plane 1 copied as int32 words
         tensors["p1"] = gw.planes[1].view(torch.int32)
     return desc, dict(out=out, M=m, N=gw.shape[0], K=k, KW=gw.planes[0].shape[0], G=gw.group,
-                      stride_om=out.stride(0), split_steps=split_steps(gw, split_k)[0], **tensors, **consts), unsplit
+                      stride_om=out.stride(0), split_steps=per_slice, **tensors, **consts), unsplit
 
 
 def ctas_at_once(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: int, stages: int) -> int:
@@ -433,7 +433,7 @@ def ctas_at_once(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: 
     key = (x.device, x.dtype, gw.widths, gw.group, gw.zeros is not None,
            *launch_constants(gw, x.dtype, block_m, num_warps, stages).items())
     if key not in _AT_ONCE:
-        desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, 1)
+        desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, split_steps(gw, 1)[0])
         kernel = _wgmma_prefill_kernel.warmup(desc, ws=args["out"], stride_wm=0, whole_n=0, grid=(1, 1), **unsplit,
                                               **args)
         kernel._init_handles()
@@ -471,23 +471,22 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps, split_k)
     if reason is not None:
         raise ValueError(reason)
-    m = x.shape[0]
-    if launch_rows(m, block_m) > m:  # zero rows up to whole token tiles (see the docstring)
-        x = torch.nn.functional.pad(x, (0, 0, 0, launch_rows(m, block_m) - m))
+    m, rows = x.shape[0], launch_rows(x.shape[0], block_m)
+    if rows > m:  # zero rows up to whole token tiles (see the docstring)
+        x = torch.nn.functional.pad(x, (0, 0, 0, rows - m))
     elif x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)
-    desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, split_k)
+    per_slice, slices = split_steps(gw, split_k)
+    desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, per_slice)
     n, bn = gw.shape[0], 16 * num_warps
     m_tiles, n_tiles = -(-m // block_m), -(-n // bn)
-    slices = split_steps(gw, split_k)[1]
     whole = n_tiles if slices == 1 else whole_tiles(m_tiles, n_tiles, ctas_at_once(x, gw, block_m, num_warps, stages))
     out = args["out"]
     if whole:
         _wgmma_prefill_kernel[(m_tiles, whole)](desc, ws=out, stride_wm=0, whole_n=0, **unsplit, **args)
     if whole < n_tiles:
-        ws = torch.zeros(x.shape[0], (n_tiles - whole) * bn, dtype=torch.float32, device=x.device)
+        ws = torch.zeros(rows, (n_tiles - whole) * bn, dtype=torch.float32, device=x.device)
         _wgmma_prefill_kernel[(m_tiles, n_tiles - whole, slices)](
-            desc, ws=ws, stride_wm=ws.stride(0), whole_n=whole,
-            **launch_constants(gw, x.dtype, block_m, num_warps, stages, slices), **args)
+            desc, ws=ws, stride_wm=ws.stride(0), whole_n=whole, **dict(unsplit, ATOMIC=True), **args)
         out[:, whole * bn:] = ws[:, :n - whole * bn]
     return out[:m]
