@@ -22,7 +22,9 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
   (session 32) the rings with the scales below took 4-bit 8192x8192 at 512 tokens from 127.8 to 110.6 us, 3-bit
   from 129.9 to 117.6. 8-bit (a block a step) lost with the ring at its fastest tiles (session 33: m256w4p3 136.4
   -> 140.2 us, m128w8p4 158.1 -> 176.2) and keeps registers, as do 3/5/6 bits where N does not allow the int32
-  view.
+  view. 8-bit words (a K block a step) alternate between two register sets, two steps a loop iteration
+  (`PAIRS`, `_paired_step`): each set is reloaded in place and read two steps later, with no register copy of a
+  load in flight (session 34, H100: 8192x8192 at 512 tokens 140.6 -> 127.9 us, 28672x8192 503.4 -> 453.9).
 - B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
   `wgmma` as the transposed view.
 - One loop iteration per 64-column step: its `wgmma` is issued asynchronously, the next step's operand is made
@@ -236,11 +238,61 @@ if HAVE_GLUON:
         return gl.reshape(gl.permute(both, (0, 3, 2, 1)), [both.shape[0], 64])
 
     @gluon.jit
+    def _issue_step(i, a, acc, x_smem, bars, STAGES: gl.constexpr):
+        """Wait for step i's x tile and start its `wgmma` (asynchronous) with operand a."""
+        cur = i % STAGES
+        mbarrier.wait(bars.index(cur), (i // STAGES) & 1)
+        return warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
+
+    @gluon.jit
+    def _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Wait for step i's `wgmma`, hand on the next step's operand and start the TMA copy of the x tile
+        STAGES - 1 steps ahead into the buffer that `wgmma` read.
+        The operand a stays live up to the wait (a dependency of it), so a_next is made in other registers while
+        the `wgmma` runs, and no register copy at the loop's back edge can overwrite what an unfinished `wgmma`
+        reads. (Leaving one `wgmma` in flight across iterations, with its operand carried to the next wait, raced:
+        4-bit 256-token tiles summed some tiles wrong on an H100 in most calls, session 30.)"""
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        a = gl.convert_layout(a_next, a_l, assert_trivial=True)
+        nxt = i + STAGES - 1
+        if nxt < steps:
+            ns = nxt % STAGES
+            mbarrier.expect(bars.index(ns), x_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [pid_m * x_desc.block_type.shape[0],
+                                                     (s0 + nxt) * x_desc.block_type.shape[1]],
+                                            bars.index(ns), x_smem.index(ns))
+        return acc, a
+
+    @gluon.jit
+    def _paired_step(i, s0, steps, acc, a, w, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N, n,
+                     nmask, offs, wmask, stride_sg, stride_sn, a_l: gl.constexpr, W0: gl.constexpr,
+                     ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Step i of a weight whose K block is one step (8 bits) with its words in registers (`PAIRS`): its
+        `wgmma`, while the next block's operand is made from w (and its group's raw_s, raw_z, SCALES 0), and w
+        (and raw_s, raw_z) reloaded with the block two steps after that. Two sets of words alternate through
+        the steps, so no loaded word is copied between registers in the loop."""
+        STEP: gl.constexpr = x_desc.block_type.shape[1]
+        t = s0 + i
+        acc = _issue_step(i, a, acc, x_smem, bars, STAGES)
+        if SCALES == 0:
+            sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
+            raw_s, raw_z = _load_scale(s, z, (t + 3) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
+        else:
+            sc, zb = raw_s, raw_z
+        a_next = _step_operand(w, w, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0, 0,
+                               ZERO, HAS_Z, SCALES, DT)
+        w = _plane_words(p0, t + 3, KW, N, offs, wmask)
+        acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES)
+        return acc, a, w, raw_s, raw_z
+
+    @gluon.jit
     def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, ws, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
                               stride_wm, split_steps, whole_n, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                               ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, STAGES: gl.constexpr,
                               RING: gl.constexpr, RING1: gl.constexpr, AHEAD: gl.constexpr, ATOMIC: gl.constexpr,
-                              WARPS: gl.constexpr):
+                              PAIRS: gl.constexpr, WARPS: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         STEP: gl.constexpr = x_desc.block_type.shape[1]
         DT: gl.constexpr = x_desc.dtype
@@ -310,59 +362,65 @@ if HAVE_GLUON:
         if SCALES < 2:  # the group of the slice's second step (SCALES 1) or block (SCALES 0)
             raw_s, raw_z = _load_scale(s, z, s0 * STEP + (STEP if SCALES == 1 else 16 * PER), K, G, n, nmask,
                                        stride_sg, stride_sn, HAS_Z)
-        # One iteration per step, the same code for each (ptxas then keeps the operands of the steps in flight
-        # apart; a loop over blocks with the steps unrolled had it copy them through one register quad, waiting on
-        # each wgmma): a block's words are shifted by a step's slots after each step. i counts the slice's steps
-        # (ring buffers and phases), t = s0 + i the weight's (columns, blocks).
-        for i in range(0, steps):
-            t = s0 + i
-            cur = i % STAGES
-            mbarrier.wait(bars.index(cur), (i // STAGES) & 1)
-            acc = warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
-            if SUB == 1 or (t + 1) % SUB == 0:  # the next step starts block nb
-                nb = (t + 1) // SUB
-                if RING:  # copied AHEAD - 1 blocks ago
-                    if RING1:
-                        _copy_plane1(ring1, p1, nb + AHEAD - 1, KW, N1W, offs1, mask1, AHEAD)
-                    _copy_block(ring, p0, nb + AHEAD - 1, KW, N, offs, wmask, AHEAD)
-                    cp.wait_group(AHEAD - 1)
-                    cw0 = ring.index(nb % AHEAD).load(w_l)
-                else:  # loaded two blocks ago
-                    cw0 = nw0
-                    nw0 = fw0
-                    fw0 = _plane_words(p0, nb + 2, KW, N, offs, wmask)
-                if RING1:
-                    cw1 = _ring1_words(ring1, nb, PW, BN, w_l, AHEAD)
-                elif W1 > 0:
-                    cw1 = nw1
-                    nw1 = fw1
-                    fw1 = _plane_words(p1, nb + 2, KW, N, offs, wmask)
-                else:
-                    cw1 = cw0
-                if SCALES == 0:  # the block's group was loaded a block ago; load the next block's
-                    sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
-                    raw_s, raw_z = _load_scale(s, z, (nb + 1) * 16 * PER, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
+        if PAIRS:  # a K block a step (8 bits), words in registers: two sets alternate, two steps an iteration
+            if SCALES == 0:
+                rb_s, rb_z = _load_scale(s, z, (s0 + 2) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
             else:
-                cw0 = cw0 >> (4 * W0)
-                cw1 = cw1 >> (4 * W1)
-            if SCALES == 1:  # step t + 1's group was loaded an iteration ago; load step t + 2's
-                sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
-                raw_s, raw_z = _load_scale(s, z, (t + 2) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
-            a_next = _step_operand(cw0, cw1, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0,
-                                   W1, ZERO, HAS_Z, SCALES, DT)
-            # Wait for this step's wgmma before the loop hands a_next on: the operand it reads stays live up to here
-            # (a dependency of the wait), so a_next is made in other registers while it runs, and no register copy
-            # at the loop's back edge can overwrite what an unfinished wgmma reads. (Leaving one wgmma in flight
-            # across iterations, with its operand carried to the next wait, raced: 4-bit 256-token tiles summed
-            # some tiles wrong on an H100 in most calls, session 30.)
+                raw_s, raw_z, rb_s, rb_z = sc, zb, sc, zb
+            for u in range(0, (steps - 1) // 2):
+                acc, a, nw0, raw_s, raw_z = _paired_step(
+                    2 * u, s0, steps, acc, a, nw0, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N,
+                    n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
+                acc, a, fw0, rb_s, rb_z = _paired_step(
+                    2 * u + 1, s0, steps, acc, a, fw0, rb_s, rb_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G,
+                    N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
+            if steps % 2 == 0:
+                acc, a, nw0, raw_s, raw_z = _paired_step(
+                    steps - 2, s0, steps, acc, a, nw0, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW,
+                    G, N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
+            acc = _issue_step(steps - 1, a, acc, x_smem, bars, STAGES)
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-            a = gl.convert_layout(a_next, a_l, assert_trivial=True)
-            nxt = i + STAGES - 1  # into the buffer of step i - 1, whose wgmma has finished
-            if nxt < steps:
-                ns = nxt % STAGES
-                mbarrier.expect(bars.index(ns), x_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(x_desc, [pid_m * BM, (s0 + nxt) * STEP], bars.index(ns),
-                                                x_smem.index(ns))
+        else:
+            # One iteration per step, the same code for each (ptxas then keeps the operands of the steps in
+            # flight apart; a loop over blocks with the steps unrolled had it copy them through one register quad,
+            # waiting on each wgmma): a block's words are shifted by a step's slots after each step. i counts the
+            # slice's steps (ring buffers and phases), t = s0 + i the weight's (columns, blocks).
+            for i in range(0, steps):
+                t = s0 + i
+                acc = _issue_step(i, a, acc, x_smem, bars, STAGES)
+                if SUB == 1 or (t + 1) % SUB == 0:  # the next step starts block nb
+                    nb = (t + 1) // SUB
+                    if RING:  # copied AHEAD - 1 blocks ago
+                        if RING1:
+                            _copy_plane1(ring1, p1, nb + AHEAD - 1, KW, N1W, offs1, mask1, AHEAD)
+                        _copy_block(ring, p0, nb + AHEAD - 1, KW, N, offs, wmask, AHEAD)
+                        cp.wait_group(AHEAD - 1)
+                        cw0 = ring.index(nb % AHEAD).load(w_l)
+                    else:  # loaded two blocks ago
+                        cw0 = nw0
+                        nw0 = fw0
+                        fw0 = _plane_words(p0, nb + 2, KW, N, offs, wmask)
+                    if RING1:
+                        cw1 = _ring1_words(ring1, nb, PW, BN, w_l, AHEAD)
+                    elif W1 > 0:
+                        cw1 = nw1
+                        nw1 = fw1
+                        fw1 = _plane_words(p1, nb + 2, KW, N, offs, wmask)
+                    else:
+                        cw1 = cw0
+                    if SCALES == 0:  # the block's group was loaded a block ago; load the next block's
+                        sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
+                        raw_s, raw_z = _load_scale(s, z, (nb + 1) * 16 * PER, K, G, n, nmask, stride_sg, stride_sn,
+                                                   HAS_Z)
+                else:
+                    cw0 = cw0 >> (4 * W0)
+                    cw1 = cw1 >> (4 * W1)
+                if SCALES == 1:  # step t + 1's group was loaded an iteration ago; load step t + 2's
+                    sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
+                    raw_s, raw_z = _load_scale(s, z, (t + 2) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
+                a_next = _step_operand(cw0, cw1, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0,
+                                       W1, ZERO, HAS_Z, SCALES, DT)
+                acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
@@ -382,18 +440,19 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
     with and benchmarks/compile_decode_offline.py compiles). SCALES: 0 a block's group loaded a block ahead, 1 a
     step's group loaded a step ahead, 2 each slot's group loaded where it is used; RING: plane-0 words through a
     shared-memory ring of AHEAD blocks (2/4 bits, and 3/5/6 with RING1), else registers; RING1: plane 1 through a
-    ring as int32 words of RING1 fields (N a multiple of them), else 0; ATOMIC: K slices add into a float32 sum
-    (see the module). Tiles of 8 warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 16
-    bytes), so that two CTAs share an SM: on an H100, with the version measured in session 30, that took
-    28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4
-    (docs/kernels_gpu.md, "Session 30")."""
+    ring as int32 words of RING1 fields (N a multiple of them), else 0; ATOMIC: K slices add into a float32 sum (see
+    the module); PAIRS: 8-bit words in two register sets, two steps an iteration (`_paired_step`; not in the tiles
+    held to 128 registers, where m128w8p4 spilled 96 bytes with it). Tiles of 8 warps and up to 128 tokens are held
+    to 128 registers a thread (3-bit spills 16 bytes), so that two CTAs share an SM: on an H100, with the version
+    measured in session 30, that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512
+    from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
     scales = 0 if gw.group % gw.block == 0 else 1 if gw.group % STEP == 0 else 2
     per_word = 4 // gw.planes[-1].element_size()  # plane-1 fields an int32 word holds (1: no plane 1)
     ring1 = per_word if len(gw.planes) > 1 and gw.shape[0] % per_word == 0 else 0
-    return dict(SCALES=scales, STAGES=stages,
-                RING=gw.bits in (2, 4) or ring1 > 0, RING1=ring1, AHEAD=2, ATOMIC=split_k > 1, WARPS=num_warps,
-                num_warps=num_warps,
-                **({"maxnreg": 128} if num_warps == 8 and block_m <= 128 else {}))
+    ring, capped = gw.bits in (2, 4) or ring1 > 0, num_warps == 8 and block_m <= 128
+    return dict(SCALES=scales, STAGES=stages, RING=ring, RING1=ring1, AHEAD=2, ATOMIC=split_k > 1,
+                PAIRS=not (ring or capped) and len(gw.planes) == 1 and gw.per == 4, WARPS=num_warps,
+                num_warps=num_warps, **({"maxnreg": 128} if capped else {}))
 
 
 def split_steps(gw: GpuPackedWeight, split_k: int) -> tuple[int, int]:

@@ -113,6 +113,10 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
                                                           (False, 0)]
     assert [paths(b, 37) for b in (3, 5, 6)] == [(False, 0)] * 3
     assert paths(5, 38) == (False, 0) and paths(6, 38) == (True, 2)
+    # 8-bit words (a K block a step, in registers) alternate between two register sets, two steps an iteration,
+    # except in the tiles held to 128 registers (8 warps, up to 128 tokens), where the second set spilled
+    assert [gluon_wgmma.launch_constants(weight(b, 64, 256), torch.bfloat16, *t)["PAIRS"]
+            for b in (8, 4, 3) for t in gluon_wgmma.TILES] == [True, True, False, True] + [False] * 8
     cfg = tlin.Config(256, 64, 2, 4, 3, wgmma=True)
     assert cfg.label == "m256n64s2w4p3H" and tlin.Config.parse(cfg.label) == cfg
     w4 = weight(4, 8, 256)
