@@ -24,7 +24,10 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
   -> 140.2 us, m128w8p4 158.1 -> 176.2) and keeps registers, as do 3/5/6 bits where N does not allow the int32
   view. 8-bit words (a K block a step) alternate between two register sets, two steps a loop iteration
   (`PAIRS`, `_paired_step`): each set is reloaded in place and read two steps later, with no register copy of a
-  load in flight (session 34, H100: 8192x8192 at 512 tokens 140.6 -> 127.9 us, 28672x8192 503.4 -> 453.9).
+  load in flight (session 34, H100, 512 tokens, m256w4p3: 8192x8192 135.0 -> 117.7 us, with zero points 140.6
+  -> 127.9; 28672x8192 with zero points, split, 503.4 -> 453.9). Keeping one `wgmma` in flight while the next
+  operand is made in the other of two operand sets (`warpgroup_mma_wait(1)`) lost at every tile (m128w4p4 158 ->
+  234 registers; 8192x8192 m256w4p3 116.5 -> 136.6 us).
 - B (x^T): [BM, 64] tiles of x through TMA into a ring of STAGES buffers (zero-filled past M and K), read by
   `wgmma` as the transposed view.
 - One loop iteration per 64-column step: its `wgmma` is issued asynchronously, the next step's operand is made
@@ -245,16 +248,8 @@ if HAVE_GLUON:
         return warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
 
     @gluon.jit
-    def _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l: gl.constexpr,
-                     STAGES: gl.constexpr):
-        """Wait for step i's `wgmma`, hand on the next step's operand and start the TMA copy of the x tile
-        STAGES - 1 steps ahead into the buffer that `wgmma` read.
-        The operand a stays live up to the wait (a dependency of it), so a_next is made in other registers while
-        the `wgmma` runs, and no register copy at the loop's back edge can overwrite what an unfinished `wgmma`
-        reads. (Leaving one `wgmma` in flight across iterations, with its operand carried to the next wait, raced:
-        4-bit 256-token tiles summed some tiles wrong on an H100 in most calls, session 30.)"""
-        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-        a = gl.convert_layout(a_next, a_l, assert_trivial=True)
+    def _refill(i, s0, steps, x_desc, x_smem, bars, pid_m, STAGES: gl.constexpr):
+        """Start the TMA copy of step i + STAGES - 1's x tile into the buffer of step i - 1 (whose `wgmma` is done)."""
         nxt = i + STAGES - 1
         if nxt < steps:
             ns = nxt % STAGES
@@ -262,20 +257,27 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(x_desc, [pid_m * x_desc.block_type.shape[0],
                                                      (s0 + nxt) * x_desc.block_type.shape[1]],
                                             bars.index(ns), x_smem.index(ns))
-        return acc, a
 
     @gluon.jit
-    def _paired_step(i, s0, steps, acc, a, w, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N, n,
-                     nmask, offs, wmask, stride_sg, stride_sn, a_l: gl.constexpr, W0: gl.constexpr,
-                     ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr,
+    def _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l: gl.constexpr,
                      STAGES: gl.constexpr):
-        """Step i of a weight whose K block is one step (8 bits) with its words in registers (`PAIRS`): its
-        `wgmma`, while the next block's operand is made from w (and its group's raw_s, raw_z, SCALES 0), and w
-        (and raw_s, raw_z) reloaded with the block two steps after that. Two sets of words alternate through
-        the steps, so no loaded word is copied between registers in the loop."""
-        STEP: gl.constexpr = x_desc.block_type.shape[1]
-        t = s0 + i
-        acc = _issue_step(i, a, acc, x_smem, bars, STAGES)
+        """Wait for step i's `wgmma`, hand on the next step's operand and refill the x buffer it read (`_refill`).
+        The operand a stays live up to the wait (a dependency of it), so a_next is made in other registers while
+        the `wgmma` runs, and no register copy at the loop's back edge can overwrite what an unfinished `wgmma`
+        reads. (Leaving one `wgmma` in flight across iterations, with its operand carried to the next wait, raced:
+        4-bit 256-token tiles summed some tiles wrong on an H100 in most calls, session 30.)"""
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        _refill(i, s0, steps, x_desc, x_smem, bars, pid_m, STAGES)
+        return acc, gl.convert_layout(a_next, a_l, assert_trivial=True)
+
+    @gluon.jit
+    def _paired_operand(t, w, raw_s, raw_z, p0, s, z, K, KW, G, N, n, nmask, offs, wmask, stride_sg, stride_sn,
+                        a_l: gl.constexpr, STEP: gl.constexpr, W0: gl.constexpr, ZERO: gl.constexpr,
+                        HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr):
+        """For a weight whose K block is one step (8 bits) with its words in registers (`PAIRS`): step t + 1's
+        operand from its words w (and its group's raw_s, raw_z, SCALES 0), then w (and raw_s, raw_z) reloaded
+        with the block two steps after that. Two sets of words alternate through the steps, so no loaded word is
+        copied between registers in the loop."""
         if SCALES == 0:
             sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
             raw_s, raw_z = _load_scale(s, z, (t + 3) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
@@ -284,6 +286,19 @@ if HAVE_GLUON:
         a_next = _step_operand(w, w, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0, 0,
                                ZERO, HAS_Z, SCALES, DT)
         w = _plane_words(p0, t + 3, KW, N, offs, wmask)
+        return gl.convert_layout(a_next, a_l, assert_trivial=True), w, raw_s, raw_z
+
+    @gluon.jit
+    def _paired_step(i, s0, steps, acc, a, w, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N, n,
+                     nmask, offs, wmask, stride_sg, stride_sn, a_l: gl.constexpr, W0: gl.constexpr,
+                     ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Step i with PAIRS: its `wgmma`, step i + 1's operand made while it runs (`_paired_operand`), then
+        waited for."""
+        acc = _issue_step(i, a, acc, x_smem, bars, STAGES)
+        a_next, w, raw_s, raw_z = _paired_operand(s0 + i, w, raw_s, raw_z, p0, s, z, K, KW, G, N, n, nmask, offs,
+                                                  wmask, stride_sg, stride_sn, a_l, x_desc.block_type.shape[1], W0,
+                                                  ZERO, HAS_Z, SCALES, DT)
         acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES)
         return acc, a, w, raw_s, raw_z
 
@@ -369,11 +384,11 @@ if HAVE_GLUON:
                 raw_s, raw_z, rb_s, rb_z = sc, zb, sc, zb
             for u in range(0, (steps - 1) // 2):
                 acc, a, nw0, raw_s, raw_z = _paired_step(
-                    2 * u, s0, steps, acc, a, nw0, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N,
-                    n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
-                acc, a, fw0, rb_s, rb_z = _paired_step(
-                    2 * u + 1, s0, steps, acc, a, fw0, rb_s, rb_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G,
+                    2 * u, s0, steps, acc, a, nw0, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G,
                     N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
+                acc, a, fw0, rb_s, rb_z = _paired_step(
+                    2 * u + 1, s0, steps, acc, a, fw0, rb_s, rb_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW,
+                    G, N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
             if steps % 2 == 0:
                 acc, a, nw0, raw_s, raw_z = _paired_step(
                     steps - 2, s0, steps, acc, a, nw0, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW,
