@@ -248,8 +248,15 @@ if HAVE_GLUON:
         return warpgroup_mma(a, x_smem.index(cur).permute((1, 0)), acc, is_async=True)
 
     @gluon.jit
-    def _refill(i, s0, steps, x_desc, x_smem, bars, pid_m, STAGES: gl.constexpr):
-        """Start the TMA copy of step i + STAGES - 1's x tile into the buffer of step i - 1 (whose `wgmma` is done)."""
+    def _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Wait for step i's `wgmma`, hand on the next step's operand and start the TMA copy of step i + STAGES - 1's
+        x tile into the buffer of step i - 1 (whose `wgmma` is done).
+        The operand a stays live up to the wait (a dependency of it), so a_next is made in other registers while
+        the `wgmma` runs, and no register copy at the loop's back edge can overwrite what an unfinished `wgmma`
+        reads. (Leaving one `wgmma` in flight across iterations, with its operand carried to the next wait, raced:
+        4-bit 256-token tiles summed some tiles wrong on an H100 in most calls, session 30.)"""
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         nxt = i + STAGES - 1
         if nxt < steps:
             ns = nxt % STAGES
@@ -257,27 +264,20 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(x_desc, [pid_m * x_desc.block_type.shape[0],
                                                      (s0 + nxt) * x_desc.block_type.shape[1]],
                                             bars.index(ns), x_smem.index(ns))
-
-    @gluon.jit
-    def _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l: gl.constexpr,
-                     STAGES: gl.constexpr):
-        """Wait for step i's `wgmma`, hand on the next step's operand and refill the x buffer it read (`_refill`).
-        The operand a stays live up to the wait (a dependency of it), so a_next is made in other registers while
-        the `wgmma` runs, and no register copy at the loop's back edge can overwrite what an unfinished `wgmma`
-        reads. (Leaving one `wgmma` in flight across iterations, with its operand carried to the next wait, raced:
-        4-bit 256-token tiles summed some tiles wrong on an H100 in most calls, session 30.)"""
-        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-        _refill(i, s0, steps, x_desc, x_smem, bars, pid_m, STAGES)
         return acc, gl.convert_layout(a_next, a_l, assert_trivial=True)
 
     @gluon.jit
-    def _paired_operand(t, w, raw_s, raw_z, p0, s, z, K, KW, G, N, n, nmask, offs, wmask, stride_sg, stride_sn,
-                        a_l: gl.constexpr, STEP: gl.constexpr, W0: gl.constexpr, ZERO: gl.constexpr,
-                        HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr):
-        """For a weight whose K block is one step (8 bits) with its words in registers (`PAIRS`): step t + 1's
-        operand from its words w (and its group's raw_s, raw_z, SCALES 0), then w (and raw_s, raw_z) reloaded
-        with the block two steps after that. Two sets of words alternate through the steps, so no loaded word is
-        copied between registers in the loop."""
+    def _paired_step(i, s0, steps, acc, a, w, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N, n,
+                     nmask, offs, wmask, stride_sg, stride_sn, a_l: gl.constexpr, W0: gl.constexpr,
+                     ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """Step i of a weight whose K block is one step (8 bits) with its words in registers (`PAIRS`): its
+        `wgmma`, while the next block's operand is made from w (and its group's raw_s, raw_z, SCALES 0), and w
+        (and raw_s, raw_z) reloaded with the block two steps after that. Two sets of words alternate through
+        the steps, so no loaded word is copied between registers in the loop."""
+        STEP: gl.constexpr = x_desc.block_type.shape[1]
+        t = s0 + i
+        acc = _issue_step(i, a, acc, x_smem, bars, STAGES)
         if SCALES == 0:
             sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
             raw_s, raw_z = _load_scale(s, z, (t + 3) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
@@ -286,19 +286,6 @@ if HAVE_GLUON:
         a_next = _step_operand(w, w, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0, 0,
                                ZERO, HAS_Z, SCALES, DT)
         w = _plane_words(p0, t + 3, KW, N, offs, wmask)
-        return gl.convert_layout(a_next, a_l, assert_trivial=True), w, raw_s, raw_z
-
-    @gluon.jit
-    def _paired_step(i, s0, steps, acc, a, w, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N, n,
-                     nmask, offs, wmask, stride_sg, stride_sn, a_l: gl.constexpr, W0: gl.constexpr,
-                     ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr,
-                     STAGES: gl.constexpr):
-        """Step i with PAIRS: its `wgmma`, step i + 1's operand made while it runs (`_paired_operand`), then
-        waited for."""
-        acc = _issue_step(i, a, acc, x_smem, bars, STAGES)
-        a_next, w, raw_s, raw_z = _paired_operand(s0 + i, w, raw_s, raw_z, p0, s, z, K, KW, G, N, n, nmask, offs,
-                                                  wmask, stride_sg, stride_sn, a_l, x_desc.block_type.shape[1], W0,
-                                                  ZERO, HAS_Z, SCALES, DT)
         acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES)
         return acc, a, w, raw_s, raw_z
 
