@@ -4,7 +4,8 @@ For each (kernel, bits, tile): registers, stack (spills), and the instructions o
 backward branch of the SASS) per plane-0 word a thread handles in one K block, with the loop's most frequent
 opcodes. For the wgmma prefill (`--kernels wgmma`, each tile of `gluon_wgmma.TILES`): registers, stack, the
 `HGMMA`s and `WARPGROUP.DEPBAR`s, and every instruction that writes a register an unfinished `HGMMA` reads as
-its A operand (`inflight_operand_writes`; session 30's race was one such register copy). The counts are static:
+its A operand (`inflight_operand_writes`; session 30's race was one such register copy), and the register
+copies of loaded words in the K loop (`loaded_word_copies`; each waits for its load). The counts are static:
 a statement about the code ptxas emits, not a timing. Needs Triton (with its bundled ptxas and cuobjdump) and,
 for the Gluon kernels, Triton's Gluon; no CUDA device.
     python benchmarks/compile_decode_offline.py [--bits 2,4] [--kernels dp4a,imma,imma_prefetch,wgmma] [--tokens 16]
@@ -150,6 +151,35 @@ def inflight_operand_writes(sass: str) -> list[str]:
     return found
 
 
+def loaded_word_copies(sass: str) -> list[str]:
+    """Register moves in the K loop (the backward branch around the most `HGMMA`s) whose source was last written
+    by an `LDG`, looking back around the loop: a load copied between registers waits for it to arrive there, not
+    where its value is used. Before session 34 every 8-bit tile had 8 a step (its words passed from a set loaded
+    two blocks ahead to the next); the alternating register sets (`PAIRS`) have none."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+([^;]*);", sass)]
+    loop: list[tuple[int, str]] = []
+    for addr, text in ins:
+        target = re.search(r"BRA (?:\S+ )?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            body = [i for i in ins if int(target.group(1), 16) <= i[0] <= addr]
+            if sum("HGMMA" in t for _, t in body) > sum("HGMMA" in t for _, t in loop):
+                loop = body
+
+    def dest(text: str) -> str | None:
+        found = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s+(R\d+)", text)
+        return found.group(2) if found and not found.group(1).startswith(("ST", "RED", "HGMMA")) else None
+    found = []
+    for k, (addr, text) in enumerate(loop):
+        move = re.match(r"(?:@!?U?P\w+\s+)?(?:IMAD\.MOV\.U32\s+R\d+, RZ, RZ,|MOV\s+R\d+,)\s*(R\d+)$", text)
+        if move is None:
+            continue
+        writer = next((t for d in range(1, len(loop)) if dest(t := loop[(k - d) % len(loop)][1]) == move.group(1)),
+                      "")
+        if re.match(r"(?:@!?U?P\w+\s+)?LDG", writer):
+            found.append(f"{addr:#06x} {text} (loaded by {writer})")
+    return found
+
+
 def _sass(cubin: bytes) -> tuple[str, str]:
     """(cuobjdump -res-usage, cuobjdump -sass) of a cubin."""
     with tempfile.TemporaryDirectory() as d:
@@ -188,7 +218,8 @@ def main() -> None:
                     regs, stack = (re.search(rf"{key}:(\d+)", res).group(1) for key in ("REG", "STACK"))
                     print(f"{bits}-bit wgmma m{tile[0]}w{tile[1]}p{tile[2]}: {regs} registers, stack {stack}; "
                           f"{sass.count('HGMMA.')} HGMMA, {sass.count('WARPGROUP.DEPBAR')} DEPBAR; {len(writes)} "
-                          "writes to in-flight A registers", flush=True)
+                          f"writes to in-flight A registers; {len(loaded_word_copies(sass))} copies of loaded "
+                          "registers in the K loop", flush=True)
                     for w in writes:
                         print("   ", w)
                 continue
