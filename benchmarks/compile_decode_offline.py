@@ -114,11 +114,16 @@ def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int], split_k: int = 1):
     return _compile(gluon_wgmma._wgmma_prefill_kernel, sig, consts, warps, True, options)
 
 
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text without its encoding) of every SASS instruction."""
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+([^;]*);", sass)]
+
+
 def inflight_operand_writes(sass: str) -> list[str]:
     """Instructions that write a register of an `HGMMA`'s A operand before a `WARPGROUP.DEPBAR` retires that
     `HGMMA`, on any path through the SASS (branches and the loop's back edge followed): "DEPBAR.LE gsb0, 0x0"
     retires every group, "0x1" the groups before the newest. Empty when the A registers stay put."""
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+([^;]*);", sass)]
+    ins = _instructions(sass)
     at = {addr: i for i, (addr, _) in enumerate(ins)}
     found = []
     for i, (addr, text) in enumerate(ins):
@@ -156,7 +161,7 @@ def loaded_word_copies(sass: str) -> list[str]:
     by an `LDG`, looking back around the loop: a load copied between registers waits for it to arrive there, not
     where its value is used. Before session 34 every 8-bit tile had 8 a step (its words passed from a set loaded
     two blocks ahead to the next); the alternating register sets (`PAIRS`) have none."""
-    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,5})\*/\s+([^;]*);", sass)]
+    ins = _instructions(sass)
     loop: list[tuple[int, str]] = []
     for addr, text in ins:
         target = re.search(r"BRA (?:\S+ )?0x([0-9a-f]+)", text)
@@ -212,14 +217,17 @@ def main() -> None:
     for bits in (int(b) for b in args.bits.split(",")):
         for name in args.kernels.split(","):
             if name == "wgmma":
+                gw = _weight(bits)
                 for tile in gluon_wgmma.TILES:
-                    res, sass = _sass(wgmma(_weight(bits), tile).asm["cubin"])
+                    res, sass = _sass(wgmma(gw, tile).asm["cubin"])
                     writes = inflight_operand_writes(sass)
                     regs, stack = (re.search(rf"{key}:(\d+)", res).group(1) for key in ("REG", "STACK"))
+                    consts = gluon_wgmma.launch_constants(gw, torch.bfloat16, *tile)
+                    words = "a ring" if consts["RING"] else "two register sets" if consts["PAIRS"] else "registers"
                     print(f"{bits}-bit wgmma m{tile[0]}w{tile[1]}p{tile[2]}: {regs} registers, stack {stack}; "
                           f"{sass.count('HGMMA.')} HGMMA, {sass.count('WARPGROUP.DEPBAR')} DEPBAR; {len(writes)} "
-                          f"writes to in-flight A registers; {len(loaded_word_copies(sass))} copies of loaded "
-                          "registers in the K loop", flush=True)
+                          f"writes to in-flight A registers; words through {words}, "
+                          f"{len(loaded_word_copies(sass))} copies of loaded registers in the K loop", flush=True)
                     for w in writes:
                         print("   ", w)
                 continue

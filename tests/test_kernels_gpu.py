@@ -386,9 +386,9 @@ def test_wgmma_prefill_keeps_inflight_operands_offline(bits: int) -> None:
     measured version had such a write (a register copy at the loop's back edge) at every tile and summed some
     output tiles wrong on an H100; this scan finds it there. Nor, where the words come through a shared-memory
     ring or the alternating register sets (`PAIRS`), does the K loop copy a loaded register (it would wait there
-    for the load: every 8-bit tile did so 8 times a step before session 34). Compiled in a process of its own, without
-    TRITON_INTERPRET: a jit function the interpreter ran as a plain call leaves triton.language patched for the
-    rest of the process."""
+    for the load: every 8-bit tile did so 8 times a step before session 34). Compiled in a process of its own,
+    without TRITON_INTERPRET: a jit function the interpreter ran as a plain call leaves triton.language patched for
+    the rest of the process."""
     if not gluon_wgmma.HAVE_GLUON:
         pytest.skip("needs Triton's Gluon (triton >= 3.6)")
     if not (Path(tlin.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
@@ -400,12 +400,10 @@ def test_wgmma_prefill_keeps_inflight_operands_offline(bits: int) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     tiles = [line for line in run.stdout.splitlines() if f"{bits}-bit wgmma" in line]
     assert len(tiles) == len(gluon_wgmma.TILES), run.stdout
-    weight = repack_for_gpu(quantize(torch.randn(16, 512), QuantSpec(bits, 128), clip_search=False))
-    for tile, line in zip(gluon_wgmma.TILES, tiles):
+    for line in tiles:
         assert int(re.search(r"(\d+) HGMMA", line).group(1)) >= 4 and " 0 writes to in-flight" in line, run.stdout
-        consts = gluon_wgmma.launch_constants(weight, torch.bfloat16, *tile)
-        if consts["RING"] or consts["PAIRS"]:
-            assert "; 0 copies of loaded registers" in line, run.stdout
+        if "words through registers" not in line:  # a ring or the two alternating sets
+            assert ", 0 copies of loaded registers" in line, run.stdout
 
 
 @pytest.mark.gpu
