@@ -66,8 +66,10 @@ STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots
 TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
 # K slices: with split 2 the column tiles that fill complete rounds of CTAs run whole and the rest (the last,
 # part-filled round's; all of them where the tiles fill less than one round, as at N = 4096 with 512 tokens) in
-# two K slices, a second launch; they add into a zeroed float32 sum, which two slices make in the same order every
-# call (0 + a + b = 0 + b + a). On an H100 (session 33) that took 28672x8192 4-bit at 512 tokens (896 tiles of
+# two K slices, a second launch. Each slice stores its float32 part and counts itself in at the tile's counter
+# (`triton_linear._workspace`'s, left zero again); the second to arrive adds the other's part to its own (a + b =
+# b + a: the same sum whichever is second) and stores the output, so no memset, float32 atomics or copy kernel
+# run. On an H100 (session 33) that took 28672x8192 4-bit at 512 tokens (896 tiles of
 # m256w4p3, 3.4 rounds of 264) from 428.8 to 405.0 us, where splitting every tile had taken 494.6.
 SPLITS = (1, 2)
 
@@ -290,7 +292,41 @@ if HAVE_GLUON:
         return acc, a, w, raw_s, raw_z
 
     @gluon.jit
-    def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, ws, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
+    def _store_tile(base, stride_t, tile, n0, N, t0, M, WARPS: gl.constexpr):
+        """tile [BN columns, BM tokens] (the accumulator's layout) stored at base + t x stride_t + c for tokens
+        t0 + t, columns n0 + c (where n0 + c < N and t0 + t < M), through shared memory into a layout with 16 bytes of
+        consecutive columns a thread: the accumulator's own has 2 consecutive tokens a thread, so storing it takes
+        a 2- or 4-byte store for each value (the shared memory is the dead x ring's)."""
+        BN: gl.constexpr = tile.shape[0]
+        BM: gl.constexpr = tile.shape[1]
+        V: gl.constexpr = 128 // tile.dtype.primitive_bitwidth
+        o_l: gl.constexpr = gl.BlockedLayout([V, 1], [BN // V, 32 * V // BN], [1, WARPS], [0, 1])
+        c = gl.arange(0, BN, layout=gl.SliceLayout(1, o_l))
+        t = gl.arange(0, BM, layout=gl.SliceLayout(0, o_l))
+        gl.store(base + t[None, :] * stride_t + c[:, None], gl.convert_layout(tile, o_l),
+                 mask=(n0 + c < N)[:, None] & (t0 + t < M)[None, :])
+
+    @gluon.jit
+    def _sum_parts(ws, out, t0, w0, n0, M, N, stride_wm, stride_om, BM: gl.constexpr, BN: gl.constexpr,
+                   WARPS: gl.constexpr, DT: gl.constexpr):
+        """Tokens t0 .. t0 + BM of a tile's two K slices' float32 parts (ws [2, rows, columns], columns from w0)
+        summed (part 0 + part 1, the same bits whichever slice finished last) into out's columns n0 .. n0 + BN, 32
+        tokens at a time in a layout with each thread's 4 columns side by side (the accumulator is dead by now, so
+        this needs few registers; the accumulator's own layout stores 2-byte pieces)."""
+        LANES: gl.constexpr = BN // 4
+        l: gl.constexpr = gl.BlockedLayout([1, 4], [32 // LANES, LANES], [WARPS, 1], [1, 0])
+        c = gl.arange(0, BN, layout=gl.SliceLayout(0, l))
+        cmask = (n0 + c < N)[None, :]
+        for r in range(0, BM, 32):
+            t = t0 + r + gl.arange(0, 32, layout=gl.SliceLayout(1, l))
+            mask = (t < M)[:, None] & cmask
+            p = ws + t[:, None] * stride_wm + w0 + c[None, :]
+            total = gl.load(p, mask=mask, other=0.0, cache_modifier=".cg") + gl.load(
+                p + M * stride_wm, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.store(out + t[:, None] * stride_om + n0 + c[None, :], total.to(DT), mask=mask)
+
+    @gluon.jit
+    def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
                               stride_wm, split_steps, whole_n, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
                               ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, STAGES: gl.constexpr,
                               RING: gl.constexpr, RING1: gl.constexpr, AHEAD: gl.constexpr, ATOMIC: gl.constexpr,
@@ -426,15 +462,20 @@ if HAVE_GLUON:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
-        on = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-        om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
-        omask = (on < N)[:, None] & (om < M)[None, :]
-        if ATOMIC:  # a K slice's part of a float32 sum (ws: the columns from tile whole_n on)
-            wn = gl.program_id(1) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-            gl.atomic_add(ws + om[None, :] * stride_wm + wn[:, None], acc, mask=omask, sem="relaxed")
+        if RING:  # copies of blocks past the slice (zeros past K) may still be writing the rings; the epilogue's
+            cp.wait_group(0)  # layout change may use that shared memory
+        if ATOMIC:  # two K slices: each stores its float32 part, the second to finish sums both into out
+            _store_tile(ws + (gl.program_id(2) * M + pid_m * BM) * stride_wm + gl.program_id(1) * BN, stride_wm, acc,
+                        pid_n * BN, N, pid_m * BM, M, WARPS)
+            gl.thread_barrier()
+            tile = cnt + pid_m * gl.num_programs(1) + gl.program_id(1)
+            if gl.atomic_add(tile, 1, sem="acq_rel") == 1:
+                _sum_parts(ws, out, pid_m * BM, gl.program_id(1) * BN, pid_n * BN, M, N, stride_wm, stride_om, BM,
+                           BN, WARPS, DT)
+                gl.atomic_xchg(tile, 0, sem="relaxed")
         else:
-            gl.store(out + om[None, :] * stride_om + on[:, None], acc.to(DT), mask=omask)
-
+            _store_tile(out + pid_m * BM * stride_om + pid_n * BN, stride_om, acc.to(DT), pid_n * BN, N, pid_m * BM, M,
+                        WARPS)
 
 def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_warps: int,
                      stages: int, split_k: int = 1) -> dict:
@@ -442,12 +483,12 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
     with and benchmarks/compile_decode_offline.py compiles). SCALES: 0 a block's group loaded a block ahead, 1 a
     step's group loaded a step ahead, 2 each slot's group loaded where it is used; RING: plane-0 words through a
     shared-memory ring of AHEAD blocks (2/4 bits, and 3/5/6 with RING1), else registers; RING1: plane 1 through a
-    ring as int32 words of RING1 fields (N a multiple of them), else 0; ATOMIC: K slices add into a float32 sum (see
-    the module); PAIRS: 8-bit words in two register sets, two steps an iteration (`_paired_step`; not in the tiles
-    held to 128 registers, where m128w8p4 spilled 96 bytes with it). Tiles of 8 warps and up to 128 tokens are held
-    to 128 registers a thread (3-bit spills 16 bytes), so that two CTAs share an SM: on an H100, with the version
-    measured in session 30, that took 28672x8192 4-bit at 128 tokens from 222.7 to 159.1 us and 8192x8192 at 512
-    from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
+    ring as int32 words of RING1 fields (N a multiple of them), else 0; ATOMIC: one of two K slices, its float32
+    part added by the second to finish (see the module); PAIRS: 8-bit words in two register sets, two steps an
+    iteration (`_paired_step`; not in the tiles held to 128 registers, where m128w8p4 spilled 96 bytes with it).
+    Tiles of 8 warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 16 bytes), so that two
+    CTAs share an SM: on an H100, with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens
+    from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
     scales = 0 if gw.group % gw.block == 0 else 1 if gw.group % STEP == 0 else 2
     per_word = 4 // gw.planes[-1].element_size()  # plane-1 fields an int32 word holds (1: no plane 1)
     ring1 = per_word if len(gw.planes) > 1 and gw.shape[0] % per_word == 0 else 0
@@ -471,7 +512,7 @@ _AT_ONCE: dict[tuple, int] = {}
 
 def _launch_args(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: int, stages: int,
                  per_slice: int) -> tuple[object, dict, dict]:
-    """(x's TMA descriptor, the kernel's arguments but ws / stride_wm / whole_n, the unsplit kernel's constants)
+    """(x's TMA descriptor, the kernel's arguments but ws / cnt / stride_wm / whole_n, the unsplit kernel's constants)
     for x [M, K] with 16-byte aligned rows; out is allocated here."""
     from . import triton_linear as tlin
     m, k = x.shape
@@ -495,7 +536,8 @@ def ctas_at_once(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: 
            *launch_constants(gw, x.dtype, block_m, num_warps, stages).items())
     if key not in _AT_ONCE:
         desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, split_steps(gw, 1)[0])
-        kernel = _wgmma_prefill_kernel.warmup(desc, ws=args["out"], stride_wm=0, whole_n=0, grid=(1, 1), **unsplit,
+        kernel = _wgmma_prefill_kernel.warmup(desc, ws=args["out"], cnt=args["out"], stride_wm=0, whole_n=0,
+                                              grid=(1, 1), **unsplit,
                                               **args)
         kernel._init_handles()
         props = torch.cuda.get_device_properties(x.device)
@@ -529,6 +571,7 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     TMA boxes partly past the tensor ran slower the more rows they missed (on an H100, session 33, 8192x8192 4-bit
     m256w4p3: 111.3 us at 512 tokens, 196.1 at 384 and 224.6 at 320, against 113.6 and 111.5 padded; one row
     short cost nothing, where the copy costs about 5 us)."""
+    from . import triton_linear as tlin
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps, split_k)
     if reason is not None:
         raise ValueError(reason)
@@ -544,10 +587,10 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     whole = n_tiles if slices == 1 else whole_tiles(m_tiles, n_tiles, ctas_at_once(x, gw, block_m, num_warps, stages))
     out = args["out"]
     if whole:
-        _wgmma_prefill_kernel[(m_tiles, whole)](desc, ws=out, stride_wm=0, whole_n=0, **unsplit, **args)
-    if whole < n_tiles:
-        ws = torch.zeros(rows, (n_tiles - whole) * bn, dtype=torch.float32, device=x.device)
+        _wgmma_prefill_kernel[(m_tiles, whole)](desc, ws=out, cnt=out, stride_wm=0, whole_n=0, **unsplit, **args)
+    if whole < n_tiles:  # each slice's part in ws, the second to finish a tile stores the sum
+        ws = torch.empty(2, rows, (n_tiles - whole) * bn, dtype=torch.float32, device=x.device)
+        _, cnt = tlin._workspace(x.device, 0, m_tiles * (n_tiles - whole))
         _wgmma_prefill_kernel[(m_tiles, n_tiles - whole, slices)](
-            desc, ws=ws, stride_wm=ws.stride(0), whole_n=whole, **dict(unsplit, ATOMIC=True), **args)
-        out[:, whole * bn:] = ws[:, :n - whole * bn]
+            desc, ws=ws, cnt=cnt, stride_wm=ws.stride(1), whole_n=whole, **dict(unsplit, ATOMIC=True), **args)
     return out[:m]
