@@ -160,14 +160,17 @@ def loaded_word_copies(sass: str) -> list[str]:
     """Register moves in the K loop (the backward branch around the most `HGMMA`s) whose source was last written
     by an `LDG`, looking back around the loop: a load copied between registers waits for it to arrive there, not
     where its value is used. Before session 34 every 8-bit tile had 8 a step (its words passed from a set loaded
-    two blocks ahead to the next); the alternating register sets (`PAIRS`) have none."""
+    two blocks ahead to the next); the alternating register sets (`PAIRS`) have none. Branches back from the
+    retry stubs ptxas places after the kernel's `EXIT` (barrier waits) span the epilogue too, so spans holding an
+    `EXIT` are not loops (the K slices' epilogue loads its parts with `LDG`s)."""
     ins = _instructions(sass)
     loop: list[tuple[int, str]] = []
     for addr, text in ins:
         target = re.search(r"BRA (?:\S+ )?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
             body = [i for i in ins if int(target.group(1), 16) <= i[0] <= addr]
-            if sum("HGMMA" in t for _, t in body) > sum("HGMMA" in t for _, t in loop):
+            if (sum("HGMMA" in t for _, t in body) > sum("HGMMA" in t for _, t in loop)
+                    and not any(re.match(r"(?:@!?U?P\w+\s+)?EXIT", t) for _, t in body)):
                 loop = body
 
     def dest(text: str) -> str | None:
