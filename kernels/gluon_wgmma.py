@@ -72,10 +72,11 @@ TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
 # K slices: with split 2 the column tiles that fill complete rounds of CTAs run whole and the rest (the last,
 # part-filled round's; all of them where the tiles fill less than one round, as at N = 4096 with 512 tokens) in
 # two K slices, a second launch. Each slice stores its float32 part and counts itself in at the tile's counter
-# (`triton_linear._workspace`'s, left zero again); the second to arrive adds the other's part to its own (a + b =
-# b + a: the same sum whichever is second) and stores the output, so no memset, float32 atomics or copy kernel
-# run. On an H100 (session 33) that took 28672x8192 4-bit at 512 tokens (896 tiles of
-# m256w4p3, 3.4 rounds of 264) from 428.8 to 405.0 us, where splitting every tile had taken 494.6.
+# (`triton_linear._workspace`'s, left zero again); the second to arrive sums part 0 + part 1 (the same bits
+# whichever is second) and stores the output, so no memset, float32 atomics or copy kernel run. On an H100
+# (session 33) splitting the last round took 28672x8192 4-bit at 512 tokens (896 tiles of m256w4p3, 3.4 rounds of
+# 264) from 428.8 to 405.0 us, where splitting every tile had taken 494.6; the parts above (session 35), 400.2 to
+# 382.1 in another run.
 SPLITS = (1, 2)
 
 
@@ -482,6 +483,7 @@ if HAVE_GLUON:
             _store_tile(out + pid_m * BM * stride_om + pid_n * BN, stride_om, acc.to(DT), pid_n * BN, N, pid_m * BM, M,
                         WARPS)
 
+
 def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_warps: int,
                      stages: int, split_k: int = 1) -> dict:
     """The kernel's constexprs and launch options for this weight, rows of `dtype` and tile (what `linear` launches
@@ -542,8 +544,7 @@ def ctas_at_once(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: 
     if key not in _AT_ONCE:
         desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, split_steps(gw, 1)[0])
         kernel = _wgmma_prefill_kernel.warmup(desc, ws=args["out"], cnt=args["out"], stride_wm=0, whole_n=0,
-                                              grid=(1, 1), **unsplit,
-                                              **args)
+                                              grid=(1, 1), **unsplit, **args)
         kernel._init_handles()
         props = torch.cuda.get_device_properties(x.device)
         regs = num_warps * -(-kernel.n_regs * 32 // 256) * 256
