@@ -1,5 +1,7 @@
-"""Run the one-token decode kernels once each between cudaProfilerStart/Stop, for Nsight Compute to profile.
-Each tile is checked against float64 first (and compiled outside the profiled range). Session 16's profile
+"""Run the decode kernels (or the wgmma prefill) once each between cudaProfilerStart/Stop, for Nsight Compute to
+profile. Each tile is checked against float64 first (and compiled outside the profiled range). A tile is
+bits:Config label, or bits:G<wgmma tile> for `gluon_wgmma` (block_m, warps, stages, split: 3:Gm256w4p3, 4:Gm128w8p4s2)
+at --tokens rows. Session 16's profile
 (docs/gpu_runs/ncu_decode_session16_h200.txt) came from the command below; `-k regex:gemv` also matches the int8
 tensor-core decode (`_gemv_imma_kernel`, Config labels ending in I, e.g. 2:m1n128s16w4p1I)
 
@@ -12,6 +14,7 @@ tensor-core decode (`_gemv_imma_kernel`, Config labels ending in I, e.g. 2:m1n12
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
+from kernels import gluon_wgmma  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, flush_l2  # noqa: E402
@@ -29,28 +33,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="28672x8192")
     ap.add_argument("--tiles", default="4:m1n512s38w4p1,4:m1n256s10w4p1TG,2:m1n128s10w4p1TG,8:m1n256s10w2p1",
-                    help="bits:Config label, comma-separated")
+                    help="bits:Config label or bits:G<wgmma tile>, comma-separated")
+    ap.add_argument("--tokens", type=int, default=1)
     a = ap.parse_args()
     n, k = map(int, a.shape.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, device="cuda", generator=gen)
-    x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
+    x = torch.randn(a.tokens, k, device="cuda", generator=gen).bfloat16()
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
     runs = []
     for item in a.tiles.split(","):
         bits, label = item.split(":")
         qt = quantize(w, QuantSpec(int(bits), 128, True, "bfloat16"), clip_search=False)
         gw = repack_for_gpu(qt, "cuda")
-        cfg = tlin.Config.parse(label)
+        tile = re.fullmatch(r"Gm(\d+)w(\d+)p(\d+)(?:s(\d+))?", label)
+        if tile:
+            args = tuple(int(v or 1) for v in tile.groups())
+            fn = lambda x, gw=gw, args=args: gluon_wgmma.linear(x, gw, *args)  # noqa: E731
+        else:
+            fn = lambda x, gw=gw, cfg=tlin.Config.parse(label): tlin.linear(x, gw, cfg)  # noqa: E731
         ref = x.double() @ qt.dequantize(torch.float64).t()
-        err = float((tlin.linear(x, gw, cfg).double() - ref).norm() / ref.norm())
+        err = float((fn(x).double() - ref).norm() / ref.norm())
         print(f"{bits}-bit {label}: rel err {err:.2e}", flush=True)
-        runs.append((gw, cfg))
+        runs.append(fn)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for gw, cfg in runs:
+    for fn in runs:
         flush_l2(flush)
-        tlin.linear(x, gw, cfg)
+        fn(x)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 
