@@ -1,7 +1,6 @@
-"""Run the decode kernels (or the wgmma prefill) once each between cudaProfilerStart/Stop, for Nsight Compute to
-profile. Each tile is checked against float64 first (and compiled outside the profiled range). A tile is
-bits:Config label, or bits:G<wgmma tile> for `gluon_wgmma` (block_m, warps, stages, split: 3:Gm256w4p3, 4:Gm128w8p4s2)
-at --tokens rows. Session 16's profile
+"""Run the decode kernels once each between cudaProfilerStart/Stop, for Nsight Compute to profile, at --tokens
+rows (1 by default). Each tile is checked against float64 first (and compiled outside the profiled range). Config
+labels ending in H are the wgmma prefill (e.g. 3:m256n64s1w4p3H at --tokens 512, `-k regex:wgmma`). Session 16's profile
 (docs/gpu_runs/ncu_decode_session16_h200.txt) came from the command below; `-k regex:gemv` also matches the int8
 tensor-core decode (`_gemv_imma_kernel`, Config labels ending in I, e.g. 2:m1n128s16w4p1I)
 
@@ -14,7 +13,6 @@ tensor-core decode (`_gemv_imma_kernel`, Config labels ending in I, e.g. 2:m1n12
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -23,17 +21,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize  # noqa: E402
-from kernels import gluon_wgmma  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import L2_FLUSH_BYTES, flush_l2  # noqa: E402
+from bench_kernels_gpu import rel_err  # noqa: E402  (this directory is on sys.path when run as a script)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="28672x8192")
     ap.add_argument("--tiles", default="4:m1n512s38w4p1,4:m1n256s10w4p1TG,2:m1n128s10w4p1TG,8:m1n256s10w2p1",
-                    help="bits:Config label or bits:G<wgmma tile>, comma-separated")
+                    help="bits:Config label, comma-separated")
     ap.add_argument("--tokens", type=int, default=1)
     a = ap.parse_args()
     n, k = map(int, a.shape.split("x"))
@@ -46,21 +44,16 @@ def main() -> None:
         bits, label = item.split(":")
         qt = quantize(w, QuantSpec(int(bits), 128, True, "bfloat16"), clip_search=False)
         gw = repack_for_gpu(qt, "cuda")
-        tile = re.fullmatch(r"Gm(\d+)w(\d+)p(\d+)(?:s(\d+))?", label)
-        if tile:
-            args = tuple(int(v or 1) for v in tile.groups())
-            fn = lambda x, gw=gw, args=args: gluon_wgmma.linear(x, gw, *args)  # noqa: E731
-        else:
-            fn = lambda x, gw=gw, cfg=tlin.Config.parse(label): tlin.linear(x, gw, cfg)  # noqa: E731
+        cfg = tlin.Config.parse(label)
         ref = x.double() @ qt.dequantize(torch.float64).t()
-        err = float((fn(x).double() - ref).norm() / ref.norm())
+        err = rel_err(tlin.linear(x, gw, cfg), ref)
         print(f"{bits}-bit {label}: rel err {err:.2e}", flush=True)
-        runs.append(fn)
+        runs.append((gw, cfg))
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for fn in runs:
+    for gw, cfg in runs:
         flush_l2(flush)
-        fn(x)
+        tlin.linear(x, gw, cfg)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 
