@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from kernels.latency import L2_FLUSH_BYTES, LatencyTable, forward_ms
+from kernels.latency import LatencyTable, forward_ms, l2_flush_buffer
 from kernels.memory import matrix_shape
 from kernels.model_latency import Inputs, model_key, time_forward
 
@@ -102,7 +102,7 @@ def check_latency(model: nn.Module, plans: Mapping[str, Plan] | Sequence[Plan], 
                  for name, p in named.items() for t in counts}
     raw = {(name, t): _layers_ms(p, table, t, raw=True) for name, p in named.items() for t in counts}
     cuda = dev.type == "cuda"
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev) if cuda else None
+    flush = l2_flush_buffer(dev)
     out = []
     for name, plan in named.items():
         if cuda:

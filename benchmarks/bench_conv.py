@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize_module  # noqa: E402
-from kernels.latency import (L2_FLUSH_BYTES, _time_cpu, default_dtype, entry_key, latency_calls,  # noqa: E402
+from kernels.latency import (_time_cpu, default_dtype, entry_key, l2_flush_buffer, latency_calls,  # noqa: E402
                              measure, time_cuda)
 from profilers import build_layer_graph  # noqa: E402
 
@@ -51,7 +51,7 @@ def main() -> None:
     graph = build_layer_graph(net, x)
     table = measure(graph, CHOICES, tokens=samples, device=dev, reps=a.reps)
     net = net.to(dev, dtype)
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev) if dev.type == "cuda" else None
+    flush = l2_flush_buffer(dev)
     rows = []
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{name}, {dtype}; us per forward of one layer, median of {a.reps}")

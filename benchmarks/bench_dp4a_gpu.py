@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+from kernels.latency import l2_flush_buffer, time_cuda  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels_gpu import copy_bandwidth  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
         print(line, flush=True)
         log.write(line + "\n")
         log.flush()
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer("cuda")
     bw = copy_bandwidth(flush)
     say(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {tlin.triton.__version__}; "
         f"copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+from kernels.latency import l2_flush_buffer, time_cuda  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 
@@ -77,7 +77,7 @@ def main() -> None:
     fails = sum("FAIL" in s for s in lines)
     lines.append(f"checks: {fails} failed, {time.time() - t0:.0f} s")
     print("\n".join(lines[-3:]), flush=True)
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer("cuda")
     rows = []
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", generator=gen)

@@ -37,7 +37,7 @@ from kernels import QuantSpec, a8_linear, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_backends import gpu_candidates  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, chain_ms, time_cuda  # noqa: E402
+from kernels.latency import GRAPH_MAX_TOKENS, chain_ms, l2_flush_buffer, time_cuda  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192)]
 BITS = (2, 3, 4, 5, 6, 8)
@@ -296,7 +296,7 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     dtype = torch.bfloat16
     t_start = time.time()
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer("cuda")
     bw = copy_bandwidth(flush) if shard == (0, 1) else float("nan")  # a compile pass's shard times nothing it keeps
     dev = torch.cuda.get_device_name()
     print(f"device {dev}; torch {torch.__version__}; triton {tlin.triton.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s",

@@ -39,7 +39,7 @@ from allocator.budget import MIB  # noqa: E402
 from allocator.model import storage_bytes  # noqa: E402
 from kernels import Choice  # noqa: E402
 from kernels.fileio import atomic_write, atomic_write_json  # noqa: E402
-from kernels.latency import (GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, default_dtype, device_name, measure,  # noqa: E402
+from kernels.latency import (GRAPH_MAX_TOKENS, default_dtype, device_name, l2_flush_buffer, measure,  # noqa: E402
                              time_cuda, versions)
 from kernels.model_latency import measure_rest, time_forward  # noqa: E402
 from profilers import Profile, build_layer_graph  # noqa: E402
@@ -69,7 +69,7 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
 def time_float_linears(graph, tokens, device, dtype, reps) -> dict[tuple[int, int, int], float]:
     """(N, K, tokens) -> median ms of F.linear on a float weight, timed as `measure` times the quantized paths."""
     out = {}
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device) if device.type == "cuda" else None
+    flush = l2_flush_buffer(device)
     for n, k in {(l.out_features, l.in_features) for l in graph.layers}:
         w = torch.randn(n, k, device=device, dtype=dtype)
         for t in tokens:

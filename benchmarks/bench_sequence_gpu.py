@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, cuda_graph, replay_overhead_ms, time_cuda, time_events  # noqa: E402
+from kernels.latency import cuda_graph, l2_flush_buffer, replay_overhead_ms, time_cuda, time_events  # noqa: E402
 
 HIDDEN, INTER, KV, VOCAB, BLOCKS = 2048, 8192, 512, 32000, 16
 
@@ -56,7 +56,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer("cuda")
     one = torch.zeros(1, device="cuda")
     res: dict = dict(device=torch.cuda.get_device_name(), replay_overhead_ms=replay_overhead_ms("cuda", 50, flush))
     for name, step in (("torch", lambda: one.add_(1)), ("triton", lambda: _touch[(1,)](one))):

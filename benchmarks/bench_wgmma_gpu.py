@@ -21,7 +21,7 @@ from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import gluon_wgmma  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+from kernels.latency import l2_flush_buffer, time_cuda  # noqa: E402
 from bench_kernels_gpu import poisoned, rel_err  # noqa: E402  (this directory is on sys.path when run as a script)
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192))
@@ -44,7 +44,7 @@ def main() -> None:
              [(*t, split) for t in gluon_wgmma.TILES for split in gluon_wgmma.SPLITS])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"device {dev}; torch {torch.__version__}; triton {tlin.triton.__version__}", flush=True)

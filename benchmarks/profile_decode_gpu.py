@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, flush_l2  # noqa: E402
+from kernels.latency import flush_l2, l2_flush_buffer  # noqa: E402
 from bench_kernels_gpu import rel_err  # noqa: E402  (this directory is on sys.path when run as a script)
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, device="cuda", generator=gen)
     x = torch.randn(a.tokens, k, device="cuda", generator=gen).bfloat16()
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer("cuda")
     runs = []
     for item in a.tiles.split(","):
         bits, label = item.split(":")

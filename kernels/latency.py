@@ -447,6 +447,13 @@ def time_events(run: Callable[[], Any], reps: int, flush: torch.Tensor) -> float
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def l2_flush_buffer(device: str | torch.device) -> torch.Tensor | None:
+    """The buffer `flush_l2` reads to evict the L2 before each timing (L2_FLUSH_BYTES on `device`); None off
+    CUDA, where timings do not flush."""
+    dev = torch.device(device)
+    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev) if dev.type == "cuda" else None
+
+
 def flush_l2(flush: torch.Tensor) -> None:
     """Evict the L2 by reading `flush` (L2_FLUSH_BYTES), leaving clean lines behind, as a model's weights do."""
     flush.sum()
@@ -463,7 +470,7 @@ def replay_overhead_ms(device: str | torch.device, reps: int = 50, flush: torch.
     dev = torch.device(device)
     if dev.type != "cuda":
         return 0.0
-    flush = flush if flush is not None else torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev)
+    flush = flush if flush is not None else l2_flush_buffer(dev)
     dtype = dtype or default_dtype(dev)
     weights = [torch.randn(2048, 2048, device=dev, dtype=dtype) for _ in range(chain)]
     x = torch.randn(1, 2048, device=dev, dtype=dtype)
@@ -536,7 +543,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
     choices = [Choice.parse(c) if isinstance(c, str) else c for c in choices]
     path = cache_path(cache_dir, dev) if cache_dir is not None else None
     table = LatencyTable.load(path) if path is not None and path.exists() else LatencyTable(device_name(dev), versions())
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev) if dev.type == "cuda" else None
+    flush = l2_flush_buffer(dev)
     gen = torch.Generator().manual_seed(seed)
     if dev.type == "cuda" and table.replay_overhead_ms == 0.0:
         table.replay_overhead_ms = replay_overhead_ms(dev, reps, flush, dtype)

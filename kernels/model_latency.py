@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .latency import L2_FLUSH_BYTES, LatencyTable, RestLatency, cuda_graph, time_events
+from .latency import LatencyTable, RestLatency, cuda_graph, l2_flush_buffer, time_events
 
 Inputs = Callable[[int], Any]  # tokens -> the forward's input: a tensor, a tuple of tensors or a dict of keyword inputs
 
@@ -161,7 +161,7 @@ def time_forward(model: nn.Module, tokens: int, device: str | torch.device = "cu
         with torch.cuda.device(dev):
             for _ in range(3):
                 run()
-            flush = flush if flush is not None else torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev)
+            flush = flush if flush is not None else l2_flush_buffer(dev)
             replay = cuda_graph(run)
             ms = time_events(replay or run, reps, flush)
             return ForwardTiming(ms, "cuda-graph" if replay is not None else "cuda-eager")

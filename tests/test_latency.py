@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kernels import Choice, LatencyTable, QuantizedLinear, QuantSpec, a8_linear, measure
-from kernels.latency import (GRAPH_MAX_TOKENS, MIN_LAYER_FRACTION, LatencyEntry, cache_path, entry_key,
-                             replay_overhead_ms, use_paths)
+from kernels.latency import (GRAPH_MAX_TOKENS, L2_FLUSH_BYTES, MIN_LAYER_FRACTION, LatencyEntry, cache_path,
+                             entry_key, l2_flush_buffer, replay_overhead_ms, use_paths)
 
 
 def test_measure_cpu_tiny(tmp_path) -> None:
@@ -135,7 +135,7 @@ def test_tables_without_the_replay_overhead_load_uncorrected() -> None:
 
 
 def test_cpu_tables_have_no_replay_overhead(tmp_path) -> None:
-    assert replay_overhead_ms("cpu") == 0.0
+    assert replay_overhead_ms("cpu") == 0.0 and l2_flush_buffer("cpu") is None
     table = measure([(32, 64)], ["w4"], tokens=(1,), device="cpu", reps=1)
     assert (table.replay_overhead_ms, table.graph_max_tokens) == (0.0, 0)
     assert table.layer_ms((32, 64), "w4", 1) == table.lookup((32, 64), "w4", 1)
@@ -146,6 +146,7 @@ def test_cpu_tables_have_no_replay_overhead(tmp_path) -> None:
 def test_cuda_tables_measure_the_replay_overhead_once(tmp_path) -> None:
     table = measure([(512, 2048)], ["w4"], tokens=(1, 128), device="cuda", reps=10, cache_dir=tmp_path)
     assert 0 < table.replay_overhead_ms < 0.05 and table.graph_max_tokens == GRAPH_MAX_TOKENS
+    assert l2_flush_buffer("cuda").nbytes == L2_FLUSH_BYTES
     raw = table.lookup((512, 2048), "w4", 1)
     expected = max(raw - table.replay_overhead_ms, MIN_LAYER_FRACTION * raw)
     assert table.layer_ms((512, 2048), "w4", 1) == pytest.approx(expected)
