@@ -1,8 +1,8 @@
 """Run the decode kernels once each between cudaProfilerStart/Stop, for Nsight Compute to profile, at --tokens
 rows (1 by default). Each tile is checked against float64 first (and compiled outside the profiled range). Config
-labels ending in H are the wgmma prefill (e.g. 3:m256n64s1w4p3H at --tokens 512, `-k regex:wgmma`). Session 16's profile
-(docs/gpu_runs/ncu_decode_session16_h200.txt) came from the command below; `-k regex:gemv` also matches the int8
-tensor-core decode (`_gemv_imma_kernel`, Config labels ending in I, e.g. 2:m1n128s16w4p1I)
+labels ending in H are the wgmma prefill (e.g. 3:m256n64s1w4p3H at --tokens 512, `-k regex:wgmma`). Session 16's
+profile (docs/gpu_runs/ncu_decode_session16_h200.txt) came from the command below; `-k regex:gemv` also matches the
+int8 tensor-core decode (`_gemv_imma_kernel`, Config labels ending in I, e.g. 2:m1n128s16w4p1I)
 
     ncu --profile-from-start off -k regex:gemv --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
