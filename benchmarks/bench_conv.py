@@ -20,8 +20,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import QuantSpec, quantize_module  # noqa: E402
-from kernels.latency import (_time_cpu, default_dtype, entry_key, l2_flush_buffer, latency_calls,  # noqa: E402
-                             measure, time_cuda)
+from kernels.latency import (_time_cpu, default_dtype, device_name, entry_key, l2_flush_buffer,  # noqa: E402
+                             latency_calls, measure, time_cuda)
 from profilers import build_layer_graph  # noqa: E402
 
 CHOICES = ["w4", "w8"]
@@ -53,7 +53,7 @@ def main() -> None:
     net = net.to(dev, dtype)
     flush = l2_flush_buffer(dev)
     rows = []
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    name = device_name(dev)
     print(f"{name}, {dtype}; us per forward of one layer, median of {a.reps}")
     print(f"{'layer':<48} {'samples':>7} {'float':>9} " + " ".join(f"{c:>9}" for c in CHOICES) + "  path")
     for layer in graph.layers:
