@@ -7,11 +7,17 @@ this script's state directory survive between calls while the machine is held, s
 compiles less and skips what passed. Each call runs pytest for at most --budget seconds, deselecting every test
 an earlier call saw pass, and appends the tests that pass to <state>/passed.txt; the pytest log of call k is
 <state>/log_k.txt (copy it to $OUT to keep it). The last line says how many passed, failed and remain.
-    python benchmarks/gpu_tests_in_parts.py --budget 540 [--state .device/gpu-tests] [-- pytest args]
+    python benchmarks/gpu_tests_in_parts.py --budget 540 [--state .device/gpu-tests] [--seed FILE] [-- pytest args]
+
+Passes also add up across sessions, whose machines start bare: passed.txt begins with a hash of every Python source
+of our packages, the tests and the benchmarks, and the GPU's compute capability (`run_key`). Commit it (e.g. under
+docs/gpu_runs/), and a later call given it as `--seed` skips those tests too, but only for the same sources on a GPU
+of the same capability: a test that passed on other code, or was skipped on other hardware, does not count.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import signal
@@ -23,6 +29,33 @@ FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_gpu_layout.py", "tests
 OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED"
 # "[gw3] [ 5%] PASSED tests/...::test[id]" under xdist, "tests/...::test[id] PASSED [ 5%]" without
 RESULT = re.compile(rf"\b({OUTCOMES}) (tests/\S+)|(tests/\S+::\S+) ({OUTCOMES})\b")
+SOURCES = ("allocator", "benchmarks", "kernels", "profilers", "solvers", "tests")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_key() -> str:
+    """What a recorded pass or skip is valid for: sha256 over the path and bytes of every .py file under SOURCES,
+    and the compute capability of the first GPU nvidia-smi lists."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in SOURCES for p in (ROOT / package).rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True).stdout.split()
+    except FileNotFoundError:
+        smi = []
+    return f"# tree {digest.hexdigest()} compute capability {smi[0] if smi else 'none (no GPU)'}"
+
+
+def read_passed(path: Path, key: str) -> set[str]:
+    """The tests a passed.txt lists, if it was written under `key` (else none, and it says so)."""
+    if not path.exists():
+        return set()
+    lines = path.read_text().split("\n")
+    if lines[0] != key:
+        print(f"{path}: written for other sources or another GPU ({lines[0] or 'no key line'}); not used")
+        return set()
+    return {line for line in lines[1:] if line}
 
 
 def collect(pytest_args: list[str]) -> list[str]:
@@ -38,12 +71,16 @@ def main() -> None:
     ap.add_argument("--state", default=".device/gpu-tests",
                     help="directory kept between calls (passed.txt, logs); git-ignored, so it stays on a warm machine")
     ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("--seed", type=Path, help="a passed.txt of an earlier session (used only for the same sources)")
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
     args = ap.parse_args()
+    if args.seed is not None and not args.seed.is_file():
+        ap.error(f"--seed {args.seed}: no such file")
     state = Path(args.state)
     state.mkdir(parents=True, exist_ok=True)
     passed_file = state / "passed.txt"
-    passed = set(passed_file.read_text().split()) if passed_file.exists() else set()
+    key = run_key()
+    passed = read_passed(passed_file, key) | (read_passed(args.seed, key) if args.seed else set())
     log = state / f"log_{len(list(state.glob('log_*.txt')))}.txt"
     deselect = [arg for test in sorted(passed) for arg in ("--deselect", test)]
     cmd = [sys.executable, "-m", "pytest", "-v", "-n", str(args.workers), "-p", "no:cacheprovider", *FILES,
@@ -58,7 +95,7 @@ def main() -> None:
             f.write(f"\n[gpu_tests_in_parts] stopped after {args.budget} s\n")
     results = {m[1] or m[2]: m[0] or m[3] for m in RESULT.findall(log.read_text())}
     passed |= {test for test, outcome in results.items() if outcome in ("PASSED", "SKIPPED")}
-    passed_file.write_text("\n".join(sorted(passed)) + "\n")
+    passed_file.write_text("\n".join([key, *sorted(passed)]) + "\n")
     failed = sorted(test for test, outcome in results.items() if outcome in ("FAILED", "ERROR"))
     remaining = [test for test in collect(args.pytest_args) if test not in passed and test not in failed]
     for test in failed:
