@@ -105,6 +105,13 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
     # x padded to whole token tiles where an eighth of the last one or more would lie past the tokens
     assert [gluon_wgmma.launch_rows(m, 256) for m in (512, 511, 481, 480, 320, 17)] == [512, 511, 481, 512, 512,
                                                                                       256]
+    # where it would be padded so, the rows past the whole token tiles run in tiles of half as many tokens
+    m256, m128, m64 = (256, 4, 3), (128, 4, 4), (64, 4, 4)
+    assert gluon_wgmma.tail_tiles(512, m256) == [(0, 512, m256)]
+    assert gluon_wgmma.tail_tiles(481, m256) == [(0, 481, m256)]
+    assert gluon_wgmma.tail_tiles(320, m256) == [(0, 256, m256), (256, 320, m64)]
+    assert gluon_wgmma.tail_tiles(384, m256) == [(0, 256, m256), (256, 384, m128)]
+    assert gluon_wgmma.tail_tiles(17, m256) == [(0, 17, m64)] == gluon_wgmma.tail_tiles(17, (128, 8, 4))
 
     def paths(bits: int, n: int) -> tuple[bool, int]:
         consts = gluon_wgmma.launch_constants(weight(bits, n, 256), torch.bfloat16, 256, 4, 3)
@@ -117,6 +124,12 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
     # except in the tiles held to 128 registers (8 warps, up to 128 tokens), where the second set spilled
     assert [gluon_wgmma.launch_constants(weight(b, 64, 256), torch.bfloat16, *t)["PAIRS"]
             for b in (8, 4, 3) for t in gluon_wgmma.TILES] == [True, True, False, True] + [False] * 8
+    # a step's operand made while the wgmma before it runs, but in the tiles held to 128 registers (they spilled);
+    # plane-1 fields read from their ring as packed pairs; the group width a constant of the kernel
+    consts = [gluon_wgmma.launch_constants(weight(3, 64, 256), torch.bfloat16, *t) for t in gluon_wgmma.TILES]
+    assert [(c["OVERLAP"], c["PACK1"], c["G"]) for c in consts] == [(True, True, 128), (True, True, 128),
+                                                                   (False, True, 128), (True, True, 128)]
+    assert not gluon_wgmma.launch_constants(weight(3, 37, 256), torch.bfloat16, 256, 4, 3)["PACK1"]
     cfg = tlin.Config(256, 64, 2, 4, 3, wgmma=True)
     assert cfg.label == "m256n64s2w4p3H" and tlin.Config.parse(cfg.label) == cfg
     w4 = weight(4, 8, 256)
