@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import QuantSpec, quantize  # noqa: E402
 from kernels import gluon_wgmma  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
-from kernels.latency import L2_FLUSH_BYTES, time_cuda  # noqa: E402
+from kernels.latency import l2_flush_buffer, time_cuda  # noqa: E402
 from bench_kernels_gpu import poisoned, rel_err  # noqa: E402  (this directory is on sys.path when run as a script)
 
 PLAN = [[8192, 8192, 512, [4, 3, 2, 8], ["256:4:3", "256:8:4"]],
@@ -43,7 +43,7 @@ def main() -> None:
     sides = {"old": gluon_wgmma_old.linear, "new": gluon_wgmma.linear}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    flush = l2_flush_buffer("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"device {dev}; torch {torch.__version__}", flush=True)
