@@ -548,17 +548,15 @@ _AT_ONCE: dict[tuple, int] = {}
 
 
 def _launch_args(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: int, stages: int,
-                 per_slice: int, out: torch.Tensor | None = None) -> tuple[object, dict, dict]:
+                 per_slice: int) -> tuple[object, dict, dict]:
     """(x's TMA descriptor, the kernel's arguments but ws / cnt / stride_wm / whole_n, the unsplit kernel's constants)
-    for x [rows, K] with 16-byte aligned rows, into out [M, N] (M <= rows; allocated here if None)."""
+    for x [M, K] with 16-byte aligned rows; out is allocated here."""
     from . import triton_linear as tlin
-    rows, k = x.shape
-    if out is None:
-        out = torch.empty(rows, gw.shape[0], dtype=x.dtype, device=x.device)
-    m = out.shape[0]
+    m, k = x.shape
+    out = torch.empty(m, gw.shape[0], dtype=x.dtype, device=x.device)
     dt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([block_m, STEP], dt)
-    desc = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [block_m, STEP], layout)
+    desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, STEP], layout)
     tensors, consts = tlin._args(gw)
     unsplit = launch_constants(gw, x.dtype, block_m, num_warps, stages)
     if unsplit["RING1"]:  # plane 1 copied as int32 words
@@ -605,51 +603,30 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     """out = x W^T for x [M, K] (float16 / bfloat16, CUDA, Hopper) through the wgmma prefill kernel. split_k 2:
     the column tiles that fill complete rounds of CTAs run whole, then the rest (`whole_tiles`: the last,
     part-filled round's; all where they fill less than one) in two K slices, summed in float32: a second launch.
-    Where an eighth of the last token tile or more would lie past M, the whole token tiles run with this tile and
-    the rows after them with tiles of half as many tokens (4 warps, 4 stages), down to 64 (`tail_tiles`): on an
-    H100 (session 33) 8192x8192 4-bit m256w4p3 took 111.3 us at 512 tokens and, x padded to whole tiles, 111.5 at
-    320. The last 64-token tile is padded with zero rows where it is part-filled so: TMA boxes partly past the
-    tensor ran slower the more rows they missed (the same case unpadded: 224.6 us at 320 tokens; one row short cost
-    nothing, where the copy costs about 5 us)."""
+    Where an eighth of the last token tile or more lies past M, x is first copied into whole tiles with zero rows:
+    TMA boxes partly past the tensor ran slower the more rows they missed (on an H100, session 33, 8192x8192 4-bit
+    m256w4p3: 111.3 us at 512 tokens, 196.1 at 384 and 224.6 at 320, against 113.6 and 111.5 padded; one row
+    short cost nothing, where the copy costs about 5 us)."""
+    from . import triton_linear as tlin
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps, split_k)
     if reason is not None:
         raise ValueError(reason)
-    out = torch.empty(x.shape[0], gw.shape[0], dtype=x.dtype, device=x.device)
-    for start, stop, tile in tail_tiles(x.shape[0], (block_m, num_warps, stages)):
-        _launch(x[start:stop], gw, tile, split_k, out[start:stop])
-    return out
-
-
-def tail_tiles(m: int, tile: tuple[int, int, int]) -> list[tuple[int, int, tuple[int, int, int]]]:
-    """(first row, end row, tile) of each launch for m tokens at `tile` (see `linear`)."""
-    launches, start = [], 0
-    while start < m and tile[0] > 64 and launch_rows(m - start, tile[0]) > m - start:
-        whole = (m - start) // tile[0] * tile[0]
-        if whole:
-            launches.append((start, start + whole, tile))
-        start, tile = start + whole, (tile[0] // 2, 4, 4)
-    return launches + [(start, m, tile)] if start < m else launches
-
-
-def _launch(x: torch.Tensor, gw: GpuPackedWeight, tile: tuple[int, int, int], split_k: int,
-            out: torch.Tensor) -> None:
-    """The kernel's launches for out = x W^T at one tile, x padded to whole token tiles where `launch_rows` says."""
-    from . import triton_linear as tlin
-    block_m, num_warps, stages = tile
     m, rows = x.shape[0], launch_rows(x.shape[0], block_m)
-    if rows > m:  # zero rows up to whole token tiles (see `linear`)
+    if rows > m:  # zero rows up to whole token tiles (see the docstring)
         x = torch.nn.functional.pad(x, (0, 0, 0, rows - m))
     elif x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x = x.clone(memory_format=torch.contiguous_format)
     per_slice, slices = split_steps(gw, split_k)
-    desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, per_slice, out)
+    desc, args, unsplit = _launch_args(x, gw, block_m, num_warps, stages, per_slice)
     n, bn = gw.shape[0], 16 * num_warps
     m_tiles, n_tiles = -(-m // block_m), -(-n // bn)
     whole = n_tiles if slices == 1 else whole_tiles(m_tiles, n_tiles, ctas_at_once(x, gw, block_m, num_warps, stages))
+    out = args["out"]
     if whole:
         _wgmma_prefill_kernel[(m_tiles, whole)](desc, ws=out, cnt=out, stride_wm=0, whole_n=0, **unsplit, **args)
     if whole < n_tiles:  # each slice's part in ws, the second to finish a tile stores the sum
-        ws = torch.empty(2, m, (n_tiles - whole) * bn, dtype=torch.float32, device=x.device)
+        ws = torch.empty(2, rows, (n_tiles - whole) * bn, dtype=torch.float32, device=x.device)
         _, cnt = tlin._workspace(x.device, 0, m_tiles * (n_tiles - whole))
         _wgmma_prefill_kernel[(m_tiles, n_tiles - whole, slices)](
             desc, ws=ws, cnt=cnt, stride_wm=ws.stride(1), whole_n=whole, **dict(unsplit, ATOMIC=True), **args)
+    return out[:m]

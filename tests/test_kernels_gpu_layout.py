@@ -105,13 +105,6 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
     # x padded to whole token tiles where an eighth of the last one or more would lie past the tokens
     assert [gluon_wgmma.launch_rows(m, 256) for m in (512, 511, 481, 480, 320, 17)] == [512, 511, 481, 512, 512,
                                                                                       256]
-    # where it would be padded so, the rows past the whole token tiles run in tiles of half as many tokens
-    m256, m128, m64 = (256, 4, 3), (128, 4, 4), (64, 4, 4)
-    assert gluon_wgmma.tail_tiles(512, m256) == [(0, 512, m256)]
-    assert gluon_wgmma.tail_tiles(481, m256) == [(0, 481, m256)]
-    assert gluon_wgmma.tail_tiles(320, m256) == [(0, 256, m256), (256, 320, m64)]
-    assert gluon_wgmma.tail_tiles(384, m256) == [(0, 256, m256), (256, 384, m128)]
-    assert gluon_wgmma.tail_tiles(17, m256) == [(0, 17, m64)] == gluon_wgmma.tail_tiles(17, (128, 8, 4))
 
     def paths(bits: int, n: int) -> tuple[bool, int]:
         consts = gluon_wgmma.launch_constants(weight(bits, n, 256), torch.bfloat16, 256, 4, 3)
