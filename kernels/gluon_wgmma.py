@@ -67,8 +67,9 @@ except ImportError:  # CPU-only installs, older Triton
 
 STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots of 16)
 # (block_m tokens, num_warps, TMA stages): each was the fastest somewhere in 28672x8192, 8192x8192 and 4096x14336,
-# 2/4-bit, 128 and 512 tokens, on an H100 (session 30); block_n = 16 x num_warps
-TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
+# 2/4-bit, 128 and 512 tokens, on an H100 (session 30; m256w8p4, two warpgroups sharing each x tile, in session 37:
+# 28672x8192 4-bit at 512 tokens, split, 366.9 us against 378.0 at m256w4p3); block_n = 16 x num_warps
+TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4), (256, 8, 4))
 # K slices: with split 2 the column tiles that fill complete rounds of CTAs run whole and the rest (the last,
 # part-filled round's; all of them where the tiles fill less than one round, as at N = 4096 with 512 tokens) in
 # two K slices, a second launch. Each slice stores its float32 part and counts itself in at the tile's counter
