@@ -104,7 +104,7 @@ def wgmma(gw: GpuPackedWeight, tile: tuple[int, int, int], split_k: int = 1):
                             gl.NVMMASharedLayout.get_default_for([block_m, gluon_wgmma.STEP], gl.bfloat16))
     ptrs, consts = _operands(gw)
     sig = dict(x_desc=mangle_type(desc), **ptrs, out="*bf16", ws="*fp32", cnt="*i32", M="i32", N="i32", K="i32",
-               KW="i32", G="i32", stride_sg="i32", stride_sn="i32", stride_om="i32", stride_wm="i32",
+               KW="i32", stride_sg="i32", stride_sn="i32", stride_om="i32", stride_wm="i32",
                split_steps="i32", whole_n="i32")
     launch = gluon_wgmma.launch_constants(gw, torch.bfloat16, block_m, warps, stages, split_k)
     options = {key: launch.pop(key) for key in ("num_warps", "maxnreg") if key in launch}

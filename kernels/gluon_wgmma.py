@@ -67,8 +67,9 @@ except ImportError:  # CPU-only installs, older Triton
 
 STEP = 64  # input columns per TMA tile of x and per asynchronous wgmma (4 slots of 16)
 # (block_m tokens, num_warps, TMA stages): each was the fastest somewhere in 28672x8192, 8192x8192 and 4096x14336,
-# 2/4-bit, 128 and 512 tokens, on an H100 (session 30); block_n = 16 x num_warps
-TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4))
+# 2/4-bit, 128 and 512 tokens, on an H100 (session 30; m256w8p4, two warpgroups sharing each x tile, in session 37:
+# 28672x8192 4-bit at 512 tokens, split, 366.9 us against 378.0 at m256w4p3); block_n = 16 x num_warps
+TILES = ((256, 4, 3), (128, 4, 4), (128, 8, 4), (64, 4, 4), (256, 8, 4))
 # K slices: with split 2 the column tiles that fill complete rounds of CTAs run whole and the rest (the last,
 # part-filled round's; all of them where the tiles fill less than one round, as at N = 4096 with 512 tokens) in
 # two K slices, a second launch. Each slice stores its float32 part and counts itself in at the tile's counter
@@ -121,7 +122,7 @@ if HAVE_GLUON:
         return gl.BlockedLayout([1, 1], [32 // lanes, lanes], [WARPS, 1], [1, 0])
 
     @gluon.constexpr_function
-    def _pair_asm(i, W0, W1, FP16, HAS_Z):
+    def _pair_asm(i, W0, W1, FP16, HAS_Z, PACK1):
         """PTX for slot i of a thread's words of rows j and j + 1 ($1, $2; second plane $3, $4) as the operand
         register $0 of columns j and j + 1: the 16-bit half of each that holds the slot side by side (one PRMT, which
         ptxas shares between the slots of a half), shifted to the slot, the code as 128 + code
@@ -144,23 +145,25 @@ if HAVE_GLUON:
             if W1:
                 d = i * W1 - W0
                 m1 = ((1 << W1) - 1) << W0
-                body += "prmt.b32 u, $3, $4, 0x5410; " + (f"shr.b32 u, u, {d}; " if d > 0 else
-                                                         f"shl.b32 u, u, {-d}; " if d < 0 else "")
+                src = "$3" if PACK1 else "u"
+                body += ("" if PACK1 else "prmt.b32 u, $3, $4, 0x5410; ") + (
+                    f"shr.b32 u, {src}, {d}; " if d > 0 else f"shl.b32 u, {src}, {-d}; " if d < 0 else
+                    "mov.b32 u, $3; " if PACK1 else "")
                 body += f"lop3.b32 t, t, u, {m1 | (m1 << 16)}, 0xF8; "
             body += f"sub.rn.{kind} t, t, $7; "
         return "{.reg .b32 t, u; " + body + f"mul.rn.{kind} $0, t, $5;" + "}"
 
     @gluon.jit
     def _slot_values(w0, w1, i: gl.constexpr, sc, zb, W0: gl.constexpr, W1: gl.constexpr, HAS_Z: gl.constexpr,
-                     DT: gl.constexpr):
+                     DT: gl.constexpr, PACK1: gl.constexpr):
         """Slot i of words w0 (plane 0) and w1 (plane 1) as (code - zero) x scale in DT [BN, 16], two columns per
         register in packed half-precision math (`_pair_asm`; sc, zb: [BN, 1] int32 pairs of the scale and the
         magic + zero, `_scale_bias`)."""
         if DT == gl.float16:
-            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, True, HAS_Z), "=r,r,r,r,r,r,r,r,r", [w0, w1, sc, zb],
-                                             dtype=gl.float16, is_pure=True, pack=2)
+            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, True, HAS_Z, PACK1), "=r,r,r,r,r,r,r,r,r",
+                                             [w0, w1, sc, zb], dtype=gl.float16, is_pure=True, pack=2)
         else:
-            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, False, HAS_Z), "=r,r,r,r,r,r,r,r,r",
+            return gl.inline_asm_elementwise(_pair_asm(i, W0, W1, False, HAS_Z, PACK1), "=r,r,r,r,r,r,r,r,r",
                                              [w0, w1, sc, zb], dtype=gl.bfloat16, is_pure=True, pack=2)
 
     @gluon.jit
@@ -186,10 +189,21 @@ if HAVE_GLUON:
                                        mask=mask1 & (blk * 16 < KW))
 
     @gluon.jit
-    def _ring1_words(ring1, blk, PW: gl.constexpr, BN: gl.constexpr, w_l: gl.constexpr, AHEAD: gl.constexpr):
-        """Block `blk`'s plane-1 words [BN, 16] from ring slot blk % AHEAD as int32, in `_a_word_layout`."""
+    def _ring1_words(ring1, blk, PW: gl.constexpr, BN: gl.constexpr, w_l: gl.constexpr, AHEAD: gl.constexpr,
+                     PACK1: gl.constexpr):
+        """Block `blk`'s plane-1 words [BN, 16] from ring slot blk % AHEAD as int32, in `_a_word_layout`. PACK1: the
+        words of rows j and j + 1 as one int32 pair, row j's in the low half and j + 1's in the high half (int16 as
+        `ldmatrix` delivers them; int8 spread to the halves by a PRMT), given to both (`_pair_asm` reads $3 only).
+        Sign-extending each to int32 and packing them again per slot took 24-40 instructions a step; shifting the
+        pair as one word keeps every field a slot's mask reads in its own half (the fields of a row span at most
+        16 - W1 bits and move down by less than 17 - W0 - W1)."""
         view = ring1.index(blk % AHEAD)._reinterpret(gl.int16 if PW == 2 else gl.int8, [16, BN], _row_major())
-        return view.permute((1, 0)).load(w_l).to(gl.int32)
+        raw = view.permute((1, 0)).load(w_l)
+        if PACK1:
+            spread: gl.constexpr = ("mov.b32 $0, $2; mov.b32 $1, $2;" if PW == 2 else
+                                    "prmt.b32 $0, $2, 0, 0x4140; mov.b32 $1, $0;")
+            return gl.inline_asm_elementwise(spread, "=r,=r,r", [raw], dtype=gl.int32, is_pure=True, pack=2)
+        return raw.to(gl.int32)
 
     @gluon.jit
     def _plane_words(p, blk, KW, N, offs, nmask):
@@ -229,22 +243,22 @@ if HAVE_GLUON:
     @gluon.jit
     def _step_operand(w0, w1, sc, zb, s, z, col, K, G, n, nmask, stride_sg, stride_sn, W0: gl.constexpr,
                       W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr,
-                      DT: gl.constexpr):
+                      DT: gl.constexpr, PACK1: gl.constexpr = False):
         """Slots 0..3 of words w0, w1 (shifted so that a step's slots come first) as the A operand [BN, 64] of the
         step at input column `col` (its column 16 i + j is slot i of word row j). SCALES < 2: the step lies in one
         group, whose sc, zb are given; 2: each slot's (a group of 16 or 32 columns) is loaded here."""
         if SCALES == 2:
             sc, zb = _slot_scale(s, z, col, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
-        v0 = _slot_values(w0, w1, 0, sc, zb, W0, W1, HAS_Z, DT)
+        v0 = _slot_values(w0, w1, 0, sc, zb, W0, W1, HAS_Z, DT, PACK1)
         if SCALES == 2:
             sc, zb = _slot_scale(s, z, col + 16, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
-        v1 = _slot_values(w0, w1, 1, sc, zb, W0, W1, HAS_Z, DT)
+        v1 = _slot_values(w0, w1, 1, sc, zb, W0, W1, HAS_Z, DT, PACK1)
         if SCALES == 2:
             sc, zb = _slot_scale(s, z, col + 32, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
-        v2 = _slot_values(w0, w1, 2, sc, zb, W0, W1, HAS_Z, DT)
+        v2 = _slot_values(w0, w1, 2, sc, zb, W0, W1, HAS_Z, DT, PACK1)
         if SCALES == 2:
             sc, zb = _slot_scale(s, z, col + 48, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
-        v3 = _slot_values(w0, w1, 3, sc, zb, W0, W1, HAS_Z, DT)
+        v3 = _slot_values(w0, w1, 3, sc, zb, W0, W1, HAS_Z, DT, PACK1)
         both = gl.join(gl.join(v0, v1), gl.join(v2, v3))  # [BN, 16, 2 (slot bit 0), 2 (slot bit 1)]
         return gl.reshape(gl.permute(both, (0, 3, 2, 1)), [both.shape[0], 64])
 
@@ -257,14 +271,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l: gl.constexpr,
-                     STAGES: gl.constexpr):
+                     STAGES: gl.constexpr, OVERLAP: gl.constexpr):
         """Wait for step i's `wgmma`, hand on the next step's operand and start the TMA copy of step i + STAGES - 1's
-        x tile into the buffer of step i - 1 (whose `wgmma` is done).
+        x tile into the buffer of step i - 1 (whose `wgmma` was waited for in the step before).
         The operand a stays live up to the wait (a dependency of it), so a_next is made in other registers while
         the `wgmma` runs, and no register copy at the loop's back edge can overwrite what an unfinished `wgmma`
         reads. (Leaving one `wgmma` in flight across iterations, with its operand carried to the next wait, raced:
-        4-bit 256-token tiles summed some tiles wrong on an H100 in most calls, session 30.)"""
-        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        4-bit 256-token tiles summed some tiles wrong on an H100 in most calls, session 30.)
+        OVERLAP: the TMA copy is started before the wait. ptxas otherwise moves the wait (which names no register)
+        up to just after the loads, above the unpacking of a_next, so that a warpgroup's unpacking and its `wgmma`
+        did not overlap; the copy's branch and barriers keep the wait below the unpacking (and a_next's registers
+        live during the `wgmma`)."""
+        if not OVERLAP:
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         nxt = i + STAGES - 1
         if nxt < steps:
             ns = nxt % STAGES
@@ -272,13 +291,15 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(x_desc, [pid_m * x_desc.block_type.shape[0],
                                                      (s0 + nxt) * x_desc.block_type.shape[1]],
                                             bars.index(ns), x_smem.index(ns))
+        if OVERLAP:
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         return acc, gl.convert_layout(a_next, a_l, assert_trivial=True)
 
     @gluon.jit
     def _paired_step(i, s0, steps, acc, a, w, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G, N, n,
                      nmask, offs, wmask, stride_sg, stride_sn, a_l: gl.constexpr, W0: gl.constexpr,
                      ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, DT: gl.constexpr,
-                     STAGES: gl.constexpr):
+                     STAGES: gl.constexpr, OVERLAP: gl.constexpr):
         """Step i of a weight whose K block is one step (8 bits) with its words in registers (`PAIRS`): its
         `wgmma`, while the next block's operand is made from w (and its group's raw_s, raw_z, SCALES 0), and w
         (and raw_s, raw_z) reloaded with the block two steps after that. Two sets of words alternate through
@@ -294,7 +315,7 @@ if HAVE_GLUON:
         a_next = _step_operand(w, w, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0, 0,
                                ZERO, HAS_Z, SCALES, DT)
         w = _plane_words(p0, t + 3, KW, N, offs, wmask)
-        acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES)
+        acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES, OVERLAP)
         return acc, a, w, raw_s, raw_z
 
     @gluon.jit
@@ -332,11 +353,12 @@ if HAVE_GLUON:
             gl.store(out + t[:, None] * stride_om + n0 + c[None, :], total.to(DT), mask=mask)
 
     @gluon.jit
-    def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, ws, cnt, M, N, K, KW, G, stride_sg, stride_sn, stride_om,
-                              stride_wm, split_steps, whole_n, PER: gl.constexpr, W0: gl.constexpr, W1: gl.constexpr,
-                              ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr, STAGES: gl.constexpr,
-                              RING: gl.constexpr, RING1: gl.constexpr, AHEAD: gl.constexpr, ATOMIC: gl.constexpr,
-                              PAIRS: gl.constexpr, WARPS: gl.constexpr):
+    def _wgmma_prefill_kernel(x_desc, p0, p1, s, z, out, ws, cnt, M, N, K, KW, stride_sg, stride_sn, stride_om,
+                              stride_wm, split_steps, whole_n, G: gl.constexpr, PER: gl.constexpr, W0: gl.constexpr,
+                              W1: gl.constexpr, ZERO: gl.constexpr, HAS_Z: gl.constexpr, SCALES: gl.constexpr,
+                              STAGES: gl.constexpr, RING: gl.constexpr, RING1: gl.constexpr, AHEAD: gl.constexpr,
+                              ATOMIC: gl.constexpr, PAIRS: gl.constexpr, OVERLAP: gl.constexpr, PACK1: gl.constexpr,
+                              WARPS: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         STEP: gl.constexpr = x_desc.block_type.shape[1]
         DT: gl.constexpr = x_desc.dtype
@@ -393,7 +415,7 @@ if HAVE_GLUON:
             nw0 = _plane_words(p0, b0 + 1, KW, N, offs, wmask)
             fw0 = _plane_words(p0, b0 + 2, KW, N, offs, wmask)
         if RING1:
-            cw1 = _ring1_words(ring1, b0, PW, BN, w_l, AHEAD)
+            cw1 = _ring1_words(ring1, b0, PW, BN, w_l, AHEAD, PACK1)
         elif W1 > 0:
             cw1 = _plane_words(p1, b0, KW, N, offs, wmask)
             nw1 = _plane_words(p1, b0 + 1, KW, N, offs, wmask)
@@ -402,7 +424,7 @@ if HAVE_GLUON:
             cw1 = cw0
         sc, zb = _slot_scale(s, z, s0 * STEP, K, G, n, nmask, stride_sg, stride_sn, ZERO, HAS_Z, DT, W0)
         a = gl.convert_layout(_step_operand(cw0, cw1, sc, zb, s, z, s0 * STEP, K, G, n, nmask, stride_sg, stride_sn,
-                                            W0, W1, ZERO, HAS_Z, SCALES, DT), a_l, assert_trivial=True)
+                                            W0, W1, ZERO, HAS_Z, SCALES, DT, PACK1), a_l, assert_trivial=True)
         if SCALES < 2:  # the group of the slice's second step (SCALES 1) or block (SCALES 0)
             raw_s, raw_z = _load_scale(s, z, s0 * STEP + (STEP if SCALES == 1 else 16 * PER), K, G, n, nmask,
                                        stride_sg, stride_sn, HAS_Z)
@@ -414,14 +436,17 @@ if HAVE_GLUON:
             for u in range(0, (steps - 1) // 2):
                 acc, a, nw0, raw_s, raw_z = _paired_step(
                     2 * u, s0, steps, acc, a, nw0, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW, G,
-                    N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
+                    N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES,
+                    OVERLAP)
                 acc, a, fw0, rb_s, rb_z = _paired_step(
                     2 * u + 1, s0, steps, acc, a, fw0, rb_s, rb_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW,
-                    G, N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
+                    G, N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES,
+                    OVERLAP)
             if steps % 2 == 0:
                 acc, a, nw0, raw_s, raw_z = _paired_step(
                     steps - 2, s0, steps, acc, a, nw0, raw_s, raw_z, x_desc, x_smem, bars, pid_m, p0, s, z, K, KW,
-                    G, N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES)
+                    G, N, n, nmask, offs, wmask, stride_sg, stride_sn, a_l, W0, ZERO, HAS_Z, SCALES, DT, STAGES,
+                    OVERLAP)
             acc = _issue_step(steps - 1, a, acc, x_smem, bars, STAGES)
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         else:
@@ -445,7 +470,7 @@ if HAVE_GLUON:
                         nw0 = fw0
                         fw0 = _plane_words(p0, nb + 2, KW, N, offs, wmask)
                     if RING1:
-                        cw1 = _ring1_words(ring1, nb, PW, BN, w_l, AHEAD)
+                        cw1 = _ring1_words(ring1, nb, PW, BN, w_l, AHEAD, PACK1)
                     elif W1 > 0:
                         cw1 = nw1
                         nw1 = fw1
@@ -463,8 +488,9 @@ if HAVE_GLUON:
                     sc, zb = _scale_bias(raw_s, raw_z, ZERO, HAS_Z, DT, W0)
                     raw_s, raw_z = _load_scale(s, z, (t + 2) * STEP, K, G, n, nmask, stride_sg, stride_sn, HAS_Z)
                 a_next = _step_operand(cw0, cw1, sc, zb, s, z, (t + 1) * STEP, K, G, n, nmask, stride_sg, stride_sn, W0,
-                                       W1, ZERO, HAS_Z, SCALES, DT)
-                acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES)
+                                       W1, ZERO, HAS_Z, SCALES, DT, PACK1)
+                acc, a = _retire_step(i, s0, steps, acc, a, a_next, x_desc, x_smem, bars, pid_m, a_l, STAGES,
+                                      OVERLAP)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
@@ -492,7 +518,12 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
     shared-memory ring of AHEAD blocks (2/4 bits, and 3/5/6 with RING1), else registers; RING1: plane 1 through a
     ring as int32 words of RING1 fields (N a multiple of them), else 0; ATOMIC: one of two K slices, its float32
     part added by the second to finish (see the module); PAIRS: 8-bit words in two register sets, two steps an
-    iteration (`_paired_step`; not in the tiles held to 128 registers, where m128w8p4 spilled 96 bytes with it).
+    iteration (`_paired_step`; not in the tiles held to 128 registers, where m128w8p4 spilled 96 bytes with it);
+    OVERLAP: a step's operand made while the `wgmma` before it runs (`_retire_step`; not in the tiles held to 128
+    registers, where the second operand's registers made m128w8p4 spill 8 to 72 bytes); G: the group width (a
+    constant: the group of a column is then a shift, not a division in every step). With OVERLAP, G and PACK1, on
+    an H100 (session 37, 512 tokens, m256w4p3) 8192x8192 3-bit went from 120.0 to 109.0 us, 8-bit from 117.0 to
+    102.4, 2-bit from 105.3 to 99.4.
     Tiles of 8 warps and up to 128 tokens are held to 128 registers a thread (3-bit spills 16 bytes), so that two
     CTAs share an SM: on an H100, with the version measured in session 30, that took 28672x8192 4-bit at 128 tokens
     from 222.7 to 159.1 us and 8192x8192 at 512 from 217.6 to 158.4 (docs/kernels_gpu.md, "Session 30")."""
@@ -501,7 +532,9 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
     ring1 = per_word if len(gw.planes) > 1 and gw.shape[0] % per_word == 0 else 0
     ring, capped = gw.bits in (2, 4) or ring1 > 0, num_warps == 8 and block_m <= 128
     return dict(SCALES=scales, STAGES=stages, RING=ring, RING1=ring1, AHEAD=2, ATOMIC=split_k > 1,
-                PAIRS=not (ring or capped) and len(gw.planes) == 1 and gw.per == 4, WARPS=num_warps,
+                PAIRS=not (ring or capped) and len(gw.planes) == 1 and gw.per == 4, OVERLAP=not capped, PACK1=ring1 > 0,
+                G=gw.group,
+                WARPS=num_warps,
                 num_warps=num_warps, **({"maxnreg": 128} if capped else {}))
 
 
@@ -531,7 +564,7 @@ def _launch_args(x: torch.Tensor, gw: GpuPackedWeight, block_m: int, num_warps: 
     unsplit = launch_constants(gw, x.dtype, block_m, num_warps, stages)
     if unsplit["RING1"]:  # plane 1 copied as int32 words
         tensors["p1"] = gw.planes[1].view(torch.int32)
-    return desc, dict(out=out, M=m, N=gw.shape[0], K=k, KW=gw.planes[0].shape[0], G=gw.group,
+    return desc, dict(out=out, M=m, N=gw.shape[0], K=k, KW=gw.planes[0].shape[0],
                       stride_om=out.stride(0), split_steps=per_slice, **tensors, **consts), unsplit
 
 

@@ -325,7 +325,8 @@ def test_imma_decode(bits: int, tile: tuple[int, int, int, bool]) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("tile", [(128, 8, 4, 1), (256, 4, 3, 1), (64, 4, 2, 1), (128, 4, 4, 2)],
+@pytest.mark.parametrize("tile", [(128, 8, 4, 1), (256, 4, 3, 1), (64, 4, 2, 1), (128, 4, 4, 2),
+                                  (256, 8, 4, 2)],
                          ids=lambda t: "m{}w{}p{}s{}".format(*t))
 def test_wgmma_prefill(bits: int, tile: tuple[int, int, int, int]) -> None:
     """`gluon_wgmma.linear`: the Hopper prefill, weight dequantized in registers as wgmma's A operand. Against

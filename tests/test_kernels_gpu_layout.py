@@ -116,7 +116,14 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
     # 8-bit words (a K block a step, in registers) alternate between two register sets, two steps an iteration,
     # except in the tiles held to 128 registers (8 warps, up to 128 tokens), where the second set spilled
     assert [gluon_wgmma.launch_constants(weight(b, 64, 256), torch.bfloat16, *t)["PAIRS"]
-            for b in (8, 4, 3) for t in gluon_wgmma.TILES] == [True, True, False, True] + [False] * 8
+            for b in (8, 4, 3) for t in gluon_wgmma.TILES] == [True, True, False, True, True] + [False] * 10
+    # a step's operand made while the wgmma before it runs, but in the tiles held to 128 registers (they spilled);
+    # plane-1 fields read from their ring as packed pairs; the group width a constant of the kernel
+    consts = [gluon_wgmma.launch_constants(weight(3, 64, 256), torch.bfloat16, *t) for t in gluon_wgmma.TILES]
+    assert [(c["OVERLAP"], c["PACK1"], c["G"]) for c in consts] == [(True, True, 128), (True, True, 128),
+                                                                   (False, True, 128), (True, True, 128),
+                                                                   (True, True, 128)]
+    assert not gluon_wgmma.launch_constants(weight(3, 37, 256), torch.bfloat16, 256, 4, 3)["PACK1"]
     cfg = tlin.Config(256, 64, 2, 4, 3, wgmma=True)
     assert cfg.label == "m256n64s2w4p3H" and tlin.Config.parse(cfg.label) == cfg
     w4 = weight(4, 8, 256)
