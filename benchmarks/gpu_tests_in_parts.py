@@ -27,8 +27,10 @@ from pathlib import Path
 
 FILES = ("tests/test_kernels_gpu.py", "tests/test_kernels_gpu_layout.py", "tests/test_latency.py")
 OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED"
+# a test id: a parametrized one runs to the "]" before a space or the line's end (its id may hold spaces)
+TEST_ID = r"tests/\S+?::[^\s\[]+(?:\[.*?\](?=\s|$))?"
 # "[gw3] [ 5%] PASSED tests/...::test[id]" under xdist, "tests/...::test[id] PASSED [ 5%]" without
-RESULT = re.compile(rf"\b({OUTCOMES}) (tests/\S+)|(tests/\S+::\S+) ({OUTCOMES})\b")
+RESULT = re.compile(rf"\b({OUTCOMES}) ({TEST_ID})|({TEST_ID}) ({OUTCOMES})\b", re.MULTILINE)
 SOURCES = ("allocator", "benchmarks", "kernels", "profilers", "solvers", "tests")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +58,11 @@ def read_passed(path: Path, key: str) -> set[str]:
         print(f"{path}: written for other sources or another GPU ({lines[0] or 'no key line'}); not used")
         return set()
     return {line for line in lines[1:] if line}
+
+
+def outcomes(log: str) -> dict[str, str]:
+    """Test id -> PASSED, FAILED, ERROR or SKIPPED, from a `pytest -v` log (with or without xdist)."""
+    return {m[1] or m[2]: m[0] or m[3] for m in RESULT.findall(log)}
 
 
 def collect(pytest_args: list[str]) -> list[str]:
@@ -93,7 +100,7 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # pytest and its xdist workers
             proc.wait()
             f.write(f"\n[gpu_tests_in_parts] stopped after {args.budget} s\n")
-    results = {m[1] or m[2]: m[0] or m[3] for m in RESULT.findall(log.read_text())}
+    results = outcomes(log.read_text())
     passed |= {test for test, outcome in results.items() if outcome in ("PASSED", "SKIPPED")}
     passed_file.write_text("\n".join([key, *sorted(passed)]) + "\n")
     failed = sorted(test for test, outcome in results.items() if outcome in ("FAILED", "ERROR"))
