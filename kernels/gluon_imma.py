@@ -18,8 +18,9 @@ odd-field class), less zero point x sum of v (once per token and half), times th
 are added at the end. 8-bit codes do not fit a signed byte: they go in as code - 128, and the zero point moves by
 128. One launch takes up to 16 tokens (8 with half-block groups).
 Needs Triton's Gluon and a CUDA device with mma.sync (compute capability 8.0 or newer) for the GEMV; `prepare_x`
-is plain Triton (it also runs in the CPU interpreter). Not dispatched: written and compiled for sm_90a in session
-20, not yet run on a GPU (docs/kernels_gpu.md, "Session 20").
+is plain Triton (it also runs in the CPU interpreter). Its tiles (`triton_linear.Config` with imma) are among those
+a latency table measures for decode, and a layer runs the one measured fastest; first run on a GPU in session 21
+(docs/kernels_gpu.md, "Session 21").
 """
 from __future__ import annotations
 

@@ -111,9 +111,23 @@ if HAVE_GLUON:
             warp_bases=[[16 << b, 0] for b in range(WARPS.bit_length() - 1)], block_bases=[], shape=[BN, 16])
 
     @gluon.constexpr_function
-    def _row_major():
-        """Shared memory with rows one after another, unswizzled (the weight rings)."""
-        return gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    def _ring_layout():
+        """The plane-0 ring [BN, 16] int32 words: each pair of rows swaps its halves of 8 words with the next pair.
+        A warp's 64-bit read (`_a_word_layout`) takes words j .. j + 7 of 8 rows at a stride of 16: unswizzled,
+        even rows all hit banks 0-7 and odd rows 16-23 (4 wavefronts); so they spread over all 32 banks (2, the
+        fewest for 256 bytes)."""
+        return gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=2, order=[1, 0])
+
+    @gluon.constexpr_function
+    def _ring1_layout(PW, BYTES):
+        """The plane-1 ring [16, BN // PW] as elements of BYTES (4: the int32 words copied in; 2 or 1: the int16 /
+        int8 fields read back, PW 2 or 4 to a word), 16-byte chunks of a row XOR-swizzled by the row. Read back
+        transposed, a warp reads word rows j, 2 ... apart at one weight row: unswizzled, each at the same bank
+        (rows are 64 or 128 bytes), 4 (int8) to 8 (ldmatrix, int16) wavefronts where 1 suffices. int16 rows
+        (8 chunks or more) swizzle by the row, for ldmatrix's 8 rows; int8 rows of 4 chunks (BN 64) by pairs of
+        rows, for the 4 even rows one read takes."""
+        per_phase, max_phase = (1, 8) if PW == 2 else (2, 4)
+        return gl.SwizzledSharedLayout(vec=16 // BYTES, per_phase=per_phase, max_phase=max_phase, order=[1, 0])
 
     @gluon.constexpr_function
     def _copy_layout(COLS, WARPS):
@@ -189,21 +203,20 @@ if HAVE_GLUON:
                                        mask=mask1 & (blk * 16 < KW))
 
     @gluon.jit
-    def _ring1_words(ring1, blk, PW: gl.constexpr, BN: gl.constexpr, w_l: gl.constexpr, AHEAD: gl.constexpr,
-                     PACK1: gl.constexpr):
-        """Block `blk`'s plane-1 words [BN, 16] from ring slot blk % AHEAD as int32, in `_a_word_layout`. PACK1: the
+    def _ring1_words(ring1, blk, PW: gl.constexpr, BN: gl.constexpr, w_l: gl.constexpr, AHEAD: gl.constexpr):
+        """Block `blk`'s plane-1 words [BN, 16] from ring slot blk % AHEAD as int32, in `_a_word_layout`: the
         words of rows j and j + 1 as one int32 pair, row j's in the low half and j + 1's in the high half (int16 as
-        `ldmatrix` delivers them; int8 spread to the halves by a PRMT), given to both (`_pair_asm` reads $3 only).
+        `ldmatrix` delivers them; int8 spread to the halves by a PRMT), given to both (`_pair_asm` with PACK1 reads
+        $3 only).
         Sign-extending each to int32 and packing them again per slot took 24-40 instructions a step; shifting the
         pair as one word keeps every field a slot's mask reads in its own half (the fields of a row span at most
         16 - W1 bits and move down by less than 17 - W0 - W1)."""
-        view = ring1.index(blk % AHEAD)._reinterpret(gl.int16 if PW == 2 else gl.int8, [16, BN], _row_major())
+        view = ring1.index(blk % AHEAD)._reinterpret(gl.int16 if PW == 2 else gl.int8, [16, BN],
+                                                     _ring1_layout(PW, 4 // PW))
         raw = view.permute((1, 0)).load(w_l)
-        if PACK1:
-            spread: gl.constexpr = ("mov.b32 $0, $2; mov.b32 $1, $2;" if PW == 2 else
-                                    "prmt.b32 $0, $2, 0, 0x4140; mov.b32 $1, $0;")
-            return gl.inline_asm_elementwise(spread, "=r,=r,r", [raw], dtype=gl.int32, is_pure=True, pack=2)
-        return raw.to(gl.int32)
+        spread: gl.constexpr = ("mov.b32 $0, $2; mov.b32 $1, $2;" if PW == 2 else
+                                "prmt.b32 $0, $2, 0, 0x4140; mov.b32 $1, $0;")
+        return gl.inline_asm_elementwise(spread, "=r,=r,r", [raw], dtype=gl.int32, is_pure=True, pack=2)
 
     @gluon.jit
     def _plane_words(p, blk, KW, N, offs, nmask):
@@ -385,7 +398,7 @@ if HAVE_GLUON:
         wmask = nmask[:, None]
         x_smem = gl.allocate_shared_memory(DT, [STAGES, BM, STEP], x_desc.layout)
         if RING:
-            ring = gl.allocate_shared_memory(gl.int32, [AHEAD, BN, 16], _row_major())
+            ring = gl.allocate_shared_memory(gl.int32, [AHEAD, BN, 16], _ring_layout())
         if RING1:  # p1 is plane 1 as int32 words: RING1 (2 or 4) weight rows' plane-1 fields a word
             PW: gl.constexpr = RING1
             c_l: gl.constexpr = _copy_layout(BN // PW, WARPS)
@@ -393,7 +406,7 @@ if HAVE_GLUON:
             c1 = pid_n * (BN // PW) + gl.arange(0, BN // PW, layout=gl.SliceLayout(0, c_l))
             offs1 = gl.arange(0, 16, layout=gl.SliceLayout(1, c_l))[:, None] * N1W + c1[None, :]
             mask1 = (c1 < N1W)[None, :]
-            ring1 = gl.allocate_shared_memory(gl.int32, [AHEAD, 16, BN // PW], _row_major())
+            ring1 = gl.allocate_shared_memory(gl.int32, [AHEAD, 16, BN // PW], _ring1_layout(PW, 4))
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
@@ -415,7 +428,7 @@ if HAVE_GLUON:
             nw0 = _plane_words(p0, b0 + 1, KW, N, offs, wmask)
             fw0 = _plane_words(p0, b0 + 2, KW, N, offs, wmask)
         if RING1:
-            cw1 = _ring1_words(ring1, b0, PW, BN, w_l, AHEAD, PACK1)
+            cw1 = _ring1_words(ring1, b0, PW, BN, w_l, AHEAD)
         elif W1 > 0:
             cw1 = _plane_words(p1, b0, KW, N, offs, wmask)
             nw1 = _plane_words(p1, b0 + 1, KW, N, offs, wmask)
@@ -470,7 +483,7 @@ if HAVE_GLUON:
                         nw0 = fw0
                         fw0 = _plane_words(p0, nb + 2, KW, N, offs, wmask)
                     if RING1:
-                        cw1 = _ring1_words(ring1, nb, PW, BN, w_l, AHEAD, PACK1)
+                        cw1 = _ring1_words(ring1, nb, PW, BN, w_l, AHEAD)
                     elif W1 > 0:
                         cw1 = nw1
                         nw1 = fw1

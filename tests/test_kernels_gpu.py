@@ -407,6 +407,40 @@ def test_wgmma_prefill_keeps_inflight_operands_offline(bits: int) -> None:
             assert ", 0 copies of loaded registers" in line, run.stdout
 
 
+@pytest.mark.parametrize("warps,per_word", [(4, 2), (4, 4), (8, 2), (8, 4)])
+def test_wgmma_weight_rings_are_read_without_bank_conflicts(warps: int, per_word: int) -> None:
+    """The wgmma prefill's shared-memory rings of weight words are copied in and read back without bank conflicts
+    (Triton's count of excess wavefronts per shared-memory instruction, for the layouts the kernel uses), at both
+    tile widths and both plane-1 field sizes (int16: 2 a word, int8: 4). Unswizzled, the plane-0 read took twice
+    the wavefronts it needs and the transposed plane-1 read four times; ncu saw 28% (4-bit) to 35% (5-bit) of all
+    shared wavefronts as excess at 512 tokens on an H100, and swizzling took 28672x8192 5-bit from 431 to 372 us
+    (docs/kernels_gpu.md, "Session 40")."""
+    if not gluon_wgmma.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon (triton >= 3.6)")
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon import language as gl
+    context = ir.context()
+    ir.load_dialects(context)
+    builder = gluon_ir.GluonOpBuilder(context)
+
+    def conflicts(registers, shared, shape: list[int], bits: int) -> int:
+        return builder.get_shared_bank_conflicts(registers._to_ir(builder), shared._to_ir(builder), shape, bits)
+
+    bn = 16 * warps
+    words = gluon_wgmma._a_word_layout(bn, warps)  # how each thread holds its words for the wgmma A operand
+    unswizzled = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    assert conflicts(words, unswizzled, [bn, 16], 32) == 1
+    assert conflicts(words, gluon_wgmma._ring_layout(), [bn, 16], 32) == 0  # plane 0: copied and read so
+    ring1 = gluon_wgmma._ring1_layout(per_word, 4)
+    assert conflicts(gluon_wgmma._copy_layout(bn // per_word, warps), ring1, [16, bn // per_word], 32) == 0
+    fields = gluon_wgmma._ring1_layout(per_word, 4 // per_word)  # the same bytes as int16 / int8 fields
+    assert fields.vec * 4 // per_word == ring1.vec * 4
+    assert (fields.per_phase, fields.max_phase) == (ring1.per_phase, ring1.max_phase)
+    transposed = gl.SwizzledSharedLayout(fields.vec, fields.per_phase, fields.max_phase, [0, 1])
+    assert conflicts(words, gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), [bn, 16], 32 // per_word) == 3
+    assert conflicts(words, transposed, [bn, 16], 32 // per_word) == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_every_tile_a_latency_table_tries(bits: int) -> None:
