@@ -112,20 +112,20 @@ if HAVE_GLUON:
 
     @gluon.constexpr_function
     def _ring_layout():
-        """The plane-0 ring [BN, 16] int32 words: each pair of rows swaps its halves of 8 words with the next pair.
-        A warp's 64-bit read (`_a_word_layout`) takes words j .. j + 7 of 8 rows at a stride of 16: unswizzled,
-        even rows all hit banks 0-7 and odd rows 16-23 (4 wavefronts); so they spread over all 32 banks (2, the
-        fewest for 256 bytes)."""
+        """The plane-0 ring [BN, 16] int32 words, the 8-word halves of each row swapped in every other pair of rows.
+        A warp's 64-bit read (`_a_word_layout`) takes 8 words from each of 8 rows 16 words apart: unswizzled, even
+        rows land on banks 0-7 and odd rows on 16-23 (4 wavefronts); swizzled, on all 32 (2, the fewest for 256
+        bytes)."""
         return gl.SwizzledSharedLayout(vec=8, per_phase=2, max_phase=2, order=[1, 0])
 
     @gluon.constexpr_function
     def _ring1_layout(PW, BYTES):
         """The plane-1 ring [16, BN // PW] as elements of BYTES (4: the int32 words copied in; 2 or 1: the int16 /
-        int8 fields read back, PW 2 or 4 to a word), 16-byte chunks of a row XOR-swizzled by the row. Read back
-        transposed, a warp reads word rows j, 2 ... apart at one weight row: unswizzled, each at the same bank
-        (rows are 64 or 128 bytes), 4 (int8) to 8 (ldmatrix, int16) wavefronts where 1 suffices. int16 rows
-        (8 chunks or more) swizzle by the row, for ldmatrix's 8 rows; int8 rows of 4 chunks (BN 64) by pairs of
-        rows, for the 4 even rows one read takes."""
+        int8 fields read back, PW to a word), its 16-byte chunks XOR-swizzled by the row. Read back transposed, one
+        instruction takes the same weight rows from 4 (LDS) or 8 (ldmatrix) word rows; unswizzled, rows of 64 or 128
+        bytes put them all on the same banks: 4 to 8 wavefronts where 1 suffices. int16 rows (8 chunks or more)
+        swizzle by each row, for ldmatrix's 8; int8 rows (4 chunks at BN 64) by pairs of rows, for the 4 even rows
+        one LDS takes."""
         per_phase, max_phase = (1, 8) if PW == 2 else (2, 4)
         return gl.SwizzledSharedLayout(vec=16 // BYTES, per_phase=per_phase, max_phase=max_phase, order=[1, 0])
 
