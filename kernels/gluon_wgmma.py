@@ -546,9 +546,7 @@ def launch_constants(gw: GpuPackedWeight, dtype: torch.dtype, block_m: int, num_
     ring, capped = gw.bits in (2, 4) or ring1 > 0, num_warps == 8 and block_m <= 128
     return dict(SCALES=scales, STAGES=stages, RING=ring, RING1=ring1, AHEAD=2, ATOMIC=split_k > 1,
                 PAIRS=not (ring or capped) and len(gw.planes) == 1 and gw.per == 4, OVERLAP=not capped, PACK1=ring1 > 0,
-                G=gw.group,
-                WARPS=num_warps,
-                num_warps=num_warps, **({"maxnreg": 128} if capped else {}))
+                G=gw.group, WARPS=num_warps, num_warps=num_warps, **({"maxnreg": 128} if capped else {}))
 
 
 def split_steps(gw: GpuPackedWeight, split_k: int) -> tuple[int, int]:
