@@ -36,9 +36,10 @@ out^T = W x^T: a CTA owns BN = 16 x num_warps weight rows and BM tokens.
   `test_wgmma_prefill_keeps_inflight_operands_offline` scans the SASS for that).
 - The output tile goes through shared memory (the dead x ring) into a layout with 16 bytes of consecutive output
   columns a thread (`_store_tile`); the accumulator's own layout stored it 2 bytes at a time. K slices each store
-  their float32 part that way and the second to finish sums both (`_sum_parts`; see SPLITS). On an H100 (session
-  35, 512 tokens) 8192x8192 4-bit went from 111.2 to 108.7 us, 14336x4096 from 118.6 to 111.9, and split tiles
-  gained more (4096x4096 48.2 -> 38.6, 4096x14336 112.3 -> 103.7) against atomics into a zeroed sum and a copy.
+  their float32 part that way (`_store_part`, in one pass through a swizzled buffer) and the second to finish sums
+  both (`_sum_parts`; see SPLITS). On an H100 (session 35, 512 tokens) 8192x8192 4-bit went from 111.2 to 108.7
+  us, 14336x4096 from 118.6 to 111.9, and split tiles gained more (4096x4096 48.2 -> 38.6, 4096x14336 112.3 ->
+  103.7) against atomics into a zeroed sum and a copy.
 - Group scales: where a group spans whole K blocks (4/5/6/8 bits at group 128) the next block's is loaded as a
   block starts; where a block holds several groups of 64 columns or more (2/3 bits at group 128, group 64) the next
   step's is loaded with each step (on an H100, session 31, 2-bit 8192x8192 at 512 tokens went from 144.9 to 114.7
@@ -346,6 +347,34 @@ if HAVE_GLUON:
         gl.store(base + t[None, :] * stride_t + c[:, None], gl.convert_layout(tile, o_l),
                  mask=(n0 + c < N)[:, None] & (t0 + t < M)[None, :])
 
+    @gluon.constexpr_function
+    def _part_layout():
+        """A K slice's float32 part [BN columns, BM tokens] in shared memory, columns consecutive, its 16-byte
+        chunks XOR-swizzled by the token (8 phases): the accumulator's layout stores 8 columns at each of 4 tokens 2
+        apart an instruction (unswizzled, all on the same banks) and the read-back takes 16 bytes of consecutive
+        columns a thread, both without bank conflicts (Triton's count, `get_shared_bank_conflicts`)."""
+        return gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[0, 1])
+
+    @gluon.jit
+    def _store_part(base, stride_t, tile, x_smem, n0, N, t0, M, WARPS: gl.constexpr):
+        """`_store_tile` for a float32 part, through the dead x ring as `_part_layout` in one pass. Triton's
+        `convert_layout` of the float32 tile went in passes through a smaller scratch buffer (25 barriers, 260
+        register moves); this took the split tiles 1-3% faster on an H100 (session 41, 512 tokens: 4096x14336
+        6-bit 106.0 -> 104.0 us, 4096x4096 4-bit 38.1 -> 37.0). The same for the bfloat16 output of whole tiles
+        (`stmatrix` either way) made 28672x8192 5-bit 4-5% slower (m256w4p3 397.0 -> 414.8 us), so those keep
+        `_store_tile`."""
+        BN: gl.constexpr = tile.shape[0]
+        BM: gl.constexpr = tile.shape[1]
+        o_l: gl.constexpr = gl.BlockedLayout([4, 1], [BN // 4, 128 // BN], [1, WARPS], [0, 1])
+        gl.thread_barrier()  # every warpgroup's wgmma has read its last x tile
+        buf = x_smem._reinterpret(gl.float32, [BN, BM], _part_layout())
+        buf.store(tile)
+        gl.thread_barrier()
+        c = gl.arange(0, BN, layout=gl.SliceLayout(1, o_l))
+        t = gl.arange(0, BM, layout=gl.SliceLayout(0, o_l))
+        gl.store(base + t[None, :] * stride_t + c[:, None], buf.load(o_l),
+                 mask=(n0 + c < N)[:, None] & (t0 + t < M)[None, :])
+
     @gluon.jit
     def _sum_parts(ws, out, t0, w0, n0, M, N, stride_wm, stride_om, BM: gl.constexpr, BN: gl.constexpr,
                    WARPS: gl.constexpr, DT: gl.constexpr):
@@ -510,8 +539,8 @@ if HAVE_GLUON:
         if RING:  # copies of blocks past the slice (zeros past K) may still be writing the rings; the epilogue's
             cp.wait_group(0)  # layout change may use that shared memory
         if ATOMIC:  # two K slices: each stores its float32 part, the second to finish sums both into out
-            _store_tile(ws + (gl.program_id(2) * M + pid_m * BM) * stride_wm + gl.program_id(1) * BN, stride_wm, acc,
-                        pid_n * BN, N, pid_m * BM, M, WARPS)
+            _store_part(ws + (gl.program_id(2) * M + pid_m * BM) * stride_wm + gl.program_id(1) * BN, stride_wm, acc,
+                        x_smem, pid_n * BN, N, pid_m * BM, M, WARPS)
             gl.thread_barrier()
             tile = cnt + pid_m * gl.num_programs(1) + gl.program_id(1)
             if gl.atomic_add(tile, 1, sem="acq_rel") == 1:
@@ -622,6 +651,9 @@ def linear(x: torch.Tensor, gw: GpuPackedWeight, block_m: int = 128, num_warps: 
     m256w4p3: 111.3 us at 512 tokens, 196.1 at 384 and 224.6 at 320, against 113.6 and 111.5 padded; one row
     short cost nothing, where the copy costs about 5 us)."""
     from . import triton_linear as tlin
+    if split_k > 1 and 16 * num_warps > 32 * stages:  # `_store_part`: [16 x num_warps, block_m] float32
+        raise ValueError(f"tile m{block_m}w{num_warps}p{stages} with split_k={split_k}: a K slice's float32 part "
+                         f"goes through the x ring, which holds it with stages >= {num_warps // 2}")
     reason = unsupported_reason(gw, x.dtype, x.device, block_m, num_warps, split_k)
     if reason is not None:
         raise ValueError(reason)

@@ -441,6 +441,33 @@ def test_wgmma_weight_rings_are_read_without_bank_conflicts(warps: int, per_word
     assert conflicts(words, transposed, [bn, 16], 32 // per_word) == 0
 
 
+@pytest.mark.parametrize("warps,block_m", [(4, 256), (4, 128), (4, 64), (8, 256), (8, 128)])
+def test_wgmma_split_parts_go_through_shared_memory_without_bank_conflicts(warps: int, block_m: int) -> None:
+    """A K slice's float32 part is stored from the accumulator's layout into the dead x ring and read back 16 bytes
+    of consecutive columns a thread, both without bank conflicts (Triton's count of excess wavefronts); the ring
+    holds the part at every tile of `gluon_wgmma.TILES`, and a tile whose ring is too small is refused."""
+    if not gluon_wgmma.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon (triton >= 3.6)")
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon import language as gl
+    context = ir.context()
+    ir.load_dialects(context)
+    builder = gluon_ir.GluonOpBuilder(context)
+    bn = 16 * warps
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_m, 16])
+    read = gl.BlockedLayout([4, 1], [bn // 4, 128 // bn], [1, warps], [0, 1])
+    for layout, excess in ((gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), 3), (gluon_wgmma._part_layout(), 0)):
+        assert builder.get_shared_bank_conflicts(acc._to_ir(builder), layout._to_ir(builder), [bn, block_m],
+                                                 32) == excess
+        assert builder.get_shared_bank_conflicts(read._to_ir(builder), layout._to_ir(builder), [bn, block_m],
+                                                 32) == 0
+    for tile_m, tile_warps, stages in gluon_wgmma.TILES:  # x ring bytes >= the part's
+        assert stages * tile_m * gluon_wgmma.STEP * 2 >= 16 * tile_warps * tile_m * 4
+    _, gw = _case(128, 64, 64, 4, True, torch.bfloat16, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="stages >= 4"):
+        gluon_wgmma.linear(torch.zeros(8, 64, dtype=torch.bfloat16, device=DEV), gw, 256, 8, 2, split_k=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", BITS)
 def test_every_tile_a_latency_table_tries(bits: int) -> None:
