@@ -181,7 +181,9 @@ def cmd_latency(args: argparse.Namespace) -> None:
             + (f"; removed choices: {table.skipped}" if table.skipped else ""))
     if args.model is not None:
         rest = _measure_rest(args.model, profiled, tokens, args.device, table)
-        line += "; the model's unquantized rest: " + ", ".join(f"{ms:.4g} ms at {t} tokens" for t, ms in rest.ms.items())
+        line += "; the model's unquantized rest: " + ", ".join(
+            f"{ms:.4g} ms at {t} tokens" + (f" ({rest.calibration_ms[t]:+.4g} ms calibration)"
+                                            if t in rest.calibration_ms else "") for t, ms in rest.ms.items())
     table.save(args.out)
     print(line + f"; wrote {args.out}")
 

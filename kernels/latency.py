@@ -15,7 +15,8 @@ dispatches a `QuantizedLinear` to (`selected`): that is what an emitted model ru
 Convs whose geometry the layer graph recorded are timed as the QuantizedConv an emitted model holds, on `tokens`
 samples of their traced input shape, under a kind that carries the geometry (`geometry_kind`; `latency_calls` lists
 a layer's entries with their calls). `rest` holds the unquantized rest of whole models (attention, norms,
-embeddings; `kernels.model_latency.measure_rest`), so a plan's latency can be predicted for the whole model.
+embeddings; `kernels.model_latency.measure_rest`, with its calibration against the float model's own forward), so a
+plan's latency can be predicted for the whole model.
 Each graph-timed entry (CUDA, tokens <= GRAPH_MAX_TOKENS) carries the fixed launch and event cost of one timed
 replay, which a whole-model graph pays once in all: `measure` times that cost once per table
 (`replay_overhead_ms`: a replay of one layer less what each further layer of a graph adds, which a layer also
@@ -122,22 +123,29 @@ class LatencyEntry:
 @dataclass
 class RestLatency:
     """The unquantized rest of one model (its forward with every quantizable layer stubbed out), in median ms
-    per token count (batch 1, no KV cache), and how each was timed ("cuda-graph", "cuda-eager", "cpu")."""
+    per token count (batch 1, no KV cache), and how each was timed ("cuda-graph", "cuda-eager", "cpu").
+    calibration_ms: the float model's forward less the rest and less its float layers' figures timed as the
+    table's entries are (`LatencyTable.in_model_ms`), per token count: what the model's layers cost inside its
+    forward beyond those figures (gaps between kernels in the model's graph and the like), charged to every plan
+    with the rest (`LatencyTable.rest_ms`; `model_latency.measure_rest`)."""
 
     model: str
     dtype: str
     layers: int
     ms: dict[int, float] = field(default_factory=dict)
     mode: dict[int, str] = field(default_factory=dict)
+    calibration_ms: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "layers": self.layers,
-                "ms": {str(t): v for t, v in self.ms.items()}, "mode": {str(t): v for t, v in self.mode.items()}}
+                "ms": {str(t): v for t, v in self.ms.items()}, "mode": {str(t): v for t, v in self.mode.items()},
+                "calibration_ms": {str(t): v for t, v in self.calibration_ms.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RestLatency":
         return cls(d["model"], d["dtype"], int(d["layers"]), {int(t): float(v) for t, v in d["ms"].items()},
-                   {int(t): str(v) for t, v in d.get("mode", {}).items()})
+                   {int(t): str(v) for t, v in d.get("mode", {}).items()},
+                   {int(t): float(v) for t, v in d.get("calibration_ms", {}).items()})
 
 
 @dataclass
@@ -177,15 +185,17 @@ class LatencyTable:
         return max(ms - self.replay_overhead_ms, MIN_LAYER_FRACTION * ms)
 
     def rest_ms(self, key: str, tokens: int) -> float | None:
-        """Median ms of the rest of the model `key` (`model_latency.model_key`) at `tokens` tokens; None when the
-        table holds no rest for that model, KeyError when it does but not at `tokens`."""
+        """Median ms of the rest of the model `key` (`model_latency.model_key`) at `tokens` tokens, with its
+        calibration (`RestLatency.calibration_ms`) where it was measured: what a plan's whole-model prediction adds
+        to its layers. None when the table holds no rest for that model, KeyError when it does but not at
+        `tokens`."""
         rest = self.rest.get(key)
         if rest is None:
             return None
         if tokens not in rest.ms:
             raise KeyError(f"the rest of model {key} was measured at tokens {sorted(rest.ms)} on {self.device}, "
                            f"not at {tokens}; call model_latency.measure_rest with tokens=({tokens},)")
-        return rest.ms[tokens]
+        return rest.ms[tokens] + rest.calibration_ms.get(tokens, 0.0)
 
     def latency_matrix(self, shapes: list[tuple[int, int]], choices: list[Choice | str], tokens: int,
                        kind: str = "linear") -> list[list[float]]:
@@ -407,6 +417,23 @@ def _time_cpu(fn: Callable, x: torch.Tensor, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def time_layer(fn: Callable, x: torch.Tensor, reps: int, flush: torch.Tensor | None, tokens: int) -> float:
+    """Median ms of one layer's fn(x) at `tokens` tokens as table entries are timed: on CUDA `time_cuda` (a graph
+    replay up to GRAPH_MAX_TOKENS), on the CPU time.perf_counter."""
+    if x.device.type == "cuda":
+        return time_cuda(fn, x, reps, flush, graph=tokens <= GRAPH_MAX_TOKENS)
+    return _time_cpu(fn, x, reps)
+
+
+def time_replay_overhead(table: "LatencyTable", device: torch.device, reps: int, flush: torch.Tensor | None,
+                         dtype: torch.dtype) -> None:
+    """Time the table's replay overhead (`replay_overhead_ms`) once, on CUDA, where it is not yet timed: its
+    graph-timed figures carry it (`LatencyTable.in_model_ms`)."""
+    if device.type == "cuda" and table.replay_overhead_ms == 0.0:
+        table.replay_overhead_ms = replay_overhead_ms(device, reps, flush, dtype)
+        table.graph_max_tokens = GRAPH_MAX_TOKENS
+
+
 def cuda_graph(run: Callable[[], Any]) -> Callable[[], None] | None:
     """`run` captured in a CUDA graph (after a warm-up on a side stream), as its replay; None if it cannot be captured."""
     try:
@@ -545,9 +572,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
     table = LatencyTable.load(path) if path is not None and path.exists() else LatencyTable(device_name(dev), versions())
     flush = l2_flush_buffer(dev)
     gen = torch.Generator().manual_seed(seed)
-    if dev.type == "cuda" and table.replay_overhead_ms == 0.0:
-        table.replay_overhead_ms = replay_overhead_ms(dev, reps, flush, dtype)
-        table.graph_max_tokens = GRAPH_MAX_TOKENS
+    time_replay_overhead(table, dev, reps, flush, dtype)
     for choice in choices:
         reason = unsupported_reason(choice, dev)
         if reason is not None:
@@ -619,8 +644,7 @@ def _time_paths(fns: dict[str, Callable], x: torch.Tensor, expected: torch.Tenso
         if err > tol:
             rejected[name] = f"relative error {err:.2e} over tolerance"
             continue
-        ms[name] = (time_cuda(fn, x, reps, flush, graph=tokens <= GRAPH_MAX_TOKENS) if x.device.type == "cuda"
-                    else _time_cpu(fn, x, reps))
+        ms[name] = time_layer(fn, x, reps, flush, tokens)
     return ms, rejected
 
 

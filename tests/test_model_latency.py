@@ -48,7 +48,8 @@ def test_rest_is_measured_once_per_token_count_and_serialized(setup, tmp_path):
     table.save(tmp_path / "t.json")
     again = LatencyTable.load(tmp_path / "t.json")
     assert again.to_dict() == table.to_dict()
-    assert again.rest_ms(key, 4) == rest.ms[4]
+    assert set(rest.calibration_ms) == set(TOKENS)
+    assert again.rest_ms(key, 4) == rest.ms[4] + rest.calibration_ms[4]
     assert again.rest_ms("OtherModel:0123", 1) is None
     with pytest.raises(KeyError, match=r"measured at tokens \[1, 4\].*not at 16"):
         again.rest_ms(key, 16)
@@ -68,6 +69,59 @@ def test_tables_without_rest_or_selected_path_still_load(setup):
     layer = graph.layers[0]
     entry = loaded.entries[entry_key((layer.out_features, layer.in_features), "w4", 1)]
     assert entry.selected is None and layer_ms(loaded, layer, "w4") == entry.ms
+
+
+def test_the_rest_is_calibrated_by_the_float_models_own_forward(monkeypatch):
+    """With a table, measure_rest also times the float model's whole forward and its float layers alone (as the
+    table's entries are timed): what the forward took beyond the rest and those layers (the gaps a layer pays inside
+    the model's graph) is the rest's calibration, charged to every plan with the rest. Fixed timings here; tables
+    from before the calibration load without it."""
+    import kernels.model_latency as ml
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4), torch.nn.Linear(4, 4))
+    stubbed_ms, whole_ms = 1.0, 2.5
+    monkeypatch.setattr(ml, "time_forward", lambda model, *a, **k: ml.ForwardTiming(
+        stubbed_ms if type(model[0]).__name__ == "_Stub" else whole_ms, "cpu"))
+    timed = []
+    monkeypatch.setattr(ml, "time_layer", lambda fn, x, reps, flush, tokens: timed.append(tuple(x.shape)) or 0.25)
+    table = LatencyTable("cpu-test", {})
+    rest = measure_rest(mlp, ["0", "2", "3"], tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
+                        table=table)
+    assert sorted(timed) == [(1, 3, 4), (1, 3, 8), (1, 3, 16)]  # each distinct layer and input once
+    assert rest.ms[3] == stubbed_ms and rest.calibration_ms[3] == pytest.approx(whole_ms - stubbed_ms - 3 * 0.25)
+    key = model_key(mlp, ["0", "2", "3"])
+    assert table.rest_ms(key, 3) == pytest.approx(whole_ms - 3 * 0.25)
+    loaded = LatencyTable.from_dict(table.to_dict())
+    assert loaded.rest_ms(key, 3) == table.rest_ms(key, 3)
+    old = table.to_dict()
+    del old["rest"][key]["calibration_ms"]
+    assert LatencyTable.from_dict(old).rest_ms(key, 3) == stubbed_ms
+
+
+def test_a_layer_that_takes_two_inputs_leaves_the_rest_uncalibrated():
+    """A stubbed layer called with more than one input cannot be timed alone: the rest is measured, uncalibrated,
+    with a warning that says so."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.lin(x) * scale
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = Scaled()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x, 2.0).relu()
+
+    table = LatencyTable("cpu-test", {})
+    with pytest.warns(UserWarning, match="cannot be timed alone"):
+        rest = measure_rest(Net(), ["layer"], tokens=(2,), device="cpu", reps=1, inputs=lambda t: torch.randn(t, 8),
+                            table=table)
+    assert rest.ms[2] > 0 and rest.calibration_ms == {}
 
 
 def test_stubs_restore_the_model_and_bad_arguments_are_named(setup):
@@ -185,7 +239,7 @@ def test_cli_latency_with_the_model_measures_the_rest(tmp_path, capsys):
                  "--bits", "2,4,8", "--profiler", "gptq", "--out", str(prof)]) == 0
     assert main(["latency", "--profile", str(prof), "--device", "cpu", "--tokens", "1", "--model",
                  str(tmp_path / "model"), "--out", str(lat)]) == 0
-    assert "unquantized rest" in capsys.readouterr().out
+    assert "ms calibration)" in capsys.readouterr().out
     table = LatencyTable.load(lat)
     (rest,) = table.rest.values()
     assert rest.model == "GPT2LMHeadModel" and set(rest.ms) == {1}
@@ -193,7 +247,7 @@ def test_cli_latency_with_the_model_measures_the_rest(tmp_path, capsys):
                  "--out", str(tmp_path / "plan.json")]) == 0
     assert "whole model" in capsys.readouterr().out
     plan = Plan.load(tmp_path / "plan.json")
-    assert plan.predicted["latency_rest_ms"] == rest.ms[1]
+    assert plan.predicted["latency_rest_ms"] == rest.ms[1] + rest.calibration_ms[1]
     tiny_llama().save_pretrained(tmp_path / "other")
     assert main(["latency", "--profile", str(prof), "--device", "cpu", "--tokens", "1", "--model",
                  str(tmp_path / "other"), "--out", str(tmp_path / "x.json")]) == 1
