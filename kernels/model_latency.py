@@ -217,7 +217,14 @@ def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1,
                 rest.calibration_ms.pop(t, None)
                 continue
             whole = time_forward(model, t, device, reps, inputs).ms
-            rest.calibration_ms[t] = whole - rest.ms[t] - _float_layers_ms(calls[t], table, t, dev, reps)
+            layers_ms = _float_layers_ms(calls[t], table, t, dev, reps)
+            if whole <= layers_ms:
+                warnings.warn(f"the float forward at {t} tokens ({whole:.4g} ms) took no longer than its layers timed "
+                              f"alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, which stays "
+                              "uncalibrated there (RestLatency.calibration_ms)", stacklevel=2)
+                rest.calibration_ms.pop(t, None)
+                continue
+            rest.calibration_ms[t] = whole - rest.ms[t] - layers_ms
         table.rest[key] = rest
     return rest
 

@@ -95,6 +95,11 @@ def test_the_rest_is_calibrated_by_the_float_models_own_forward(monkeypatch):
     old = table.to_dict()
     del old["rest"][key]["calibration_ms"]
     assert LatencyTable.from_dict(old).rest_ms(key, 3) == stubbed_ms
+    whole_ms = 0.5  # noise: the whole forward no longer than its layers alone
+    with pytest.warns(UserWarning, match="cannot calibrate the rest"):
+        rest = measure_rest(mlp, ["0", "2", "3"], tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
+                            table=table)
+    assert rest.calibration_ms == {} and table.rest_ms(key, 3) == stubbed_ms
 
 
 def test_a_layer_that_takes_two_inputs_leaves_the_rest_uncalibrated():
