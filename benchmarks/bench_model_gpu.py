@@ -22,7 +22,6 @@ Writes bench.json, bench.md and latency.json under --out. `--tiny --device cpu` 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ from allocator.budget import MIB  # noqa: E402
 from allocator.model import storage_bytes  # noqa: E402
 from kernels import Choice  # noqa: E402
 from kernels.fileio import atomic_write, atomic_write_json  # noqa: E402
-from kernels.latency import (GRAPH_MAX_TOKENS, default_dtype, device_name, l2_flush_buffer, measure,  # noqa: E402
-                             time_cuda, versions)
+from kernels.latency import (default_dtype, device_name, l2_flush_buffer, measure, time_layer,  # noqa: E402
+                             versions)
 from kernels.model_latency import measure_rest, model_key, time_forward  # noqa: E402
 from profilers import Profile, build_layer_graph  # noqa: E402
 from solvers import Solution  # noqa: E402
@@ -75,16 +74,7 @@ def time_float_linears(graph, tokens, device, dtype, reps) -> dict[tuple[int, in
         w = torch.randn(n, k, device=device, dtype=dtype)
         for t in tokens:
             x = torch.randn(t, k, device=device, dtype=dtype)
-            if device.type == "cuda":
-                out[(n, k, t)] = time_cuda(lambda x: F.linear(x, w), x, reps, flush, graph=t <= GRAPH_MAX_TOKENS)
-            else:
-                F.linear(x, w)
-                times = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    F.linear(x, w)
-                    times.append(time.perf_counter() - t0)
-                out[(n, k, t)] = statistics.median(times) * 1e3
+            out[(n, k, t)] = time_layer(lambda x: F.linear(x, w), x, reps, flush, t)
     return out
 
 
