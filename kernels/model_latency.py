@@ -9,7 +9,7 @@ whatever else the model does. Every forward here is batch 1, `tokens` input toke
 of the forward when it can be captured (else eager), the L2 flushed before each run, CUDA events, median; CPU:
 time.perf_counter, median. The rest is stored in a LatencyTable under `model_key(model, layers)`.
 
-With a table, `measure_rest` also calibrates the rest: it times the float model's whole forward and its float
+With a table on CUDA, `measure_rest` also calibrates the rest: it times the float model's whole forward and its float
 layers alone (as the table's entries are timed, less the replay overhead), and keeps what the forward took beyond
 the rest and those layers (`RestLatency.calibration_ms`), which `LatencyTable.rest_ms` adds to the rest. That is
 what a layer pays inside the model's graph beyond its isolated figure (the gaps between kernels of a long graph and
@@ -186,18 +186,25 @@ def time_forward(model: nn.Module, tokens: int, device: str | torch.device = "cu
 
 def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1, 16, 512),
                  device: str | torch.device = "cuda", reps: int | None = None, inputs: Inputs | None = None,
-                 table: LatencyTable | None = None) -> RestLatency:
+                 table: LatencyTable | None = None, calibrate: bool | None = None) -> RestLatency:
     """Time the model's forward with every layer in `layers` (names, or a LayerGraph) stubbed out, once per token
     count (batch 1, no KV cache); see the module docstring. The model must already be on `device`, in the dtype
     the table's layers were timed in (`latency.default_dtype(device)` unless `measure` was given another).
-    With `table`, the result is stored (merged with earlier token counts) in `table.rest[model_key(model, layers)]`,
-    calibrated against the float model's own forward (`RestLatency.calibration_ms`, see the module docstring; the
-    table's replay overhead is timed first where it is not yet).
+    With `table`, the result is stored (merged with earlier token counts) in `table.rest[model_key(model, layers)]`.
+    calibrate: also calibrate the rest against the float model's own forward (`RestLatency.calibration_ms`, see
+    the module docstring; needs `table`, whose replay overhead is timed first where it is not yet). None: where a
+    table is given on CUDA. On the CPU the isolated timings of small layers carry per-call overhead and noise as
+    large as the calibration itself (a tiny conv net's calibrated rest came out negative), so it is off there
+    unless asked for.
     """
     names = _layer_names(layers)
     tokens = tuple(tokens)
     if not tokens:
         raise ValueError("tokens is empty: give the token counts to time, e.g. (1, 16)")
+    dev = torch.device(device)
+    calibrate = table is not None and dev.type == "cuda" if calibrate is None else calibrate
+    if calibrate and table is None:
+        raise ValueError("calibrate=True needs table=: the float layers are timed as that table's entries are")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     key = model_key(model, names)
     rest = table.rest.get(key) if table is not None else None
@@ -207,26 +214,31 @@ def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1,
         for t in tokens:
             timing = time_forward(model, t, device, reps, inputs)
             rest.ms[t], rest.mode[t] = timing.ms, timing.mode
-            if table is not None:
+            rest.calibration_ms.pop(t, None)
+            if calibrate:
                 calls[t] = _layer_calls(model, names, t, inputs)
-    if table is not None:
-        dev = torch.device(device)
+    if calibrate:
         time_replay_overhead(table, dev, reps or _default_reps(dev), None, dtype)
         for t in tokens:
-            if calls[t] is None:
-                rest.calibration_ms.pop(t, None)
-                continue
-            whole = time_forward(model, t, device, reps, inputs).ms
-            layers_ms = _float_layers_ms(calls[t], table, t, dev, reps)
-            if whole <= layers_ms:
-                warnings.warn(f"the float forward at {t} tokens ({whole:.4g} ms) took no longer than its layers timed "
-                              f"alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, which stays "
-                              "uncalibrated there (RestLatency.calibration_ms)", stacklevel=2)
-                rest.calibration_ms.pop(t, None)
-                continue
-            rest.calibration_ms[t] = whole - rest.ms[t] - layers_ms
+            if calls[t] is not None:
+                _calibrate(rest, model, calls[t], table, t, dev, reps, inputs)
+    if table is not None:
         table.rest[key] = rest
     return rest
+
+
+def _calibrate(rest: RestLatency, model: nn.Module, calls: list[tuple[nn.Module, tuple]], table: LatencyTable,
+               tokens: int, device: torch.device, reps: int | None, inputs: Inputs | None) -> None:
+    """Set rest.calibration_ms[tokens]: the float model's whole forward less the rest and its float layers timed
+    alone (`_float_layers_ms`); left unset, with a warning, where the forward took no longer than those layers."""
+    whole = time_forward(model, tokens, device, reps, inputs).ms
+    layers_ms = _float_layers_ms(calls, table, tokens, device, reps)
+    if whole <= layers_ms:
+        warnings.warn(f"the float forward at {tokens} tokens ({whole:.4g} ms) took no longer than its layers timed "
+                      f"alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, which stays "
+                      "uncalibrated there (RestLatency.calibration_ms)", stacklevel=3)
+        return
+    rest.calibration_ms[tokens] = whole - rest.ms[tokens] - layers_ms
 
 
 def _layer_calls(model: nn.Module, names: list[str], tokens: int,
