@@ -266,16 +266,16 @@ def _layer_calls(model: nn.Module, names: list[str], tokens: int,
 @torch.no_grad()
 def _float_layers_ms(calls: list[tuple[nn.Module, tuple]], table: LatencyTable, tokens: int, device: torch.device,
                      reps: int | None) -> float:
-    """What the float layers of `calls` add to a forward by the table's measure: each distinct (layer type,
-    parameter shapes, input) timed alone on a random input as the table's entries are (`latency.time_layer`),
-    less the replay overhead (`LatencyTable.in_model_ms`), times its calls."""
+    """What the float layers of `calls` add to a forward by the table's measure: each distinct (layer type and
+    settings, e.g. a conv's stride; parameter shapes; input) timed alone on a random input as the table's entries
+    are (`latency.time_layer`), less the replay overhead (`LatencyTable.in_model_ms`), times its calls."""
     flush = l2_flush_buffer(device)
     groups: dict[tuple, list] = {}
     for layer, key in calls:
-        kind = (type(layer), tuple(tuple(p.shape) for p in layer.parameters()), key)
+        kind = (type(layer), layer.extra_repr(), tuple(tuple(p.shape) for p in layer.parameters()), key)
         groups.setdefault(kind, [layer, 0])[1] += 1
     total = 0.0
-    for (_, _, (shape, dtype, _)), (layer, count) in groups.items():
+    for (*_, (shape, dtype, _)), (layer, count) in groups.items():
         x = torch.randn(shape, dtype=dtype, device=device)
         total += count * table.in_model_ms(time_layer(layer, x, reps or _default_reps(device), flush, tokens), tokens)
     return total

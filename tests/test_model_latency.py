@@ -78,19 +78,21 @@ def test_the_rest_is_calibrated_by_the_float_models_own_forward(monkeypatch):
     Fixed timings here; tables from before the calibration load without it; timings too noisy to calibrate leave
     the rest uncalibrated, with a warning."""
     import kernels.model_latency as ml
-    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4), torch.nn.Linear(4, 4))
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4), torch.nn.Linear(4, 4),
+                              torch.nn.Linear(4, 4))
+    names = ["0", "2", "3", "4"]
     stubbed_ms, whole_ms = 1.0, 2.5
     monkeypatch.setattr(ml, "time_forward", lambda model, *a, **k: ml.ForwardTiming(
         stubbed_ms if type(model[0]).__name__ == "_Stub" else whole_ms, "cpu"))
     timed = []
     monkeypatch.setattr(ml, "time_layer", lambda fn, x, reps, flush, tokens: timed.append(tuple(x.shape)) or 0.25)
     table = LatencyTable("cpu-test", {})
-    rest = measure_rest(mlp, ["0", "2", "3"], tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
+    rest = measure_rest(mlp, names, tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
                         table=table, calibrate=True)
-    assert sorted(timed) == [(1, 3, 4), (1, 3, 8), (1, 3, 16)]  # each distinct layer and input once
-    assert rest.ms[3] == stubbed_ms and rest.calibration_ms[3] == pytest.approx(whole_ms - stubbed_ms - 3 * 0.25)
-    key = model_key(mlp, ["0", "2", "3"])
-    assert table.rest_ms(key, 3) == pytest.approx(whole_ms - 3 * 0.25)
+    assert sorted(timed) == [(1, 3, 4), (1, 3, 8), (1, 3, 16)]  # each distinct layer and input once: 4x4 twice
+    assert rest.ms[3] == stubbed_ms and rest.calibration_ms[3] == pytest.approx(whole_ms - stubbed_ms - 4 * 0.25)
+    key = model_key(mlp, names)
+    assert table.rest_ms(key, 3) == pytest.approx(whole_ms - 4 * 0.25)
     loaded = LatencyTable.from_dict(table.to_dict())
     assert loaded.rest_ms(key, 3) == table.rest_ms(key, 3)
     old = table.to_dict()
@@ -98,11 +100,11 @@ def test_the_rest_is_calibrated_by_the_float_models_own_forward(monkeypatch):
     assert LatencyTable.from_dict(old).rest_ms(key, 3) == stubbed_ms
     whole_ms = 0.5  # noise: the whole forward no longer than its layers alone
     with pytest.warns(UserWarning, match="cannot calibrate the rest"):
-        rest = measure_rest(mlp, ["0", "2", "3"], tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
+        rest = measure_rest(mlp, names, tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
                             table=table, calibrate=True)
     assert rest.calibration_ms == {} and table.rest_ms(key, 3) == stubbed_ms
     with pytest.raises(ValueError, match="calibrate=True needs table="):
-        measure_rest(mlp, ["0", "2", "3"], tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
+        measure_rest(mlp, names, tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
                      calibrate=True)
 
 
