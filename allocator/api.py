@@ -106,7 +106,8 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
                   latency_table: LatencyTable | None = None, tokens: int = 1) -> Problem:
     """The solver's table: cost from the profile; bytes, bits and BOPs from the exact memory model; latency
     (what each layer adds to a whole-model forward at ``tokens`` tokens, ``LatencyTable.layer_ms``) from a measured
-    ``kernels.LatencyTable``, whose removed choices (those the device cannot run) become unavailable."""
+    ``kernels.LatencyTable``, whose removed choices (those the device cannot run) become unavailable, as do
+    library-kernel choices on layers the kernel cannot hold (``Choice.kernel_reason``)."""
     graph, prof = profiled.graph, profiled.profile
     if list(prof.layers) != graph.names:
         raise ValueError("the profile's layers do not match the layer graph (was it made for another model?)")
@@ -119,15 +120,18 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
     for i, layer in enumerate(graph.layers):
         for j, choice in enumerate(choices):
             spec = choice.spec_for(layer.kind, layer.in_features)
-            memory[i, j] = weight_nbytes((layer.out_features, layer.in_features), spec)
+            shape = (layer.out_features, layer.in_features)
+            memory[i, j] = weight_nbytes(shape, spec, choice.kernel)
             bits[i, j] = choice.wbits
             bops[i, j] = layer.macs * choice.wbits * (choice.abits or FLOAT_ACT_BITS)
+            if choice.kernel_reason(layer.kind, shape) is not None:
+                allowed[i, j] = False
+                continue
             if latency_table is not None:
                 if choice.label in latency_table.skipped:
                     allowed[i, j] = False
                     continue
-                latency[i, j] = forward_ms(latency_table.layer_ms, layer, (layer.out_features, layer.in_features),
-                                           choice, tokens)
+                latency[i, j] = forward_ms(latency_table.layer_ms, layer, shape, choice, tokens)
     return Problem(
         layers=graph.names,
         choices=list(prof.choices),
@@ -276,7 +280,12 @@ def uniform_plan(profiled: ProfiledModel, choice: Choice | str) -> Plan:
     problem = build_problem(profiled)
     if label not in problem.choices:
         raise ValueError(f"choice {label!r} was not profiled; profiled choices: {problem.choices}")
-    index = np.full(len(problem.layers), problem.choices.index(label))
+    j = problem.choices.index(label)
+    blocked = [f"{layer.name} ({reason})" for layer, ok in zip(profiled.graph.layers, problem.allowed[:, j]) if not ok
+               and (reason := Choice.parse(label).kernel_reason(layer.kind, (layer.out_features, layer.in_features)))]
+    if blocked:
+        raise ValueError(f"choice {label!r} cannot hold {len(blocked)} layer(s): {'; '.join(blocked)}")
+    index = np.full(len(problem.layers), j)
     solution = Solution.build(problem, index, {}, method="uniform", status="fixed", solve_time_s=0.0)
     return plan_from_solution(profiled, problem, solution, Budget(avg_bits=float(Choice.parse(label).wbits)))
 

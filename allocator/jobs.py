@@ -312,7 +312,8 @@ def check_memory_budget(spec: JobSpec, graph: LayerGraph, fixed_bytes: int) -> N
     from kernels import weight_nbytes
 
     smallest = fixed_bytes + sum(
-        min(weight_nbytes((l.out_features, l.in_features), c.spec_for(l.kind, l.in_features)) for c in spec.candidates)
+        min(weight_nbytes((l.out_features, l.in_features), c.spec_for(l.kind, l.in_features), c.kernel)
+            for c in spec.candidates)
         for l in graph.layers)
     if spec.budget.memory_bytes < smallest:
         raise ValueError(f"budget memory_mb={spec.budget.memory_mb:g} is impossible: the smallest achievable with "

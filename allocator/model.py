@@ -7,6 +7,7 @@ import os
 import torch
 import torch.nn as nn
 
+from kernels.backends import held_nbytes
 from profilers import model_hash
 from profilers.graph import layer_kind
 
@@ -25,7 +26,7 @@ def model_identity(model: nn.Module) -> ModelIdentity:
 
 def storage_bytes(model: nn.Module, exclude: set[str] = frozenset()) -> int:
     """Bytes of every distinct parameter and buffer not owned by a module in ``exclude`` (weights shared by
-    several modules, e.g. tied embeddings, count once)."""
+    several modules, e.g. tied embeddings, count once; scales held beside zeros for tinygemm count the zeros)."""
     seen: set[int] = set()
     total = 0
     for module_name, module in model.named_modules():
@@ -35,7 +36,7 @@ def storage_bytes(model: nn.Module, exclude: set[str] = frozenset()) -> int:
             if tensor is None or tensor.data_ptr() in seen:
                 continue
             seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
+            total += held_nbytes(tensor)
     return total
 
 

@@ -58,11 +58,17 @@ def _backend_for(layer: LayerPlan) -> str | None:
     """The backend a planned layer is forced onto, for a linear layer whose choice quantizes activations
     (`a8_linear.act_backend`): "int8_act" for w8gca8 (int8 x int8 on byte-wide codes) where torch._int_mm takes the
     shape, "int8_act_packed" otherwise, "fp8_act_packed" for float8 activations (both on the packed codes,
-    `a8_linear.PATHS`); None (the registry's pick) for the other layers. Convs run such choices weight-only, as
+    `a8_linear.PATHS`); a library kernel's backend for a choice that names one (`Choice.kernel`: "tinygemm"); None
+    (the registry's pick) for the other layers. Convs run such choices weight-only, as
     their latency entries time them."""
+    choice = Choice.parse(layer.choice)
+    if choice.kernel is not None:
+        reason = choice.kernel_reason(layer.kind, matrix_shape(layer.weight_shape, layer.kind))
+        if reason is not None:
+            raise ValueError(f"plan layer {layer.name!r}: {reason}")
+        return choice.kernel
     if layer.abits is None or layer.kind not in ACT_QUANT_KINDS:
         return None
-    choice = Choice.parse(layer.choice)
     reason = unsupported_reason(choice)
     if reason is not None:
         raise ValueError(f"plan layer {layer.name!r}: {reason}")

@@ -55,6 +55,11 @@ class Backend:
     # why a layer forced onto this backend cannot run on (device, dtype), where the backend can say more than
     # "does not support" (e.g. the compute capability it needs); None where it can run or has nothing to add
     why_not: Callable[[QuantSpec, tuple[int, int], torch.device, torch.dtype], str | None] | None = None
+    # reads each scale with a zero beside it, [n_groups, out, 2] in the scales' dtype (torch's int4 kernels): the
+    # layer then holds its scales as a view into such a tensor (`zero_beside`), which the backend reads whole
+    zero_beside: bool = False
+    # the backend a layer forced onto this one runs where this one cannot (None: such a layer raises there)
+    fallback: str | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -95,10 +100,41 @@ def layout_backend(layout: str) -> Backend | None:
 
 
 def in_backend_order(t: torch.Tensor | None, backend: Backend) -> torch.Tensor | None:
-    """Scales / zero points [out, n_groups] stored as `backend` reads them: group-major or row-major."""
+    """Scales / zero points [out, n_groups] stored as `backend` reads them: group-major, row-major, or (scales
+    of a `zero_beside` backend) a view into [n_groups, out, 2] with a zero beside each scale."""
+    if backend.zero_beside and t is not None and t.is_floating_point():
+        return t if holds_zero_beside(t) else with_zero_beside(t)
     if t is None or (t.t().is_contiguous() if backend.group_major else t.is_contiguous()):
         return t
     return t.t().contiguous().t() if backend.group_major else t.contiguous()
+
+
+def with_zero_beside(scales: torch.Tensor) -> torch.Tensor:
+    """Scales [out, n_groups] as a view into a new [n_groups, out, 2] tensor holding a zero beside each scale."""
+    out, groups = scales.shape
+    held = torch.zeros(groups, out, 2, dtype=scales.dtype, device=scales.device)
+    held[..., 0] = scales.t()
+    return held[..., 0].t()
+
+
+def holds_zero_beside(scales: torch.Tensor) -> bool:
+    """Whether `scales` [out, n_groups] is a view `with_zero_beside` made (the whole of its storage)."""
+    out, groups = scales.shape
+    return (scales.stride() == (2, 2 * out) and scales.storage_offset() == 0
+            and scales.untyped_storage().nbytes() == 2 * scales.numel() * scales.element_size())
+
+
+def held_nbytes(t: torch.Tensor) -> int:
+    """Bytes a buffer holds: numel x itemsize, or for scales held `with_zero_beside` the zeros too."""
+    if t.dim() == 2 and t.is_floating_point() and holds_zero_beside(t):
+        return t.untyped_storage().nbytes()
+    return t.numel() * t.element_size()
+
+
+def scale_zero(scales: torch.Tensor) -> torch.Tensor:
+    """The [n_groups, out, 2] tensor a `with_zero_beside` view of scales [out, n_groups] is part of."""
+    out, groups = scales.shape
+    return scales.as_strided((groups, out, 2), (2 * out, 2, 1), 0)
 
 
 def layer_view(qt, backend: Backend, device: torch.device | str) -> SimpleNamespace:

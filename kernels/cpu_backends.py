@@ -18,6 +18,7 @@ exist for bfloat16 only; float32/float16 go to a scalar loop that measured 30-60
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,26 +99,33 @@ def _int4_to_layout(dense: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]
     return torch._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1).to(dense.device)
 
 
-def _int4_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Nibbles of the op's packed bytes in stream order (low nibble first), as int64 [N*K]."""
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1).reshape(-1)
+def _cpu_int4pack(codes: torch.Tensor) -> torch.Tensor:
+    """The CPU op's packed bytes (flat uint8) of int32 codes [N, K]."""
+    return torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1).reshape(-1)
+
+
+def _int4_nibbles(codes: torch.Tensor, pack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Nibbles of `pack`'s bytes in stream order (low nibble first), as int64 [N*K]."""
+    packed = pack(codes)
     return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1).to(torch.int64)
 
 
-def _int4_source_index(shape: tuple[int, int]) -> torch.Tensor:
-    """For each nibble of the op's layout of `shape`, the flat index n*K + k of the code it holds.
+def int4_source_index(shape: tuple[int, int], pack: Callable[[torch.Tensor], torch.Tensor] = _cpu_int4pack,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """For each nibble of an int4 packer's layout of `shape` (`pack`: int32 codes [N, K] on `device` -> flat
+    uint8 bytes, one code a nibble), the flat index n*K + k of the code it holds.
 
-    Found by packing the digits of the row and column indices (so it holds whatever tiling the CPU's
-    ISA uses); costs ~2*log16(size) conversions of a `shape` matrix.
+    Found by packing the digits of the row and column indices (so it holds whatever tiling the packer
+    uses, e.g. the CPU's ISA); costs ~2*log16(size) conversions of a `shape` matrix.
     """
     out, inp = shape
-    index = torch.zeros(out * inp, dtype=torch.int64)
+    index = torch.zeros(out * inp, dtype=torch.int64, device=device)
     for size, dim, stride in ((out, 0, inp), (inp, 1, 1)):
-        ramp = torch.arange(size, dtype=torch.int32)
+        ramp = torch.arange(size, dtype=torch.int32, device=device)
         shift = 0
         while (1 << shift) < size:
             digit = ((ramp >> shift) & 15).view((size, 1) if dim == 0 else (1, size)).expand(out, inp)
-            index += (_int4_nibbles(digit) << shift) * stride
+            index += (_int4_nibbles(digit.contiguous(), pack) << shift) * stride
             shift += 4
     return index
 
@@ -139,14 +147,14 @@ def _int4_from_layout(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, 
     nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)
     codes = torch.empty(out * inp, dtype=torch.uint8)
     if not _int4_rows_independent(inp):
-        codes[_int4_source_index(shape)] = nibbles
+        codes[int4_source_index(shape)] = nibbles
         return pack_bits(codes, 4).to(qweight.device)
     full = out // INT4_ROW_BLOCK * INT4_ROW_BLOCK
     if full:
         block = INT4_ROW_BLOCK * inp
-        codes[:full * inp].view(-1, block)[:, _int4_source_index((INT4_ROW_BLOCK, inp))] = nibbles[:full * inp].view(-1, block)
+        codes[:full * inp].view(-1, block)[:, int4_source_index((INT4_ROW_BLOCK, inp))] = nibbles[:full * inp].view(-1, block)
     if full < out:
-        codes[full * inp:][_int4_source_index((out - full, inp))] = nibbles[full * inp:]
+        codes[full * inp:][int4_source_index((out - full, inp))] = nibbles[full * inp:]
     return pack_bits(codes, 4).to(qweight.device)
 
 

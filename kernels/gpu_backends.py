@@ -4,6 +4,10 @@
   or dequantize + cuBLAS. The path and the fused kernel's tile are what `DISPATCH` holds for the layer's
   (shape, spec, tokens): the winners a LatencyTable measured on this device (`LatencyTable.use_dispatch`);
   without one, `triton_linear.default_config` and dequantize + cuBLAS from PREFILL_DEQUANT_MIN_M rows.
+- "tinygemm" (registered, layout "tinygemm_int4pack", never picked automatically): torch's `_weight_int4pack_mm`
+  for layers forced onto it by a `Choice(kernel="tinygemm")` ("w4@tinygemm"): codes in the layout
+  `_convert_weight_to_int4pack` makes (same bytes), scales held beside a zero each (`backends.with_zero_beside`),
+  bfloat16 activations on CUDA; such a layer runs "dequant" elsewhere.
 - `gpu_candidates(qt, dtype)`: every way this device can run one quantized weight, by name, for the latency
   table and the benchmark: "triton_fused", "triton_dequant_cublas", "tinygemm_int4" (torch's
   _weight_int4pack_mm, bf16, 4-bit, groups 32..256) and "gemlite" (2/4/8-bit, when importable).
@@ -17,15 +21,16 @@ from types import SimpleNamespace
 import torch
 
 from . import triton_linear as tlin
-from .backends import Backend, QuantizedWeightLike, layer_view, register_backend
-from .choice import QuantSpec
+from .backends import Backend, QuantizedWeightLike, layer_view, register_backend, scale_zero
+from .choice import QuantSpec, tinygemm_reason
+from .cpu_backends import int4_source_index
+from .packing import pack_bits, unpack_bits
 from .gpu_layout import GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense, planes_from_bytes, repack_for_gpu
 from .quantizer import QuantizedTensor
 
 GPU_LAYOUT = "gpu_planes"
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 PREFILL_DEQUANT_MIN_M = 256
-TINYGEMM_GROUPS = (32, 64, 128, 256)
 # (N, K, bits, group width, symmetric, tokens) -> (path, tile): a latency table's measured winner among our paths
 DISPATCH: dict[tuple[int, int, int, int, bool, int], tuple[str, tlin.Config | None]] = {}
 
@@ -108,29 +113,74 @@ TRITON = register_backend(Backend("triton", _triton_supports, _triton_linear, pr
                                   fast=_triton_verified, group_major=True, dequantize=_triton_dequantize))
 
 
-def tinygemm_reason(spec: QuantSpec, shape: tuple[int, int]) -> str | None:
-    """Why torch._weight_int4pack_mm cannot run this weight (None: it can)."""
+TINYGEMM_LAYOUT = "tinygemm_int4pack"
+
+
+def _inner_k_tiles(k: int) -> int:
+    """The innerKTiles of torch's int4 CUDA packing for K (a multiple of 64: `tinygemm_reason`)."""
+    return 8 if k % 128 == 0 else 4
+
+
+def _tinygemm_pack(codes: torch.Tensor) -> torch.Tensor:
+    """torch's int4 CUDA packing of codes [N, K] (0..15, on CUDA) as flat bytes."""
+    codes = codes.to(torch.int32)
+    packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    return torch._convert_weight_to_int4pack(packed, _inner_k_tiles(codes.shape[1])).view(torch.uint8).reshape(-1)
+
+
+def _tinygemm_to_layout(dense: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
     n, k = shape
-    group = k if spec.group_size is None else spec.group_size
-    if spec.bits != 4:
-        return "tinygemm is 4-bit only"
-    if group not in TINYGEMM_GROUPS or k % group:
-        return f"tinygemm needs a group in {TINYGEMM_GROUPS} dividing K (group {group}, K {k})"
-    if k % 64 or n % 8:
-        return f"tinygemm needs K % 64 == 0 and N % 8 == 0 (N {n}, K {k})"
-    return None
+    return _tinygemm_pack(unpack_bits(dense.to("cuda"), 4, n * k).view(n, k)).to(dense.device)
+
+
+def _tinygemm_from_layout(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
+    n, k = shape
+    packed = qweight.to("cuda")
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)
+    codes = torch.empty(n * k, dtype=torch.uint8, device="cuda")
+    codes[int4_source_index(shape, _tinygemm_pack, "cuda")] = nibbles
+    return pack_bits(codes, 4).to(qweight.device)
+
+
+def _tinygemm_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    return _tinygemm_why_not(spec, shape, device, dtype) is None
+
+
+def _tinygemm_why_not(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return "tinygemm runs bfloat16 activations on CUDA"
+    if spec.scale_dtype != "bfloat16" or not spec.symmetric:
+        return "tinygemm reads symmetric weights with bfloat16 scales"
+    return tinygemm_reason(spec, shape)
+
+
+def _tinygemm_mm(x: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int], spec: QuantSpec,
+                 scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """torch._weight_int4pack_mm on codes in `_tinygemm_pack`'s flat bytes."""
+    n, k = shape
+    tiles = _inner_k_tiles(k)
+    w = packed.view(torch.int32).view(n // 8, k // (16 * tiles), 32, tiles // 2)
+    return torch._weight_int4pack_mm(x.contiguous(), w, k if spec.group_size is None else spec.group_size,
+                                     scale_and_zero)
+
+
+def _tinygemm_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
+    return _tinygemm_mm(x, qw.qweight, qw.matrix_shape, qw.spec, scale_zero(qw.scales))
 
 
 def _tinygemm(qt: QuantizedTensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    n, k = qt.shape
-    codes = qt.codes().to("cuda").to(torch.int32)
-    packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-    wq = torch._convert_weight_to_int4pack(packed_u8, 8)
+    """The anchor: torch's tinygemm on `qt` (any 4-bit spec it takes; asymmetric zero points as float zeros)."""
+    packed = _tinygemm_pack(qt.codes().to("cuda"))
     scale = qt.scales.float().to("cuda")
     zero = torch.zeros_like(scale) if qt.zeros is None else (8.0 - qt.zeros.float().to("cuda")) * scale
     sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-    group = k if qt.spec.group_size is None else qt.spec.group_size
-    return lambda x: torch._weight_int4pack_mm(x, wq, group, sz)
+    return lambda x: _tinygemm_mm(x, packed, qt.shape, qt.spec, sz)
+
+
+TINYGEMM = register_backend(Backend("tinygemm", _tinygemm_supports, _tinygemm_linear, priority=-1,
+                                    layout=TINYGEMM_LAYOUT, to_layout=_tinygemm_to_layout,
+                                    from_layout=_tinygemm_from_layout, fast=lambda *args: False,
+                                    why_not=_tinygemm_why_not, zero_beside=True, fallback="dequant"))
 
 
 def gemlite_reason(spec: QuantSpec, shape: tuple[int, int]) -> str | None:

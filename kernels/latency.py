@@ -12,6 +12,8 @@ correct path per entry is the dispatch table. On CUDA our fused kernel is also t
 `a8_linear.PATHS` (the weight-only kernels measured and installed first, as one path runs them) and installs the
 fastest (`a8_linear.use_measured`). Each weight-only linear entry then times the path the backend registry
 dispatches a `QuantizedLinear` to (`selected`): that is what an emitted model runs, so `lookup` returns its time.
+A library-kernel choice (`Choice.kernel`, e.g. "w4@tinygemm") times only the backend its layers are held for (its
+fallback where that cannot run); layers it cannot hold (`Choice.kernel_reason`) get no entry.
 Convs whose geometry the layer graph recorded are timed as the QuantizedConv an emitted model holds, on `tokens`
 samples of their traced input shape, under a kind that carries the geometry (`geometry_kind`; `latency_calls` lists
 a layer's entries with their calls). `rest` holds the unquantized rest of whole models (attention, norms,
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 
 from . import a8_linear
-from .backends import BACKENDS, Backend, layer_view, select_backend
+from .backends import BACKENDS, Backend, get_backend, layer_view, select_backend
 from .choice import Choice, QuantSpec
 from .fileio import atomic_write_json
 from .gpu_activation_quant import ACT_QUANT_KINDS
@@ -394,8 +396,13 @@ def _cpu_candidates(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, Callab
     return {b.name: _registry_fn(b, qt, dev) for b in BACKENDS.values() if b.supports(qt.spec, qt.shape, dev, dtype)}
 
 
-def selected_backend(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> Backend | None:
-    """The registry backend a QuantizedLinear holding `qt` dispatches to on `device` (None: none supports it)."""
+def selected_backend(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device,
+                     kernel: str | None = None) -> Backend | None:
+    """The registry backend a QuantizedLinear holding `qt` dispatches to on `device`: for a library-kernel choice
+    (`Choice.kernel`) the kernel's backend, or its fallback where it cannot run; None: none supports it."""
+    if kernel is not None:
+        forced = get_backend(kernel)
+        return forced if forced.supports(qt.spec, qt.shape, device, dtype) else get_backend(forced.fallback)
     try:
         return select_backend(qt.spec, qt.shape, device, dtype)
     except RuntimeError:
@@ -542,6 +549,9 @@ def candidates(qt: QuantizedTensor, choice: Choice, dtype: torch.dtype, device: 
     if choice.abits is not None:
         from . import gpu_activation_quant as gaq
         return (*gaq.candidates(qt, choice, dtype, device), _no_tiles)
+    if choice.kernel is not None:  # the layer is held for that kernel: it runs nothing else
+        held = selected_backend(qt, dtype, device, choice.kernel)
+        return {held.name: _registry_fn(held, qt, device)}, {}, _no_tiles
     if device.type == "cuda":
         from .gpu_backends import gpu_candidates, tile_fns
         gw = repack_for_gpu(qt, "cuda")
@@ -580,6 +590,8 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
             continue
         for layer in timed_layers(layers):
             kind, shape = layer.key_kind, layer.shape
+            if choice.kernel_reason(layer.kind, shape) is not None:  # no such layer (`Problem` leaves the choice out)
+                continue
             wants_selected = layer.conv is None and _records_selected(choice, layer.kind)
             todo = [t for t in tokens if (e := table.entries.get(entry_key(shape, choice, t, kind))) is None
                     or (wants_selected and e.selected is None)]
@@ -594,7 +606,7 @@ def measure(layers: Iterable, choices: Iterable[Choice | str], tokens: Iterable[
                 runs = choice if layer.kind in ACT_QUANT_KINDS else replace(choice, abits=None, act_format="int")
                 fns, skipped, tile_paths = candidates(qt, runs, dtype, dev)
                 tile_paths = tile_paths if tiles else _no_tiles
-                selected = selected_backend(qt, dtype, dev) if wants_selected else None
+                selected = selected_backend(qt, dtype, dev, choice.kernel) if wants_selected else None
                 # the rounded-x W<b>A8 paths run the weight-only kernel: it is measured and installed first
                 weight_only = (candidates(qt, Choice(qt.spec.bits, None, None), dtype, dev)
                                if tiles and {"a8_rounded_x", "f8_rounded_x"} & set(fns) else None)

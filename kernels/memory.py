@@ -21,11 +21,12 @@ def matrix_shape(shape: Sequence[int], kind: str = "linear") -> tuple[int, int]:
     return dims[0], math.prod(dims[1:])
 
 
-def weight_nbytes(shape: Sequence[int], spec: QuantSpec) -> int:
-    """Bytes stored for a weight of `shape` ([out, in]; HF Conv1D weights must be given transposed) under `spec`."""
+def weight_nbytes(shape: Sequence[int], spec: QuantSpec, kernel: str | None = None) -> int:
+    """Bytes stored for a weight of `shape` ([out, in]; HF Conv1D weights must be given transposed) under `spec`,
+    held for `kernel` (`Choice.kernel`): "tinygemm" keeps a zero beside each scale, in the scale's dtype."""
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec={spec!r} must be a QuantSpec")
     out, inp = matrix_shape(shape)
     n_scales = out * spec.n_groups(inp)
-    zero_bytes = 0 if spec.symmetric else n_scales
+    zero_bytes = n_scales * SCALE_ITEMSIZE[spec.scale_dtype] if kernel == "tinygemm" else (0 if spec.symmetric else n_scales)
     return packed_nbytes(out * inp, spec.bits) + n_scales * SCALE_ITEMSIZE[spec.scale_dtype] + zero_bytes

@@ -3,8 +3,9 @@
 `quantize_module(module, spec)` turns nn.Linear / transformers Conv1D into `QuantizedLinear` and
 nn.Conv1d / nn.Conv2d into `QuantizedConv`. The linear forward dispatches through the backend registry
 (kernels.backends); the conv forward dequantizes and calls F.conv. Buffers (excluding bias) take exactly
-`weight_nbytes(...)` bytes; a backend may hold the codes in its own layout of the same size, and the
-state dict always holds the dense packing, so `module.config()` + state dict rebuild the layer anywhere.
+`weight_nbytes(...)` bytes (with the zero beside each scale that a layer forced onto tinygemm holds); a backend
+may hold the codes in its own layout of the same size, and the state dict always holds the dense packing and
+plain scales, so `module.config()` + state dict rebuild the layer anywhere.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import a8_linear, cpu_backends, gpu_activation_quant, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
-from .backends import DENSE, Backend, convert_layout, get_backend, in_backend_order, layout_backend, select_backend
+from .backends import (DENSE, Backend, convert_layout, get_backend, held_nbytes, in_backend_order, layout_backend,
+                       select_backend)
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix
 from .memory import matrix_shape
@@ -34,6 +36,7 @@ class _QuantizedWeight(nn.Module):
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec={spec!r} must be a QuantSpec")
         self.kind = kind
+        self.forced_backend: str | None = None
         self.weight_shape = tuple(int(d) for d in weight_shape)
         self.matrix_shape = matrix_shape(self.weight_shape, kind)
         self.spec = spec
@@ -53,15 +56,20 @@ class _QuantizedWeight(nn.Module):
             raise ValueError(f"quantized tensor {qt.shape} {qt.spec} does not match layer {self.matrix_shape} {self.spec}")
         device = self.qweight.device
         self.qweight = qt.packed.to(device)
-        self.scales = qt.scales.to(device)
+        self.scales = self._held_scales(qt.scales.to(device))
         self.zeros = None if qt.zeros is None else qt.zeros.to(device)
         self.layout = DENSE
         if bias is not None:
             self.bias = bias.detach().clone().to(device)
 
     def weight_nbytes(self) -> int:
-        """Bytes held by the weight's buffers (codes + scales + zero points; bias excluded)."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+        """Bytes held by the weight's buffers (codes + scales + zero points, and the zeros held beside the scales
+        of a layer forced onto tinygemm; bias excluded)."""
+        return sum(held_nbytes(b) for name, b in self.named_buffers() if name != "bias")
+
+    def _held_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """Scales as the forced backend holds them (tinygemm's: beside a zero each), else as given."""
+        return scales if self.forced_backend is None else in_backend_order(scales, get_backend(self.forced_backend))
 
     def quantized_tensor(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor (dense packing)."""
@@ -73,14 +81,17 @@ class _QuantizedWeight(nn.Module):
         return matrix_to_weight(self.quantized_tensor().dequantize(dtype), self.kind, self.weight_shape)
 
     def select(self, device: torch.device, dtype: torch.dtype) -> Backend:
-        """The backend a forward on (device, dtype) runs: the forced one, else the registry's best."""
+        """The backend a forward on (device, dtype) runs: the forced one (or its fallback where it cannot run), else
+        the registry's best."""
         if self.forced_backend is not None:
             backend = get_backend(self.forced_backend)
-            if not backend.supports(self.spec, self.matrix_shape, device, dtype):
-                why = backend.why_not and backend.why_not(self.spec, self.matrix_shape, device, dtype)
-                raise ValueError(f"backend={backend.name!r} does not support {self.spec} {self.matrix_shape} on {device} with {dtype}"
-                                 + (f": {why}" if why else ""))
-            return backend
+            if backend.supports(self.spec, self.matrix_shape, device, dtype):
+                return backend
+            if backend.fallback is not None:
+                return get_backend(backend.fallback)
+            why = backend.why_not and backend.why_not(self.spec, self.matrix_shape, device, dtype)
+            raise ValueError(f"backend={backend.name!r} does not support {self.spec} {self.matrix_shape} on {device} with {dtype}"
+                             + (f": {why}" if why else ""))
         return select_backend(self.spec, self.matrix_shape, device, dtype)
 
     def _linear(self, x2: torch.Tensor) -> torch.Tensor:
@@ -100,20 +111,22 @@ class _QuantizedWeight(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _use_backend(self, backend: Backend) -> None:
-        """Hold the codes in the backend's layout and the scales / zero points in its order (converted once)."""
+        """Hold the codes in the backend's layout and the scales / zero points in its order (the forced backend's
+        order where the layer runs its fallback; converted once)."""
         if backend.layout != self.layout:
             self.qweight = convert_layout(self.qweight, self.spec, self.matrix_shape, self.layout, backend.layout)
             self.layout = backend.layout
+        holder = backend if self.forced_backend is None else get_backend(self.forced_backend)
         for name in ("scales", "zeros"):
             t = getattr(self, name)
-            if t is not None and t is not (ordered := in_backend_order(t, backend)):
+            if t is not None and t is not (ordered := in_backend_order(t, holder)):
                 setattr(self, name, ordered)
 
     def _apply(self, fn, recurse=True):
         """Move/cast buffers as usual, except the scales, which only move: their dtype is part of the spec."""
         scales = self.scales
         super()._apply(lambda t: t if t is scales else fn(t), recurse)
-        self.scales = scales.to(fn(torch.empty(0, device=scales.device)).device)
+        self.scales = self._held_scales(scales.to(fn(torch.empty(0, device=scales.device)).device))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -150,6 +163,7 @@ class QuantizedLinear(_QuantizedWeight):
             raise ValueError(f"QuantizedLinear needs kind 'linear' or 'hf_conv1d' and a 2-D weight_shape, got {kind!r} {tuple(weight_shape)}")
         super().__init__(kind, weight_shape, spec, bias, bias_dtype, device)
         self.forced_backend = None if backend is None else get_backend(backend).name
+        self.scales = self._held_scales(self.scales)
         self.backend: str | None = None  # name of the backend used by the last forward
 
     @property

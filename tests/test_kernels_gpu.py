@@ -776,6 +776,52 @@ def test_a_w8a8_layer_runs_int8_on_the_device(bits: int, backend: str) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="torch's tinygemm runs on CUDA")
+@pytest.mark.parametrize("n,k,group", [(64, 128, 128), (136, 192, 64), (512, 4096, 32), (1000, 1024, 256),
+                                       (96, 64, None)])
+def test_a_layer_held_for_tinygemm_runs_it_on_cuda(n: int, k: int, group: int | None) -> None:
+    """A QuantizedLinear forced onto "tinygemm" (what `apply` does for a plan's "w4@tinygemm" layers), in bfloat16
+    on CUDA: torch._weight_int4pack_mm on the codes in its packing and the scales beside zeros, against float64 with
+    the bias, in the bytes the plan counts; its state dict holds the dense packing (the packing inverted), and a
+    reload gives the same output; float16 inputs run its fallback (dequantize + matmul)."""
+    from kernels import quantize_module, quantized_module_from_state, weight_nbytes
+    torch.manual_seed(0)
+    spec = QuantSpec(4, group, True, "bfloat16")
+    q = quantize_module(torch.nn.Linear(k, n), spec, backend="tinygemm")
+    dense = q.qweight.clone()
+    q = q.to(DEV).bfloat16()
+    w64 = q.quantized_tensor().dequantize(torch.float64).cpu()
+    for m in (1, 5, 16, 77):
+        x = torch.randn(m, k).bfloat16().to(DEV)
+        y = q(x)
+        ref = x.double().cpu() @ w64.t() + q.bias.double().cpu()
+        assert q.backend == "tinygemm" and q.layout == "tinygemm_int4pack" and y.dtype == torch.bfloat16
+        assert float((y.double().cpu() - ref).norm() / ref.norm()) < TOL[torch.bfloat16]
+    assert q.weight_nbytes() == weight_nbytes((n, k), spec, "tinygemm")
+    state = q.state_dict()
+    assert torch.equal(state["qweight"].cpu(), dense)
+    again = quantized_module_from_state(q.config(), state, device=DEV).bfloat16()
+    assert torch.equal(again(x), y) and again.backend == "tinygemm"
+    yh = q(x.half())
+    assert q.backend == "dequant" and q.weight_nbytes() == weight_nbytes((n, k), spec, "tinygemm")
+    _check(yh - q.bias.half(), x.half(), q.quantized_tensor(), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="torch's tinygemm runs on CUDA")
+def test_a_latency_table_times_tinygemm_for_its_choice() -> None:
+    """A "w4@tinygemm" entry times the one path its layers run (and a shape tinygemm cannot hold gets none)."""
+    from kernels.latency import entry_key, measure
+    table = measure([(512, 1024), (100, 1024)], ["w4", "w4@tinygemm"], tokens=(1, 16), device="cuda", reps=5,
+                    tiles=False)
+    for t in (1, 16):
+        entry = table.entries[entry_key((512, 1024), "w4@tinygemm", t)]
+        assert entry.selected == "tinygemm" and set(entry.all_ms) == {"tinygemm"}
+        assert entry_key((100, 1024), "w4@tinygemm", t) not in table.entries
+        assert table.entries[entry_key((100, 1024), "w4", t)].selected == "triton"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
 def test_activation_quantization_kernel(fp8: bool) -> None:
     """`quantize_rows`: each token's absmax maps to the largest code (127, or 448 in e4m3), codes round to
