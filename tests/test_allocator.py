@@ -63,7 +63,8 @@ def test_a_model_saved_with_its_latency_table_loads_with_the_measured_kernel_pat
                                                                                   monkeypatch):
     """save_quantized(..., latency_table=table) keeps the table's fastest kernel path and tile for each of the
     model's layers (kernels.json); load_quantized installs them, so on a GPU the loaded model runs what the table
-    timed. A table's library paths (tinygemm) are never installed: a layer holds our weight layout."""
+    timed. A table's library paths (tinygemm) are never installed: a "w4" layer holds our weight layout (a plan
+    reaches tinygemm through the choice "w4@tinygemm": tests/test_library_kernels.py)."""
     from kernels import LatencyTable, gpu_backends, triton_linear
     from kernels.latency import LatencyEntry, entry_key
     from kernels.memory import matrix_shape
