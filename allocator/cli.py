@@ -57,7 +57,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--calib", required=required, help="calibration batches: .pt (list of batches) or .txt (tokenized with the model's tokenizer)")
     p.add_argument("--bits", type=_bits, default=(2, 3, 4, 8), help="candidate weight bits (default 2,3,4,8)")
     p.add_argument("--choices", help="candidate choice labels instead of --bits, e.g. w4,w8gc,w4g64 (w<bits>[g<size>|gc]"
-                   "[a<bits>|f8][asym]: w8gca8 int8 activations, w4gcf8 float8 ones)")
+                   "[a<bits>|f8][asym][@<kernel>]: w8gca8 int8 activations, w4gcf8 float8 ones, w4@tinygemm a layer "
+                   "held for torch's tinygemm)")
     p.add_argument("--profiler", default="hessian", help="sensitivity profiler (default hessian)")
     p.add_argument("--cache-dir", help="reuse profiles cached here")
     p.add_argument("--profiler-setting", action="append", default=[], metavar="KEY=VALUE", type=_setting,
