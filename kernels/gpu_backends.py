@@ -149,6 +149,8 @@ def _tinygemm_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.de
 def _tinygemm_why_not(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cuda" or dtype != torch.bfloat16:
         return "tinygemm runs bfloat16 activations on CUDA"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "tinygemm needs compute capability 8.0 or newer"
     if spec.scale_dtype != "bfloat16" or not spec.symmetric:
         return "tinygemm reads symmetric weights with bfloat16 scales"
     return tinygemm_reason(spec, shape)
