@@ -311,9 +311,13 @@ def check_memory_budget(spec: JobSpec, graph: LayerGraph, fixed_bytes: int) -> N
         return
     from kernels import weight_nbytes
 
+    def held(layer) -> list[Choice]:  # the candidates a layer can take (a library kernel's may not hold it)
+        shape = (layer.out_features, layer.in_features)
+        return [c for c in spec.candidates if c.kernel_reason(layer.kind, shape) is None] or spec.candidates
+
     smallest = fixed_bytes + sum(
         min(weight_nbytes((l.out_features, l.in_features), c.spec_for(l.kind, l.in_features), c.kernel)
-            for c in spec.candidates)
+            for c in held(l))
         for l in graph.layers)
     if spec.budget.memory_bytes < smallest:
         raise ValueError(f"budget memory_mb={spec.budget.memory_mb:g} is impossible: the smallest achievable with "

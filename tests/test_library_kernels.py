@@ -116,3 +116,21 @@ def test_layers_the_kernel_cannot_hold_are_left_to_the_other_choices():
     assert problem.allowed.tolist() == [[True, True], [True, False]]  # K = 96: no tinygemm group divides it
     with pytest.raises(ValueError, match="2.*tinygemm needs a group in"):
         uniform_plan(profiled, "w4@tinygemm")
+
+
+def test_a_job_s_memory_check_counts_only_the_layers_a_kernel_can_hold():
+    from allocator.jobs import JobSpec, check_memory_budget
+    from profilers import build_layer_graph
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64))
+    graph = build_layer_graph(model, torch.randn(4, 64))
+    tg = Choice.parse("w4@tinygemm")
+    w8 = Choice.parse("w8")
+    smallest = (weight_nbytes((96, 64), tg.spec_for("linear", 64), "tinygemm")  # the second layer cannot be tinygemm's
+                + weight_nbytes((64, 96), w8.spec_for("linear", 96)))
+    spec = JobSpec(model="m", calib="c", budget=Budget(memory_mb=(smallest - 1) / 2**20), out="o",
+                   choices=["w4@tinygemm", "w8"])
+    with pytest.raises(ValueError, match=f"smallest achievable .* is {smallest / 2**20:.4f} MiB"):
+        check_memory_budget(spec, graph, 0)
+    check_memory_budget(JobSpec(model="m", calib="c", budget=Budget(memory_mb=smallest / 2**20), out="o",
+                                choices=["w4@tinygemm", "w8"]), graph, 0)
