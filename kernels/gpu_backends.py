@@ -134,12 +134,14 @@ def _tinygemm_to_layout(dense: torch.Tensor, spec: QuantSpec, shape: tuple[int, 
 
 
 def _tinygemm_from_layout(qweight: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense codes from the packing: each block of 8 rows is packed on its own (the packing's outermost dimension
+    is N / 8), so the index found for one block serves them all."""
     n, k = shape
     packed = qweight.to("cuda")
-    nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)
-    codes = torch.empty(n * k, dtype=torch.uint8, device="cuda")
-    codes[int4_source_index(shape, _tinygemm_pack, "cuda")] = nibbles
-    return pack_bits(codes, 4).to(qweight.device)
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(n // 8, 8 * k)
+    codes = torch.empty(n // 8, 8 * k, dtype=torch.uint8, device="cuda")
+    codes[:, int4_source_index((8, k), _tinygemm_pack, "cuda")] = nibbles
+    return pack_bits(codes.reshape(-1), 4).to(qweight.device)
 
 
 def _tinygemm_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
