@@ -89,6 +89,16 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def forced_backend(name: str, spec: QuantSpec, shape: tuple[int, int], device: torch.device,
+                   dtype: torch.dtype) -> Backend | None:
+    """What a layer forced onto backend `name` runs on (device, dtype): that backend, or its fallback where it cannot
+    run (None: neither)."""
+    backend = get_backend(name)
+    if backend.supports(spec, shape, device, dtype):
+        return backend
+    return None if backend.fallback is None else get_backend(backend.fallback)
+
+
 def layout_backend(layout: str) -> Backend | None:
     """The backend owning a non-dense layout (None for the dense one)."""
     if layout == DENSE:

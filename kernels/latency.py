@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from . import a8_linear
-from .backends import BACKENDS, Backend, get_backend, layer_view, select_backend
+from .backends import BACKENDS, Backend, forced_backend, layer_view, select_backend
 from .choice import Choice, QuantSpec
 from .fileio import atomic_write_json
 from .gpu_activation_quant import ACT_QUANT_KINDS
@@ -401,8 +401,7 @@ def selected_backend(qt: QuantizedTensor, dtype: torch.dtype, device: torch.devi
     """The registry backend a QuantizedLinear holding `qt` dispatches to on `device`: for a library-kernel choice
     (`Choice.kernel`) the kernel's backend, or its fallback where it cannot run; None: none supports it."""
     if kernel is not None:
-        forced = get_backend(kernel)
-        return forced if forced.supports(qt.spec, qt.shape, device, dtype) else get_backend(forced.fallback)
+        return forced_backend(kernel, qt.spec, qt.shape, device, dtype)
     try:
         return select_backend(qt.spec, qt.shape, device, dtype)
     except RuntimeError:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import a8_linear, cpu_backends, gpu_activation_quant, gpu_backends, ops  # noqa: F401  (importing them registers the backends and the op)
-from .backends import (DENSE, Backend, convert_layout, get_backend, held_nbytes, in_backend_order, layout_backend,
-                       select_backend)
+from .backends import (DENSE, Backend, convert_layout, forced_backend, get_backend, held_nbytes, in_backend_order,
+                       layout_backend, select_backend)
 from .choice import QuantSpec
 from .layout import matrix_to_weight, module_kind, weight_matrix
 from .memory import matrix_shape
@@ -84,11 +84,10 @@ class _QuantizedWeight(nn.Module):
         """The backend a forward on (device, dtype) runs: the forced one (or its fallback where it cannot run), else
         the registry's best."""
         if self.forced_backend is not None:
+            runs = forced_backend(self.forced_backend, self.spec, self.matrix_shape, device, dtype)
+            if runs is not None:
+                return runs
             backend = get_backend(self.forced_backend)
-            if backend.supports(self.spec, self.matrix_shape, device, dtype):
-                return backend
-            if backend.fallback is not None:
-                return get_backend(backend.fallback)
             why = backend.why_not and backend.why_not(self.spec, self.matrix_shape, device, dtype)
             raise ValueError(f"backend={backend.name!r} does not support {self.spec} {self.matrix_shape} on {device} with {dtype}"
                              + (f": {why}" if why else ""))
