@@ -804,7 +804,8 @@ def test_a_layer_held_for_tinygemm_runs_it_on_cuda(n: int, k: int, group: int | 
     assert torch.equal(again(x), y) and again.backend == "tinygemm"
     yh = q(x.half())
     assert q.backend == "dequant" and q.weight_nbytes() == weight_nbytes((n, k), spec, "tinygemm")
-    _check(yh - q.bias.half(), x.half(), q.quantized_tensor(), torch.float16)
+    ref = x.half().double().cpu() @ w64.t() + q.bias.half().double().cpu()
+    assert float((yh.double().cpu() - ref).norm() / ref.norm()) < TOL[torch.float16]
 
 
 @pytest.mark.gpu
