@@ -440,16 +440,30 @@ def time_replay_overhead(table: "LatencyTable", device: torch.device, reps: int,
         table.graph_max_tokens = GRAPH_MAX_TOKENS
 
 
+def capture_stream() -> torch.cuda.Stream:
+    """The side stream `cuda_graph` warms up and captures on, one per device for the process: what a kernel
+    allocates per stream on its first call (split-K's zeroed workspace, `triton_linear._workspace`) is then made by the
+    eager warm-up, not inside a capture, where its memset would join the graph and every replay of it."""
+    device = torch.cuda.current_device()
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream()
+    return _CAPTURE_STREAMS[device]
+
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 def cuda_graph(run: Callable[[], Any]) -> Callable[[], None] | None:
-    """`run` captured in a CUDA graph (after a warm-up on a side stream), as its replay; None if it cannot be captured."""
+    """`run` captured in a CUDA graph (after a warm-up on the same side stream, `capture_stream`), as its replay;
+    None if it cannot be captured."""
     try:
-        s = torch.cuda.Stream()
+        s = capture_stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             run()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=s):
             run()
         g.replay()
         return g.replay
