@@ -16,7 +16,8 @@ float model, and memory vs the plans' predicted bytes, in one run.
    the library's (`LatencyTable.layer_ms`: graph-timed entries less the table's replay overhead; the rest with its
    calibration against the float model's own forward, `RestLatency.calibration_ms`); the error without that
    calibration and the raw sum of the isolated entries are shown beside it.
---extra-choices w8gca8 adds choices to the table, a uniform plan of each, and the solved plans' candidates.
+--extra-choices w8gca8 adds choices to the table, a uniform plan of each, and the solved plans' candidates
+(w4@tinygemm: layers held for torch's tinygemm).
 Writes bench.json, bench.md and latency.json under --out. `--tiny --device cpu` runs a tiny config on the CPU.
 """
 from __future__ import annotations
@@ -170,7 +171,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, help="timed runs per median (default: 30 on CUDA, 5 on the CPU)")
     ap.add_argument("--method", default="pareto", help="solver for the budgeted plans (default pareto: exact, no pulp)")
     ap.add_argument("--extra-choices", default="", help="choice labels besides w2,w3,w4,w8, each also a uniform "
-                    "plan and a candidate of the solved ones (e.g. w8gca8: int8 activations)")
+                    "plan and a candidate of the solved ones (e.g. w8gca8: int8 activations; "
+                    "w4@tinygemm: torch's tinygemm)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
