@@ -23,6 +23,7 @@ from .quantizer import QuantizedTensor
 
 PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
 WORD_ROWS = 16  # word rows per block: slot i of a block covers 16 consecutive input columns
+CONVERT_BYTES = 64 << 20  # an int64 temporary of the conversion to planes, per block of output columns
 _WORD_DTYPE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
 
 
@@ -103,7 +104,17 @@ def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _codes_to_planes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    """uint8 codes [N, K] -> the bit planes [Kp // per, N]."""
+    """uint8 codes [N, K] -> the bit planes [Kp // per, N], a block of columns at a time: the int64 temporaries of a
+    block stay near CONVERT_BYTES each (a whole 32000x2048 weight at once took 2 GiB on the GPU in a layer's first
+    forward)."""
+    n, k = codes.shape
+    per = 32 // PLANES[bits][0]
+    step = max(1, CONVERT_BYTES // (_padded_k(k, per) * 8))
+    blocks = [_block_planes(codes[i:i + step], bits) for i in range(0, n, step)]
+    return blocks[0] if len(blocks) == 1 else tuple(torch.cat(planes, dim=1) for planes in zip(*blocks))
+
+
+def _block_planes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     n, k = codes.shape
     widths = PLANES[bits]
     per = 32 // widths[0]

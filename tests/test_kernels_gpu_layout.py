@@ -133,3 +133,17 @@ def test_wgmma_prefill_k_slices_and_word_paths_without_a_gpu() -> None:
         with pytest.raises(ValueError, match="Gluon"):
             gluon_wgmma.linear(torch.zeros(1, 256, dtype=torch.bfloat16), w4, 256, 4, 3, 2)
         assert "Gluon" in tlin.config_error(cfg, 300, w4, torch.bfloat16, torch.device("cpu"))
+
+
+def test_planes_are_built_a_block_of_columns_at_a_time(monkeypatch) -> None:
+    """The conversion to planes works on blocks of output columns (bounded temporaries); blocks give the same planes
+    as the whole weight at once."""
+    from kernels import gpu_layout
+    gen = torch.Generator().manual_seed(1)
+    for bits in (2, 3, 5, 8):
+        qt = quantize(torch.randn(37, 300, generator=gen), QuantSpec(bits, 64), clip_search=False)
+        whole = repack_for_gpu(qt).planes
+        monkeypatch.setattr(gpu_layout, "CONVERT_BYTES", 5 * 320 * 8)  # 2..5 columns a block of the 37
+        blocks = repack_for_gpu(qt).planes
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(whole, blocks, strict=True))
