@@ -105,8 +105,8 @@ def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
 
 def _codes_to_planes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     """uint8 codes [N, K] -> the bit planes [Kp // per, N], a block of columns at a time: the int64 temporaries of a
-    block stay near CONVERT_BYTES each (a whole 32000x2048 weight at once took 2 GiB on the GPU in a layer's first
-    forward)."""
+    block stay near CONVERT_BYTES each (a whole weight at once holds several int64 copies of its codes: about 2 GiB
+    for a 32000x2048 one, in a layer's first forward on the GPU)."""
     n, k = codes.shape
     per = 32 // PLANES[bits][0]
     step = max(1, CONVERT_BYTES // (_padded_k(k, per) * 8))
