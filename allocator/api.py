@@ -280,12 +280,11 @@ def uniform_plan(profiled: ProfiledModel, choice: Choice | str) -> Plan:
     problem = build_problem(profiled)
     if label not in problem.choices:
         raise ValueError(f"choice {label!r} was not profiled; profiled choices: {problem.choices}")
-    j = problem.choices.index(label)
-    blocked = [f"{layer.name} ({reason})" for layer, ok in zip(profiled.graph.layers, problem.allowed[:, j]) if not ok
-               and (reason := Choice.parse(label).kernel_reason(layer.kind, (layer.out_features, layer.in_features)))]
+    blocked = [f"{layer.name} ({reason})" for layer in profiled.graph.layers
+               if (reason := Choice.parse(label).kernel_reason(layer.kind, (layer.out_features, layer.in_features)))]
     if blocked:
         raise ValueError(f"choice {label!r} cannot hold {len(blocked)} layer(s): {'; '.join(blocked)}")
-    index = np.full(len(problem.layers), j)
+    index = np.full(len(problem.layers), problem.choices.index(label))
     solution = Solution.build(problem, index, {}, method="uniform", status="fixed", solve_time_s=0.0)
     return plan_from_solution(profiled, problem, solution, Budget(avg_bits=float(Choice.parse(label).wbits)))
 

@@ -77,16 +77,6 @@ def copy_bandwidth(flush: torch.Tensor) -> float:
     return 2 * a.numel() * 4 / (ms * 1e-3)
 
 
-def warm_up(seconds: float) -> None:
-    """Keep the GPU busy with bf16 GEMMs for `seconds` (clocks and caches settled before the first timing)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
-
-
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(y).all():
         return float("inf")

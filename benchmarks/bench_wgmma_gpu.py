@@ -4,7 +4,6 @@ timings. Each tile is checked --checks times, its output poisoned with NaN first
 call, an unwritten tile as NaN), and dropped, with the error in the table, above 5e-3 relative error (right is about
 2e-3). Writes wgmma.json and wgmma.md to --out.
     python benchmarks/bench_wgmma_gpu.py --out $OUT [--shapes 28672x8192,...] [--bits 2,3,4,8] [--tokens 128,512]
-        [--warmup-s 3]
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from kernels import gluon_wgmma  # noqa: E402
 from kernels import triton_linear as tlin  # noqa: E402
 from kernels.gpu_layout import repack_for_gpu  # noqa: E402
 from kernels.latency import l2_flush_buffer, time_cuda  # noqa: E402
-from bench_kernels_gpu import poisoned, rel_err, warm_up  # noqa: E402  (this directory is on sys.path when run as a script)
+from bench_kernels_gpu import poisoned, rel_err  # noqa: E402  (this directory is on sys.path when run as a script)
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (28672, 8192))
 
@@ -39,7 +38,6 @@ def main() -> None:
                     "each at every split of gluon_wgmma.SPLITS)")
     ap.add_argument("--checks", type=int, default=3, help="calls checked against float64 per tile (a race shows "
                     "as an occasional wrong call)")
-    ap.add_argument("--warmup-s", type=float, default=0.0, help="bf16 GEMMs for this long before the first timing")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tiles = ([tuple(int(v) for v in (t + ":1").split(":")[:4]) for t in args.tiles.split(",")] if args.tiles else
@@ -49,9 +47,7 @@ def main() -> None:
     flush = l2_flush_buffer("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     dev = torch.cuda.get_device_name()
-    print(f"device {dev}; torch {torch.__version__}; triton {tlin.triton.__version__}; warm-up {args.warmup_s} s",
-          flush=True)
-    warm_up(args.warmup_s)
+    print(f"device {dev}; torch {torch.__version__}; triton {tlin.triton.__version__}", flush=True)
     rows = []
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", generator=gen)

@@ -199,4 +199,3 @@ def tinygemm_reason(spec: QuantSpec, shape: tuple[int, int]) -> str | None:
     if k % 64 or n % 8:
         return f"tinygemm needs K % 64 == 0 and N % 8 == 0 (N {n}, K {k})"
     return None
-    return None

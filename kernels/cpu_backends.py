@@ -81,7 +81,8 @@ def _int4_supports(spec: QuantSpec, shape: tuple[int, int], device: torch.device
             and int4_group(spec, inp) is not None and hasattr(torch, "_weight_int4pack_mm_for_cpu"))
 
 
-def _int4_scale_and_zero(qw: QuantizedWeightLike, dtype: torch.dtype) -> torch.Tensor:
+def int4_scale_and_zero(qw: QuantizedWeightLike, dtype: torch.dtype) -> torch.Tensor:
+    """The ops' scale_and_zero [K/group, N, 2] in `dtype` from scales and zero points [N, groups]."""
     scale = qw.scales.float()
     zero = torch.zeros_like(scale) if qw.zeros is None else (8.0 - qw.zeros.float()) * scale
     return torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
@@ -90,7 +91,7 @@ def _int4_scale_and_zero(qw: QuantizedWeightLike, dtype: torch.dtype) -> torch.T
 def _int4_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
     out, inp = qw.matrix_shape
     packed = qw.qweight.view(out, inp // 2)
-    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, int4_group(qw.spec, inp), _int4_scale_and_zero(qw, x.dtype))
+    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, int4_group(qw.spec, inp), int4_scale_and_zero(qw, x.dtype))
 
 
 def _int4_to_layout(dense: torch.Tensor, spec: QuantSpec, shape: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from . import triton_linear as tlin
 from .backends import Backend, QuantizedWeightLike, layer_view, register_backend, scale_zero
 from .choice import QuantSpec, tinygemm_reason
-from .cpu_backends import int4_source_index
+from .cpu_backends import int4_scale_and_zero, int4_source_index
 from .packing import pack_bits, unpack_bits
 from .gpu_layout import GpuPackedWeight, dense_to_gpu_bytes, gpu_bytes_to_dense, planes_from_bytes, repack_for_gpu
 from .quantizer import QuantizedTensor
@@ -175,9 +175,7 @@ def _tinygemm_linear(x: torch.Tensor, qw: QuantizedWeightLike) -> torch.Tensor:
 def _tinygemm(qt: QuantizedTensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The anchor: torch's tinygemm on `qt` (any 4-bit spec it takes; asymmetric zero points as float zeros)."""
     packed = _tinygemm_pack(qt.codes().to("cuda"))
-    scale = qt.scales.float().to("cuda")
-    zero = torch.zeros_like(scale) if qt.zeros is None else (8.0 - qt.zeros.float().to("cuda")) * scale
-    sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+    sz = int4_scale_and_zero(qt, torch.bfloat16).to("cuda")
     return lambda x: _tinygemm_mm(x, packed, qt.shape, qt.spec, sz)
 
 

@@ -30,6 +30,7 @@ timing code's sources (a changed kernel is timed again); only missing entries ar
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -440,24 +441,19 @@ def time_replay_overhead(table: "LatencyTable", device: torch.device, reps: int,
         table.graph_max_tokens = GRAPH_MAX_TOKENS
 
 
-def capture_stream() -> torch.cuda.Stream:
+@functools.cache
+def capture_stream(device: int) -> torch.cuda.Stream:
     """The side stream `cuda_graph` warms up and captures on, one per device for the process: what a kernel
     allocates per stream on its first call (split-K's zeroed workspace, `triton_linear._workspace`) is then made by the
     eager warm-up, not inside a capture, where its memset would join the graph and every replay of it."""
-    device = torch.cuda.current_device()
-    if device not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[device] = torch.cuda.Stream()
-    return _CAPTURE_STREAMS[device]
-
-
-_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+    return torch.cuda.Stream(device)
 
 
 def cuda_graph(run: Callable[[], Any]) -> Callable[[], None] | None:
     """`run` captured in a CUDA graph (after a warm-up on the same side stream, `capture_stream`), as its replay;
     None if it cannot be captured."""
     try:
-        s = capture_stream()
+        s = capture_stream(torch.cuda.current_device())
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             run()
