@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -13,10 +13,11 @@ import torch.nn as nn
 from kernels import SUPPORTED_BITS, Choice, weight_nbytes
 from kernels.fileio import atomic_write_json
 from kernels.gpu_activation_quant import unsupported_reason as act_unsupported_reason
-from kernels.latency import LatencyTable, forward_ms
+from kernels.latency import LatencyTable, forward_ms, parse_entry_key
 from kernels.model_latency import model_key
 from profilers import Calibration, LayerGraph, Profile, build_layer_graph, profile
 from solvers import InfeasibleError, Problem, Solution, solve
+from solvers.problem import latency_at_name
 from solvers.solve import smallest as least_total
 
 from .budget import MIB, Budget
@@ -103,19 +104,22 @@ def profile_model(
 
 
 def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, ties: Sequence[Sequence[str]] = (),
-                  latency_table: LatencyTable | None = None, tokens: int = 1) -> Problem:
+                  latency_table: LatencyTable | None = None, tokens: int | Sequence[int] = 1) -> Problem:
     """The solver's table: cost from the profile; bytes, bits and BOPs from the exact memory model; latency
-    (what each layer adds to a whole-model forward at ``tokens`` tokens, ``LatencyTable.layer_ms``) from a measured
-    ``kernels.LatencyTable``, whose removed choices (those the device cannot run) become unavailable, as do
-    library-kernel choices on layers the kernel cannot hold (``Choice.kernel_reason``)."""
+    (what each layer adds to a whole-model forward, ``LatencyTable.layer_ms``) from a measured
+    ``kernels.LatencyTable`` at ``tokens`` tokens per forward: one count fills the Problem's ``latency`` column,
+    a sequence fills ``latency_at`` (a column per count, budgets "latency@<tokens>"). The table's removed choices
+    (those the device cannot run) become unavailable, as do library-kernel choices on layers the kernel cannot hold
+    (``Choice.kernel_reason``)."""
     graph, prof = profiled.graph, profiled.profile
     if list(prof.layers) != graph.names:
         raise ValueError("the profile's layers do not match the layer graph (was it made for another model?)")
     choices = [Choice.parse(label) for label in prof.choices]
+    counts = (tokens,) if isinstance(tokens, int) else tuple(tokens)
     memory = np.zeros((len(graph), len(choices)))
     bits = np.zeros_like(memory)
     bops = np.zeros_like(memory)
-    latency = None if latency_table is None else np.zeros_like(memory)
+    latency = {} if latency_table is None else {t: np.zeros_like(memory) for t in counts}
     allowed = np.ones(memory.shape, dtype=bool)
     for i, layer in enumerate(graph.layers):
         for j, choice in enumerate(choices):
@@ -131,7 +135,9 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
                 if choice.label in latency_table.skipped:
                     allowed[i, j] = False
                     continue
-                latency[i, j] = forward_ms(latency_table.layer_ms, layer, shape, choice, tokens)
+                for t in counts:
+                    latency[t][i, j] = forward_ms(latency_table.layer_ms, layer, shape, choice, t)
+    one = latency and isinstance(tokens, int)
     return Problem(
         layers=graph.names,
         choices=list(prof.choices),
@@ -139,7 +145,8 @@ def build_problem(profiled: ProfiledModel, pins: dict[str, str] | None = None, t
         memory=memory,
         bits=bits,
         bops=bops,
-        latency=latency,
+        latency=latency[tokens] if one else None,
+        latency_at=None if one else latency,
         allowed=allowed,
         params=np.array([layer.params for layer in graph.layers], dtype=float),
         pairs={tuple(k): np.asarray(v) for k, v in prof.pairs.items()},
@@ -155,16 +162,21 @@ def rest_latency_ms(profiled: ProfiledModel, latency_table: LatencyTable | None,
     return latency_table.rest_ms(profiled.rest_key, tokens)
 
 
-def solver_budgets(budget: Budget, fixed_bytes: int, rest_ms: float = 0.0) -> dict[str, float]:
-    """Translate a user Budget into the solver's per-layer budgets (memory and latency minus the unquantized rest)."""
-    out: dict[str, float] = {}
+def solver_budgets(budget: Budget, fixed_bytes: int,
+                   rest_ms: float | Mapping[int, float | None] = 0.0) -> dict[str, float | dict[int, float]]:
+    """Translate a user Budget into the solver's per-layer budgets (memory and latency minus the unquantized rest;
+    ``rest_ms`` by token count for a Budget whose ``latency_ms`` is a mapping)."""
+    out: dict[str, float | dict[int, float]] = {}
     if budget.memory_mb is not None:
         out["memory"] = budget.memory_bytes - fixed_bytes
     if budget.avg_bits is not None:
         out["avg_bits"] = budget.avg_bits
     if budget.bops is not None:
         out["bops"] = budget.bops
-    if budget.latency_ms is not None:
+    if isinstance(budget.latency_ms, Mapping):
+        rests = rest_ms if isinstance(rest_ms, Mapping) else {}
+        out["latency"] = {t: ms - (rests.get(t) or 0.0) for t, ms in budget.latency_ms.items()}
+    elif budget.latency_ms is not None:
         out["latency"] = budget.latency_ms - rest_ms
     return out
 
@@ -180,22 +192,36 @@ def solve_profiled(
     **solver_options,
 ) -> Plan:
     """Solve a profiled model under ``budget`` and return the Plan. A latency budget needs ``latency_table``
-    (``kernels.latency.measure`` on the target device) at ``tokens`` tokens per forward; it bounds the whole
-    model's latency (the table's rest of this model + the quantized layers) when the table holds the model's rest
-    (``kernels.model_latency.measure_rest``), else the quantized layers' summed latency (the plan says which)."""
-    if budget.latency_ms is not None and latency_table is None:
+    (``kernels.latency.measure`` on the target device); a number bounds it at ``tokens`` tokens per forward, a
+    mapping {tokens: ms} at each of its token counts. It bounds the whole model's latency (the table's rest of this
+    model + the quantized layers) when the table holds the model's rest (``kernels.model_latency.measure_rest``),
+    else the quantized layers' summed latency (the plan says which). With a table, the plan's
+    ``predicted["latency_ms_at"]`` gives its latency at every token count the table measured."""
+    bounds = budget.latency_at(tokens)
+    if bounds and latency_table is None:
         raise ValueError("a latency budget needs a latency table: pass latency_table=kernels.latency.measure(...) "
                          "measured on the target device")
-    problem = build_problem(profiled, pins=pins, ties=ties, latency_table=latency_table, tokens=tokens)
-    rest_ms = rest_latency_ms(profiled, latency_table, tokens)
-    budgets = solver_budgets(budget, profiled.fixed_bytes, rest_ms or 0.0)
-    if rest_ms is not None and budgets.get("latency", 1) <= 0:
-        least = rest_ms + least_total(problem, "latency")
-        raise InfeasibleError(
-            f"latency budget {budget.latency_ms:g} ms is below the model's unquantized rest alone: the rest takes "
-            f"{rest_ms:.4g} ms at {tokens} tokens on {latency_table.device}; the smallest achievable is {least:.4g} ms",
-            smallest={"latency_ms": least},
-        )
+    per_tokens = isinstance(budget.latency_ms, Mapping)
+    counts = tuple(bounds) if per_tokens else (tokens,)
+    if latency_table is not None:
+        measured = table_tokens(latency_table)
+        missing = [t for t in counts if t not in measured]
+        if missing:
+            raise ValueError(f"the latency table ({latency_table.device}) was measured at tokens {measured}, not at "
+                             f"{missing}; measure it with kernels.latency.measure(..., tokens={tuple(counts)}) or "
+                             f"`bitalloc latency --tokens {','.join(map(str, counts))}`")
+    problem = build_problem(profiled, pins=pins, ties=ties, latency_table=latency_table,
+                            tokens=counts if per_tokens else tokens)
+    rests = {t: rest_latency_ms(profiled, latency_table, t) for t in counts}
+    budgets = solver_budgets(budget, profiled.fixed_bytes, rests if per_tokens else rests[tokens] or 0.0)
+    for t, ms in bounds.items():
+        if rests[t] is not None and ms <= rests[t]:
+            least = rests[t] + least_total(problem, latency_at_name(t) if per_tokens else "latency")
+            raise InfeasibleError(
+                f"latency budget {ms:g} ms at {t} tokens is below the model's unquantized rest alone: the rest takes "
+                f"{rests[t]:.4g} ms at {t} tokens on {latency_table.device}; the smallest achievable is {least:.4g} ms",
+                smallest={"latency_ms" if not per_tokens else f"latency_ms@{t}": least},
+            )
     if budgets.get("memory", 1) <= 0:
         smallest = profiled.fixed_bytes + problem.memory.min(axis=1).sum()
         raise InfeasibleError(
@@ -206,31 +232,64 @@ def solve_profiled(
     try:
         solution = solve(problem, method=method, **budgets, **solver_options)
     except InfeasibleError as e:
-        raise _in_user_units(e, profiled.fixed_bytes, rest_ms) from None
+        raise _in_user_units(e, profiled.fixed_bytes, rests, counts[0]) from None
     log.info("%s", solution.summary())
-    plan = plan_from_solution(profiled, problem, solution, budget, rest_ms)
+    plan = plan_from_solution(profiled, problem, solution, budget, rests if per_tokens else rests[tokens])
     if latency_table is not None:
-        plan.solver.update(latency_tokens=tokens, latency_table=latency_table.device)
+        plan.solver.update(latency_tokens=counts[0], latency_table=latency_table.device)
+        plan.predicted["latency_ms_at"] = latency_by_tokens(profiled, problem, solution, latency_table)
     return plan
 
 
-def _in_user_units(error: InfeasibleError, fixed_bytes: int, rest_ms: float | None = None) -> InfeasibleError:
+def table_tokens(table: LatencyTable) -> list[int]:
+    """The token counts a latency table has entries at."""
+    return sorted({parse_entry_key(key)[3] for key in table.entries})
+
+
+def latency_by_tokens(profiled: ProfiledModel, problem: Problem, solution: Solution,
+                      table: LatencyTable) -> dict[str, float]:
+    """A solved plan's predicted latency at every token count ``table`` measured for all its layers' choices
+    ({"tokens": ms}; the whole model's where the table holds its rest at that count, else the layers'): a plan
+    bounded at decode shows here what it costs at prefill."""
+    out = {}
+    for t in table_tokens(table):
+        try:
+            layers_ms = sum(forward_ms(table.layer_ms, layer, (layer.out_features, layer.in_features),
+                                       problem.choices[int(j)], t)
+                            for layer, j in zip(profiled.graph.layers, solution.index))
+            rest = rest_latency_ms(profiled, table, t)
+        except KeyError:  # not measured at t for some layer or for the rest
+            continue
+        out[str(t)] = layers_ms + (rest or 0.0)
+    return out
+
+
+def _in_user_units(error: InfeasibleError, fixed_bytes: int, rests: Mapping[int, float | None],
+                   tokens: int) -> InfeasibleError:
     """Restate a solver's infeasibility in the Budget's units (whole-model MiB instead of layer bytes, and
-    whole-model ms instead of the layers' when the rest's latency is known)."""
-    least = dict(error.smallest)
-    if "memory" in least:
-        least["memory_mb"] = (least.pop("memory") + fixed_bytes) / MIB
-    if "latency" in least and rest_ms is not None:
-        least["latency_ms"] = least.pop("latency") + rest_ms
+    whole-model ms instead of the layers' where the rest's latency is known; "latency" is at ``tokens``)."""
+    least = {}
+    for name, value in error.smallest.items():
+        if name == "memory":
+            least["memory_mb"] = (value + fixed_bytes) / MIB
+        elif name == "latency" and rests.get(tokens) is not None:
+            least["latency_ms"] = value + rests[tokens]
+        elif name.startswith("latency@"):
+            t = int(name.split("@")[1])
+            least[f"latency_ms@{t}"] = value + (rests.get(t) or 0.0)
+        else:
+            least[name] = value
     parts = [f"{k} >= {v:.6g}" for k, v in least.items()]
     return InfeasibleError(f"no plan meets the budget; smallest achievable: {', '.join(parts)} ({error})", smallest=least)
 
 
 def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solution, budget: Budget,
-                       rest_ms: float | None = None) -> Plan:
+                       rest_ms: float | Mapping[int, float | None] | None = None) -> Plan:
     """Turn a solver Solution into a Plan with exact specs, bytes and predictions. With a latency column, the
     predicted ``latency_ms`` is the whole model's (``rest_ms`` + layers) when ``rest_ms`` is given, else the
-    layers' sum; ``latency_layers_ms`` is always the layers' sum and ``solver["latency_scope"]`` says which."""
+    layers' sum; ``latency_layers_ms`` is always the layers' sum and ``solver["latency_scope"]`` says which. With
+    columns at several token counts (``Problem.latency_at``; ``rest_ms`` then by token count) these are at the
+    smallest count."""
     graph, prof = profiled.graph, profiled.profile
     layers = []
     for i, layer in enumerate(graph.layers):
@@ -254,8 +313,12 @@ def plan_from_solution(profiled: ProfiledModel, problem: Problem, solution: Solu
         "bops": float(sum(problem.bops[i, int(solution.index[i])] for i in range(len(layers)))),
     }
     scope = {}
-    if problem.latency is not None:
-        layers_ms = float(sum(problem.latency[i, int(solution.index[i])] for i in range(len(layers))))
+    table = problem.latency
+    if table is None and problem.latency_at:
+        first, table = next(iter(problem.latency_at.items()))
+        rest_ms = rest_ms.get(first) if isinstance(rest_ms, Mapping) else rest_ms
+    if table is not None:
+        layers_ms = float(sum(table[i, int(solution.index[i])] for i in range(len(layers))))
         predicted["latency_layers_ms"] = layers_ms
         predicted["latency_ms"] = layers_ms if rest_ms is None else rest_ms + layers_ms
         if rest_ms is not None:

@@ -15,7 +15,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budgets (give at least one)")
     g.add_argument("--avg-bits", type=float, help="parameter-weighted average weight bits")
     g.add_argument("--memory-mb", type=float, help="whole model's weights in MiB")
-    g.add_argument("--latency-ms", type=float, help="predicted latency from a latency table")
+    g.add_argument("--latency-ms", type=_latency_ms, metavar="MS | TOKENS:MS,...",
+                   help="predicted latency from a latency table: MS at --tokens, or a bound per token count, e.g. "
+                        "1:1.9,512:5 for decode and prefill at once")
     g.add_argument("--bops", type=float, help="bit operations per sample")
     g.add_argument("--latency-table", help="latency table JSON from kernels.latency.measure (needed by --latency-ms)")
     g.add_argument("--tokens", type=int, default=1, help="tokens per forward the latency budget is for (default 1)")
@@ -31,6 +33,16 @@ def _latency(args: argparse.Namespace) -> dict:
     from kernels.latency import LatencyTable
 
     return {"latency_table": LatencyTable.load(args.latency_table), "tokens": args.tokens}
+
+
+def _latency_ms(text: str) -> float | dict[int, float]:
+    try:
+        if ":" not in text:
+            return float(text)
+        return {int(t): float(ms) for t, ms in (part.split(":") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--latency-ms must be milliseconds (2.5) or TOKENS:MS pairs (1:1.9,512:5), got {text!r}") from None
 
 
 def _bits(text: str) -> tuple[int, ...]:

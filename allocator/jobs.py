@@ -55,7 +55,8 @@ class RaySettings:
 @dataclass
 class LatencySettings:
     """Measure the latency table on a GPU of type ``accelerator`` (a Ray accelerator label such as "H100";
-    None: on this machine's device) for ``tokens`` tokens per call; needed by a ``latency_ms`` budget."""
+    None: on this machine's device) for ``tokens`` tokens per call; needed by a ``latency_ms`` budget. A budget
+    of {tokens: ms} is measured at its own token counts (``tokens`` is then not used)."""
 
     accelerator: str | None = None
     tokens: int = 16
@@ -88,6 +89,11 @@ class JobSpec:
     @property
     def store_dir(self) -> Path:
         return Path(self.store) if self.store else Path(self.out) / "store"
+
+    @property
+    def latency_tokens(self) -> tuple[int, ...]:
+        """The token counts the job's latency table is measured at: those of its latency budget."""
+        return tuple(self.budget.latency_at(self.latency.tokens if self.latency else LatencySettings.tokens))
 
     @property
     def candidates(self) -> list[Choice]:

@@ -36,8 +36,9 @@ class ParetoPoint:
 
 
 def _check(problem: Problem, objective: str) -> None:
-    if objective not in BUDGETS:
-        raise ValueError(f"objective={objective!r}; allowed values: {BUDGETS}")
+    names = BUDGETS + tuple(n for n in problem.tables if n not in BUDGETS)
+    if objective not in names:
+        raise ValueError(f"objective={objective!r}; allowed values: {names}")
     if objective not in problem.tables:
         need = "bits and params tables" if objective == "avg_bits" else f"{objective} table"
         raise ValueError(f"pareto over {objective!r} needs the {need}, which the problem lacks")

@@ -19,6 +19,19 @@ QUANTITIES = ("memory", "latency", "bops")
 BUDGETS = QUANTITIES + ("avg_bits",)
 
 
+def latency_at_name(tokens: int) -> str:
+    """The budget name of the latency table at `tokens` tokens per forward (`Problem.latency_at`)."""
+    return f"latency@{tokens}"
+
+
+def _tokens(x: Any) -> int:
+    """A token count key of `latency_at` (JSON gives it as a decimal string)."""
+    t = int(x) if isinstance(x, str) and x.isdigit() else x
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
+        raise ValueError(f"latency_at keys must be positive token counts; got {x!r}")
+    return int(t)
+
+
 def _label(x: Any, what: str) -> str:
     if isinstance(x, bool) or not isinstance(x, (str, int, np.integer)):
         raise TypeError(f"{what} must be a string label (or an int, used as its decimal string); got {x!r}")
@@ -62,7 +75,11 @@ class Reduced:
 
 
 class Problem:
-    """Choose one of `choices` per layer, minimising total cost (plus pair terms) under budgets."""
+    """Choose one of `choices` per layer, minimising total cost (plus pair terms) under budgets.
+
+    latency: one [layers, choices] latency table (budget "latency"); latency_at: {tokens: table}, one per token
+    count per forward (budgets "latency@<tokens>"), so that a plan can be bounded at decode and prefill at once.
+    """
 
     def __init__(
         self,
@@ -78,6 +95,7 @@ class Problem:
         pins: Mapping[str, str] | None = None,
         pairs: Mapping[tuple[str, str], Any] | None = None,
         allowed: Any = None,
+        latency_at: Mapping[int, Any] | None = None,
     ) -> None:
         self.layers = list(layers)
         for x in self.layers:
@@ -101,6 +119,11 @@ class Problem:
         self.cost = _table("cost", cost, self.layers, self.choices)
         self.memory = None if memory is None else _table("memory", memory, self.layers, self.choices)
         self.latency = None if latency is None else _table("latency", latency, self.layers, self.choices)
+        self.latency_at = {}
+        for key, table in sorted((_tokens(k), v) for k, v in (latency_at or {}).items()):
+            if key in self.latency_at:
+                raise ValueError(f"latency_at has token count {key} twice")
+            self.latency_at[key] = _table(latency_at_name(key), table, self.layers, self.choices)
         self.bops = None if bops is None else _table("bops", bops, self.layers, self.choices)
         self.bits = None if bits is None else _table("bits", bits, self.layers, self.choices)
         self.params = None
@@ -183,6 +206,7 @@ class Problem:
     def tables(self) -> dict[str, np.ndarray]:
         """Resource tables by budget name; avg_bits is params * bits / sum(params) so that it sums."""
         out = {q: getattr(self, q) for q in QUANTITIES if getattr(self, q) is not None}
+        out.update({latency_at_name(t): table for t, table in self.latency_at.items()})
         if self.bits is not None and self.params is not None:
             out["avg_bits"] = self.bits * (self.params / self.params.sum())[:, None]
         return out
@@ -262,6 +286,8 @@ class Problem:
         for q in ("memory", "latency", "bops", "bits"):
             if getattr(self, q) is not None:
                 d[q] = getattr(self, q).tolist()
+        if self.latency_at:
+            d["latency_at"] = {str(t): table.tolist() for t, table in self.latency_at.items()}
         if self.params is not None:
             d["params"] = self.params.tolist()
         if self.ties:
@@ -276,7 +302,7 @@ class Problem:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Problem":
-        known = {"layers", "choices", "cost", "memory", "latency", "bops", "bits", "params", "ties", "pins",
+        known = {"layers", "choices", "cost", "memory", "latency", "latency_at", "bops", "bits", "params", "ties", "pins",
                  "pairs", "allowed"}
         extra = set(d) - known
         if extra:

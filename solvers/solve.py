@@ -4,28 +4,31 @@ from __future__ import annotations
 import inspect
 import itertools
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from solvers.errors import InfeasibleError
-from solvers.problem import BUDGETS, Problem
+from solvers.problem import BUDGETS, Problem, latency_at_name
 from solvers.registry import SOLVERS, UNAVAILABLE, within
 from solvers.solution import Solution
 
 def check_budgets(problem: Problem, budgets: dict[str, float | None]) -> dict[str, float]:
     """The given (non-None) budgets as floats; errors name a budget the problem has no table for."""
     out = {}
+    allowed = BUDGETS + tuple(latency_at_name(t) for t in problem.latency_at)
     for b, v in budgets.items():
-        if b not in BUDGETS:
-            raise ValueError(f"unknown budget {b!r}; allowed budgets: {BUDGETS}")
+        if b not in allowed and not b.startswith("latency@"):
+            raise ValueError(f"unknown budget {b!r}; allowed budgets: {allowed}")
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
             raise ValueError(f"{b} budget must be a finite number; got {v!r}")
         if b not in problem.tables:
             need = "bits and params tables" if b == "avg_bits" else f"{b} table"
-            raise ValueError(f"{b} budget given but the problem has no {need}")
+            have = f" (its latency tables are at tokens {sorted(problem.latency_at)})" if problem.latency_at else ""
+            raise ValueError(f"{b} budget given but the problem has no {need}{have}")
         out[b] = float(v)
     return out
 
@@ -52,9 +55,13 @@ def infeasible_error(problem: Problem, budgets: dict[str, float]) -> InfeasibleE
     return InfeasibleError(f"no plan meets the budgets: {why}. Budgets: {', '.join(lines)}", least)
 
 
-def solve(problem: Problem, method: str = "ilp", memory: float | None = None, latency: float | None = None,
-          bops: float | None = None, avg_bits: float | None = None, **options: Any) -> Solution:
+def solve(problem: Problem, method: str = "ilp", memory: float | None = None,
+          latency: float | Mapping[int, float] | None = None, bops: float | None = None,
+          avg_bits: float | None = None, **options: Any) -> Solution:
     """Choose one choice per layer minimising cost under upper-bound budgets on the totals.
+
+    latency: a number bounds the problem's `latency` table; a mapping {tokens: bound} bounds its `latency_at`
+    tables (budgets "latency@<tokens>"), e.g. ``latency={1: 2.0, 512: 40.0}`` for decode and prefill at once.
 
     Raises InfeasibleError when no plan meets the budgets (with the smallest achievable value of each).
     """
@@ -69,7 +76,11 @@ def solve(problem: Problem, method: str = "ilp", memory: float | None = None, la
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise ValueError(f"method {method!r} got unknown options {unknown}; allowed options: {params}")
-    budgets = check_budgets(problem, {"memory": memory, "latency": latency, "bops": bops, "avg_bits": avg_bits})
+    given = {"memory": memory, "latency": latency, "bops": bops, "avg_bits": avg_bits}
+    if isinstance(latency, Mapping):
+        given.pop("latency")
+        given.update({latency_at_name(t): v for t, v in latency.items()})
+    budgets = check_budgets(problem, given)
     if any(not within(smallest(problem, b), v) for b, v in budgets.items()):
         raise infeasible_error(problem, budgets)
     t0 = time.perf_counter()

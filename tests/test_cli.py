@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import save_model_and_calib
 
-from allocator import Plan, load_quantized
+from allocator import Budget, Plan, load_quantized
 from allocator.cli import main
 from kernels.latency import LatencyTable
 
@@ -53,13 +53,27 @@ def test_latency_table_then_a_latency_budget(files, capsys):
     if not prof.exists():
         main(["profile", "--model", str(files / "model"), "--calib", str(files / "calib.pt"), *FAST, "--out", str(prof)])
     table = files / "latency.json"
-    assert main(["latency", "--profile", str(prof), "--device", "cpu", "--tokens", "1", "--out", str(table)]) == 0
+    assert main(["latency", "--profile", str(prof), "--device", "cpu", "--tokens", "1,8", "--out", str(table)]) == 0
     assert main(["solve", "--profile", str(prof), "--latency-ms", "1e6", "--latency-table", str(table),
                  "--out", str(files / "lat.json")]) == 0
     plan, measured = Plan.load(files / "lat.json"), LatencyTable.load(table)
     shapes = {layer.name: layer.weight_shape[::-1] for layer in plan.layers}  # HF Conv1D stores [in, out]
-    expected = sum(measured.layer_ms(shapes[layer.name], layer.choice, 1, layer.kind) for layer in plan.layers)
-    assert plan.predicted["latency_ms"] == pytest.approx(expected)
+
+    def expected(tokens):
+        return sum(measured.layer_ms(shapes[layer.name], layer.choice, tokens, layer.kind) for layer in plan.layers)
+
+    assert plan.predicted["latency_ms"] == pytest.approx(expected(1))
+    assert plan.predicted["latency_ms_at"] == {"1": pytest.approx(expected(1)), "8": pytest.approx(expected(8))}
+    # decode and prefill bounded at once
+    assert main(["solve", "--profile", str(prof), "--latency-ms", "1:1e6,8:1e6", "--latency-table", str(table),
+                 "--out", str(files / "lat2.json")]) == 0
+    assert Plan.load(files / "lat2.json").budget == Budget(latency_ms={1: 1e6, 8: 1e6})
+    assert main(["solve", "--profile", str(prof), "--latency-ms", "1:1e6,16:1e6", "--latency-table", str(table),
+                 "--out", str(files / "x.json")]) == 1
+    assert "was measured at tokens [1, 8], not at [16]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["solve", "--profile", str(prof), "--latency-ms", "1:2:3", "--out", str(files / "x.json")])
+    assert "TOKENS:MS pairs" in capsys.readouterr().err
     assert main(["solve", "--profile", str(prof), "--latency-ms", "1", "--out", str(files / "x.json")]) == 1
     assert "needs a latency table" in capsys.readouterr().err
 

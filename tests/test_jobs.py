@@ -66,6 +66,12 @@ def test_a_latency_budget_bounds_the_whole_model(files):
     (files / "job_latency.json").write_text(json.dumps(spec | {"budget": {"latency_ms": rest / 100}}))
     with pytest.raises(ValueError, match="below the model's unquantized rest alone"):
         run_job(files / "job_latency.json")
+    # decode and prefill at once: the cached table gains the 4-token entries and the rest at 4 tokens
+    (files / "job_latency.json").write_text(json.dumps(spec | {"budget": {"latency_ms": {"1": 1e6, "4": 1e6}}}))
+    plan = run_job(files / "job_latency.json")
+    assert plan.budget.latency_ms == {1: 1e6, 4: 1e6} and plan.solver["latency_scope"] == "whole model"
+    at = plan.predicted["latency_ms_at"]
+    assert set(at) == {"1", "4"} and at["1"] == pytest.approx(plan.predicted["latency_ms"])
 
 
 def test_a_stopped_job_resumes_and_recomputes_only_the_missing_shard(files):

@@ -2,16 +2,19 @@
 each bfloat16 scale, counted in its bytes), so a solver weighs its latency against those bytes and the emitted
 layer runs it on CUDA (dequantize + matmul elsewhere)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from allocator import (Budget, load_quantized, profile_model, quantized_bytes, save_quantized, solve_profiled,
+from allocator import (Budget, Plan, load_quantized, profile_model, quantized_bytes, save_quantized, solve_profiled,
                        uniform_plan)
 from allocator.api import build_problem
 from kernels import Choice, QuantSpec, weight_nbytes
 from kernels.latency import measure
 from kernels.modules import QuantizedLinear, quantize_module, quantized_module_from_state
+from solvers import InfeasibleError
 from tiny import FAST, lm_batches as batches, tiny_llama
 
 
@@ -101,6 +104,40 @@ def test_the_solver_takes_tinygemm_only_where_its_latency_pays_for_its_bytes(lla
     fastest = build_problem(profiled, latency_table=table, tokens=1).latency[:, jt].sum()
     plan = solve_profiled(profiled, Budget(latency_ms=fastest * 1.01), latency_table=table, tokens=1)
     assert {layer.choice for layer in plan.layers} == {"w4@tinygemm"}
+
+
+def test_a_decode_budget_with_a_prefill_bound_keeps_tinygemm_where_prefill_allows(llama, profiled):
+    from profilers import build_layer_graph
+
+    graph = build_layer_graph(llama, batches(1)[0])
+    table = measure(graph, ["w2", "w4", "w4@tinygemm", "w8"], tokens=(1, 32), device="cpu", reps=3)
+    for key, entry in table.entries.items():  # tinygemm as on a GPU: fastest at 1 token, far slower at 32
+        if "|w4@tinygemm|" in key:
+            scale = 0.01 if key.endswith("|1") else 100.0
+            entry.all_ms = {name: ms * scale for name, ms in entry.all_ms.items()}
+            entry.ms *= scale
+    at = build_problem(profiled, latency_table=table, tokens=(1, 32)).latency_at
+    j4, jt = profiled.profile.choices.index("w4"), profiled.profile.choices.index("w4@tinygemm")
+    w4 = {t: at[t][:, j4].sum() for t in (1, 32)}
+    decode = (w4[1] + at[1][:, jt].sum()) / 2  # reachable at 1 token only with tinygemm on about half the layers
+
+    plan = solve_profiled(profiled, Budget(latency_ms=decode), latency_table=table, tokens=1)
+    assert any(layer.choice == "w4@tinygemm" for layer in plan.layers)
+    assert plan.predicted["latency_ms_at"]["1"] <= decode * (1 + 1e-7)
+    assert plan.predicted["latency_ms_at"]["32"] > 5 * w4[32]  # what the decode budget alone costs at prefill
+
+    with pytest.raises(InfeasibleError, match="no plan meets latency@1 and latency@32 together") as e:
+        solve_profiled(profiled, Budget(latency_ms={1: decode, 32: 1.5 * w4[32]}), latency_table=table)
+    assert set(e.value.smallest) == {"latency_ms@1", "latency_ms@32"}
+
+    budget = Budget(latency_ms={1: w4[1], 32: 1.5 * w4[32]})
+    plan = solve_profiled(profiled, budget, latency_table=table)
+    assert plan.predicted["latency_ms_at"]["1"] <= w4[1] * (1 + 1e-7)
+    assert plan.predicted["latency_ms_at"]["32"] <= 1.5 * w4[32] * (1 + 1e-7)
+    assert plan.predicted["latency_ms"] == plan.predicted["latency_ms_at"]["1"]
+    assert plan.solver["latency_tokens"] == 1
+    assert "latency_ms <= " in plan.summary() and "at 32 tokens" in plan.summary()
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))).budget == budget
 
 
 def test_layers_the_kernel_cannot_hold_are_left_to_the_other_choices():
