@@ -204,12 +204,7 @@ def solve_profiled(
     per_tokens = isinstance(budget.latency_ms, Mapping)
     counts = tuple(bounds) if per_tokens else (tokens,)
     if latency_table is not None:
-        measured = table_tokens(latency_table)
-        missing = [t for t in counts if t not in measured]
-        if missing:
-            raise ValueError(f"the latency table ({latency_table.device}) was measured at tokens {measured}, not at "
-                             f"{missing}; measure it with kernels.latency.measure(..., tokens={tuple(counts)}) or "
-                             f"`bitalloc latency --tokens {','.join(map(str, counts))}`")
+        _check_table_tokens(latency_table, latency_table.rest.get(profiled.rest_key), counts)
     problem = build_problem(profiled, pins=pins, ties=ties, latency_table=latency_table,
                             tokens=counts if per_tokens else tokens)
     rests = {t: rest_latency_ms(profiled, latency_table, t) for t in counts}
@@ -239,6 +234,21 @@ def solve_profiled(
         plan.solver.update(latency_tokens=counts[0], latency_table=latency_table.device)
         plan.predicted["latency_ms_at"] = latency_by_tokens(profiled, problem, solution, latency_table)
     return plan
+
+
+def _check_table_tokens(table: LatencyTable, rest, counts: Sequence[int]) -> None:
+    """A clear error where the table (or its rest of this model, ``rest``) was not measured at every count."""
+    measured = table_tokens(table)
+    missing = [t for t in counts if t not in measured]
+    if missing:
+        raise ValueError(f"the latency table ({table.device}) was measured at tokens {measured}, not at {missing}; "
+                         f"measure it with kernels.latency.measure(..., tokens={tuple(counts)}) or "
+                         f"`bitalloc latency --tokens {','.join(map(str, counts))}`")
+    missing = [] if rest is None else [t for t in counts if t not in rest.ms]
+    if missing:
+        raise ValueError(f"the latency table ({table.device}) holds this model's unquantized rest at tokens "
+                         f"{sorted(rest.ms)}, not at {missing}; measure it with kernels.model_latency.measure_rest("
+                         f"model, graph, tokens={tuple(missing)}, device=..., table=table) or `bitalloc latency --model`")
 
 
 def table_tokens(table: LatencyTable) -> list[int]:

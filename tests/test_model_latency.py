@@ -183,6 +183,32 @@ def test_latency_budget_covers_the_whole_model(setup):
     assert e.value.smallest["latency_ms"] == pytest.approx(lo)
 
 
+def test_a_latency_budget_at_two_token_counts_covers_the_whole_model_at_both(setup):
+    model, graph, table, profiled = setup
+    t = max(TOKENS)
+
+    def whole(plan, tokens):
+        return table.rest_ms(profiled.rest_key, tokens) + sum(layer_ms(table, graph[l.name], l.choice, tokens)
+                                                              for l in plan.layers)
+
+    mid = {n: table.rest_ms(profiled.rest_key, n) + sum(
+        (min(layer_ms(table, l, c, n) for c in CHOICES) + max(layer_ms(table, l, c, n) for c in CHOICES)) / 2
+        for l in graph.layers) for n in (1, t)}
+    plan = solve_profiled(profiled, Budget(latency_ms=mid), latency_table=table)
+    at = plan.predicted["latency_ms_at"]
+    assert at == {str(n): pytest.approx(whole(plan, n)) for n in TOKENS}
+    assert at["1"] <= mid[1] * (1 + 1e-7) and at[str(t)] <= mid[t] * (1 + 1e-7)
+    assert plan.solver["latency_scope"] == "whole model"
+
+    with pytest.raises(InfeasibleError, match=f"latency budget .* at {t} tokens is below the model's unquantized rest"):
+        solve_profiled(profiled, Budget(latency_ms={1: mid[1], t: table.rest_ms(profiled.rest_key, t) / 2}),
+                       latency_table=table)
+    partial = LatencyTable.from_dict(table.to_dict())
+    del partial.rest[profiled.rest_key].ms[t]
+    with pytest.raises(ValueError, match=rf"holds this model's unquantized rest at tokens \[1\], not at \[{t}\]"):
+        solve_profiled(profiled, Budget(latency_ms=mid), latency_table=partial)
+
+
 def test_without_the_rest_the_budget_covers_the_layers_and_says_so(setup):
     _, graph, table, profiled = setup
     layers_only = LatencyTable.from_dict({**table.to_dict(), "rest": {}})
