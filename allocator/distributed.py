@@ -133,16 +133,17 @@ def _measure_task(layers: list[TimedLayer], choices: list[str], tokens: tuple[in
     return _measure(layers, choices, tokens, cache_dir, spec).to_dict(), ray.get_runtime_context().get_node_id()
 
 
-def measure_latency(graph: LayerGraph, choices: list[str], tokens: tuple[int, ...], accelerator: str | None,
+def measure_latency(graph: LayerGraph, choices: list[str], tokens: int | tuple[int, ...], accelerator: str | None,
                     cache_dir: str, spec: JobSpec | None = None, max_retries: int = 2) -> tuple[LatencyTable, str]:
-    """Measure the latency table in a Ray task on one GPU of type ``accelerator`` (a Ray accelerator label
-    such as "H100"; None: any node, no GPU); with ``spec``, the task also loads the job's model and times its
-    unquantized rest. Returns the table and the id of the node it ran on."""
+    """Measure the latency table at ``tokens`` (one count or several) in a Ray task on one GPU of type
+    ``accelerator`` (a Ray accelerator label such as "H100"; None: any node, no GPU); with ``spec``, the task also
+    loads the job's model and times its unquantized rest. Returns the table and the id of the node it ran on."""
     options: dict[str, Any] = {"max_retries": max_retries}
     if accelerator is not None:
         options.update(num_gpus=1, accelerator_type=accelerator)
     task = ray.remote(_measure_task).options(**options)
-    table, node = ray.get(task.remote(timed_layers(graph), choices, tokens, cache_dir, spec))
+    counts = (tokens,) if isinstance(tokens, int) else tuple(tokens)
+    table, node = ray.get(task.remote(timed_layers(graph), choices, counts, cache_dir, spec))
     return LatencyTable.from_dict(table), node
 
 
