@@ -217,9 +217,11 @@ class Plan:
         if "latency_ms" in p:
             scope = self.solver.get("latency_scope", "quantized layers only")
             tokens = self.solver.get("latency_tokens")
+            others = [f"{ms:.4g} ms at {t}" for t, ms in p.get("latency_ms_at", {}).items() if int(t) != tokens]
             lines.append(f"predicted latency: {p['latency_ms']:.4g} ms" + (f" at {tokens} tokens" if tokens else "")
                          + (f" (rest {p['latency_rest_ms']:.4g} + layers {p['latency_layers_ms']:.4g})"
-                            if "latency_rest_ms" in p else "") + f"; {scope}")
+                            if "latency_rest_ms" in p else "")
+                         + (f", {', '.join(others)} tokens" if others else "") + f"; {scope}")
         width = max(len(layer.name) for layer in self.layers)
         lines += [f"  {layer.name:<{width}}  {layer.choice:>8}  {layer.bytes:>10} B" for layer in self.layers]
         if self.skipped:
