@@ -180,6 +180,13 @@ def test_budget_needs_a_limit_and_positive_values():
         Budget()
     with pytest.raises(ValueError, match="Budget.avg_bits must be a positive finite number"):
         Budget(avg_bits=float("nan"))
+    budget = Budget(latency_ms={"512": 40, 1: 2.0})  # JSON gives token counts as strings
+    assert budget.latency_ms == {1: 2.0, 512: 40.0} and budget.latency_at(16) == {1: 2.0, 512: 40.0}
+    assert Budget.from_dict(budget.to_dict()) == budget and Budget(latency_ms=2.0).latency_at(16) == {16: 2.0}
+    for bad, why in (({}, "empty mapping"), ({0: 1.0}, "keys must be positive token counts"),
+                     ({"x": 1.0}, "keys must be positive token counts"), ({1: -1.0}, r"latency_ms\[1\] must be")):
+        with pytest.raises(ValueError, match=why):
+            Budget(latency_ms=bad)
 
 
 def test_model_without_quantizable_layers():
