@@ -204,7 +204,7 @@ def solve_profiled(
     per_tokens = isinstance(budget.latency_ms, Mapping)
     counts = tuple(bounds) if per_tokens else (tokens,)
     if latency_table is not None:
-        _check_table_tokens(latency_table, latency_table.rest.get(profiled.rest_key), counts)
+        check_table_tokens(latency_table, latency_table.rest.get(profiled.rest_key), counts)
     problem = build_problem(profiled, pins=pins, ties=ties, latency_table=latency_table,
                             tokens=counts if per_tokens else tokens)
     rests = {t: rest_latency_ms(profiled, latency_table, t) for t in counts}
@@ -236,7 +236,7 @@ def solve_profiled(
     return plan
 
 
-def _check_table_tokens(table: LatencyTable, rest, counts: Sequence[int]) -> None:
+def check_table_tokens(table: LatencyTable, rest, counts: Sequence[int]) -> None:
     """A clear error where the table (or its rest of this model, ``rest``) was not measured at every count."""
     measured = table_tokens(table)
     missing = [t for t in counts if t not in measured]

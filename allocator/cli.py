@@ -225,7 +225,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def cmd_pareto(args: argparse.Namespace) -> None:
     from .frontier import frontier
 
-    frontier(args.profile, objective=args.objective, out=args.out, plot=args.plot)
+    frontier(args.profile, objective=args.objective, out=args.out, plot=args.plot, **_latency(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -282,9 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="latency table JSON to write")
     p.set_defaults(func=cmd_latency)
 
-    p = sub.add_parser("pareto", help="exact cost-vs-bytes frontier of a saved profile")
+    p = sub.add_parser("pareto", help="exact cost-vs-bytes (or -latency) frontier of a saved profile")
     p.add_argument("--profile", required=True, help="profile JSON written by `bitalloc profile`")
-    p.add_argument("--objective", default="memory", choices=("memory", "bops"), help="quantity traded against cost")
+    p.add_argument("--objective", default="memory", choices=("memory", "bops", "latency"),
+                   help="quantity traded against cost (latency: needs --latency-table)")
+    p.add_argument("--latency-table", help="latency table JSON from `bitalloc latency` (for --objective latency)")
+    p.add_argument("--tokens", type=int, default=1, help="tokens per forward of the latency frontier (default 1)")
     p.add_argument("--plot", help="PNG to draw the frontier into")
     p.add_argument("--out", required=True, help="frontier JSON to write")
     p.set_defaults(func=cmd_pareto)

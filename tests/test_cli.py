@@ -64,6 +64,18 @@ def test_latency_table_then_a_latency_budget(files, capsys):
 
     assert plan.predicted["latency_ms"] == pytest.approx(expected(1))
     assert plan.predicted["latency_ms_at"] == {"1": pytest.approx(expected(1)), "8": pytest.approx(expected(8))}
+    # the exact cost-vs-latency frontier at 8 tokens on this table
+    assert main(["pareto", "--profile", str(prof), "--objective", "latency", "--latency-table", str(table),
+                 "--tokens", "8", "--out", str(files / "lat_front.json"), "--plot", str(files / "lat.png")]) == 0
+    front = json.loads((files / "lat_front.json").read_text())
+    assert front["objective"] == "latency_layers_ms" and front["tokens"] == 8  # the table holds no rest here
+    values = [p["value"] for p in front["points"]]
+    assert values == sorted(values)  # on the CPU the most accurate choice can be the fastest: one point or more
+    fastest = sum(min(measured.layer_ms(shapes[layer.name], c, 8, layer.kind) for c in ("w2", "w4", "w8"))
+                  for layer in plan.layers)
+    assert values[0] == pytest.approx(fastest)
+    assert main(["pareto", "--profile", str(prof), "--objective", "latency", "--out", str(files / "x.json")]) == 1
+    assert "a latency frontier needs a latency table" in capsys.readouterr().err
     # decode and prefill bounded at once
     assert main(["solve", "--profile", str(prof), "--latency-ms", "1:1e6,8:1e6", "--latency-table", str(table),
                  "--out", str(files / "lat2.json")]) == 0
