@@ -120,7 +120,7 @@ class Problem:
         self.memory = None if memory is None else _table("memory", memory, self.layers, self.choices)
         self.latency = None if latency is None else _table("latency", latency, self.layers, self.choices)
         self.latency_at = {}
-        for key, table in sorted((_tokens(k), v) for k, v in (latency_at or {}).items()):
+        for key, table in sorted(((_tokens(k), v) for k, v in (latency_at or {}).items()), key=lambda kv: kv[0]):
             if key in self.latency_at:
                 raise ValueError(f"latency_at has token count {key} twice")
             self.latency_at[key] = _table(latency_at_name(key), table, self.layers, self.choices)

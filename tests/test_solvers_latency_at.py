@@ -80,3 +80,5 @@ def test_latency_at_round_trips_through_json_and_gives_pareto_objectives(tmp_pat
     assert front[0].value == pytest.approx(totals["latency@512"].min())
     with pytest.raises(ValueError, match="latency_at keys must be positive token counts"):
         Problem(["a"], ["w4"], cost=[[0.0]], latency_at={0: [[1.0]]})
+    with pytest.raises(ValueError, match="latency_at has token count 1 twice"):
+        Problem(["a"], ["w4"], cost=[[0.0]], latency_at={1: [[1.0]], "1": [[2.0]]})
