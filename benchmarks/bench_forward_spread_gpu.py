@@ -1,6 +1,8 @@
 """How steady the whole-model timings behind the latency calibration are: the 1B Llama of bench_model_gpu.py (bf16,
 random weights), its 1-token float forward timed again and again (`time_forward`: a fresh CUDA-graph capture each
-time, 30 replays, median), one capture replayed in several batches, and `measure_rest`'s calibration repeated.
+time, 30 replays, median), one capture replayed in several batches, and `measure_rest`'s calibration repeated
+(twice on its own, once right after a latency table of the model's layers at w4, as in bench_model_gpu.py), each
+followed by the float forward timed at once and after 5 s idle.
 
 Session 43 saw the float forward that the calibration is taken from run 1.0% and 3.5% slower than the same forward
 timed again 20-30 s later in the same process, which put 1-token predictions 1.5-2% high. This separates what
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_model_gpu import build_model  # noqa: E402
 from kernels.latency import (LatencyTable, cuda_graph, default_dtype, device_name, l2_flush_buffer,  # noqa: E402
-                             time_events, versions)
+                             measure, time_events, versions)
 from kernels.model_latency import default_inputs, measure_rest, time_forward  # noqa: E402
 from profilers import build_layer_graph  # noqa: E402
 
@@ -53,12 +55,18 @@ def main() -> None:
         result["one_capture_ms"] = [time_events(replay, 30, flush) for _ in range(args.rounds)]
 
     calibrations = []
-    for _ in range(3):
-        table = LatencyTable(device_name(device), versions())
+    for when in ("steady", "steady", "after a latency table"):
+        if when == "after a latency table":  # what precedes measure_rest in bench_model_gpu.py
+            table = measure(graph, ["w4"], tokens=(1,), device=device)
+        else:
+            table = LatencyTable(device_name(device), versions())
         rest = measure_rest(model, graph, tokens=(1,), device=device, table=table)
-        calibrations.append({"rest_ms": rest.ms[1], "calibration_ms": rest.calibration_ms.get(1),
+        now = time_forward(model, 1, device).ms
+        time.sleep(5.0)
+        idle = time_forward(model, 1, device).ms
+        calibrations.append({"when": when, "rest_ms": rest.ms[1], "calibration_ms": rest.calibration_ms.get(1),
                              "replay_overhead_ms": table.replay_overhead_ms,
-                             "float_forward_after_ms": time_forward(model, 1, device).ms})
+                             "float_forward_after_ms": now, "float_forward_after_5s_idle_ms": idle})
     result["calibrations"] = calibrations
 
     for name in ("fresh_capture_ms", "one_capture_ms"):
@@ -66,7 +74,8 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{x:.4f}" for x in v)
               + f"  (median {statistics.median(v):.4f}, spread {100 * (max(v) - min(v)) / min(v):.1f}%)")
     for c in calibrations:
-        print("measure_rest: " + ", ".join(f"{k} {v:.4f}" for k, v in c.items()))
+        print(f"measure_rest ({c['when']}): " + ", ".join(f"{k} {v:.4f}" for k, v in c.items()
+                                                         if isinstance(v, float)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "forward_spread.json").write_text(json.dumps(result, indent=1))
