@@ -2,12 +2,13 @@
 random weights), its 1-token float forward timed again and again (`time_forward`: a fresh CUDA-graph capture each
 time, 30 replays, median), one capture replayed in several batches, and `measure_rest`'s calibration repeated
 (twice on its own, once right after a latency table of the model's layers at w4, as in bench_model_gpu.py), each
-followed by the float forward timed at once and after 5 s idle.
+followed by the float forward timed at once and after --idle-s of idle.
 
 Session 43 saw the float forward that the calibration is taken from run 1.0% and 3.5% slower than the same forward
 timed again 20-30 s later in the same process, which put 1-token predictions 1.5-2% high. This separates what
 moves: a capture (its memory placement), the time between timings (idle or busy), or the calibration itself.
-    python benchmarks/bench_forward_spread_gpu.py --out $OUT [--rounds 6]
+    python benchmarks/bench_forward_spread_gpu.py --out $OUT [--rounds 6] [--idle-s 5]
+`--tiny --device cpu --idle-s 0` is a smoke test of the script on the CPU.
 """
 from __future__ import annotations
 
@@ -34,25 +35,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--idle-s", type=float, default=5.0, help="idle before the later timings (default 5)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny config (with --device cpu: a smoke test)")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     dtype = default_dtype(device)
-    model, config = build_model(False, device, dtype)
+    model, config = build_model(args.tiny, device, dtype)
     graph = build_layer_graph(model, {"input_ids": torch.randint(0, config.vocab_size, (1, 8), device=device)})
     result = {"device": device_name(device), "versions": versions()}
 
     fresh = []
     for i in range(args.rounds):
         if i % 2:
-            time.sleep(2.0)  # odd rounds after 2 s idle, even rounds straight after the last
+            time.sleep(args.idle_s / 2)  # odd rounds after idle, even rounds straight after the last
         fresh.append(time_forward(model, 1, device).ms)
     result["fresh_capture_ms"] = fresh
 
-    batch = default_inputs(model)(1)
-    flush = l2_flush_buffer(device)
-    with torch.no_grad():
-        replay = cuda_graph(lambda: model(**batch))
-        result["one_capture_ms"] = [time_events(replay, 30, flush) for _ in range(args.rounds)]
+    if device.type == "cuda":
+        batch = default_inputs(model)(1)
+        flush = l2_flush_buffer(device)
+        with torch.no_grad():
+            replay = cuda_graph(lambda: model(**batch))
+            result["one_capture_ms"] = [time_events(replay, 30, flush) for _ in range(args.rounds)]
 
     calibrations = []
     for when in ("steady", "steady", "after a latency table"):
@@ -62,15 +67,17 @@ def main() -> None:
             table = LatencyTable(device_name(device), versions())
         rest = measure_rest(model, graph, tokens=(1,), device=device, table=table)
         now = time_forward(model, 1, device).ms
-        time.sleep(5.0)
+        time.sleep(args.idle_s)
         idle = time_forward(model, 1, device).ms
         calibrations.append({"when": when, "rest_ms": rest.ms[1], "calibration_ms": rest.calibration_ms.get(1),
                              "replay_overhead_ms": table.replay_overhead_ms,
-                             "float_forward_after_ms": now, "float_forward_after_5s_idle_ms": idle})
+                             "float_forward_after_ms": now, "float_forward_after_idle_ms": idle})
     result["calibrations"] = calibrations
 
     for name in ("fresh_capture_ms", "one_capture_ms"):
-        v = result[name]
+        v = result.get(name)
+        if v is None:
+            continue
         print(f"{name}: " + ", ".join(f"{x:.4f}" for x in v)
               + f"  (median {statistics.median(v):.4f}, spread {100 * (max(v) - min(v)) / min(v):.1f}%)")
     for c in calibrations:
