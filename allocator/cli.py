@@ -19,7 +19,8 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="predicted latency from a latency table: MS at --tokens, or a bound per token count, e.g. "
                         "1:1.9,512:5 for decode and prefill at once")
     g.add_argument("--bops", type=float, help="bit operations per sample")
-    g.add_argument("--latency-table", help="latency table JSON from kernels.latency.measure (needed by --latency-ms)")
+    g.add_argument("--latency-table", help="latency table JSON from `bitalloc latency` (needed by --latency-ms, "
+                                           "except in `run`, which measures one on this machine's device)")
     g.add_argument("--tokens", type=int, default=1, help="tokens per forward the latency budget is for (default 1)")
 
 
@@ -83,6 +84,20 @@ def _choices(args: argparse.Namespace):
     return parse_choices(args.bits, args.choices.split(",") if args.choices else None)
 
 
+def _measured_here(model, profiled, budget: Budget, tokens: int, out: Path) -> dict:
+    """A latency budget without --latency-table: the table (the layers and the model's rest) measured on this
+    machine's device at the budget's token counts, cached under <out>/latency, as a job without Ray does."""
+    if budget.latency_ms is None:
+        return {}
+    from .device_latency import measure_here
+
+    counts = tuple(budget.latency_at(tokens))
+    table = measure_here(profiled.graph, profiled.profile.choices, counts, str(out / "latency"), model=model,
+                         graph=profiled.graph)
+    print(f"no --latency-table: measured one on {table.device} at tokens {list(counts)} (cached in {out / 'latency'})")
+    return {"latency_table": table, "tokens": tokens}
+
+
 def _load(args: argparse.Namespace):
     from .calib_files import load_calibration
     from .model import load_model
@@ -103,9 +118,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     model, calib = _load(args)
     profiled = profile_model(model, calib, _choices(args), profiler=args.profiler, cache_dir=args.cache_dir,
                              **dict(args.profiler_setting))
-    latency = _latency(args)
-    plan = solve_profiled(profiled, _budget(args), method=args.method, **latency)
-    out = Path(args.out)
+    budget, out = _budget(args), Path(args.out)
+    latency = _latency(args) or _measured_here(model, profiled, budget, args.tokens, out)
+    plan = solve_profiled(profiled, budget, method=args.method, **latency)
     qmodel = plan.apply(model)
     save_quantized(qmodel, out, latency_table=latency.get("latency_table"))
     print(plan.summary())

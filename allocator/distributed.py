@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from kernels.latency import LatencyTable, TimedLayer, timed_layers
 from profilers import LayerGraph, build_layer_graph
 
+from .device_latency import measure_here
 from .jobs import JobSpec, RaySettings, load_inputs, profile_shard, shard_items
 from .store import ProfileRequest, ResultStore
 
@@ -101,36 +102,15 @@ def profile_on_ray(spec: JobSpec, request: ProfileRequest, shards: list[dict[str
         remove_placement_group(pg)
 
 
-def _measure(layers: list[TimedLayer], choices: list[str], tokens: tuple[int, ...], cache_dir: str,
-             spec: JobSpec | None = None, model=None, graph: LayerGraph | None = None) -> LatencyTable:
-    """Measure on this process's device (its GPU when it has one, else the CPU). With the job's model (given
-    with its graph, or loaded from ``spec``), the table also gets the model's unquantized rest, so a latency
-    budget bounds the whole model; it is cached with the layers."""
-    import copy
-
-    import torch
-
-    from kernels.latency import cache_path, default_dtype, measure
-    from kernels.model_latency import measure_rest, model_key
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    table = measure(layers, choices, tokens=tokens, device=device, cache_dir=cache_dir)
-    if model is None and spec is not None:
-        model, calib = load_inputs(spec)
-        graph = build_layer_graph(model, calib[0])
-    missing = () if model is None else tuple(
-        t for t in tokens if t not in getattr(table.rest.get(model_key(model, graph.names)), "ms", {}))
-    if missing:
-        param, dtype = next(model.parameters()), default_dtype(device)
-        here = model if (param.device, param.dtype) == (device, dtype) else copy.deepcopy(model).to(device, dtype)
-        measure_rest(here, graph, missing, device, table=table)
-        table.save(cache_path(cache_dir, device))
-    return table
-
-
 def _measure_task(layers: list[TimedLayer], choices: list[str], tokens: tuple[int, ...],
                   cache_dir: str, spec: JobSpec | None) -> tuple[dict, str]:
-    return _measure(layers, choices, tokens, cache_dir, spec).to_dict(), ray.get_runtime_context().get_node_id()
+    """`measure_here` in a Ray task; with ``spec`` it loads the job's model to time its unquantized rest too."""
+    model = graph = None
+    if spec is not None:
+        model, calib = load_inputs(spec)
+        graph = build_layer_graph(model, calib[0])
+    table = measure_here(layers, choices, tokens, cache_dir, model=model, graph=graph)
+    return table.to_dict(), ray.get_runtime_context().get_node_id()
 
 
 def measure_latency(graph: LayerGraph, choices: list[str], tokens: int | tuple[int, ...], accelerator: str | None,
@@ -153,7 +133,7 @@ def latency_table(spec: JobSpec, graph: LayerGraph, model) -> LatencyTable:
     choices = [c.label for c in spec.candidates]
     cache_dir = str(spec.store_dir / "latency")
     if spec.ray is None and spec.latency.accelerator is None:
-        return _measure(timed_layers(graph), choices, spec.latency_tokens, cache_dir, model=model, graph=graph)
+        return measure_here(timed_layers(graph), choices, spec.latency_tokens, cache_dir, model=model, graph=graph)
     connect(spec.ray or RaySettings())
     table, node = measure_latency(graph, choices, spec.latency_tokens, spec.latency.accelerator, cache_dir, spec)
     log.warning("bitalloc: latency table measured on %s (node %s)", table.device, node)

@@ -32,6 +32,19 @@ def test_run_writes_a_plan_and_a_loadable_quantized_model(files, capsys):
     assert torch.isfinite(qmodel(torch.randint(0, 96, (1, 8))).logits).all()
 
 
+def test_run_with_a_latency_budget_measures_the_table_on_this_machine(files, capsys):
+    out = files / "out_latency"
+    assert main(["run", "--model", str(files / "model"), "--calib", str(files / "calib.pt"), *FAST,
+                 "--latency-ms", "1:1e6,4:1e6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no --latency-table: measured one on cpu" in printed and "at tokens [1, 4]" in printed
+    plan = Plan.load(out / "plan.json")
+    assert plan.solver["latency_scope"] == "whole model"  # the run's table holds the model's rest too
+    assert set(plan.predicted["latency_ms_at"]) == {"1", "4"}
+    cached = LatencyTable.load(next((out / "latency").glob("latency_*.json")))
+    assert plan.predicted["latency_ms_at"]["4"] > cached.rest[next(iter(cached.rest))].ms[4]
+
+
 def test_profile_once_then_solve_and_pareto_without_the_model(files, capsys):
     prof = files / "profile.json"
     assert main(["profile", "--model", str(files / "model"), "--calib", str(files / "calib.pt"), *FAST,
