@@ -7,9 +7,8 @@ import os
 import numpy as np
 
 from kernels.fileio import atomic_write_json
-from solvers import pareto, plot_pareto
-
 from kernels.latency import LatencyTable
+from solvers import pareto, plot_pareto
 
 from .api import ProfiledModel, build_problem, check_table_tokens, rest_latency_ms
 from .budget import MIB
@@ -22,10 +21,10 @@ def frontier(profile_path: str | os.PathLike, objective: str = "memory", out: st
     (needs ``latency_table``, at ``tokens`` tokens per forward) in ms, the whole model's where the table holds the
     model's rest (``kernels.model_latency.measure_rest``), else the quantized layers'."""
     profiled = ProfiledModel.load(profile_path)
-    if objective == "latency" and latency_table is None:
-        raise ValueError("a latency frontier needs a latency table: pass latency_table= (`bitalloc pareto "
-                         "--latency-table latency.json --tokens N`), measured with `bitalloc latency`")
     if objective == "latency":
+        if latency_table is None:
+            raise ValueError("a latency frontier needs a latency table: pass latency_table= (`bitalloc pareto "
+                             "--latency-table latency.json --tokens N`), measured with `bitalloc latency`")
         check_table_tokens(latency_table, latency_table.rest.get(profiled.rest_key), (tokens,))
     problem = build_problem(profiled, latency_table=latency_table if objective == "latency" else None, tokens=tokens)
     points = pareto(problem, objective=objective)
@@ -37,8 +36,8 @@ def frontier(profile_path: str | os.PathLike, objective: str = "memory", out: st
         shift, unit = rest or 0.0, "latency_ms" if rest is not None else "latency_layers_ms"
     rows = [{"value": (p.value + shift) / scale, "cost": p.cost, "choice": p.choice} for p in points]
     if out is not None:
-        atomic_write_json(out, {"objective": unit, "tokens": tokens, "points": rows} if objective == "latency"
-                          else {"objective": unit, "points": rows})
+        atomic_write_json(out, {"objective": unit, **({"tokens": tokens} if objective == "latency" else {}),
+                                "points": rows})
     if plot is not None:
         table = problem.tables[objective]
         uniform = {label: ((float(table[:, j].sum()) + shift) / scale, float(problem.cost[:, j].sum()))
