@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model_gpu import build_model  # noqa: E402
 from kernels.latency import (LatencyTable, cuda_graph, default_dtype, device_name, l2_flush_buffer,  # noqa: E402
                              measure, time_events, versions)
+import kernels.model_latency as model_latency  # noqa: E402
 from kernels.model_latency import default_inputs, measure_rest, time_forward  # noqa: E402
 from profilers import build_layer_graph  # noqa: E402
 
@@ -60,16 +61,26 @@ def main() -> None:
             result["one_capture_ms"] = [time_events(replay, 30, flush) for _ in range(args.rounds)]
 
     calibrations = []
+    forwards = []  # every forward measure_rest times: the stubbed one, then the calibration's float forward
+
+    def logged(*a, **k):
+        timing = time_forward(*a, **k)
+        forwards.append(timing.ms)
+        return timing
+    model_latency.time_forward = logged
     for when in ("steady", "steady", "after a latency table"):
         if when == "after a latency table":  # what precedes measure_rest in bench_model_gpu.py
             table = measure(graph, ["w4"], tokens=(1,), device=device)
         else:
             table = LatencyTable(device_name(device), versions())
+        forwards.clear()
         rest = measure_rest(model, graph, tokens=(1,), device=device, table=table)
+        whole = forwards[-1]
         now = time_forward(model, 1, device).ms
         time.sleep(args.idle_s)
         idle = time_forward(model, 1, device).ms
         calibrations.append({"when": when, "rest_ms": rest.ms[1], "calibration_ms": rest.calibration_ms.get(1),
+                             "calibration_float_forward_ms": whole,
                              "replay_overhead_ms": table.replay_overhead_ms,
                              "float_forward_after_ms": now, "float_forward_after_idle_ms": idle})
     result["calibrations"] = calibrations
