@@ -144,13 +144,19 @@ def _default_reps(device: torch.device) -> int:
     return 30 if device.type == "cuda" else 5
 
 
+CAPTURES = 3  # fresh CUDA-graph captures a whole-model timing takes the median of (see time_forward)
+
+
 @torch.no_grad()
 def time_forward(model: nn.Module, tokens: int, device: str | torch.device = "cuda", reps: int | None = None,
-                 inputs: Inputs | None = None, flush: torch.Tensor | None = None) -> ForwardTiming:
+                 inputs: Inputs | None = None, flush: torch.Tensor | None = None,
+                 captures: int = CAPTURES) -> ForwardTiming:
     """Median time of one forward of `model` (already on `device`) on batch 1 x `tokens` tokens, no KV cache.
 
     CUDA: a CUDA-graph replay when the forward can be captured, else eager; the L2 flushed before each run
-    (`flush`: the scratch tensor `latency.flush_l2` reads, allocated when None); CUDA events. CPU: time.perf_counter.
+    (`flush`: the scratch tensor `latency.flush_l2` reads, allocated when None); CUDA events; the median over
+    `captures` fresh captures of each one's median of `reps` replays (one capture's figure can sit 1-3% off the
+    next one's on an H100, which alone moved a calibrated prediction by as much). CPU: time.perf_counter.
     inputs: tokens -> the forward's input; default `default_inputs(model)` (Hugging Face language models).
     """
     dev = torch.device(device)
@@ -158,6 +164,8 @@ def time_forward(model: nn.Module, tokens: int, device: str | torch.device = "cu
         raise RuntimeError("device='cuda' but no CUDA device is available; use device='cpu'")
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         raise ValueError(f"tokens={tokens!r} must be a positive int")
+    if not isinstance(captures, int) or isinstance(captures, bool) or captures < 1:
+        raise ValueError(f"captures={captures!r} must be a positive int")
     _check_device(model, dev)
     reps = reps or _default_reps(dev)
     batch = (inputs or default_inputs(model))(tokens)
@@ -178,8 +186,14 @@ def time_forward(model: nn.Module, tokens: int, device: str | torch.device = "cu
                 run()
             flush = flush if flush is not None else l2_flush_buffer(dev)
             replay = cuda_graph(run)
-            ms = time_events(replay or run, reps, flush)
-            return ForwardTiming(ms, "cuda-graph" if replay is not None else "cuda-eager")
+            if replay is None:
+                return ForwardTiming(time_events(run, reps, flush), "cuda-eager")
+            ms = [time_events(replay, reps, flush)]
+            for _ in range(captures - 1):
+                del replay
+                replay = cuda_graph(run)
+                ms.append(time_events(replay, reps, flush))
+            return ForwardTiming(statistics.median(ms), "cuda-graph")
     finally:
         model.train(was_training)
 

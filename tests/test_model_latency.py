@@ -150,6 +150,8 @@ def test_stubs_restore_the_model_and_bad_arguments_are_named(setup):
         measure_rest(model, ["model.nope"], tokens=(1,), device="cpu")
     with pytest.raises(ValueError, match="tokens=0"):
         time_forward(model, 0, "cpu")
+    with pytest.raises(ValueError, match="captures=0"):
+        time_forward(model, 1, "cpu", captures=0)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     with pytest.raises(ValueError, match="pass inputs="):
         time_forward(mlp, 2, "cpu")
