@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,8 @@ from .model import model_identity, quantized_layer_bias_bytes, storage_bytes
 from .plan import LayerPlan, ModelIdentity, Plan
 
 log = logging.getLogger("bitalloc")
+
+SLOW_ELSEWHERE = 1.5  # warn_slow_elsewhere: a plan this many times the fastest at an unbounded token count
 
 FLOAT_ACT_BITS = 16
 LAYERS_ONLY = ("quantized layers only: the latency table holds no rest-of-model figure for this model "
@@ -233,6 +236,8 @@ def solve_profiled(
     if latency_table is not None:
         plan.solver.update(latency_tokens=counts[0], latency_table=latency_table.device)
         plan.predicted["latency_ms_at"] = latency_by_tokens(profiled, problem, solution, latency_table)
+        if bounds:
+            warn_slow_elsewhere(plan, fastest_by_tokens(profiled, problem, latency_table), bounds)
     return plan
 
 
@@ -262,16 +267,63 @@ def latency_by_tokens(profiled: ProfiledModel, problem: Problem, solution: Solut
     ({"tokens": ms}; the whole model's where the table holds its rest at that count, else the layers'): a plan
     bounded at decode shows here what it costs at prefill."""
     out = {}
+    rows = np.arange(len(solution.index))
     for t in table_tokens(table):
-        try:
-            layers_ms = sum(forward_ms(table.layer_ms, layer, (layer.out_features, layer.in_features),
-                                       problem.choices[int(j)], t)
-                            for layer, j in zip(profiled.graph.layers, solution.index))
-            rest = rest_latency_ms(profiled, table, t)
-        except KeyError:  # not measured at t for some layer or for the rest
-            continue
-        out[str(t)] = layers_ms + (rest or 0.0)
+        ms = _layer_choice_ms(profiled, problem, table, t)[rows, np.asarray(solution.index)]
+        rest = _rest_or_nan(profiled, table, t)
+        if np.isfinite(ms).all() and not np.isnan(rest):
+            out[str(t)] = float(ms.sum() + rest)
     return out
+
+
+def fastest_by_tokens(profiled: ProfiledModel, problem: Problem, table: LatencyTable) -> dict[str, float]:
+    """The least latency any plan of ``problem`` reaches at each token count ``table`` measured ({"tokens": ms},
+    as ``latency_by_tokens``): every layer at its fastest allowed choice there (pins and ties kept per layer)."""
+    out = {}
+    allowed = problem.reduced.allowed[problem.reduced.group_of]
+    for t in table_tokens(table):
+        ms = np.where(allowed, _layer_choice_ms(profiled, problem, table, t), np.inf).min(axis=1)
+        rest = _rest_or_nan(profiled, table, t)
+        if np.isfinite(ms).all() and not np.isnan(rest):
+            out[str(t)] = float(ms.sum() + rest)
+    return out
+
+
+def _layer_choice_ms(profiled: ProfiledModel, problem: Problem, table: LatencyTable, tokens: int) -> np.ndarray:
+    """[layers, choices]: what each layer adds to a forward at ``tokens`` tokens with each choice (inf: not
+    measured)."""
+    out = np.full((len(profiled.graph.layers), len(problem.choices)), np.inf)
+    for i, layer in enumerate(profiled.graph.layers):
+        for j, choice in enumerate(problem.choices):
+            try:
+                out[i, j] = forward_ms(table.layer_ms, layer, (layer.out_features, layer.in_features), choice, tokens)
+            except KeyError:
+                pass
+    return out
+
+
+def _rest_or_nan(profiled: ProfiledModel, table: LatencyTable, tokens: int) -> float:
+    """The rest's latency at ``tokens`` (0 where the table holds no rest of this model, NaN where not at this count)."""
+    try:
+        return rest_latency_ms(profiled, table, tokens) or 0.0
+    except KeyError:
+        return float("nan")
+
+
+def warn_slow_elsewhere(plan: Plan, fastest: Mapping[str, float], bounded: Iterable[int]) -> None:
+    """Warn where a latency-bounded plan takes more than ``SLOW_ELSEWHERE`` times the fastest plan's latency at a
+    token count its budget leaves unbounded (a decode bound alone can choose a kernel that is fast at 1 token and
+    many times slower at 512, e.g. ``w4@tinygemm``)."""
+    bounded = {int(t) for t in bounded}
+    for t, ms in plan.predicted.get("latency_ms_at", {}).items():
+        least = fastest.get(t)
+        if int(t) not in bounded and least and ms > SLOW_ELSEWHERE * least:
+            warnings.warn(
+                f"the plan takes {ms:.4g} ms at {t} tokens, {ms / least:.1f}x the fastest plan there ({least:.4g} ms), "
+                f"because its latency budget bounds only {sorted(bounded)} tokens; to bound both, give "
+                f"Budget(latency_ms={{{', '.join(f'{b}: ...' for b in sorted(bounded | {int(t)}))}}}) "
+                f"(CLI: --latency-ms {','.join(f'{b}:MS' for b in sorted(bounded | {int(t)}))})",
+                stacklevel=3)
 
 
 def _in_user_units(error: InfeasibleError, fixed_bytes: int, rests: Mapping[int, float | None],

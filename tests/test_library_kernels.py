@@ -3,6 +3,7 @@ each bfloat16 scale, counted in its bytes), so a solver weighs its latency again
 layer runs it on CUDA (dequantize + matmul elsewhere)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -126,7 +127,9 @@ def test_a_decode_budget_with_a_prefill_bound_keeps_tinygemm_where_prefill_allow
     fastest_without = at[1][:, others].min(axis=1).sum()
     decode = (fastest_without + at[1][:, jt].sum()) / 2  # reachable at 1 token only with tinygemm on some layers
 
-    plan = solve_profiled(profiled, Budget(latency_ms=decode), latency_table=table, tokens=1)
+    with pytest.warns(UserWarning, match=r"at 32 tokens, [0-9.]+x the fastest plan there .*bounds only \[1\] "
+                      r"tokens.*Budget\(latency_ms=\{1: \.\.\., 32: \.\.\.\}\).*--latency-ms 1:MS,32:MS"):
+        plan = solve_profiled(profiled, Budget(latency_ms=decode), latency_table=table, tokens=1)
     assert any(layer.choice == "w4@tinygemm" for layer in plan.layers)
     assert plan.predicted["latency_ms_at"]["1"] <= decode * (1 + 1e-7)
     assert plan.predicted["latency_ms_at"]["32"] > 5 * w4[32]  # what the decode budget alone costs at prefill
@@ -136,7 +139,9 @@ def test_a_decode_budget_with_a_prefill_bound_keeps_tinygemm_where_prefill_allow
     assert set(e.value.smallest) == {"latency_ms@1", "latency_ms@32"}
 
     budget = Budget(latency_ms={1: w4[1], 32: 1.5 * w4[32]})
-    plan = solve_profiled(profiled, budget, latency_table=table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bounded at both counts: nothing to warn of
+        plan = solve_profiled(profiled, budget, latency_table=table)
     assert plan.predicted["latency_ms_at"]["1"] <= w4[1] * (1 + 1e-7)
     assert plan.predicted["latency_ms_at"]["32"] <= 1.5 * w4[32] * (1 + 1e-7)
     assert plan.predicted["latency_ms"] == plan.predicted["latency_ms_at"]["1"]
