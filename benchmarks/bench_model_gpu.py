@@ -14,7 +14,8 @@ float model, and memory vs the plans' predicted bytes, in one run.
    (batch 1, no KV cache; CUDA-graph replay when capturable, L2 flushed, median), predicted vs measured, CUDA
    allocator bytes (resident and peak) vs the plan's predicted bytes. Decode = the 1-token forward. Predicted is
    the library's (`LatencyTable.layer_ms`: graph-timed entries less the table's replay overhead; the rest with its
-   calibration against the float model's own forward, `RestLatency.calibration_ms`); the error without that
+   calibration against a whole forward, `RestLatency.calibration_ms`: of the model with every layer at w4 where
+   the table holds w4, else of the float model); the error without that
    calibration and the raw sum of the isolated entries are shown beside it.
 --extra-choices w8gca8 adds choices to the table, a uniform plan of each, and the solved plans' candidates
 (w4@tinygemm: layers held for torch's tinygemm).
@@ -295,8 +296,9 @@ def markdown(result: dict, rows: list[dict], checks, decode: list[dict], kernels
              f"(" + ", ".join(f"{k} {s:.0f} s" for k, s in meta["stages_s"].items()) + ").", "",
              "## Predicted (rest + layers from the table) vs measured forward, ms", "",
              f"Predicted = rest + layers (`LatencyTable.layer_ms`): {correction}. The rest carries its calibration "
-             "(`RestLatency.calibration_ms`: the float model's own forward less the stubbed rest and its float layers "
-             "timed alone, measured by `measure_rest`), so the float rows check only that it holds when timed again; "
+             "(`RestLatency.calibration_ms`, measured by `measure_rest`: the forward of the model with every layer "
+             "at w4 less the stubbed rest and the w4 entries where the table holds w4 for every layer, else the float "
+             "model's forward less the rest and its float layers timed alone; `calibration_from` in bench.json); "
              "'uncalibrated' is the error without it (what sessions before 41 reported). Raw sum = rest + the "
              "entries as timed in isolation.", "",
              "| plan | tokens | rest | layers | raw sum | raw error | predicted | measured | error | uncalibrated "

@@ -127,10 +127,12 @@ class LatencyEntry:
 class RestLatency:
     """The unquantized rest of one model (its forward with every quantizable layer stubbed out), in median ms
     per token count (batch 1, no KV cache), and how each was timed ("cuda-graph", "cuda-eager", "cpu").
-    calibration_ms: the float model's forward less the rest and less its float layers' figures timed as the
-    table's entries are (`LatencyTable.in_model_ms`), per token count: what the model's layers cost inside its
-    forward beyond those figures (gaps between kernels in the model's graph and the like), charged to every plan
-    with the rest (`LatencyTable.rest_ms`; `model_latency.measure_rest`)."""
+    calibration_ms: a whole forward less the rest and less its layers' figures, per token count: what the model's
+    layers cost inside its forward beyond their isolated figures (gaps between kernels in the model's graph and the
+    like), charged to every plan with the rest (`LatencyTable.rest_ms`; `model_latency.measure_rest`). The forward
+    is of the model with every layer quantized to one choice, against that choice's own entries, where the table
+    holds them (calibration_from: its label), else of the float model against its float layers timed as the
+    table's entries are ("float")."""
 
     model: str
     dtype: str
@@ -138,17 +140,20 @@ class RestLatency:
     ms: dict[int, float] = field(default_factory=dict)
     mode: dict[int, str] = field(default_factory=dict)
     calibration_ms: dict[int, float] = field(default_factory=dict)
+    calibration_from: dict[int, str] = field(default_factory=dict)  # per token count: "float" or the choice label
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "layers": self.layers,
                 "ms": {str(t): v for t, v in self.ms.items()}, "mode": {str(t): v for t, v in self.mode.items()},
-                "calibration_ms": {str(t): v for t, v in self.calibration_ms.items()}}
+                "calibration_ms": {str(t): v for t, v in self.calibration_ms.items()},
+                "calibration_from": {str(t): v for t, v in self.calibration_from.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RestLatency":
         return cls(d["model"], d["dtype"], int(d["layers"]), {int(t): float(v) for t, v in d["ms"].items()},
                    {int(t): str(v) for t, v in d.get("mode", {}).items()},
-                   {int(t): float(v) for t, v in d.get("calibration_ms", {}).items()})
+                   {int(t): float(v) for t, v in d.get("calibration_ms", {}).items()},
+                   {int(t): str(v) for t, v in d.get("calibration_from", {}).items()})
 
 
 @dataclass

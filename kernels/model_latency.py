@@ -9,14 +9,16 @@ whatever else the model does. Every forward here is batch 1, `tokens` input toke
 of the forward when it can be captured (else eager), the L2 flushed before each run, CUDA events, median; CPU:
 time.perf_counter, median. The rest is stored in a LatencyTable under `model_key(model, layers)`.
 
-With a table on CUDA, `measure_rest` also calibrates the rest: it times the float model's whole forward and its float
-layers alone (as the table's entries are timed, less the replay overhead), and keeps what the forward took beyond
-the rest and those layers (`RestLatency.calibration_ms`), which `LatencyTable.rest_ms` adds to the rest. That is
-what a layer pays inside the model's graph beyond its isolated figure (the gaps between kernels of a long graph and
-the like), the same for the float model's layers as for a plan's. On an H100 the uncalibrated prediction of a 1.1B
-Llama at 1 token came out low by 2.9-5.2% in one run (session 41) and 2.3-5.0% in another (session 39), with the
-float model low by as much; charging each plan the float model's own miss puts every plan of the three recorded
-runs (sessions 35, 39, 41) within 2.5%, recomputed from their figures (docs/kernels_gpu.md, "Session 41").
+With a table on CUDA, `measure_rest` also calibrates the rest: it times a whole forward and keeps what it took beyond
+the rest and its layers' isolated figures (`RestLatency.calibration_ms`), which `LatencyTable.rest_ms` adds to the
+rest. That is what a layer pays inside the model's graph beyond its isolated figure (the gaps between kernels of a
+long graph and the like), the same for one set of layers as for a plan's. The forward is of the model with every
+layer quantized to w4 (or w8) where the table holds that choice for all of them, against those very entries;
+else of the float model, against its float layers timed alone as the entries are (less the replay overhead).
+Uncalibrated, 1-token predictions of a 1.1B Llama on an H100 came out low by 2.3-5.2% (sessions 39, 41). The
+float-model calibration (session 41) then missed by up to +6.9% where the isolated float layers' figures moved
+between runs (sessions 43-44); the w4 anchor, recomputed from the ten recorded runs' figures, keeps every plan
+within -3.8..+3.6% (docs/kernels_gpu.md, "Session 44").
 """
 from __future__ import annotations
 
@@ -32,8 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .latency import (LatencyTable, RestLatency, cuda_graph, l2_flush_buffer, time_events, time_layer,
+from .choice import Choice
+from .latency import (LatencyTable, RestLatency, cuda_graph, entry_key, l2_flush_buffer, time_events, time_layer,
                       time_replay_overhead)
+from .layout import module_kind, weight_matrix
+from .modules import quantize_module
 
 Inputs = Callable[[int], Any]  # tokens -> the forward's input: a tensor, a tuple of tensors or a dict of keyword inputs
 
@@ -144,6 +149,7 @@ def _default_reps(device: torch.device) -> int:
     return 30 if device.type == "cuda" else 5
 
 
+ANCHORS = ("w4", "w8")  # choices the calibration quantizes every layer to, first one the table holds (_anchor)
 CAPTURES = 3  # fresh CUDA-graph captures a whole-model timing takes the median of (see time_forward)
 
 
@@ -205,8 +211,9 @@ def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1,
     count (batch 1, no KV cache); see the module docstring. The model must already be on `device`, in the dtype
     the table's layers were timed in (`latency.default_dtype(device)` unless `measure` was given another).
     With `table`, the result is stored (merged with earlier token counts) in `table.rest[model_key(model, layers)]`.
-    calibrate: also calibrate the rest against the float model's own forward (`RestLatency.calibration_ms`, see
-    the module docstring; needs `table`, whose replay overhead is timed first where it is not yet). None: where a
+    calibrate: also calibrate the rest against a whole forward (`RestLatency.calibration_ms` and
+    `.calibration_from`, see the module docstring; needs `table`, whose replay overhead is timed first where it is
+    not yet). None: where a
     table is given on CUDA. On the CPU the isolated timings of small layers carry per-call overhead and noise as
     large as the calibration itself (a tiny conv net's calibrated rest came out negative), so it is off there
     unless asked for.
@@ -229,30 +236,79 @@ def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1,
             timing = time_forward(model, t, device, reps, inputs)
             rest.ms[t], rest.mode[t] = timing.ms, timing.mode
             rest.calibration_ms.pop(t, None)
+            rest.calibration_from.pop(t, None)
             if calibrate:
                 calls[t] = _layer_calls(model, names, t, inputs)
     if calibrate:
         time_replay_overhead(table, dev, reps or _default_reps(dev), None, dtype)
         for t in tokens:
             if calls[t] is not None:
-                _calibrate(rest, model, calls[t], table, t, dev, reps, inputs)
+                _calibrate(rest, model, names, calls[t], table, t, dev, reps, inputs)
     if table is not None:
         table.rest[key] = rest
     return rest
 
 
-def _calibrate(rest: RestLatency, model: nn.Module, calls: list[tuple[nn.Module, tuple]], table: LatencyTable,
-               tokens: int, device: torch.device, reps: int | None, inputs: Inputs | None) -> None:
-    """Set rest.calibration_ms[tokens]: the float model's whole forward less the rest and its float layers timed
-    alone (`_float_layers_ms`); left unset, with a warning, where the forward took no longer than those layers."""
-    whole = time_forward(model, tokens, device, reps, inputs).ms
-    layers_ms = _float_layers_ms(calls, table, tokens, device, reps)
+def _calibrate(rest: RestLatency, model: nn.Module, names: list[str], calls: list[tuple[nn.Module, tuple]],
+               table: LatencyTable, tokens: int, device: torch.device, reps: int | None, inputs: Inputs | None) -> None:
+    """Set rest.calibration_ms[tokens]: a whole forward less the rest and its layers' figures, where the layers are
+    either every stubbed layer quantized to an `ANCHORS` choice the table holds for all of them, timed with the
+    table's own entries (`_anchor`), or else the float layers timed alone (`_float_layers_ms`);
+    rest.calibration_from[tokens] says which. Left unset, with a warning, where the forward took no longer than
+    those layers."""
+    anchor = _anchor(table, calls, tokens)
+    if anchor is None:
+        whole = time_forward(model, tokens, device, reps, inputs).ms
+        layers_ms = _float_layers_ms(calls, table, tokens, device, reps)
+    else:
+        with _quantized(model, names, anchor, table, device):
+            whole = time_forward(model, tokens, device, reps, inputs).ms
+        layers_ms = sum(table.layer_ms(tuple(weight_matrix(layer).shape), anchor, tokens, module_kind(layer))
+                        for layer, _ in calls)
+    rest.calibration_from[tokens] = anchor or "float"
     if whole <= layers_ms:
-        warnings.warn(f"the float forward at {tokens} tokens ({whole:.4g} ms) took no longer than its layers timed "
-                      f"alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, which stays "
-                      "uncalibrated there (RestLatency.calibration_ms)", stacklevel=3)
+        warnings.warn(f"the {anchor or 'float'} forward at {tokens} tokens ({whole:.4g} ms) took no longer than its "
+                      f"layers timed alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, which "
+                      "stays uncalibrated there (RestLatency.calibration_ms)", stacklevel=3)
+        rest.calibration_from.pop(tokens)
         return
     rest.calibration_ms[tokens] = whole - rest.ms[tokens] - layers_ms
+
+
+def _anchor(table: LatencyTable, calls: list[tuple[nn.Module, tuple]], tokens: int) -> str | None:
+    """The first `ANCHORS` choice the table has an entry for at every stubbed call (each a linear layer on `tokens`
+    rows); None where there is none or a call is of another kind or row count (a conv's entries are keyed by its
+    geometry). A quantized model timed against the very entries its plans are predicted from keeps the isolated
+    float layers out of the calibration: on an H200 their summed figure moved by 8-10% between two runs where the
+    quantized entries and both models' forwards held within 1% (docs/kernels_gpu.md, "Session 44")."""
+    keys = []
+    for layer, (shape, _, _) in calls:
+        kind = module_kind(layer)
+        if kind not in ("linear", "hf_conv1d") or len(shape) < 2 or torch.Size(shape[:-1]).numel() != tokens:
+            return None
+        keys.append((tuple(weight_matrix(layer).shape), kind))
+    return next((label for label in ANCHORS
+                 if all(entry_key(shape, label, tokens, kind) in table.entries for shape, kind in keys)), None)
+
+
+@contextmanager
+def _quantized(model: nn.Module, names: list[str], label: str, table: LatencyTable,
+               device: torch.device) -> Iterator[nn.Module]:
+    """`model` with each named layer replaced by its quantized copy at choice `label` (on the path the table's
+    entries timed, as an emitted model runs it), restored on exit."""
+    choice = Choice.parse(label)
+    if device.type == "cuda":
+        table.use_dispatch()
+    modules = {n: model.get_submodule(n) for n in names}
+    try:
+        with torch.no_grad():
+            for n, m in modules.items():
+                spec = choice.spec_for(module_kind(m), weight_matrix(m).shape[1])
+                _set(model, n, quantize_module(m, spec, clip_search=False, backend=choice.kernel))
+        yield model
+    finally:
+        for n, m in modules.items():
+            _set(model, n, m)
 
 
 def _layer_calls(model: nn.Module, names: list[str], tokens: int,

@@ -2,6 +2,7 @@
 check_latency's predicted-vs-measured report (structure only: a shared 2-core CPU is too noisy for the 5% goal)."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -106,6 +107,43 @@ def test_the_rest_is_calibrated_by_the_float_models_own_forward(monkeypatch):
     with pytest.raises(ValueError, match="calibrate=True needs table="):
         measure_rest(mlp, names, tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
                      calibrate=True)
+
+
+def test_the_rest_is_calibrated_by_a_w4_forward_where_the_table_holds_w4_for_every_layer(monkeypatch):
+    """Where the table has w4 entries for every stubbed layer, the calibration's forward is of the model with every
+    layer quantized to w4, less the rest and those very entries: no float layer is timed alone. The model gets its
+    float layers back afterwards. Fixed timings here."""
+    import kernels.model_latency as ml
+    from kernels.modules import QuantizedLinear
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4), torch.nn.Linear(4, 4))
+    names = ["0", "2", "3"]
+    table = measure([(16, 8), (4, 16), (4, 4)], ["w4"], tokens=(3,), device="cpu", reps=1)
+    for entry in table.entries.values():
+        entry.ms = entry.all_ms[entry.selected] = 0.25
+    forwards = []
+
+    def timed(model, *a, **k):
+        forwards.append(type(model[0]).__name__)
+        return ml.ForwardTiming({"_Stub": 1.0, "QuantizedLinear": 2.0}[forwards[-1]], "cpu")
+    monkeypatch.setattr(ml, "time_forward", timed)
+    monkeypatch.setattr(ml, "time_layer", lambda *a, **k: pytest.fail("a float layer was timed alone"))
+    rest = measure_rest(mlp, names, tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
+                        table=table, calibrate=True)
+    assert forwards == ["_Stub", "QuantizedLinear"]
+    assert rest.calibration_from == {3: "w4"} and rest.calibration_ms[3] == pytest.approx(2.0 - 1.0 - 3 * 0.25)
+    assert all(type(mlp.get_submodule(n)) is torch.nn.Linear for n in names)
+    assert not any(isinstance(m, QuantizedLinear) for m in mlp.modules())
+    loaded = LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert loaded.rest[model_key(mlp, names)].calibration_from == {3: "w4"}
+
+    del table.entries[entry_key((4, 4), "w4", 3)]  # w4 no longer covers every layer: the float model calibrates
+    monkeypatch.setattr(ml, "time_layer", lambda *a, **k: 0.25)
+    mlp_forwards = {"_Stub": 1.0, "Linear": 2.5}
+    monkeypatch.setattr(ml, "time_forward", lambda model, *a, **k: ml.ForwardTiming(
+        mlp_forwards[type(model[0]).__name__], "cpu"))
+    rest = measure_rest(mlp, names, tokens=(3,), device="cpu", inputs=lambda t: torch.randn(1, t, 8),
+                        table=table, calibrate=True)
+    assert rest.calibration_from == {3: "float"} and rest.calibration_ms[3] == pytest.approx(2.5 - 1.0 - 3 * 0.25)
 
 
 def test_a_layer_that_takes_two_inputs_leaves_the_rest_uncalibrated():
