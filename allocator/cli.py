@@ -210,7 +210,8 @@ def cmd_latency(args: argparse.Namespace) -> None:
     if args.model is not None:
         rest = _measure_rest(args.model, profiled, tokens, args.device, table)
         line += "; the model's unquantized rest: " + ", ".join(
-            f"{ms:.4g} ms at {t} tokens" + (f" ({rest.calibration_ms[t]:+.4g} ms calibration)"
+            f"{ms:.4g} ms at {t} tokens" + (f" ({rest.calibration_ms[t]:+.4g} ms calibration, from the "
+                                            f"{rest.calibration_from.get(t, 'float')} model)"
                                             if t in rest.calibration_ms else "") for t, ms in rest.ms.items())
     table.save(args.out)
     print(line + f"; wrote {args.out}")

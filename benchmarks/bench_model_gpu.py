@@ -310,6 +310,9 @@ def markdown(result: dict, rows: list[dict], checks, decode: list[dict], kernels
               f"{r['measured_ms']:.4f} | {100 * r['rel_error']:+.1f}% | "
               f"{100 * (r['predicted_ms'] - cal.get(r['tokens'], 0.0) - r['measured_ms']) / r['measured_ms']:+.1f}% "
               f"| {r['mode']} |" for r in rows]
+    source = result["rest"].get("calibration_from", {})
+    lines += ["", "Calibration: " + (", ".join(f"{ms:+.4f} ms at {t} tokens from the {source.get(str(t), 'float')} "
+                                               "model" for t, ms in cal.items()) or "none")]
     lines += ["", "## Decode (1 token, no KV cache)", "", "| plan | ms | tokens/s | vs float |", "|---|---|---|---|"]
     lines += [f"| {d['plan']} | {d['ms']:.4f} | {d['tokens_per_s']:.1f} | {d['vs_float']:.2f}x |" for d in decode]
     lines += ["", "## Memory: plan's predicted bytes vs measured", "",
