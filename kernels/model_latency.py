@@ -213,10 +213,9 @@ def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1,
     With `table`, the result is stored (merged with earlier token counts) in `table.rest[model_key(model, layers)]`.
     calibrate: also calibrate the rest against a whole forward (`RestLatency.calibration_ms` and
     `.calibration_from`, see the module docstring; needs `table`, whose replay overhead is timed first where it is
-    not yet). None: where a
-    table is given on CUDA. On the CPU the isolated timings of small layers carry per-call overhead and noise as
-    large as the calibration itself (a tiny conv net's calibrated rest came out negative), so it is off there
-    unless asked for.
+    not yet). None: where a table is given on CUDA. On the CPU the isolated timings of small layers carry per-call
+    overhead and noise as large as the calibration itself (a tiny conv net's calibrated rest came out negative), so
+    it is off there unless asked for.
     """
     names = _layer_names(layers)
     tokens = tuple(tokens)
@@ -265,14 +264,13 @@ def _calibrate(rest: RestLatency, model: nn.Module, names: list[str], calls: lis
             whole = time_forward(model, tokens, device, reps, inputs).ms
         layers_ms = sum(table.layer_ms(tuple(weight_matrix(layer).shape), anchor, tokens, module_kind(layer))
                         for layer, _ in calls)
-    rest.calibration_from[tokens] = anchor or "float"
     if whole <= layers_ms:
         warnings.warn(f"the {anchor or 'float'} forward at {tokens} tokens ({whole:.4g} ms) took no longer than its "
                       f"layers timed alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, which "
                       "stays uncalibrated there (RestLatency.calibration_ms)", stacklevel=3)
-        rest.calibration_from.pop(tokens)
         return
     rest.calibration_ms[tokens] = whole - rest.ms[tokens] - layers_ms
+    rest.calibration_from[tokens] = anchor or "float"
 
 
 def _anchor(table: LatencyTable, calls: list[tuple[nn.Module, tuple]], tokens: int) -> str | None:
