@@ -235,9 +235,9 @@ def solve_profiled(
     plan = plan_from_solution(profiled, problem, solution, budget, rests if per_tokens else rests[tokens])
     if latency_table is not None:
         plan.solver.update(latency_tokens=counts[0], latency_table=latency_table.device)
-        plan.predicted["latency_ms_at"] = latency_by_tokens(profiled, problem, solution, latency_table)
+        plan.predicted["latency_ms_at"], fastest = latency_by_tokens(profiled, problem, solution, latency_table)
         if bounds:
-            warn_slow_elsewhere(plan, fastest_by_tokens(profiled, problem, latency_table), bounds)
+            warn_slow_elsewhere(plan, fastest, bounds)
     return plan
 
 
@@ -262,31 +262,25 @@ def table_tokens(table: LatencyTable) -> list[int]:
 
 
 def latency_by_tokens(profiled: ProfiledModel, problem: Problem, solution: Solution,
-                      table: LatencyTable) -> dict[str, float]:
-    """A solved plan's predicted latency at every token count ``table`` measured for all its layers' choices
-    ({"tokens": ms}; the whole model's where the table holds its rest at that count, else the layers'): a plan
-    bounded at decode shows here what it costs at prefill."""
-    out = {}
-    rows = np.arange(len(solution.index))
-    for t in table_tokens(table):
-        ms = _layer_choice_ms(profiled, problem, table, t)[rows, np.asarray(solution.index)]
-        rest = _rest_or_nan(profiled, table, t)
-        if np.isfinite(ms).all() and not np.isnan(rest):
-            out[str(t)] = float(ms.sum() + rest)
-    return out
-
-
-def fastest_by_tokens(profiled: ProfiledModel, problem: Problem, table: LatencyTable) -> dict[str, float]:
-    """The least latency any plan of ``problem`` reaches at each token count ``table`` measured ({"tokens": ms},
-    as ``latency_by_tokens``): every layer at its fastest allowed choice there (pins and ties kept per layer)."""
-    out = {}
+                      table: LatencyTable) -> tuple[dict[str, float], dict[str, float]]:
+    """A solved plan's predicted latency at every token count ``table`` measured for all its layers' choices, and the
+    least any plan of ``problem`` reaches there (every layer at its fastest allowed choice, pins and ties kept per
+    layer); each {"tokens": ms}, the whole model's where the table holds its rest at that count, else the layers':
+    a plan bounded at decode shows here what it costs at prefill, and how far that is from the fastest."""
+    plan_ms, fastest = {}, {}
+    rows, index = np.arange(len(solution.index)), np.asarray(solution.index)
     allowed = problem.reduced.allowed[problem.reduced.group_of]
     for t in table_tokens(table):
-        ms = np.where(allowed, _layer_choice_ms(profiled, problem, table, t), np.inf).min(axis=1)
+        ms = _layer_choice_ms(profiled, problem, table, t)
         rest = _rest_or_nan(profiled, table, t)
-        if np.isfinite(ms).all() and not np.isnan(rest):
-            out[str(t)] = float(ms.sum() + rest)
-    return out
+        if np.isnan(rest):
+            continue
+        if np.isfinite(ms[rows, index]).all():
+            plan_ms[str(t)] = float(ms[rows, index].sum() + rest)
+        least = np.where(allowed, ms, np.inf).min(axis=1)
+        if np.isfinite(least).all():
+            fastest[str(t)] = float(least.sum() + rest)
+    return plan_ms, fastest
 
 
 def _layer_choice_ms(profiled: ProfiledModel, problem: Problem, table: LatencyTable, tokens: int) -> np.ndarray:
@@ -318,12 +312,12 @@ def warn_slow_elsewhere(plan: Plan, fastest: Mapping[str, float], bounded: Itera
     for t, ms in plan.predicted.get("latency_ms_at", {}).items():
         least = fastest.get(t)
         if int(t) not in bounded and least and ms > SLOW_ELSEWHERE * least:
+            both = sorted(bounded | {int(t)})
             warnings.warn(
                 f"the plan takes {ms:.4g} ms at {t} tokens, {ms / least:.1f}x the fastest plan there ({least:.4g} ms), "
                 f"because its latency budget bounds only {sorted(bounded)} tokens; to bound both, give "
-                f"Budget(latency_ms={{{', '.join(f'{b}: ...' for b in sorted(bounded | {int(t)}))}}}) "
-                f"(CLI: --latency-ms {','.join(f'{b}:MS' for b in sorted(bounded | {int(t)}))})",
-                stacklevel=3)
+                f"Budget(latency_ms={{{', '.join(f'{b}: ...' for b in both)}}}) "
+                f"(CLI: --latency-ms {','.join(f'{b}:MS' for b in both)})", stacklevel=3)
 
 
 def _in_user_units(error: InfeasibleError, fixed_bytes: int, rests: Mapping[int, float | None],

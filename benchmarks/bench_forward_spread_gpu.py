@@ -61,7 +61,7 @@ def main() -> None:
             result["one_capture_ms"] = [time_events(replay, 30, flush) for _ in range(args.rounds)]
 
     calibrations = []
-    forwards = []  # every forward measure_rest times: the stubbed one, then the calibration's float forward
+    forwards = []  # every forward measure_rest times: the stubbed one, then the calibration's (float or w4)
 
     def logged(*a, **k):
         timing = time_forward(*a, **k)
@@ -80,7 +80,7 @@ def main() -> None:
         time.sleep(args.idle_s)
         idle = time_forward(model, 1, device).ms
         calibrations.append({"when": when, "rest_ms": rest.ms[1], "calibration_ms": rest.calibration_ms.get(1),
-                             "calibration_float_forward_ms": whole,
+                             "calibration_forward_ms": whole, "calibration_from": rest.calibration_from.get(1),
                              "replay_overhead_ms": table.replay_overhead_ms,
                              "float_forward_after_ms": now, "float_forward_after_idle_ms": idle})
     result["calibrations"] = calibrations

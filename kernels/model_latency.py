@@ -27,7 +27,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,37 +240,37 @@ def measure_rest(model: nn.Module, layers: Iterable, tokens: Iterable[int] = (1,
                 calls[t] = _layer_calls(model, names, t, inputs)
     if calibrate:
         time_replay_overhead(table, dev, reps or _default_reps(dev), None, dtype)
-        for t in tokens:
-            if calls[t] is not None:
-                _calibrate(rest, model, names, calls[t], table, t, dev, reps, inputs)
+        _calibrate(rest, model, names, calls, table, dev, reps, inputs)
     if table is not None:
         table.rest[key] = rest
     return rest
 
 
-def _calibrate(rest: RestLatency, model: nn.Module, names: list[str], calls: list[tuple[nn.Module, tuple]],
-               table: LatencyTable, tokens: int, device: torch.device, reps: int | None, inputs: Inputs | None) -> None:
-    """Set rest.calibration_ms[tokens]: a whole forward less the rest and its layers' figures, where the layers are
-    either every stubbed layer quantized to an `ANCHORS` choice the table holds for all of them, timed with the
-    table's own entries (`_anchor`), or else the float layers timed alone (`_float_layers_ms`);
-    rest.calibration_from[tokens] says which. Left unset, with a warning, where the forward took no longer than
-    those layers."""
-    anchor = _anchor(table, calls, tokens)
-    if anchor is None:
-        whole = time_forward(model, tokens, device, reps, inputs).ms
-        layers_ms = _float_layers_ms(calls, table, tokens, device, reps)
-    else:
-        with _quantized(model, names, anchor, table, device):
-            whole = time_forward(model, tokens, device, reps, inputs).ms
-        layers_ms = sum(table.layer_ms(tuple(weight_matrix(layer).shape), anchor, tokens, module_kind(layer))
-                        for layer, _ in calls)
-    if whole <= layers_ms:
-        warnings.warn(f"the {anchor or 'float'} forward at {tokens} tokens ({whole:.4g} ms) took no longer than its "
-                      f"layers timed alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, which "
-                      "stays uncalibrated there (RestLatency.calibration_ms)", stacklevel=3)
-        return
-    rest.calibration_ms[tokens] = whole - rest.ms[tokens] - layers_ms
-    rest.calibration_from[tokens] = anchor or "float"
+def _calibrate(rest: RestLatency, model: nn.Module, names: list[str], calls: dict[int, list | None],
+               table: LatencyTable, device: torch.device, reps: int | None, inputs: Inputs | None) -> None:
+    """Set rest.calibration_ms at each token count of `calls` (its stubbed layer calls; None: not calibrated there):
+    a whole forward less the rest and its layers' figures, where the layers are either every stubbed layer quantized
+    to an `ANCHORS` choice the table holds for all of them, timed with the table's own entries (`_anchor`;
+    quantized once for all the counts that share it), or else the float layers timed alone (`_float_layers_ms`);
+    rest.calibration_from says which. Left unset, with a warning, where the forward took no longer than those
+    layers."""
+    anchors = {t: _anchor(table, c, t) for t, c in calls.items() if c is not None}
+    wholes = {}
+    for anchor in dict.fromkeys(anchors.values()):
+        with nullcontext() if anchor is None else _quantized(model, names, anchor, table, device):
+            for t in (t for t, a in anchors.items() if a == anchor):
+                wholes[t] = time_forward(model, t, device, reps, inputs).ms
+    for t, anchor in anchors.items():
+        layers_ms = (_float_layers_ms(calls[t], table, t, device, reps) if anchor is None else
+                     sum(table.layer_ms(tuple(weight_matrix(layer).shape), anchor, t, module_kind(layer))
+                         for layer, _ in calls[t]))
+        if wholes[t] <= layers_ms:
+            warnings.warn(f"the {anchor or 'float'} forward at {t} tokens ({wholes[t]:.4g} ms) took no longer than "
+                          f"its layers timed alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, "
+                          "which stays uncalibrated there (RestLatency.calibration_ms)", stacklevel=3)
+            continue
+        rest.calibration_ms[t] = wholes[t] - rest.ms[t] - layers_ms
+        rest.calibration_from[t] = anchor or "float"
 
 
 def _anchor(table: LatencyTable, calls: list[tuple[nn.Module, tuple]], tokens: int) -> str | None:
