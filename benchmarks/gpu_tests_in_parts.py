@@ -4,8 +4,8 @@ stopped.
 The GPU tests compile every Triton tile on first use; on 15 xdist workers the whole of tests/test_kernels_gpu.py
 takes longer than one 10-minute device call (session 29: 19 of 221 passed in 380 s). Triton's on-disk cache and
 this script's state directory survive between calls while the machine is held, so a second call made at once
-compiles less and skips what passed. Each call runs pytest for at most --budget seconds, deselecting every test
-an earlier call saw pass, and appends the tests that pass to <state>/passed.txt; the pytest log of call k is
+compiles less and skips what passed. Each call runs pytest for at most --budget seconds on the collected tests
+no earlier call saw pass (named by their exact ids), and appends the tests that pass to <state>/passed.txt; the pytest log of call k is
 <state>/log_k.txt (copy it to $OUT to keep it). The last line says how many passed, failed and remain.
     python benchmarks/gpu_tests_in_parts.py --budget 540 [--state .device/gpu-tests] [--seed FILE] [-- pytest args]
 
@@ -72,6 +72,12 @@ def collect(pytest_args: list[str]) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.startswith("tests/") and "::" in line]
 
 
+def not_passed(collected: list[str], passed: set[str]) -> list[str]:
+    """The collected ids not yet passed or skipped, to be named to pytest one by one (exact ids: `--deselect`
+    matches by prefix, so deselecting a passed `test_a` would also drop `test_ab`)."""
+    return [test for test in collected if test not in passed]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=540, help="seconds this call's pytest may run")
@@ -89,9 +95,13 @@ def main() -> None:
     key = run_key()
     passed = read_passed(passed_file, key) | (read_passed(args.seed, key) if args.seed else set())
     log = state / f"log_{len(list(state.glob('log_*.txt')))}.txt"
-    deselect = [arg for test in sorted(passed) for arg in ("--deselect", test)]
-    cmd = [sys.executable, "-m", "pytest", "-v", "-n", str(args.workers), "-p", "no:cacheprovider", *FILES,
-           *deselect, *args.pytest_args]
+    collected = collect(args.pytest_args)
+    todo = not_passed(collected, passed)
+    if not todo:
+        print(f"{passed_file}: nothing to run ({len(collected)} tests collected, all passed or skipped before)")
+        return
+    cmd = [sys.executable, "-m", "pytest", "-v", "-n", str(args.workers), "-p", "no:cacheprovider", *todo,
+           *args.pytest_args]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -104,7 +114,7 @@ def main() -> None:
     passed |= {test for test, outcome in results.items() if outcome in ("PASSED", "SKIPPED")}
     passed_file.write_text("\n".join([key, *sorted(passed)]) + "\n")
     failed = sorted(test for test, outcome in results.items() if outcome in ("FAILED", "ERROR"))
-    remaining = [test for test in collect(args.pytest_args) if test not in passed and test not in failed]
+    remaining = [test for test in not_passed(todo, passed) if test not in failed]
     for test in failed:
         print("FAILED", test)
     print(f"{log}: {sum(o == 'PASSED' for o in results.values())} passed in this call; {len(passed)} passed or "

@@ -29,3 +29,10 @@ def test_outcomes_of_xdist_and_plain_logs_keep_whole_ids() -> None:
         "tests/t.py::test_plain": "SKIPPED",
         "tests/t.py::test_tile[m1n32s3w2p2D-False-2]": "PASSED",
     }
+
+
+def test_a_call_names_exactly_the_tests_not_yet_passed() -> None:
+    """A passed `test_a` leaves `test_ab` to run (pytest's `--deselect` would drop both: it matches by prefix)."""
+    collected = ["tests/t.py::test_a", "tests/t.py::test_ab", "tests/t.py::test_c[2]", "tests/t.py::test_c[20]"]
+    passed = {"tests/t.py::test_a", "tests/t.py::test_c[2]"}
+    assert _script().not_passed(collected, passed) == ["tests/t.py::test_ab", "tests/t.py::test_c[20]"]
