@@ -254,7 +254,8 @@ def _calibrate(rest: RestLatency, model: nn.Module, names: list[str], calls: dic
     quantized once for all the counts that share it), or else the float layers timed alone (`_float_layers_ms`);
     rest.calibration_from says which. Left unset, with a warning, where the forward took no longer than those
     layers."""
-    anchors = {t: _anchor(table, c, t) for t, c in calls.items() if c is not None}
+    keys = {t: _linear_keys(c, t) for t, c in calls.items() if c is not None}
+    anchors = {t: _anchor(table, k, t) for t, k in keys.items()}
     wholes = {}
     for anchor in dict.fromkeys(anchors.values()):
         with nullcontext() if anchor is None else _quantized(model, names, anchor, table, device):
@@ -262,8 +263,7 @@ def _calibrate(rest: RestLatency, model: nn.Module, names: list[str], calls: dic
                 wholes[t] = time_forward(model, t, device, reps, inputs).ms
     for t, anchor in anchors.items():
         layers_ms = (_float_layers_ms(calls[t], table, t, device, reps) if anchor is None else
-                     sum(table.layer_ms(tuple(weight_matrix(layer).shape), anchor, t, module_kind(layer))
-                         for layer, _ in calls[t]))
+                     sum(table.layer_ms(shape, anchor, t, kind) for shape, kind in keys[t]))
         if wholes[t] <= layers_ms:
             warnings.warn(f"the {anchor or 'float'} forward at {t} tokens ({wholes[t]:.4g} ms) took no longer than "
                           f"its layers timed alone ({layers_ms:.4g} ms): timings this noisy cannot calibrate the rest, "
@@ -273,18 +273,25 @@ def _calibrate(rest: RestLatency, model: nn.Module, names: list[str], calls: dic
         rest.calibration_from[t] = anchor or "float"
 
 
-def _anchor(table: LatencyTable, calls: list[tuple[nn.Module, tuple]], tokens: int) -> str | None:
-    """The first `ANCHORS` choice the table has an entry for at every stubbed call (each a linear layer on `tokens`
-    rows); None where there is none or a call is of another kind or row count (a conv's entries are keyed by its
-    geometry). A quantized model timed against the very entries its plans are predicted from keeps the isolated
-    float layers out of the calibration: on an H200 their summed figure moved by 8-10% between two runs where the
-    quantized entries and both models' forwards held within 1% (docs/kernels_gpu.md, "Session 44")."""
+def _linear_keys(calls: list[tuple[nn.Module, tuple]], tokens: int) -> list[tuple[tuple[int, int], str]] | None:
+    """(weight shape, kind) of each stubbed call, the key of its table entries; None where a call is not a linear
+    layer on `tokens` rows (a conv's entries are keyed by its geometry)."""
     keys = []
     for layer, (shape, _, _) in calls:
         kind = module_kind(layer)
         if kind not in ("linear", "hf_conv1d") or len(shape) < 2 or torch.Size(shape[:-1]).numel() != tokens:
             return None
         keys.append((tuple(weight_matrix(layer).shape), kind))
+    return keys
+
+
+def _anchor(table: LatencyTable, keys: list[tuple[tuple[int, int], str]] | None, tokens: int) -> str | None:
+    """The first `ANCHORS` choice the table has an entry for at every key (`_linear_keys`); None where there is none
+    or no keys. A quantized model timed against the very entries its plans are predicted from keeps the isolated
+    float layers out of the calibration: on an H200 their summed figure moved by 8-10% between two runs where the
+    quantized entries and both models' forwards held within 1% (docs/kernels_gpu.md, "Session 44")."""
+    if keys is None:
+        return None
     return next((label for label in ANCHORS
                  if all(entry_key(shape, label, tokens, kind) in table.entries for shape, kind in keys)), None)
 
