@@ -141,11 +141,12 @@ DP4A_TILES = [tlin.Config(1, 64, 2, dp4a=True)] + ([] if INTERPRET else [tlin.Co
 @pytest.mark.parametrize("cfg", DP4A_TILES, ids=lambda c: c.label)
 def test_dp4a_decode(bits: int, symmetric: bool, cfg: tlin.Config) -> None:
     """`Config(dp4a=True)`: decode on integer dot products, x as 16-bit fixed point per K block. Groups of whole
-    blocks, of half blocks (regrouped by byte permutes) and per-channel; odd sizes; split-K run twice (the workspace
-    must come back zeroed); float16 and bfloat16; activations far from zero and an outlier 2^10 times the rest of
-    its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are refused."""
+    blocks, of half blocks (regrouped by byte permutes) and per-channel; odd sizes; split-K launches in a row on
+    one workspace (it must come back zeroed); float16 and bfloat16; activations far from zero and an outlier 2^10
+    times the rest of its block; NaN in a token's x gives NaN in that token's output only. Groups it cannot run are
+    refused."""
     gen = torch.Generator().manual_seed(90 + bits + symmetric)
-    shapes = SHAPES[:4] + [(70, 520, 128)] if INTERPRET else SHAPES + [(70, 520, 128), (48, 512, 256)]
+    shapes = SHAPES[:3] + [(70, 300, 64), (70, 520, 128)] if INTERPRET else SHAPES + [(70, 520, 128), (48, 512, 256)]
     ran = 0
     for i, (n, k, group) in enumerate(shapes):
         for dtype in [(torch.float16, torch.bfloat16)[i % 2]] if INTERPRET else (torch.float16, torch.bfloat16):
@@ -157,16 +158,14 @@ def test_dp4a_decode(bits: int, symmetric: bool, cfg: tlin.Config) -> None:
                     tlin.linear(torch.zeros(1, k, dtype=dtype, device=DEV), gw, cfg)
                 continue
             ran += 1
-            for shift in (0, 30):
-                x = (torch.randn(2, k, generator=gen) + shift).to(dtype).to(DEV)
-                x[1, min(3, k - 1)] = 1024.0
-                y = _poisoned(lambda: tlin.linear(x, gw, cfg))
-                ref = x.double().cpu() @ qt.dequantize(torch.float64).t()
-                assert torch.isfinite(y).all()
-                assert (y.double().cpu() - ref).norm() / ref.norm() < 4e-3  # the output's rounding, not the digits
+            # one call, a token a case: a NaN (in its own output only), near zero, 30 away, 30 away with an outlier
+            x = (torch.randn(4, k, generator=gen) + torch.tensor([[0.0], [0.0], [30.0], [30.0]])).to(dtype).to(DEV)
             x[0, k // 2] = float("nan")
-            y = tlin.linear(x, gw, cfg)
-            assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+            x[3, min(3, k - 1)] = 1024.0
+            y = _poisoned(lambda: tlin.linear(x, gw, cfg)).double().cpu()
+            ref = x[1:].double().cpu() @ qt.dequantize(torch.float64).t()
+            assert torch.isnan(y[0]).all() and torch.isfinite(y[1:]).all()
+            assert ((y[1:] - ref).norm(dim=1) / ref.norm(dim=1)).max() < 4e-3  # the output's rounding, not the digits
     assert ran >= 3  # whole-block, half-block and per-channel groups at every width
 
 
