@@ -2,9 +2,10 @@
 
 Code i occupies bits [i*b, (i+1)*b) of the little-endian bitstream (least significant bit first), so
 a tensor is one continuous stream with no per-row padding. No per-element loops: 2 and 4 bits
-reinterpret a word of 8 // b bytes (one code each) against the byte holding those codes; unpacking 3, 5
-and 6 bits zero-extends each block of 8 codes (b bytes) to an int64 and spreads its fields to one byte
-each; packing those works on the 8 columns of the blocks. Shifts and masks only, on a little-endian host.
+reinterpret a word of 8 // b bytes (one code each) against the byte holding those codes; at 3, 5 and 6
+bits a block of 8 codes is b bytes: unpacking puts each code together from at most two of its byte
+columns (about 2x faster than spreading the block as one int64 on the CPU, docs/kernels_cpu.md), and
+packing works on the 8 code columns of the blocks. Shifts and masks only, on a little-endian host.
 `unpack_float` gives the codes as float32 (what dequantizing wants); at 2 and 3 bits it looks up 4 codes at a
 time in a small table (one byte, or 12 bits of 3 bytes, per row), about 1.5-1.8x faster than unpacking then
 converting on the CPU (docs/kernels_cpu.md).
@@ -93,14 +94,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         for j in range(1, per):
             word |= (byte & (mask << (bits * j))) << (8 * j - bits * j)
         return word.view(torch.uint8)[:numel]
-    n_blocks = -(-numel // 8)
-    words = torch.zeros(n_blocks, 8, dtype=torch.uint8, device=flat.device)  # each block of b bytes -> one int64
-    words[:, :bits] = _padded(flat[:need], bits).view(n_blocks, bits)
-    word = words.view(torch.int64).view(-1)
-    out = word & mask
-    for j in range(1, 8):
-        out |= ((word >> (bits * j)) & mask) << (8 * j)
-    return out.view(torch.uint8)[:numel]
+    cols = _padded(flat[:need], bits).view(-1, bits).t().contiguous()  # byte i of every block of 8 codes
+    codes = []
+    for j in range(8):  # code j starts at bit j*b: byte `lo`, bit `off`, and may run into byte lo + 1
+        lo, off = divmod(j * bits, 8)
+        code = cols[lo] >> off
+        if off + bits > 8:
+            code |= cols[lo + 1] << (8 - off)  # uint8: the bits above the byte fall off
+        codes.append(code if off + bits == 8 else code & mask)
+    return torch.stack(codes, 1).view(-1)[:numel]
 
 
 _LUT_BITS = {2: 8, 3: 12}  # widths unpacked by table, and the stream bits per table row (4 codes)
