@@ -6,7 +6,8 @@ takes longer than one 10-minute device call (session 29: 19 of 221 passed in 380
 this script's state directory survive between calls while the machine is held, so a second call made at once
 compiles less and skips what passed. Each call runs pytest for at most --budget seconds on the collected tests
 no earlier call saw pass (named by their exact ids), and appends the tests that pass to <state>/passed.txt; the
-pytest log of call k is <state>/log_k.txt (copy it to $OUT to keep it). The last line says how many passed, failed and remain.
+pytest log of call k is <state>/log_k.txt (copy it to $OUT to keep it). The last line says how many passed, failed
+and remain.
     python benchmarks/gpu_tests_in_parts.py --budget 540 [--state .device/gpu-tests] [--seed FILE] [-- pytest args]
 
 Passes also add up across sessions, whose machines start bare: passed.txt begins with a hash of every Python source
